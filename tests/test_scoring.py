@@ -1,0 +1,222 @@
+"""Tests for runner.scoring: the five E2E metrics on known inputs, with numbers checked.
+
+Why these tests: the papers' BLEU/NIST/METEOR/ROUGE-L/CIDEr are the comparison targets, so
+we check the scales (BLEU 100 for identical text, METEOR near 1), an independent BLEU route,
+monotonicity (worse output / extra matching reference), input validation and that the METEOR
+JVM is shut down. METEOR's JVM costs a few seconds to start, so one is shared module-wide.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nltk.translate.bleu_score import corpus_bleu
+from nltk.translate.nist_score import corpus_nist
+
+from runner import scoring
+from runner.scoring import METRICS, MeteorScorer, score_e2e, tokenize, write_scores
+
+DEVSET = Path(__file__).resolve().parents[1].parent / "shared/data/e2e/devset.csv"
+
+MR_EAGLE = "name[The Eagle], eatType[coffee shop], food[Japanese], area[riverside]"
+MR_MILL = "name[The Mill], eatType[pub], food[Italian], priceRange[cheap]"
+MR_ALIMENTUM = "name[Alimentum], area[city centre], familyFriendly[no]"
+MR_WRESTLERS = "name[The Wrestlers], eatType[restaurant], customer rating[high]"
+
+# Several references per MR (three, two, two, one): variable counts exercise BLEU's padding.
+REFS: dict[str, list[str]] = {
+    MR_EAGLE: [
+        "The Eagle is a Japanese coffee shop in the riverside area.",
+        "There is a coffee shop called The Eagle that serves Japanese food by the riverside.",
+        "By the riverside you can find The Eagle, a coffee shop with Japanese food.",
+    ],
+    MR_MILL: [
+        "The Mill is a cheap pub that serves Italian food.",
+        "Cheap Italian food is served at The Mill, a pub.",
+    ],
+    MR_ALIMENTUM: [
+        "Alimentum is in the city centre and is not family-friendly.",
+        "In the city centre there is a venue called Alimentum which is not family-friendly.",
+    ],
+    MR_WRESTLERS: ["The Wrestlers is a highly rated restaurant."],
+}
+
+GOOD = {
+    MR_EAGLE: "The Eagle is a Japanese coffee shop by the riverside.",
+    MR_MILL: "The Mill is a cheap pub serving Italian food.",
+    MR_ALIMENTUM: "Alimentum is a venue in the city centre which is not family-friendly.",
+    MR_WRESTLERS: "The Wrestlers is a restaurant with a high rating.",
+}
+
+BAD = {
+    MR_EAGLE: "Eagle food.",
+    MR_MILL: "It is a place with some food.",
+    MR_ALIMENTUM: "A venue.",
+    MR_WRESTLERS: "Restaurant here.",
+}
+
+
+@pytest.fixture(scope="module")
+def meteor() -> Iterator[MeteorScorer]:
+    """One METEOR JVM for the whole module (start-up and paraphrase loading take seconds)."""
+    with MeteorScorer() as scorer:
+        yield scorer
+
+
+def test_tokenize_lowercases_and_splits_punctuation() -> None:
+    assert tokenize("The Eagle, a pub.") == ["the", "eagle", ",", "a", "pub", "."]
+    assert tokenize("  Cheap  Food\n") == ["cheap", "food"]
+
+
+def test_identical_outputs_score_perfectly(meteor: MeteorScorer) -> None:
+    refs = {mr: [texts[0]] for mr, texts in REFS.items()}
+    outputs = {mr: texts[0] for mr, texts in refs.items()}
+    scores = score_e2e(outputs, refs, meteor=meteor)
+    print("identical:", scores)
+    assert tuple(scores) == METRICS
+    assert scores["BLEU"] == pytest.approx(100.0, abs=1e-9)
+    assert scores["ROUGE_L"] == pytest.approx(100.0, abs=1e-9)
+    assert scores["METEOR"] > 0.9
+    assert scores["METEOR"] <= 1.0
+    # NIST and CIDEr have no fixed maximum, but perfect outputs must score well on them.
+    assert scores["NIST"] > 2.0
+    assert scores["CIDEr"] > 5.0
+
+
+def test_bleu_and_nist_match_independent_nltk_route(meteor: MeteorScorer) -> None:
+    """sacrebleu's corpus BLEU must equal nltk's corpus_bleu on the same (explicit) tokens.
+
+    Texts are already lowercase, space-separated tokens with only a final "." (which 13a
+    splits off anyway), so the token lists below are known without calling our tokenizer.
+    Every n-gram order 1..4 has matches, so neither implementation smooths and the two
+    agree up to floating-point rounding.
+    """
+    hyp_tokens = {
+        "mr1": "the eagle is a cheap coffee shop near the river .".split(),
+        "mr2": "the mill serves italian food in a pub .".split(),
+    }
+    ref_tokens = {
+        "mr1": [
+            "the eagle is a coffee shop near the river .".split(),
+            "there is a cheap coffee shop called the eagle .".split(),
+        ],
+        "mr2": ["the mill is a pub that serves italian food .".split()],
+    }
+    outputs = {mr: " ".join(tokens) for mr, tokens in hyp_tokens.items()}
+    refs = {mr: [" ".join(r) for r in group] for mr, group in ref_tokens.items()}
+    for mr in outputs:
+        assert tokenize(outputs[mr]) == hyp_tokens[mr]
+
+    scores = score_e2e(outputs, refs, meteor=meteor)
+    expected_bleu = 100.0 * corpus_bleu(
+        [ref_tokens[mr] for mr in outputs], [hyp_tokens[mr] for mr in outputs]
+    )
+    expected_nist = corpus_nist(
+        [ref_tokens[mr] for mr in outputs], [hyp_tokens[mr] for mr in outputs], n=5
+    )
+    print("hand-made:", scores, "nltk BLEU", expected_bleu, "nltk NIST", expected_nist)
+    assert 20.0 < expected_bleu < 95.0  # a non-trivial value, not 0 or 100
+    assert scores["BLEU"] == pytest.approx(expected_bleu, abs=1e-6)
+    assert scores["NIST"] == pytest.approx(expected_nist, abs=1e-9)
+
+
+def test_worse_outputs_score_lower_on_every_metric(meteor: MeteorScorer) -> None:
+    good = score_e2e(GOOD, REFS, meteor=meteor)
+    bad = score_e2e(BAD, REFS, meteor=meteor)
+    print("good:", good)
+    print("bad: ", bad)
+    for name in METRICS:
+        assert good[name] > bad[name], name
+    # Scales: paper-like magnitudes for good outputs.
+    assert 20.0 < good["BLEU"] <= 100.0
+    assert 0.2 < good["METEOR"] <= 1.0
+    assert 30.0 < good["ROUGE_L"] <= 100.0
+
+
+def test_adding_a_matching_reference_raises_every_metric(meteor: MeteorScorer) -> None:
+    before = score_e2e(GOOD, REFS, meteor=meteor)
+    more_refs = {mr: [*texts, GOOD[mr]] for mr, texts in REFS.items()}
+    after = score_e2e(GOOD, more_refs, meteor=meteor)
+    print("before:", before)
+    print("after: ", after)
+    for name in METRICS:
+        assert after[name] > before[name], name
+    # Every output now has an exact reference: BLEU and ROUGE-L (max over refs) hit 100.
+    assert after["BLEU"] == pytest.approx(100.0, abs=1e-9)
+    assert after["ROUGE_L"] == pytest.approx(100.0, abs=1e-9)
+
+
+def test_single_reference_streams_are_padded_not_dropped(meteor: MeteorScorer) -> None:
+    """An MR with fewer references must still count in BLEU (padding with None, not '')."""
+    outputs = {MR_WRESTLERS: REFS[MR_WRESTLERS][0], MR_MILL: "Some unrelated words here ."}
+    with_bad = score_e2e(outputs, REFS, meteor=meteor)
+    only_good = score_e2e({MR_WRESTLERS: outputs[MR_WRESTLERS]}, REFS, meteor=meteor)
+    assert only_good["BLEU"] == pytest.approx(100.0, abs=1e-9)
+    assert with_bad["BLEU"] < 60.0
+
+
+def test_missing_mr_raises_value_error_naming_it() -> None:
+    outputs = {**GOOD, "name[Nowhere]": "Nowhere is a pub."}
+    with pytest.raises(ValueError, match=re.escape("name[Nowhere]")):
+        score_e2e(outputs, REFS)
+    with pytest.raises(ValueError, match=re.escape("name[Blank]")):
+        score_e2e({"name[Blank]": "x"}, {"name[Blank]": ["", "  "]})
+    with pytest.raises(ValueError, match="empty"):
+        score_e2e({}, REFS)
+    with pytest.raises(TypeError, match="sequence of strings"):
+        score_e2e({MR_MILL: "x"}, {MR_MILL: "a single string, not a list"})  # type: ignore[dict-item]
+
+
+def test_score_e2e_shuts_down_its_own_meteor_jvm(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[MeteorScorer] = []
+
+    class Recording(MeteorScorer):
+        def __init__(self) -> None:
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(scoring, "MeteorScorer", Recording)
+    scores = score_e2e(GOOD, REFS)
+    assert len(started) == 1
+    assert not started[0].process_alive
+    assert 0.0 < scores["METEOR"] <= 1.0
+    with pytest.raises(RuntimeError, match="not running"):
+        started[0].score(["a"], [["a"]])
+
+
+def test_write_scores_round_trips(tmp_path: Path) -> None:
+    target = tmp_path / "nested" / "scores.json"
+    scores = {"BLEU": 68.79, "NIST": 8.8274, "METEOR": 0.4664, "ROUGE_L": 71.73, "CIDEr": 2.5267}
+    write_scores(target, scores, extra={"method": "splitlora", "n_mrs": 630})
+    data = json.loads(target.read_text(encoding="utf-8"))
+    assert data == {"scores": scores, "extra": {"method": "splitlora", "n_mrs": 630}}
+    assert target.read_text(encoding="utf-8").startswith("{\n  ")  # indented
+    assert [p.name for p in target.parent.iterdir()] == ["scores.json"]  # no temp file left
+    with pytest.raises(ValueError):
+        write_scores(target, {"BLEU": math.nan})
+
+
+@pytest.mark.skipif(not DEVSET.is_file(), reason=f"{DEVSET} not present")
+def test_human_vs_human_on_real_devset(meteor: MeteorScorer) -> None:
+    """First reference as "output", the rest as references, on 30 real dev-set MRs."""
+    grouped: dict[str, list[str]] = {}
+    with DEVSET.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            grouped.setdefault(row["mr"], []).append(row["ref"])
+    mrs = [mr for mr, refs in grouped.items() if len(refs) >= 2][:30]
+    assert len(mrs) == 30
+    outputs = {mr: grouped[mr][0] for mr in mrs}
+    refs = {mr: grouped[mr][1:] for mr in mrs}
+    scores = score_e2e(outputs, refs, meteor=meteor)
+    print("dev set, human vs human, 30 MRs:", {k: round(v, 4) for k, v in scores.items()})
+    assert 30.0 < scores["BLEU"] < 90.0
+    assert 3.0 < scores["NIST"] < 10.0
+    assert 0.25 < scores["METEOR"] < 0.7
+    assert 40.0 < scores["ROUGE_L"] < 90.0
+    assert 0.5 < scores["CIDEr"] < 5.0
