@@ -18,6 +18,7 @@ data and no network; runs label it so its numbers are never mistaken for real E2
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import os
@@ -227,7 +228,13 @@ def resolve_data(spec: str | Path | None) -> Path | str:
     url = os.environ.get(E2E_URL_ENV, "").strip() or DEFAULT_E2E_URL
     try:
         return _download_e2e(url)
-    except (OSError, ValueError, zipfile.BadZipFile, urllib.error.URLError) as exc:
+    except (
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        urllib.error.URLError,
+        http.client.HTTPException,
+    ) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DataError(
             f"no E2E data found and the download from {url} failed ({_one_line(str(reason))}); "

@@ -62,6 +62,11 @@ BAD = {
 }
 
 
+def words(text: str) -> list[str]:
+    """Whitespace tokens of a test string that is already lowercase and tokenised."""
+    return text.split()
+
+
 @pytest.fixture(scope="module")
 def meteor() -> Iterator[MeteorScorer]:
     """One METEOR JVM for the whole module (start-up and paraphrase loading take seconds)."""
@@ -98,15 +103,15 @@ def test_bleu_and_nist_match_independent_nltk_route(meteor: MeteorScorer) -> Non
     agree up to floating-point rounding.
     """
     hyp_tokens = {
-        "mr1": "the eagle is a cheap coffee shop near the river .".split(),
-        "mr2": "the mill serves italian food in a pub .".split(),
+        "mr1": words("the eagle is a cheap coffee shop near the river ."),
+        "mr2": words("the mill serves italian food in a pub ."),
     }
     ref_tokens = {
         "mr1": [
-            "the eagle is a coffee shop near the river .".split(),
-            "there is a cheap coffee shop called the eagle .".split(),
+            words("the eagle is a coffee shop near the river ."),
+            words("there is a cheap coffee shop called the eagle ."),
         ],
-        "mr2": ["the mill is a pub that serves italian food .".split()],
+        "mr2": [words("the mill is a pub that serves italian food .")],
     }
     outputs = {mr: " ".join(tokens) for mr, tokens in hyp_tokens.items()}
     refs = {mr: [" ".join(r) for r in group] for mr, group in ref_tokens.items()}
@@ -152,13 +157,38 @@ def test_adding_a_matching_reference_raises_every_metric(meteor: MeteorScorer) -
     assert after["ROUGE_L"] == pytest.approx(100.0, abs=1e-9)
 
 
-def test_single_reference_streams_are_padded_not_dropped(meteor: MeteorScorer) -> None:
-    """An MR with fewer references must still count in BLEU (padding with None, not '')."""
-    outputs = {MR_WRESTLERS: REFS[MR_WRESTLERS][0], MR_MILL: "Some unrelated words here ."}
-    with_bad = score_e2e(outputs, REFS, meteor=meteor)
-    only_good = score_e2e({MR_WRESTLERS: outputs[MR_WRESTLERS]}, REFS, meteor=meteor)
-    assert only_good["BLEU"] == pytest.approx(100.0, abs=1e-9)
-    assert with_bad["BLEU"] < 60.0
+def test_mrs_with_fewer_references_are_padded_with_none(meteor: MeteorScorer) -> None:
+    """An MR with fewer references than others must not get a phantom empty reference.
+
+    Padding the shorter reference list with "" would offer BLEU a length-0 reference: the
+    4-token output below (its one reference has 10) would then pick 0 as its closest
+    reference length and escape the brevity penalty. sacrebleu's None padding must instead
+    match nltk on the real references. (Outputs have at least 4 tokens because nltk counts a
+    hypothesis without 4-grams as one unmatched 4-gram, unlike sacrebleu and mteval.)
+    """
+    hyp_tokens = {
+        "mr_long": words("the eagle is a japanese coffee shop in the riverside area ."),
+        "mr_short": words("the wrestlers is ."),
+    }
+    ref_tokens = {
+        "mr_long": [
+            words("the eagle is a japanese coffee shop in the riverside area ."),
+            words("there is a coffee shop called the eagle by the riverside ."),
+            words("the eagle serves japanese food by the riverside ."),
+        ],
+        "mr_short": [words("the wrestlers is a highly rated restaurant in town .")],
+    }
+    outputs = {mr: " ".join(tokens) for mr, tokens in hyp_tokens.items()}
+    refs = {mr: [" ".join(r) for r in group] for mr, group in ref_tokens.items()}
+    hyps_list = [hyp_tokens[mr] for mr in outputs]
+    expected = 100.0 * corpus_bleu([ref_tokens[mr] for mr in outputs], hyps_list)
+    with_phantom = 100.0 * corpus_bleu(
+        [ref_tokens["mr_long"], [*ref_tokens["mr_short"], []]], hyps_list
+    )
+    scores = score_e2e(outputs, refs, meteor=meteor)
+    print("padding:", scores["BLEU"], "nltk", expected, "with a phantom '' ref", with_phantom)
+    assert with_phantom - expected > 1.0  # the check below can tell the two apart
+    assert scores["BLEU"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_missing_mr_raises_value_error_naming_it() -> None:

@@ -1,0 +1,97 @@
+"""Training configuration: one dataclass, validated before anything heavy is loaded.
+
+Defaults follow method.md "Defaults (SplitLoRA paper and code)". Every bad value raises a
+:class:`~runner.errors.ConfigError` with one line that names the option and its valid range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from runner.errors import ConfigError
+
+METHODS = ("splitlora", "fedlora", "cenlora", "ft")
+SPLIT_METHODS = ("splitlora",)
+FEDERATED_METHODS = ("splitlora", "fedlora")
+CENTRAL_METHODS = ("cenlora", "ft")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (snapshotted into the run directory)."""
+
+    method: str = "splitlora"
+    model: str = "smollm2-135m"
+    data: str | None = None
+    clients: int = 3
+    split: int | None = None  # None: L/4 (method.md: splitlora default k = L/4)
+    rank: int = 8
+    targets: tuple[str, ...] = ("q", "v")
+    steps: int = 200
+    batch_size: int = 8
+    lr: float | None = None  # None: 2e-4 for LoRA methods, 5e-5 for ft
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None  # None: 5 % of steps
+    agg_interval: int = 5
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    label_smoothing: float = 0.1
+    max_len: int = 128
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    partition_attribute: str = "eatType"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    eval_every: int = 50
+    eval_max_examples: int | None = 256
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check ranges that do not need the model; split bounds are checked once L is known."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        checks = [
+            (self.clients >= 1, f"--clients must be >= 1, got {self.clients}"),
+            (self.rank >= 1, f"--rank must be >= 1, got {self.rank}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.agg_interval >= 1, f"--agg-interval must be >= 1, got {self.agg_interval}"),
+            (self.max_len >= 8, f"--max-len must be >= 8, got {self.max_len}"),
+            (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
+            (0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
+            (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (bool(self.targets), "--targets must name at least one projection"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-5 if self.method == "ft" else 2e-4
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        d["split_fractions"] = list(self.split_fractions)
+        d["learning_rate"] = self.learning_rate
+        d["warmup"] = self.warmup
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "targets" in kw:
+            kw["targets"] = tuple(kw["targets"])
+        if "split_fractions" in kw:
+            kw["split_fractions"] = tuple(kw["split_fractions"])
+        return cls(**kw)

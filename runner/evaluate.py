@@ -1,0 +1,117 @@
+"""Evaluation of a finished run: beam-search generation on the test split and E2E metrics.
+
+The run's final model is rebuilt the standard way (base model + ``PeftModel.from_pretrained``
+on the saved PEFT adapter, or the saved full weights for ``ft``), so evaluation also checks
+that what a run saves is usable outside the testbed. Decoding follows method.md "Defaults":
+beam 10, length penalty 0.8, no repeated 4-grams.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runner import data as data_mod
+from runner import lora, scoring
+from runner.config import TrainConfig
+from runner.models import load_full_model, load_tokenizer, model_info
+from runner.errors import UserError
+from runner.rundir import RunDir
+
+
+@dataclass
+class DecodeConfig:
+    num_beams: int = 10
+    length_penalty: float = 0.8
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 4
+
+
+def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
+    """The run's final model (eval mode) and tokenizer."""
+    cfg = TrainConfig.from_dict(run.config()["train"])
+    info = model_info(cfg.model)
+    tokenizer = load_tokenizer(info.path)
+    if cfg.method == "ft":
+        model = load_full_model(run.path / "model")
+    else:
+        adapter = run.adapters("final")
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{run.path} has no final adapter (did the run finish?)")
+        model = lora.load_peft_adapter(load_full_model(info.path), adapter)
+    model.eval()
+    return model, tokenizer, cfg
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, mrs: list[str], decode: DecodeConfig,
+             progress: Callable[[int], None] | None = None) -> list[str]:
+    """Beam-search one output per MR (left-padded batches; text after ``" ||"`` only)."""
+    outputs: list[str] = []
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(mrs), decode.batch_size):
+            chunk = mrs[i:i + decode.batch_size]
+            enc = tokenizer([data_mod.format_prompt(m) for m in chunk], return_tensors="pt",
+                            padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                num_beams=decode.num_beams,
+                length_penalty=decode.length_penalty,
+                no_repeat_ngram_size=decode.no_repeat_ngram_size,
+                max_new_tokens=decode.max_new_tokens,
+                early_stopping=True,
+                do_sample=False,
+                use_cache=True,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        tokenizer.padding_side = old_side
+    return outputs
+
+
+def evaluate_run(run: RunDir, data: str | None = None, *, max_mrs: int | None = None,
+                 decode: DecodeConfig | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Generate for the test MRs, score them, write ``eval/outputs.csv`` and ``eval/scores.json``.
+
+    ``data`` defaults to the run's own data; the test split is recomputed with the run's seed
+    and fractions, so it is the same MRs the run never trained on.
+    """
+    decode = decode or DecodeConfig()
+    model, tokenizer, cfg = load_run_model(run)
+    spec = data_mod.resolve_data(data if data is not None else cfg.data)
+    df = data_mod.load_e2e(spec, seed=cfg.seed)
+    test = data_mod.split_by_mr(df, cfg.split_fractions, seed=cfg.seed)["test"]
+    refs = data_mod.references_by_mr(test)
+    mrs = list(refs)[:max_mrs] if max_mrs else list(refs)
+    if on_total is not None:
+        on_total(len(mrs))
+    texts = generate(model, tokenizer, mrs, decode, progress)
+    outputs = dict(zip(mrs, texts, strict=True))
+    scores = scoring.score_e2e(outputs, refs)
+    out_dir = run.eval_dir()
+    tmp = out_dir / ".outputs.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["mr", "output"])
+        w.writerows(outputs.items())
+    tmp.replace(out_dir / "outputs.csv")
+    extra = {"data": str(spec), "test_mrs": len(mrs), "decode": decode.__dict__,
+             "method": cfg.method, "model": cfg.model}
+    scoring.write_scores(out_dir / "scores.json", scores, extra)
+    run.event("evaluated", **scores, test_mrs=len(mrs))
+    return {"scores": scores, **extra}
+

@@ -1,0 +1,127 @@
+"""The run directory: config snapshot, append-only metrics and events, adapters, eval outputs.
+
+Layout and record fields are documented in docs/run-format.md; keep the two in step.
+Records are JSON Lines written with one ``write`` + ``flush`` per record, so a run killed
+mid-way leaves at worst one truncated last line (analysis skips it with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.errors import UserError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+ADAPTERS = "adapters"
+EVAL = "eval"
+SUMMARY = "summary.json"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe values: NaN/Inf become None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run directory being written by a trainer (or read back by eval)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.t0 = time.monotonic()
+
+    @classmethod
+    def create(cls, path: Path, config: dict[str, Any], *, overwrite: bool = False) -> RunDir:
+        """Start a new run; refuse to mix two runs in one directory."""
+        path = Path(path)
+        if (path / CONFIG).exists() and not overwrite:
+            raise UserError(
+                f"run directory {path} already holds a run; choose another --out or pass "
+                "--overwrite"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in (METRICS, EVENTS, SUMMARY):
+                (path / name).unlink(missing_ok=True)
+        run = cls(path)
+        write_json(path / CONFIG, config)
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise UserError(f"{path} is not a run directory (no {CONFIG}); pass a path under runs/")
+        return cls(path)
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / CONFIG).read_text())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        line = json.dumps(_clean(record), sort_keys=True) + "\n"
+        with open(self.path / name, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+    def metric(self, **record: Any) -> None:
+        """One metrics record; ``wall_time`` (s since the run started) is added if absent."""
+        record.setdefault("wall_time", round(self.elapsed(), 4))
+        self._append(METRICS, record)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One event (run started, aggregation, dropout, ...), timestamped."""
+        self._append(EVENTS, {"event": kind, "time": time.time(),
+                              "wall_time": round(self.elapsed(), 4), **fields})
+
+    def adapters(self, name: str = "final") -> Path:
+        return self.path / ADAPTERS / name
+
+    def eval_dir(self) -> Path:
+        d = self.path / EVAL
+        d.mkdir(exist_ok=True)
+        return d
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / SUMMARY, summary)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a truncated *last* line (killed writer) is skipped."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            raise
+    return rows

@@ -1,0 +1,439 @@
+"""In-process trainer: N clients and one server in one process, SplitLoRA's step exactly.
+
+method.md "Training step (split federated learning, SplitLoRA Algorithm 1)":
+
+1. every client runs its segment on a mini-batch and hands over boundary activations,
+   attention mask and labels;
+2. the server concatenates the activations of clients with the same split point into one
+   batch, runs blocks ``[k, L)``, computes the loss (mean over target tokens of the whole
+   concatenated batch), back-propagates and steps its optimizer once;
+3. each client receives the gradient w.r.t. its activations, back-propagates and steps;
+4. every ``I`` steps the client-side adapters are aggregated (FedAvg of A and B, weighted by
+   the data weights ``p_i``).
+
+``fedlora`` runs the same loop with full-model clients and no server; ``cenlora`` and ``ft``
+train one unsplit model on the pooled data. The distributed runtime (MQTT) reuses the
+:class:`Client` / :class:`Server` pieces; only the transport between them changes.
+
+Bytes are counted as they would be on the wire (the tensors' own sizes), so in-process runs
+report the same communication figures as distributed ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner import data as data_mod
+from runner import lora, split
+from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
+from runner.models import ModelInfo, load_tokenizer, model_info
+from runner.rundir import RunDir
+
+ProgressFn = Callable[[int, dict[str, Any]], None]
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any] | None:
+    """AdamW with linear warm-up then linear decay to zero (method.md "Defaults")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return None
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warm, total = cfg.warmup, cfg.steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Holder:
+    """A segment with its optimizer: one client, the server, or a centralised model."""
+
+    name: str
+    seg: split.Segment
+    ranks: lora.RankMap
+    opt: torch.optim.Optimizer | None = None
+    sched: Any = None
+    batches: data_mod.ClientBatches | None = None
+    weight: float = 1.0  # data weight p_i
+    n_examples: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def step(self) -> None:
+        if self.opt is None:
+            return
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0] if self.sched is not None else 0.0
+
+
+@dataclass
+class Prepared:
+    """Data, model and tokenizer resolved once for a run."""
+
+    info: ModelInfo
+    tokenizer: Any
+    frames: dict[str, Any]
+    shards: list[Any]
+    source: str
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Validate the config, resolve model and data, split by MR and partition over clients."""
+    cfg.validate()
+    info = model_info(cfg.model)
+    if cfg.method in SPLIT_METHODS:
+        info.check_split(split_point(cfg, info))
+    tokenizer = load_tokenizer(info.path)
+    spec = data_mod.resolve_data(cfg.data)
+    df = data_mod.load_e2e(spec, seed=cfg.seed)
+    frames = data_mod.split_by_mr(df, cfg.split_fractions, seed=cfg.seed)
+    n_shards = 1 if cfg.method in CENTRAL_METHODS else cfg.clients
+    shards = data_mod.partition(frames["train"], n_shards, cfg.partition, cfg.dirichlet_alpha,
+                                cfg.partition_attribute, seed=cfg.seed)
+    return Prepared(info, tokenizer, frames, shards, str(spec))
+
+
+def split_point(cfg: TrainConfig, info: ModelInfo) -> int:
+    """The configured split point, or SplitLoRA's default L/4 (at least 1)."""
+    return cfg.split if cfg.split is not None else max(1, info.num_layers // 4)
+
+
+class Trainer:
+    """Runs one method in-process and writes the run directory."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDir | None = None,
+                 progress: ProgressFn | None = None, prepared: Prepared | None = None):
+        self.cfg = cfg
+        self.run = run
+        self.progress = progress
+        self.prep = prepared or prepare(cfg)
+        self.info = self.prep.info
+        self.pad_id = int(self.prep.tokenizer.pad_token_id)
+        torch.manual_seed(cfg.seed)
+        self.k = split_point(cfg, self.info) if cfg.method in SPLIT_METHODS else self.info.num_layers
+        self.clients: list[Holder] = []
+        self.server: Holder | None = None
+        self._build()
+        self.val_examples = data_mod.encode_frame(self.prep.tokenizer,
+                                                  self.prep.frames["validation"], cfg.max_len)
+        if cfg.eval_max_examples is not None:
+            self.val_examples = self.val_examples[: cfg.eval_max_examples]
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------- set-up
+    def _ranks(self, config) -> lora.RankMap:
+        if self.cfg.method == "ft":
+            return {}
+        return lora.uniform_ranks(config, self.cfg.rank, self.cfg.targets)
+
+    def _adapt(self, seg: split.Segment, ranks: lora.RankMap) -> lora.RankMap:
+        if self.cfg.method == "ft":
+            for p in seg.model.parameters():
+                p.requires_grad_(True)
+            return {}
+        return lora.attach_lora(seg, ranks, alpha=self.cfg.lora_alpha,
+                                dropout=self.cfg.lora_dropout, seed=self.cfg.seed)
+
+    def _build(self) -> None:
+        cfg, path, L = self.cfg, self.info.path, self.info.num_layers
+        shards = self.prep.shards
+        total = sum(len(s) for s in shards)
+        for i, shard in enumerate(shards):
+            if cfg.method in SPLIT_METHODS:
+                seg = split.load_client(path, self.k)
+            else:
+                seg = split.load_unsplit(path)
+            ranks = self._adapt(seg, self._ranks(seg.config))
+            examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
+            holder = Holder(
+                name="central" if cfg.method in CENTRAL_METHODS else f"client{i}",
+                seg=seg, ranks=ranks, weight=len(shard) / total, n_examples=len(shard),
+                batches=data_mod.ClientBatches(examples, cfg.batch_size, self.pad_id,
+                                               seed=cfg.seed * 1000 + i),
+            )
+            opt = make_optimizer(seg.model, cfg)
+            if opt is not None:
+                holder.opt, holder.sched = opt
+            self.clients.append(holder)
+        if cfg.method in SPLIT_METHODS:
+            seg = split.load_server(path, self.k, L)
+            ranks = self._adapt(seg, self._ranks(seg.config))
+            self.server = Holder(name="server", seg=seg, ranks=ranks)
+            opt = make_optimizer(seg.model, cfg)
+            if opt is not None:
+                self.server.opt, self.server.sched = opt
+        for h in self.all_holders():
+            h.seg.model.train()
+
+    def all_holders(self) -> list[Holder]:
+        return self.clients + ([self.server] if self.server is not None else [])
+
+    def global_ranks(self) -> lora.RankMap:
+        """The union of ranks over all holders: the adapter of the whole model."""
+        out: lora.RankMap = {}
+        for h in self.all_holders():
+            out.update(h.ranks)
+        return out
+
+    # ------------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> list[dict[str, Any]]:
+        """One synchronous step of every client (and the server); returns metric records."""
+        if self.server is not None:
+            return self._split_step(step)
+        return self._local_step(step)
+
+    def _local_step(self, step: int) -> list[dict[str, Any]]:
+        records = []
+        for h in self.clients:
+            batch = h.batches.next()
+            t0 = time.perf_counter()
+            logits = split.full_forward(h.seg, batch["input_ids"], batch["attention_mask"])
+            loss_sum, n = split.token_loss(logits, batch["labels"], self.cfg.label_smoothing)
+            (loss_sum / max(n, 1)).backward()
+            lr = h.lr
+            h.step()
+            records.append(dict(step=step, client=h.name, loss=float(loss_sum) / max(n, 1),
+                                tokens=n, bytes_sent=0, bytes_received=0, lr=lr,
+                                compute_s=time.perf_counter() - t0))
+        return records
+
+    def _split_step(self, step: int) -> list[dict[str, Any]]:
+        server = self.server
+        assert server is not None
+        sent: list[dict[str, Any]] = []
+        # 1. client forward passes; what crosses the wire: acts, mask, labels.
+        for h in self.clients:
+            batch = h.batches.next()
+            t0 = time.perf_counter()
+            acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
+            wire = acts.detach()
+            sent.append(dict(holder=h, acts=acts, wire=wire, mask=batch["attention_mask"],
+                             labels=batch["labels"], k=h.seg.end,
+                             up=tensor_bytes(wire, batch["attention_mask"], batch["labels"]),
+                             compute_s=time.perf_counter() - t0))
+        # 2. server: one concatenated batch per split point, deepest first (method.md).
+        t0 = time.perf_counter()
+        grads, losses = self.server_step([(m["wire"], m["mask"], m["labels"], m["k"])
+                                          for m in sent])
+        server_s = time.perf_counter() - t0
+        # 3. clients back-propagate the returned gradients and step.
+        records = []
+        for m, grad, (loss_sum, n) in zip(sent, grads, losses, strict=True):
+            h = m["holder"]
+            t0 = time.perf_counter()
+            m["acts"].backward(grad)
+            lr = h.lr
+            h.step()
+            records.append(dict(step=step, client=h.name, loss=loss_sum / max(n, 1), tokens=n,
+                                bytes_sent=m["up"], bytes_received=tensor_bytes(grad), lr=lr,
+                                compute_s=m["compute_s"] + time.perf_counter() - t0,
+                                server_s=server_s))
+        return records
+
+    def server_step(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
+                    ) -> tuple[list[torch.Tensor], list[tuple[float, int]]]:
+        """Server half of a step for client payloads ``(acts, mask, labels, k)``.
+
+        Returns, per payload, the gradient w.r.t. its activations and its (loss sum, target
+        tokens). Activations of equal split points are right-padded to a common length and
+        concatenated; padded positions are masked, so the result equals separate passes.
+        """
+        server = self.server
+        assert server is not None
+        groups: dict[int, list[int]] = {}
+        for idx, (_, _, _, k) in enumerate(batches):
+            groups.setdefault(k, []).append(idx)
+        leaves = [b[0].detach().requires_grad_(True) for b in batches]
+        total_loss = None
+        total_tokens = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
+        per_client: list[tuple[float, int]] = [(0.0, 0)] * len(batches)
+        for k in sorted(groups, reverse=True):
+            idxs = groups[k]
+            width = max(batches[i][0].shape[1] for i in idxs)
+            acts = torch.cat([_pad(leaves[i], width, 0.0) for i in idxs])
+            mask = torch.cat([_pad(batches[i][1], width, 0) for i in idxs])
+            labels = torch.cat([_pad(batches[i][2], width, -100) for i in idxs])
+            logits = split.server_forward(server.seg, acts, mask, k)
+            rows = _row_losses(logits, labels, self.cfg.label_smoothing)
+            start = 0
+            for i in idxs:
+                b = batches[i][0].shape[0]
+                n = int((batches[i][2][:, 1:] != -100).sum())
+                per_client[i] = (float(rows[start:start + b].detach().sum()), n)
+                start += b
+            group_loss = rows.sum() / max(total_tokens, 1)
+            total_loss = group_loss if total_loss is None else total_loss + group_loss
+        assert total_loss is not None
+        total_loss.backward()
+        server.step()
+        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                 for leaf in leaves]
+        return grads, per_client
+
+    # ------------------------------------------------------------------- aggregation
+    def aggregate(self, step: int) -> dict[str, int]:
+        """FedAvg of client adapters (A and B separately), weighted by ``p_i``.
+
+        Design choice: optimizer state is kept across aggregations (SplitLoRA's code keeps
+        it); only the adapter values are replaced by the average.
+        """
+        if self.cfg.method in CENTRAL_METHODS or len(self.clients) < 1:
+            return {"bytes_up": 0, "bytes_down": 0}
+        states = [lora.adapter_state(h.seg.model) for h in self.clients]
+        weights = [h.weight for h in self.clients]
+        avg: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key in states[0]:
+                avg[key] = sum(w * s[key].detach() for w, s in zip(weights, states, strict=True))
+            for h in self.clients:
+                lora.load_adapter_state(h.seg.model, avg)
+        size = tensor_bytes(*avg.values())
+        up, down = size * len(self.clients), size * len(self.clients)
+        if self.run is not None:
+            self.run.event("aggregate", step=step, participants=[h.name for h in self.clients],
+                           bytes_up=up, bytes_down=down)
+            self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
+                            bytes_received=up)
+        return {"bytes_up": up, "bytes_down": down}
+
+    # ---------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 16) -> dict[str, float]:
+        """Validation loss and PPL over target tokens, without label smoothing.
+
+        Uses client 0 right after an aggregation, so every client's adapters are the global
+        ones; dropout is off.
+        """
+        holders = self.all_holders()
+        for h in holders:
+            h.seg.model.eval()
+        nll, n_tok = 0.0, 0
+        try:
+            for i in range(0, len(self.val_examples), batch_size):
+                batch = data_mod.collate(self.val_examples[i:i + batch_size], self.pad_id)
+                logits = self.forward_logits(batch["input_ids"], batch["attention_mask"])
+                loss_sum, n = split.token_loss(logits, batch["labels"], 0.0)
+                nll += float(loss_sum)
+                n_tok += n
+        finally:
+            for h in holders:
+                h.seg.model.train()
+        loss = nll / max(n_tok, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n_tok}
+
+    def forward_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = self.clients[0]
+        if self.server is None:
+            return split.full_forward(c.seg, input_ids, mask)
+        acts = split.client_forward(c.seg, input_ids, mask)
+        return split.server_forward(self.server.seg, acts, mask, c.seg.end)
+
+    # ------------------------------------------------------------------------- the run
+    def should_aggregate(self, step: int) -> bool:
+        return self.cfg.method not in CENTRAL_METHODS and (
+            (step + 1) % self.cfg.agg_interval == 0 or step + 1 == self.cfg.steps)
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``cfg.steps`` steps, evaluating and logging; returns the summary."""
+        cfg, run = self.cfg, self.run
+        if run is not None:
+            run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
+        first = self.evaluate()
+        self._log_eval(0, first)
+        t_start = time.perf_counter()
+        totals = {"bytes_sent": 0, "bytes_received": 0}
+        eval_every = math.ceil(cfg.eval_every / cfg.agg_interval) * cfg.agg_interval \
+            if cfg.method not in CENTRAL_METHODS else cfg.eval_every
+        last = first
+        for step in range(cfg.steps):
+            records = self.train_step(step)
+            for r in records:
+                totals["bytes_sent"] += r["bytes_sent"]
+                totals["bytes_received"] += r["bytes_received"]
+                if run is not None:
+                    run.metric(kind="train", **r)
+            if self.should_aggregate(step):
+                agg = self.aggregate(step)
+                totals["bytes_sent"] += agg["bytes_up"]
+                totals["bytes_received"] += agg["bytes_down"]
+            done = step + 1
+            info: dict[str, Any] = {"loss": sum(r["loss"] for r in records) / len(records)}
+            if done % eval_every == 0 or done == cfg.steps:
+                last = self.evaluate()
+                self._log_eval(done, last)
+                info.update(last)
+            if self.progress is not None:
+                self.progress(done, info)
+        summary = {
+            "method": cfg.method,
+            "steps": cfg.steps,
+            "pretrained_val_ppl": first["val_ppl"],
+            "final_val_ppl": last["val_ppl"],
+            "final_val_loss": last["val_loss"],
+            "train_time_s": time.perf_counter() - t_start,
+            "client_trainable_params": lora.trainable_parameters(self.clients[0].seg.model),
+            "server_trainable_params": (lora.trainable_parameters(self.server.seg.model)
+                                        if self.server is not None else 0),
+            **totals,
+        }
+        if run is not None:
+            self.save(run)
+            run.write_summary(summary)
+            run.event("run_finished", **{k: v for k, v in summary.items() if k != "method"})
+        return summary
+
+    def _log_eval(self, step: int, result: dict[str, float]) -> None:
+        self.history.append({"step": step, **result})
+        if self.run is not None:
+            self.run.metric(kind="eval", step=step, client="global", **result)
+
+    def save(self, run: RunDir) -> Path:
+        """Write the final model: one PEFT adapter for LoRA methods, full weights for ft."""
+        out = run.adapters("final")
+        if self.cfg.method == "ft":
+            out = run.path / "model"
+            split.base_model(self.clients[0].seg.model).save_pretrained(str(out))
+            return out
+        segs = [self.clients[0].seg] + ([self.server.seg] if self.server is not None else [])
+        lora.save_peft_adapter(out, segs, self.global_ranks(), alpha=self.cfg.lora_alpha,
+                               dropout=self.cfg.lora_dropout, base_path=str(self.info.path))
+        return out
+
+
+def _pad(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
+    """Right-pad dimension 1 of ``t`` to ``width``."""
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[1] = extra
+    return torch.cat([t, torch.full(shape, value, dtype=t.dtype)], dim=1)
+
+
+def _row_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Per-row summed next-token cross-entropy over target tokens."""
+    b, s, v = logits.shape
+    flat = nn.functional.cross_entropy(
+        logits[:, :-1, :].reshape(-1, v).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
+        reduction="none", label_smoothing=smoothing)
+    return flat.view(b, s - 1).sum(dim=1)
