@@ -18,8 +18,8 @@ import torch
 from runner import data as data_mod
 from runner import lora, scoring
 from runner.config import TrainConfig
-from runner.models import load_full_model, load_tokenizer, model_info
 from runner.errors import UserError
+from runner.models import load_full_model, load_tokenizer, model_info
 from runner.rundir import RunDir
 
 

@@ -56,7 +56,8 @@ PROJECTIONS: dict[str, dict[str, str]] = {
 DEFAULT_TARGETS = ("q", "v")
 
 
-def weight_names(config: PretrainedConfig, layers: Iterable[int], targets: Iterable[str]) -> list[str]:
+def weight_names(config: PretrainedConfig, layers: Iterable[int],
+                 targets: Iterable[str]) -> list[str]:
     """Global module names of the given short projection names in the given blocks."""
     family = family_of(config)
     table = PROJECTIONS[family]

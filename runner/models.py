@@ -173,7 +173,8 @@ def _write_model_dir(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         cfg_dict["dtype"] = "float32"
         config = type(model.config).from_dict(cfg_dict)
         config.save_pretrained(tmp)
-        state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to(torch.float32).contiguous()
+                 for k, v in model.state_dict().items()}
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -238,7 +239,9 @@ def materialise(name: str) -> Path:
         return _convert_gguf(path, models_dir / f"gguf-{path.stem}-{digest[:12]}")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json; point --model at a Hugging Face model dir")
+            raise ModelError(
+                f"{path} has no config.json; point --model at a Hugging Face model directory"
+            )
         if not list(path.glob("*.safetensors")):
             raise ModelError(
                 f"{path} has no *.safetensors weights; save the model with safe_serialization"

@@ -132,7 +132,8 @@ def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path) -> Non
     wanted = {name: p for name, p in model.named_parameters()}
     wanted.update({n: b for n, b in model.named_buffers() if b.is_meta})
     tie = bool(getattr(config, "tie_word_embeddings", False))
-    embed_key = "model.embed_tokens.weight" if family_of(config) == "llama" else "transformer.wte.weight"
+    llama = family_of(config) == "llama"
+    embed_key = "model.embed_tokens.weight" if llama else "transformer.wte.weight"
     index: dict[str, Path] = {}
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt") as sf:

@@ -34,7 +34,7 @@ from torch import nn
 from runner import data as data_mod
 from runner import lora, split
 from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
-from runner.models import ModelInfo, load_tokenizer, model_info
+from runner.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
@@ -103,6 +103,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     info = model_info(cfg.model)
     if cfg.method in SPLIT_METHODS:
         info.check_split(split_point(cfg, info))
+    if cfg.method != "ft":  # bad --targets must fail before the run directory is written
+        lora.weight_names(load_config(info.path), range(1), cfg.targets)
     tokenizer = load_tokenizer(info.path)
     spec = data_mod.resolve_data(cfg.data)
     df = data_mod.load_e2e(spec, seed=cfg.seed)
@@ -130,7 +132,8 @@ class Trainer:
         self.info = self.prep.info
         self.pad_id = int(self.prep.tokenizer.pad_token_id)
         torch.manual_seed(cfg.seed)
-        self.k = split_point(cfg, self.info) if cfg.method in SPLIT_METHODS else self.info.num_layers
+        self.k = (split_point(cfg, self.info) if cfg.method in SPLIT_METHODS
+                  else self.info.num_layers)
         self.clients: list[Holder] = []
         self.server: Holder | None = None
         self._build()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -50,8 +52,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _progress() -> Progress:
-    return Progress(
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    """A progress bar on stderr; erased when a user error ends the command, so that the
+    one ``error:`` line is all a failed command leaves on stderr."""
+    from runner.errors import UserError
+
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -61,6 +68,19 @@ def _progress() -> Progress:
         console=err,
         transient=False,
     )
+    user_error = False
+    bar.start()
+    try:
+        yield bar
+    except UserError:
+        user_error = True
+        raise
+    finally:
+        if user_error:  # erase the bar, and skip the blank line Progress.stop() prints
+            bar.live.transient = True
+            bar.live.stop()
+        else:
+            bar.stop()
 
 
 @app.command()

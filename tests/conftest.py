@@ -1,0 +1,14 @@
+"""Shared test set-up.
+
+No test may reach the network: the Hugging Face hub is put in offline mode here, at import time,
+because ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, when it is first imported, and pytest
+imports this file before any test module (and so before transformers or huggingface_hub).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
