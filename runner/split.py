@@ -271,6 +271,26 @@ def full_forward(seg: Segment, input_ids: torch.Tensor,
     return head(seg, hidden)
 
 
+def head_row_losses(seg: Segment, hidden: torch.Tensor, labels: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token cross-entropy, and target-token counts, from hidden states.
+
+    Only positions whose next token is a target go through the final norm and the LM head:
+    the loss is identical to computing logits everywhere (prompt and padding positions carry
+    no loss), but with a 49k-token vocabulary it saves a large share of a CPU step
+    (docs/benchmarks.md).
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    rows = keep.nonzero(as_tuple=True)[0]
+    p = parts(seg.model)
+    logits = p.head(p.norm(hidden[:, :-1][keep]))
+    per_token = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none",
+                                            label_smoothing=label_smoothing)
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype).index_add(0, rows, per_token)
+    return sums, keep.sum(dim=1)
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens, and their count.

@@ -210,8 +210,11 @@ class Trainer:
         for h in self.clients:
             batch = h.batches.next()
             t0 = time.perf_counter()
-            logits = split.full_forward(h.seg, batch["input_ids"], batch["attention_mask"])
-            loss_sum, n = split.token_loss(logits, batch["labels"], self.cfg.label_smoothing)
+            hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
+                                      batch["attention_mask"], 0, h.seg.end)
+            rows, counts = split.head_row_losses(h.seg, hidden, batch["labels"],
+                                                 self.cfg.label_smoothing)
+            loss_sum, n = rows.sum(), int(counts.sum())
             (loss_sum / max(n, 1)).backward()
             lr = h.lr
             h.step()
@@ -276,8 +279,8 @@ class Trainer:
             acts = torch.cat([_pad(leaves[i], width, 0.0) for i in idxs])
             mask = torch.cat([_pad(batches[i][1], width, 0) for i in idxs])
             labels = torch.cat([_pad(batches[i][2], width, -100) for i in idxs])
-            logits = split.server_forward(server.seg, acts, mask, k)
-            rows = _row_losses(logits, labels, self.cfg.label_smoothing)
+            hidden = split.run_blocks(server.seg, acts, mask, k, server.seg.end)
+            rows, _ = split.head_row_losses(server.seg, hidden, labels, self.cfg.label_smoothing)
             start = 0
             for i in idxs:
                 b = batches[i][0].shape[0]
@@ -334,22 +337,26 @@ class Trainer:
         try:
             for i in range(0, len(self.val_examples), batch_size):
                 batch = data_mod.collate(self.val_examples[i:i + batch_size], self.pad_id)
-                logits = self.forward_logits(batch["input_ids"], batch["attention_mask"])
-                loss_sum, n = split.token_loss(logits, batch["labels"], 0.0)
-                nll += float(loss_sum)
-                n_tok += n
+                hidden, head_seg = self.forward_hidden(batch["input_ids"],
+                                                       batch["attention_mask"])
+                rows, counts = split.head_row_losses(head_seg, hidden, batch["labels"], 0.0)
+                nll += float(rows.sum())
+                n_tok += int(counts.sum())
         finally:
             for h in holders:
                 h.seg.model.train()
         loss = nll / max(n_tok, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n_tok}
 
-    def forward_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_hidden(self, input_ids: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, split.Segment]:
+        """Last hidden states of the global model, and the segment that holds the head."""
         c = self.clients[0]
-        if self.server is None:
-            return split.full_forward(c.seg, input_ids, mask)
         acts = split.client_forward(c.seg, input_ids, mask)
-        return split.server_forward(self.server.seg, acts, mask, c.seg.end)
+        if self.server is None:
+            return acts, c.seg
+        return split.run_blocks(self.server.seg, acts, mask, c.seg.end, self.server.seg.end), \
+            self.server.seg
 
     # ------------------------------------------------------------------------- the run
     def should_aggregate(self, step: int) -> bool:
@@ -431,12 +438,3 @@ def _pad(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
     shape = list(t.shape)
     shape[1] = extra
     return torch.cat([t, torch.full(shape, value, dtype=t.dtype)], dim=1)
-
-
-def _row_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Per-row summed next-token cross-entropy over target tokens."""
-    b, s, v = logits.shape
-    flat = nn.functional.cross_entropy(
-        logits[:, :-1, :].reshape(-1, v).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
-        reduction="none", label_smoothing=smoothing)
-    return flat.view(b, s - 1).sum(dim=1)
