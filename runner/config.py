@@ -45,6 +45,9 @@ class TrainConfig:
     eval_every: int = 50
     eval_max_examples: int | None = 256
     seed: int = 0
+    # Scheduled dropouts for in-process runs: (client index, first step, end step), the
+    # client is offline for steps [first, end). The distributed runtime injects real ones.
+    dropouts: tuple[tuple[int, int, int], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -67,6 +70,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for client, first, end in self.dropouts:
+            if not (0 <= client < self.clients and 0 <= first < end):
+                raise ConfigError(
+                    f"--dropout {client}:{first}:{end} needs 0 <= client < {self.clients} and "
+                    "0 <= first < end (client offline for steps [first, end))"
+                )
 
     @property
     def learning_rate(self) -> float:
@@ -82,6 +91,7 @@ class TrainConfig:
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["split_fractions"] = list(self.split_fractions)
+        d["dropouts"] = [list(x) for x in self.dropouts]
         d["learning_rate"] = self.learning_rate
         d["warmup"] = self.warmup
         return d
@@ -92,6 +102,8 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "targets" in kw:
             kw["targets"] = tuple(kw["targets"])
+        if "dropouts" in kw:
+            kw["dropouts"] = tuple(tuple(x) for x in kw["dropouts"])
         if "split_fractions" in kw:
             kw["split_fractions"] = tuple(kw["split_fractions"])
         return cls(**kw)

@@ -142,6 +142,8 @@ class Trainer:
         if cfg.eval_max_examples is not None:
             self.val_examples = self.val_examples[: cfg.eval_max_examples]
         self.history: list[dict[str, Any]] = []
+        self.offline: set[str] = set()
+        self.global_state: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------- set-up
     def _ranks(self, config) -> lora.RankMap:
@@ -199,15 +201,43 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------ one step
-    def train_step(self, step: int) -> list[dict[str, Any]]:
-        """One synchronous step of every client (and the server); returns metric records."""
-        if self.server is not None:
-            return self._split_step(step)
-        return self._local_step(step)
+    def active(self, step: int) -> list[Holder]:
+        """Clients online at ``step`` under the dropout schedule; logs leave/rejoin events.
 
-    def _local_step(self, step: int) -> list[dict[str, Any]]:
+        A returning client resynchronises: it receives the current global client adapters
+        (the last aggregate) before it trains again.
+        """
+        out = []
+        for i, h in enumerate(self.clients):
+            away = any(c == i and first <= step < end for c, first, end in self.cfg.dropouts)
+            if away and h.name not in self.offline:
+                self.offline.add(h.name)
+                self._event("client_offline", step=step, client=h.name, reason="scheduled")
+            elif not away and h.name in self.offline:
+                self.offline.discard(h.name)
+                if self.global_state is not None:
+                    lora.load_adapter_state(h.seg.model, self.global_state)
+                self._event("client_online", step=step, client=h.name, resync=True)
+            if not away:
+                out.append(h)
+        return out
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.run is not None:
+            self.run.event(kind, **fields)
+
+    def train_step(self, step: int) -> list[dict[str, Any]]:
+        """One synchronous step of every online client (and the server); metric records."""
+        clients = self.active(step)
+        if not clients:
+            return []
+        if self.server is not None:
+            return self._split_step(step, clients)
+        return self._local_step(step, clients)
+
+    def _local_step(self, step: int, clients: list[Holder]) -> list[dict[str, Any]]:
         records = []
-        for h in self.clients:
+        for h in clients:
             batch = h.batches.next()
             t0 = time.perf_counter()
             hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
@@ -223,12 +253,12 @@ class Trainer:
                                 compute_s=time.perf_counter() - t0))
         return records
 
-    def _split_step(self, step: int) -> list[dict[str, Any]]:
+    def _split_step(self, step: int, clients: list[Holder]) -> list[dict[str, Any]]:
         server = self.server
         assert server is not None
         sent: list[dict[str, Any]] = []
         # 1. client forward passes; what crosses the wire: acts, mask, labels.
-        for h in self.clients:
+        for h in clients:
             batch = h.batches.next()
             t0 = time.perf_counter()
             acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
@@ -300,24 +330,28 @@ class Trainer:
     def aggregate(self, step: int) -> dict[str, int]:
         """FedAvg of client adapters (A and B separately), weighted by ``p_i``.
 
+        Only online clients take part; their weights are renormalised to sum to one.
         Design choice: optimizer state is kept across aggregations (SplitLoRA's code keeps
         it); only the adapter values are replaced by the average.
         """
-        if self.cfg.method in CENTRAL_METHODS or len(self.clients) < 1:
+        online = [h for h in self.clients if h.name not in self.offline]
+        if self.cfg.method in CENTRAL_METHODS or not online:
             return {"bytes_up": 0, "bytes_down": 0}
-        states = [lora.adapter_state(h.seg.model) for h in self.clients]
-        weights = [h.weight for h in self.clients]
+        states = [lora.adapter_state(h.seg.model) for h in online]
+        total = sum(h.weight for h in online)
+        weights = [h.weight / total for h in online]
         avg: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for key in states[0]:
                 avg[key] = sum(w * s[key].detach() for w, s in zip(weights, states, strict=True))
-            for h in self.clients:
+            for h in online:
                 lora.load_adapter_state(h.seg.model, avg)
+        self.global_state = avg
         size = tensor_bytes(*avg.values())
-        up, down = size * len(self.clients), size * len(self.clients)
+        up, down = size * len(online), size * len(online)
         if self.run is not None:
-            self.run.event("aggregate", step=step, participants=[h.name for h in self.clients],
-                           bytes_up=up, bytes_down=down)
+            self.run.event("aggregate", step=step, participants=[h.name for h in online],
+                           weights=weights, bytes_up=up, bytes_down=down)
             self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
                             bytes_received=up)
         return {"bytes_up": up, "bytes_down": down}
@@ -350,8 +384,11 @@ class Trainer:
 
     def forward_hidden(self, input_ids: torch.Tensor,
                        mask: torch.Tensor) -> tuple[torch.Tensor, split.Segment]:
-        """Last hidden states of the global model, and the segment that holds the head."""
-        c = self.clients[0]
+        """Last hidden states of the global model, and the segment that holds the head.
+
+        The first online client holds the global client adapters right after an aggregation.
+        """
+        c = next((h for h in self.clients if h.name not in self.offline), self.clients[0])
         acts = split.client_forward(c.seg, input_ids, mask)
         if self.server is None:
             return acts, c.seg
@@ -387,7 +424,8 @@ class Trainer:
                 totals["bytes_sent"] += agg["bytes_up"]
                 totals["bytes_received"] += agg["bytes_down"]
             done = step + 1
-            info: dict[str, Any] = {"loss": sum(r["loss"] for r in records) / len(records)}
+            info: dict[str, Any] = {
+                "loss": sum(r["loss"] for r in records) / max(len(records), 1)}
             if done % eval_every == 0 or done == cfg.steps:
                 last = self.evaluate()
                 self._log_eval(done, last)

@@ -112,6 +112,9 @@ def train(
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.1,
     max_len: Annotated[int, typer.Option(help="Max tokens per example")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    dropout: Annotated[list[str] | None, typer.Option(
+        help="Scheduled dropout CLIENT:FIRST:END (client index offline for steps "
+             "[FIRST, END)); repeatable")] = None,
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
 ) -> None:
@@ -120,13 +123,20 @@ def train(
     from runner.errors import UserError
 
     _quiet_libraries()
+    try:
+        dropouts = tuple(tuple(int(x) for x in d.split(":")) for d in dropout or [])
+        if any(len(d) != 3 for d in dropouts):
+            raise ValueError
+    except ValueError:
+        _fail(f"--dropout takes CLIENT:FIRST:END (e.g. 1:20:40), got {dropout}")
+        return
     cfg = TrainConfig(
         method=method, model=model, data=data, clients=clients, split=split, rank=rank,
         targets=tuple(t.strip() for t in targets.split(",") if t.strip()), steps=steps,
         batch_size=batch_size, lr=lr, agg_interval=agg_interval, partition=partition,
         dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
         eval_max_examples=eval_max_examples or None, lora_dropout=lora_dropout,
-        max_len=max_len, seed=seed,
+        max_len=max_len, seed=seed, dropouts=dropouts,
     )
     try:
         summary = run_training(cfg, out, overwrite)

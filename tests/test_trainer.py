@@ -137,3 +137,30 @@ def test_prepare_partitions_clients_disjointly():
         rows.update(zip(shard["mr"], shard["ref"], strict=True))
     train = prep.frames["train"]
     assert rows == Counter(zip(train["mr"], train["ref"], strict=True))
+
+
+def test_scheduled_dropout_reweights_and_resyncs(tmp_path):
+    """A client offline for steps [2, 4): it is skipped, aggregation re-weights over the
+    others, and on return it receives the global adapters before training again."""
+    cfg = _cfg(method="splitlora", clients=3, steps=6, agg_interval=1, eval_every=6,
+               dropouts=((1, 2, 4),))
+    run = RunDir.create(tmp_path / "run", {"train": cfg.to_dict()})
+    tr = Trainer(cfg, run)
+    for step in range(4):
+        records = tr.train_step(step)
+        clients = {r["client"] for r in records}
+        assert ("client1" in clients) == (step not in (2, 3))
+        tr.aggregate(step)
+    # Step 4: client1 comes back and is resynchronised to the last aggregate.
+    tr.active(4)
+    got = lora.adapter_state(tr.clients[1].seg.model)
+    for key, value in tr.global_state.items():
+        assert torch.equal(got[key], value)
+    events = read_jsonl(run.path / "events.jsonl")
+    kinds = [(e["event"], e.get("client"), e.get("step")) for e in events]
+    assert ("client_offline", "client1", 2) in kinds
+    assert ("client_online", "client1", 4) in kinds
+    aggs = [e for e in events if e["event"] == "aggregate"]
+    assert aggs[2]["participants"] == ["client0", "client2"]
+    assert abs(sum(aggs[2]["weights"]) - 1) < 1e-9
+    assert aggs[1]["participants"] == ["client0", "client1", "client2"]
