@@ -11,10 +11,12 @@ from typing import Any
 
 from runner.errors import ConfigError
 
-METHODS = ("splitlora", "fedlora", "cenlora", "ft")
-SPLIT_METHODS = ("splitlora",)
-FEDERATED_METHODS = ("splitlora", "fedlora")
+HSPLIT_METHODS = ("hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc", "hsplitlora-no-naa")
+METHODS = ("splitlora", "fedlora", "cenlora", "ft", "hetlora", *HSPLIT_METHODS)
+SPLIT_METHODS = ("splitlora", *HSPLIT_METHODS)
+FEDERATED_METHODS = ("splitlora", "fedlora", "hetlora", *HSPLIT_METHODS)
 CENTRAL_METHODS = ("cenlora", "ft")
+HETERO_METHODS = ("hetlora", *HSPLIT_METHODS)
 
 
 @dataclass
@@ -48,6 +50,15 @@ class TrainConfig:
     # Scheduled dropouts for in-process runs: (client index, first step, end step), the
     # client is offline for steps [first, end). The distributed runtime injects real ones.
     dropouts: tuple[tuple[int, int, int], ...] = ()
+    # Heterogeneous methods (hsplitlora*, hetlora): device descriptions (YAML/JSON file;
+    # None: the paper's 5-20 GB spread emulated on the model, see runner.hetero), rank set,
+    # ARMSC trigger threshold, split bounds and the planning sequence length.
+    devices: str | None = None
+    rank_set: tuple[int, ...] = (0, 2, 4, 8, 16)
+    tau: float = 0.2
+    split_bounds: tuple[int, int] | None = None
+    plan_seq: int = 64
+    iwi_batches: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -92,6 +103,8 @@ class TrainConfig:
         d["targets"] = list(self.targets)
         d["split_fractions"] = list(self.split_fractions)
         d["dropouts"] = [list(x) for x in self.dropouts]
+        d["rank_set"] = list(self.rank_set)
+        d["split_bounds"] = list(self.split_bounds) if self.split_bounds else None
         d["learning_rate"] = self.learning_rate
         d["warmup"] = self.warmup
         return d
@@ -102,6 +115,9 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "targets" in kw:
             kw["targets"] = tuple(kw["targets"])
+        for key in ("rank_set", "split_bounds"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
         if "dropouts" in kw:
             kw["dropouts"] = tuple(tuple(x) for x in kw["dropouts"])
         if "split_fractions" in kw:

@@ -44,15 +44,21 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any] | None:
-    """AdamW with linear warm-up then linear decay to zero (method.md "Defaults")."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig,
+                   start_step: int = 0) -> tuple[torch.optim.Optimizer, Any] | None:
+    """AdamW with linear warm-up then linear decay to zero (method.md "Defaults").
+
+    ``start_step``: a fresh optimizer created mid-run (after NAA re-initialisation) continues
+    the run's schedule instead of warming up again.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return None
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warm, total = cfg.warmup, cfg.steps
 
-    def factor(step: int) -> float:
+    def factor(local: int) -> float:
+        step = local + start_step
         if step < warm:
             return (step + 1) / warm
         return max(0.0, (total - step) / max(1, total - warm))
@@ -215,12 +221,21 @@ class Trainer:
                 self._event("client_offline", step=step, client=h.name, reason="scheduled")
             elif not away and h.name in self.offline:
                 self.offline.discard(h.name)
-                if self.global_state is not None:
-                    lora.load_adapter_state(h.seg.model, self.global_state)
+                self.resync(h, step)
                 self._event("client_online", step=step, client=h.name, resync=True)
             if not away:
                 out.append(h)
         return out
+
+    def resync(self, h: Holder, step: int) -> None:
+        """Give a returning client the current global client adapters (last aggregate)."""
+        if self.global_state is not None:
+            lora.load_adapter_state(h.seg.model, self.global_state)
+
+    def eval_holder(self) -> Holder:
+        """The client whose segment evaluates the global model: the first online one (it
+        holds the global client adapters right after an aggregation)."""
+        return next((h for h in self.clients if h.name not in self.offline), self.clients[0])
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self.run is not None:
@@ -248,7 +263,8 @@ class Trainer:
             (loss_sum / max(n, 1)).backward()
             lr = h.lr
             h.step()
-            records.append(dict(step=step, client=h.name, loss=float(loss_sum) / max(n, 1),
+            loss = float(loss_sum.detach()) / max(n, 1)
+            records.append(dict(step=step, client=h.name, loss=loss,
                                 tokens=n, bytes_sent=0, bytes_received=0, lr=lr,
                                 compute_s=time.perf_counter() - t0))
         return records
@@ -386,9 +402,9 @@ class Trainer:
                        mask: torch.Tensor) -> tuple[torch.Tensor, split.Segment]:
         """Last hidden states of the global model, and the segment that holds the head.
 
-        The first online client holds the global client adapters right after an aggregation.
+        See :meth:`eval_holder`.
         """
-        c = next((h for h in self.clients if h.name not in self.offline), self.clients[0])
+        c = self.eval_holder()
         acts = split.client_forward(c.seg, input_ids, mask)
         if self.server is None:
             return acts, c.seg
@@ -421,6 +437,7 @@ class Trainer:
                     run.metric(kind="train", **r)
             if self.should_aggregate(step):
                 agg = self.aggregate(step)
+                agg.update(self.after_aggregate(step))
                 totals["bytes_sent"] += agg["bytes_up"]
                 totals["bytes_received"] += agg["bytes_down"]
             done = step + 1
@@ -439,16 +456,26 @@ class Trainer:
             "final_val_ppl": last["val_ppl"],
             "final_val_loss": last["val_loss"],
             "train_time_s": time.perf_counter() - t_start,
-            "client_trainable_params": lora.trainable_parameters(self.clients[0].seg.model),
+            "client_trainable_params": sum(lora.trainable_parameters(h.seg.model)
+                                           for h in self.clients) / len(self.clients),
             "server_trainable_params": (lora.trainable_parameters(self.server.seg.model)
                                         if self.server is not None else 0),
             **totals,
+            **self.summary_extra(),
         }
         if run is not None:
             self.save(run)
             run.write_summary(summary)
             run.event("run_finished", **{k: v for k, v in summary.items() if k != "method"})
         return summary
+
+    def after_aggregate(self, step: int) -> dict[str, int]:
+        """Hook for methods that reconfigure after aggregating (HSplitLoRA); extra bytes."""
+        return {}
+
+    def summary_extra(self) -> dict[str, Any]:
+        """Hook: method-specific figures for summary.json."""
+        return {}
 
     def _log_eval(self, step: int, result: dict[str, float]) -> None:
         self.history.append({"step": step, **result})

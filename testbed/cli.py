@@ -85,7 +85,9 @@ def _progress() -> Iterator[Progress]:
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="splitlora | fedlora | cenlora | ft")] = "splitlora",
+    method: Annotated[str, typer.Option(
+        help="splitlora | fedlora | cenlora | ft | hsplitlora | hetlora | hsplitlora-no-iwi | "
+             "hsplitlora-no-armsc | hsplitlora-no-naa")] = "splitlora",
     model: Annotated[str, typer.Option(
         help="Alias (smollm2-135m, tiny-llama, tiny-gpt2), local HF directory, .gguf file, "
              "or Hugging Face hub id")] = "smollm2-135m",
@@ -115,6 +117,11 @@ def train(
     dropout: Annotated[list[str] | None, typer.Option(
         help="Scheduled dropout CLIENT:FIRST:END (client index offline for steps "
              "[FIRST, END)); repeatable")] = None,
+    devices: Annotated[Path | None, typer.Option(
+        help="Device descriptions (YAML/JSON: clients with memory_bytes, flops, bandwidth, "
+             "latency; optional server) for hsplitlora*/hetlora; default: the paper's "
+             "5-20 GB spread emulated on the model")] = None,
+    rank_set: Annotated[str, typer.Option(help="Rank set Q for ARMSC / HetLoRA")] = "0,2,4,8,16",
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
 ) -> None:
@@ -137,6 +144,8 @@ def train(
         dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
         eval_max_examples=eval_max_examples or None, lora_dropout=lora_dropout,
         max_len=max_len, seed=seed, dropouts=dropouts,
+        devices=str(devices) if devices else None,
+        rank_set=tuple(int(r) for r in rank_set.split(",") if r.strip()),
     )
     try:
         summary = run_training(cfg, out, overwrite)
@@ -156,7 +165,8 @@ def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
     import transformers
 
     from runner.rundir import RunDir
-    from runner.trainer import Trainer, prepare
+    from runner.hetero import build_trainer
+    from runner.trainer import prepare
 
     prepared = prepare(cfg)
     snapshot = {
@@ -181,7 +191,7 @@ def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
                 text += f"  val PPL {info['val_ppl']:.2f}"
             bar.update(task, completed=step, info=text)
 
-        trainer = Trainer(cfg, run, on_step, prepared=prepared)
+        trainer = build_trainer(cfg, run, on_step, prepared=prepared)
         bar.update(task, info=f"val PPL {trainer.history[0]['val_ppl']:.2f}" if trainer.history
                    else "training")
         return trainer.fit()
@@ -219,6 +229,96 @@ def eval_(
     scores = result["scores"]
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)
     Console().print(f"outputs and scores written to {run_dir / 'eval'}", highlight=False)
+
+
+@contextmanager
+def _load_warnings() -> Iterator[list[str]]:
+    """Collect the analysis loader's warnings (a truncated last record of a killed run).
+
+    ``_quiet_libraries`` silences UserWarning, and these must not be silenced: a curve
+    missing its last point should say so. They are printed as ``warning:`` lines on stderr
+    when the block ends (and the report repeats them).
+    """
+    import warnings
+
+    from analysis.load import TruncatedRecordWarning
+
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedRecordWarning)
+        try:
+            yield messages
+        finally:
+            messages.extend(str(w.message) for w in caught
+                            if issubclass(w.category, TruncatedRecordWarning))
+    for message in messages:
+        err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+RunsArg = Annotated[list[Path], typer.Argument(
+    help="Run directories written by `testbed train` (one or more)", show_default=False)]
+TargetOpt = Annotated[float | None, typer.Option(
+    "--target-ppl", help="Target validation PPL for time-to-target and speed-ups "
+                         "(default: the largest final PPL, which every run reaches)")]
+BaselineOpt = Annotated[str | None, typer.Option(
+    help="Method that speed-ups are relative to (default: the first run's method)")]
+
+
+@app.command()
+def plot(
+    runs: RunsArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the figures")] = Path(
+        "figures"),
+    target_ppl: TargetOpt = None,
+    baseline: BaselineOpt = None,
+) -> None:
+    """Figures of one or many runs (PNG + PDF): PPL vs step / wall time / virtual time,
+    speed-up to a target PPL, per-client timelines with dropouts, memory vs budget, bytes
+    moved. Prints the files written."""
+    from analysis.figures import plot_all
+    from analysis.load import load_runs
+    from runner.errors import UserError
+
+    _quiet_libraries()
+    try:
+        with _load_warnings():
+            run_set = load_runs(runs)
+        plotted = plot_all(run_set, out, target_ppl, baseline)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    for path in plotted.files:
+        typer.echo(str(path))
+    for name, reason in plotted.skipped.items():
+        err.print(f"skipped {name}: {reason}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    runs: RunsArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown file to write")] = Path(
+        "report.md"),
+    target_ppl: TargetOpt = None,
+    baseline: BaselineOpt = None,
+) -> None:
+    """Markdown comparison of runs (the papers' table: PPL, BLEU, NIST, METEOR, ROUGE-L,
+    CIDEr, time to target, client-side parameters, bytes moved) with the figures, which
+    are written into OUT's directory under <stem>_figures/."""
+    from analysis.load import load_runs
+    from analysis.report import write_report
+    from runner.errors import UserError
+
+    _quiet_libraries()
+    try:
+        with _load_warnings() as warned:
+            run_set = load_runs(runs)
+        path, plotted = write_report(run_set, out, target_ppl, baseline, warned)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(str(path))
+    for fig in plotted.files:
+        typer.echo(str(fig))
 
 
 def main() -> None:

@@ -1,0 +1,576 @@
+"""Heterogeneous methods: HSplitLoRA (IWI + ARMSC + NAA), its ablations, and HetLoRA.
+
+HSplitLoRA round (method.md), every ``I`` steps after the SplitLoRA steps:
+
+1. NAA: for each adapted weight, concatenate the participants' factors, merge
+   ``dW = sum_j p_j s_j B_j A_j`` into the frozen weight of every holder of that block;
+2. IWI: probe importance on one batch per client (client-side weights on the clients' data,
+   server-side weights on the server), smooth it, form the data-weighted global importance;
+3. ARMSC: if the trigger fires, recompute ranks (and split points, subject to hysteresis);
+4. re-initialise every adapter at its (new) rank with fresh optimizer state; a client whose
+   split point moved reloads its segment and receives the current merged weights of the
+   blocks it takes over from the server (bytes counted).
+
+Design choices (ours):
+
+* The server keeps every block (the whole merged model): it can hand blocks to any client
+  and is the authoritative copy of merged weights. Its memory is not budget-limited here.
+* NAA participants are the holders that trained an adapter on the weight (rank > 0);
+  weights are renormalised over them. A holder with rank 0 contributes no factors.
+* The final adapter is exported in PEFT format as an exact low-rank factorisation (SVD) of
+  the total merged update ``W_now - W_pretrained`` with ``alpha = r`` (scaling 1).
+* ``hsplitlora-no-naa`` plans once at the start and keeps ranks fixed, aggregating with
+  padded FedAvg (truncated back to each holder's rank): without NAA's merge there is no
+  clean point at which ranks could change.
+* HetLoRA clients hold the whole model; each gets the largest rank in the rank set whose
+  predicted full-model training memory fits its budget (uniform over the targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from runner import aggregation as agg
+from runner import armsc, importance, lora, split
+from runner.config import TrainConfig
+from runner.devices import GB, DeviceSpec, load_devices, paper_spread
+from runner.memory import ModelCosts, client_memory
+from runner.rundir import RunDir
+from runner.trainer import Holder, Prepared, ProgressFn, Trainer, make_optimizer, tensor_bytes
+
+
+def emulated_devices(costs: ModelCosts, n: int, batch: int, seq: int,
+                     targets: tuple[str, ...] = ("q", "v")) -> tuple[list[DeviceSpec], DeviceSpec]:
+    """The paper's 5-20 GB client spread, rescaled to this model's training footprint.
+
+    Design choice (issue "profiles" refines it): a client with ``G`` GB out of the paper's
+    20 GB top device gets the same fraction ``G/20`` of the model's full training footprint
+    (above the runtime reserve). Compute is edge-class and grows with the budget; the server
+    is a datacentre GPU.
+    """
+    from runner.memory import DEFAULT_RESERVE
+
+    names = [n for n in costs.shapes if n.endswith(("q_proj", "v_proj", "c_attn"))]
+    full = client_memory(costs, costs.num_layers, {x: 8 for x in names}, batch, seq).total
+    clients = []
+    for i, gb in enumerate(paper_spread(n)):
+        budget = int(DEFAULT_RESERVE + (gb / 20.0) * (full - DEFAULT_RESERVE))
+        clients.append(DeviceSpec(f"client{i}", budget, flops=0.5e12 * gb / 5.0,
+                                  bandwidth=12.5e6 * (1 + i), latency=0.02))
+    return clients, DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9, latency=0.001)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Module:
+    return importance.base_linears(model, [name])[name]
+
+
+@dataclass
+class Probe:
+    """Importance numerators of one probe round, per holder."""
+
+    clients: list[dict[str, float]]
+    server: dict[str, float]
+
+
+class HeteroTrainer(Trainer):
+    """Trainer for ``hsplitlora``, its ablations and ``hetlora``."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDir | None = None,
+                 progress: ProgressFn | None = None, prepared: Prepared | None = None):
+        self.method = cfg.method
+        super().__init__(cfg, run, progress, prepared)
+
+    # ------------------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        cfg, info = self.cfg, self.info
+        from runner.models import load_config
+
+        self.config = load_config(info.path)
+        self.costs = ModelCosts.from_config(self.config)
+        self.candidates = lora.all_candidates(self.config)
+        self.ref_targets = tuple(lora.weight_names(self.config, [0], cfg.targets))
+        self.ref_suffixes = tuple(n.split(".", 3)[-1] for n in self.ref_targets)
+        if cfg.devices:
+            self.devices, server = load_devices(Path(cfg.devices))
+            if len(self.devices) < cfg.clients:
+                from runner.errors import ConfigError
+
+                raise ConfigError(f"{cfg.devices} describes {len(self.devices)} clients; "
+                                  f"--clients is {cfg.clients}")
+            self.devices = self.devices[: cfg.clients]
+            self.server_dev = server or emulated_devices(self.costs, 1, cfg.batch_size,
+                                                         cfg.plan_seq)[1]
+        else:
+            self.devices, self.server_dev = emulated_devices(self.costs, cfg.clients,
+                                                             cfg.batch_size, cfg.plan_seq)
+        L = info.num_layers
+        self.bounds = cfg.split_bounds or (max(1, L // 8), L - 1)
+        self.tracker = importance.ImportanceTracker(cfg.steps)
+        self.trigger = armsc.Trigger(tau=cfg.tau)
+        self.reconfigurations = 0
+        self.violations: list[str] = []
+        self.moved_bytes = 0
+        tokens = cfg.batch_size * cfg.plan_seq
+        self.weight_costs = {n: importance.weight_cost(*self.costs.shapes[n], cfg.rank, tokens)
+                             for n in self.candidates}
+        shards = self.prep.shards
+        total = sum(len(s) for s in shards)
+        from runner import data as data_mod
+
+        for i, shard in enumerate(shards):
+            examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
+            self.clients.append(Holder(
+                name=f"client{i}", seg=None,  # type: ignore[arg-type]  # set just below
+                ranks={}, weight=len(shard) / total, n_examples=len(shard),
+                batches=data_mod.ClientBatches(examples, cfg.batch_size, self.pad_id,
+                                               seed=cfg.seed * 1000 + i)))
+        if self.method == "hetlora":
+            self._build_hetlora()
+        else:
+            self._build_hsplit()
+        for h in self.all_holders():
+            h.seg.model.train()
+
+    def _budget_violation(self, step: int, message: str) -> None:
+        self.violations.append(message)
+        self._event("budget_violation", step=step, detail=message)
+
+    def _build_hetlora(self) -> None:
+        cfg = self.cfg
+        names = lora.weight_names(self.config, range(self.info.num_layers), cfg.targets)
+        for h, dev in zip(self.clients, self.devices, strict=True):
+            fits = [r for r in sorted(cfg.rank_set) if r > 0 and client_memory(
+                self.costs, self.info.num_layers, {n: r for n in names}, cfg.batch_size,
+                cfg.plan_seq).total <= dev.memory_bytes]
+            rank = max(fits) if fits else min(r for r in cfg.rank_set if r > 0)
+            if not fits:
+                self._budget_violation(0, f"{h.name}: full model at rank {rank} exceeds budget "
+                                          f"{dev.memory_bytes / 2**20:.0f} MiB")
+            h.seg = split.load_unsplit(self.info.path)
+            h.ranks = lora.attach_lora(h.seg, {n: rank for n in names}, alpha=cfg.lora_alpha,
+                                       dropout=cfg.lora_dropout, seed=cfg.seed)
+            h.opt, h.sched = make_optimizer(h.seg.model, cfg)
+        self._log_config(0, "initial", [self.info.num_layers] * len(self.clients))
+
+    def _build_hsplit(self) -> None:
+        cfg, L = self.cfg, self.info.num_layers
+        fixed = self.method == "hsplitlora-no-armsc"
+        k0 = cfg.split if cfg.split is not None else max(1, L // 4)
+        base = armsc.minimal_ranks(
+            [n for n in self.candidates if n.endswith(self.ref_suffixes)], cfg.rank_set)
+        if fixed:
+            splits = [k0] * len(self.clients)
+        else:
+            splits, violations = armsc.choose_splits(
+                self.costs, self.devices, self.server_dev, cfg.batch_size * cfg.plan_seq,
+                base, self.bounds, cfg.batch_size, cfg.plan_seq)
+            for v in violations:
+                self._budget_violation(0, v)
+        for h, k in zip(self.clients, splits, strict=True):
+            h.seg = split.load_client(self.info.path, k)
+        self.server = Holder(name="server", seg=split.load_segment(
+            self.info.path, 0, L, embed=False, head=True), ranks={})
+        imp = self._importance(step=0)
+        plan = self._plan(imp, splits)
+        self.trigger.accept(imp, [d.memory_bytes for d in self.devices],
+                            [h.name for h in self.clients])
+        self._apply(plan, step=0, reason="initial")
+
+    # ------------------------------------------------------------------ configuration
+    def _plan(self, imp: dict[str, float], splits: list[int]) -> armsc.Plan:
+        cfg = self.cfg
+        if self.method == "hsplitlora-no-armsc":
+            ranks = {n: cfg.rank for n in self.candidates if n.endswith(self.ref_suffixes)}
+            used = [client_memory(self.costs, k, ranks, cfg.batch_size, cfg.plan_seq).total
+                    for k in splits]
+            return armsc.Plan(
+                splits=splits, client_ranks=[{n: r for n, r in ranks.items()
+                                              if lora.block_of(n) < k} for k in splits],
+                server_ranks={n: r for n, r in ranks.items() if lora.block_of(n) >= min(splits)},
+                makespan=armsc.makespan(self.costs, self.devices, self.server_dev, splits,
+                                        cfg.batch_size * cfg.plan_seq),
+                client_memory=used, budgets=[d.memory_bytes for d in self.devices],
+                violations=[f"{d.name}: predicted {m / 2**20:.0f} MiB exceeds budget "
+                            f"{d.memory_bytes / 2**20:.0f} MiB (fixed split and rank)"
+                            for d, m in zip(self.devices, used, strict=True)
+                            if m > d.memory_bytes])
+        return armsc.plan(self.costs, self.devices, self.server_dev, imp, self.candidates,
+                          batch=cfg.batch_size, seq=cfg.plan_seq, rank_set=cfg.rank_set,
+                          bounds=self.bounds, reference_targets=self.ref_suffixes,
+                          fixed_splits=splits)
+
+    def _apply(self, plan: armsc.Plan, step: int, reason: str) -> None:
+        """(Re-)initialise all adapters at the plan's ranks with fresh optimizers."""
+        for h, k, ranks in zip(self.clients, plan.splits, plan.client_ranks, strict=True):
+            if h.seg.end != k:
+                self._move_split(h, k, step)
+            self._reinit(h, ranks, step)
+        self._reinit(self.server, plan.server_ranks, step)
+        for v in plan.violations:
+            self._budget_violation(step, v)
+        self.plan = plan
+        self._log_config(step, reason, plan.splits, plan)
+
+    def _reinit(self, h: Holder, ranks: lora.RankMap, step: int) -> None:
+        if hasattr(h.seg.model, "peft_config"):
+            h.seg.model = h.seg.model.unload()
+        h.ranks = lora.attach_lora(h.seg, ranks, alpha=self.cfg.lora_alpha,
+                                   dropout=self.cfg.lora_dropout,
+                                   seed=self.cfg.seed + 7919 * step)
+        made = make_optimizer(h.seg.model, self.cfg, start_step=step)
+        h.opt, h.sched = made if made is not None else (None, None)
+        h.seg.model.train()
+
+    def _sync_blocks(self, seg: split.Segment, first_new: int) -> int:
+        """Copy the server's current (merged) block weights into ``seg``; returns the bytes
+        of blocks at or above ``first_new`` (what a real hand-over would send)."""
+        assert self.server is not None
+        server_state = {n.replace(".base_layer", ""): t for n, t in
+                        split.base_model(self.server.seg.model).state_dict().items()}
+        moved = 0
+        with torch.no_grad():
+            for name, p in split.base_model(seg.model).named_parameters():
+                key = name.replace(".base_layer", "")
+                if ".layers." in key and key in server_state:
+                    p.copy_(server_state[key])
+                    if lora.block_of(key) >= first_new:
+                        moved += p.numel() * p.element_size()
+        return moved
+
+    def _move_split(self, h: Holder, k: int, step: int) -> None:
+        """Reload a client at a new split point with the server's current merged weights."""
+        old = h.seg.end
+        seg = split.load_client(self.info.path, k)
+        moved = self._sync_blocks(seg, old)
+        h.seg = seg
+        self.moved_bytes += moved
+        self._event("split_moved", step=step, client=h.name, old=old, new=k, bytes=moved)
+
+    def resync(self, h: Holder, step: int) -> None:
+        """A returning client gets the merged weights it missed and fresh adapters (NAA), or
+        the largest-rank client's adapter truncated to its rank (HetLoRA, padded FedAvg)."""
+        if self.server is not None and self.method != "hsplitlora-no-naa":
+            if hasattr(h.seg.model, "peft_config"):
+                h.seg.model = h.seg.model.unload()
+            self._sync_blocks(h.seg, h.seg.end)
+            self._reinit(h, h.ranks, step)
+            return
+        src = self.eval_holder()
+        if src is h:
+            return
+        theirs, mine = lora.adapter_state(src.seg.model), lora.adapter_state(h.seg.model)
+        with torch.no_grad():
+            for key, t in mine.items():
+                if key in theirs:
+                    r = t.shape[0] if key.endswith("lora_A") else t.shape[1]
+                    t.copy_(theirs[key][:r] if key.endswith("lora_A") else theirs[key][:, :r])
+
+    def eval_holder(self) -> Holder:
+        """HetLoRA: the online client with the largest ranks holds the untruncated aggregate."""
+        online = self._online() or self.clients
+        return max(online, key=lambda h: sum(h.ranks.values()))
+
+    def _log_config(self, step: int, reason: str, splits: list[int],
+                    plan: armsc.Plan | None = None) -> None:
+        self.reconfigurations += 1
+        clients = {}
+        for i, (h, k) in enumerate(zip(self.clients, splits, strict=True)):
+            clients[h.name] = {
+                "split": k, "rank_sum": sum(h.ranks.values()), "adapted": len(h.ranks),
+                "memory_bytes": plan.client_memory[i] if plan else client_memory(
+                    self.costs, k, h.ranks, self.cfg.batch_size, self.cfg.plan_seq).total,
+                "budget_bytes": self.devices[i].memory_bytes,
+            }
+        server = ({"rank_sum": sum(self.server.ranks.values()), "adapted": len(self.server.ranks)}
+                  if self.server is not None else None)
+        self._event("reconfigure", step=step, reason=reason, clients=clients, server=server,
+                    makespan=plan.makespan if plan else None)
+
+    # --------------------------------------------------------------------- importance
+    def _probe(self) -> Probe:
+        """Numerators ``sum <dL/dy, W x>`` on one batch per client, without touching any
+        parameter gradient (autograd.grad w.r.t. input leaves only)."""
+        server = self.server
+        assert server is not None
+        holders = self.all_holders()
+        for h in holders:
+            h.seg.model.eval()
+        try:
+            batches = [h.batches.next() for h in self.clients]
+            c_probes = [importance.ImportanceProbe(h.seg.model, [
+                n for n in self.candidates if lora.block_of(n) < h.seg.end]) for h in self.clients]
+            lo = min(h.seg.end for h in self.clients)
+            s_probe = importance.ImportanceProbe(server.seg.model, [
+                n for n in self.candidates if lora.block_of(n) >= lo])
+            with torch.enable_grad():
+                leaves, acts = [], []
+                for h, b, p in zip(self.clients, batches, c_probes, strict=True):
+                    with p:
+                        leaf = split.embed(h.seg, b["input_ids"]).detach().requires_grad_(True)
+                        leaves.append(leaf)
+                        acts.append(split.run_blocks(h.seg, leaf, b["attention_mask"], 0,
+                                                     h.seg.end))
+                total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                wires = [a.detach().requires_grad_(True) for a in acts]
+                with s_probe:
+                    loss = None
+                    for h, b, w in zip(self.clients, batches, wires, strict=True):
+                        hidden = split.run_blocks(server.seg, w, b["attention_mask"], h.seg.end,
+                                                  server.seg.end)
+                        rows, _ = split.head_row_losses(server.seg, hidden, b["labels"])
+                        part = rows.sum() / max(total, 1)
+                        loss = part if loss is None else loss + part
+                    grads = torch.autograd.grad(loss, wires)
+                # The tensor hooks were attached during the forward passes; they fire now.
+                for a, leaf, g in zip(acts, leaves, grads, strict=True):
+                    torch.autograd.grad(a, [leaf], grad_outputs=g)
+        finally:
+            for h in holders:
+                h.seg.model.train()
+        return Probe([p.numerators for p in c_probes], s_probe.numerators)
+
+    def _importance(self, step: int) -> dict[str, float]:
+        """Smoothed global importance (uniform for the no-iwi ablation)."""
+        if self.method == "hsplitlora-no-iwi":
+            return {n: 1.0 for n in self.candidates}
+        probe = self._probe()
+        weights = [h.weight for h in self.clients]
+        splits = [h.seg.end for h in self.clients]
+        holders = []
+        for h, nums in zip(self.clients, probe.clients, strict=True):
+            cur = importance.current_importance(nums, self.weight_costs)
+            holders.append((cur, {n: h.weight for n in cur}))
+        server_cur = importance.current_importance(probe.server, self.weight_costs)
+        holders.append((server_cur, {
+            n: agg.participants(lora.block_of(n), splits, weights)[1] for n in server_cur}))
+        return self.tracker.update(importance.global_importance(holders), step)
+
+    # -------------------------------------------------------------------- aggregation
+    def _factors(self, h: Holder, name: str, weight: float,
+                 states: dict[str, dict[str, torch.Tensor]]) -> agg.Factors | None:
+        if h.name not in states:
+            states[h.name] = lora.adapter_state(h.seg.model)
+        state = states[h.name]
+        if f"{name}.lora_A" not in state:
+            return None
+        r = h.ranks[name]
+        return agg.Factors(A=state[f"{name}.lora_A"].detach(), B=state[f"{name}.lora_B"].detach(),
+                           scale=self.cfg.lora_alpha / r, weight=weight)
+
+    def aggregate(self, step: int) -> dict[str, int]:
+        if self.method == "hetlora":
+            return self._aggregate_hetlora(step)
+        if self.method == "hsplitlora-no-naa":
+            return self._aggregate_padded(step)
+        return self._aggregate_naa(step)
+
+    def _online(self) -> list[Holder]:
+        return [h for h in self.clients if h.name not in self.offline]
+
+    def _participants(self, name: str, online: list[Holder]) -> list[tuple[Holder, float]]:
+        layer = lora.block_of(name)
+        splits = [h.seg.end for h in online]
+        weights = [h.weight for h in online]
+        idx, server_w = agg.participants(layer, splits, weights)
+        out = [(online[i], online[i].weight) for i in idx]
+        if server_w > 0 and self.server is not None:
+            out.append((self.server, server_w))
+        return out
+
+    def _aggregate_naa(self, step: int) -> dict[str, int]:
+        online = self._online()
+        if not online:
+            return {"bytes_up": 0, "bytes_down": 0}
+        up = down = 0
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        names = sorted({n for h in online + [self.server] for n in h.ranks})
+        for name in names:
+            parts = [(h, f) for h, w in self._participants(name, online)
+                     if (f := self._factors(h, name, w, states)) is not None]
+            if not parts:
+                continue
+            factors = [f for _, f in parts]
+            delta = agg.naa_delta(factors)
+            d_in, d_out = self.costs.shapes[name]
+            wire, _ = agg.wire_bytes(d_out, d_in, sum(f.rank for f in factors))
+            holders = [h for h in online if lora.block_of(name) < h.seg.end]
+            for h in holders + [self.server]:
+                lin = _linear(h.seg.model, name)
+                agg.merge_into(lin.weight, delta, transposed=type(lin).__name__ == "Conv1D")
+            up += sum(tensor_bytes(f.A, f.B) for h, f in parts if h is not self.server)
+            down += wire * len(holders)
+        self._event("aggregate", step=step, rule="naa", participants=[h.name for h in online],
+                    bytes_up=up, bytes_down=down)
+        if self.run is not None:
+            self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
+                            bytes_received=up)
+        return {"bytes_up": up, "bytes_down": down}
+
+    def _aggregate_padded(self, step: int) -> dict[str, int]:
+        """Ablation: padded FedAvg of A and B over participants, truncated to each rank."""
+        online = self._online()
+        up = down = 0
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        names = sorted({n for h in online + [self.server] for n in h.ranks})
+        for name in names:
+            parts = [(h, f) for h, w in self._participants(name, online)
+                     if (f := self._factors(h, name, w, states)) is not None]
+            if len(parts) < 2:
+                continue
+            a, b = agg.padded_fedavg([f for _, f in parts])
+            for h, f in parts:
+                mine = lora.adapter_state(h.seg.model)
+                with torch.no_grad():
+                    mine[f"{name}.lora_A"].copy_(a[: f.rank])
+                    mine[f"{name}.lora_B"].copy_(b[:, : f.rank])
+                if h is not self.server:
+                    up += tensor_bytes(f.A, f.B)
+                    down += tensor_bytes(a[: f.rank], b[:, : f.rank])
+        self._event("aggregate", step=step, rule="padded-fedavg",
+                    participants=[h.name for h in online], bytes_up=up, bytes_down=down)
+        return {"bytes_up": up, "bytes_down": down}
+
+    def _aggregate_hetlora(self, step: int) -> dict[str, int]:
+        online = self._online()
+        up = down = 0
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        names = sorted({n for h in online for n in h.ranks})
+        for name in names:
+            parts = [(h, f) for h in online
+                     if (f := self._factors(h, name, h.weight, states)) is not None]
+            if not parts:
+                continue
+            new = agg.hetlora_aggregate([f for _, f in parts])
+            for (h, f), (a, b) in zip(parts, new, strict=True):
+                mine = lora.adapter_state(h.seg.model)
+                with torch.no_grad():
+                    mine[f"{name}.lora_A"].copy_(a)
+                    mine[f"{name}.lora_B"].copy_(b)
+                up += tensor_bytes(f.A, f.B)
+                down += tensor_bytes(a, b)
+        self._event("aggregate", step=step, rule="hetlora",
+                    participants=[h.name for h in online], bytes_up=up, bytes_down=down)
+        return {"bytes_up": up, "bytes_down": down}
+
+    def after_aggregate(self, step: int) -> dict[str, int]:
+        """IWI + ARMSC + re-initialisation (NAA methods only)."""
+        if self.method in ("hetlora", "hsplitlora-no-naa"):
+            return {}
+        done = step + 1
+        moved_before = self.moved_bytes
+        imp = self._importance(done)
+        members = [h.name for h in self._online()]
+        budgets = [d.memory_bytes for d in self.devices]
+        reason = self.trigger.reason(imp, budgets, members)
+        splits = [h.seg.end for h in self.clients]
+        if reason is not None and self.method != "hsplitlora-no-armsc":
+            candidate, _ = armsc.choose_splits(
+                self.costs, self.devices, self.server_dev, self.cfg.batch_size * self.cfg.plan_seq,
+                armsc.minimal_ranks([n for n in self.candidates if n.endswith(self.ref_suffixes)],
+                                    self.cfg.rank_set),
+                self.bounds, self.cfg.batch_size, self.cfg.plan_seq)
+            old = armsc.makespan(self.costs, self.devices, self.server_dev, splits,
+                                 self.cfg.batch_size * self.cfg.plan_seq)
+            new = armsc.makespan(self.costs, self.devices, self.server_dev, candidate,
+                                 self.cfg.batch_size * self.cfg.plan_seq)
+            if self.trigger.apply_new_splits(old, new):
+                splits = candidate
+            plan = self._plan(imp, splits)
+            self.trigger.accept(imp, budgets, members)
+            self._apply(plan, step=done, reason=reason)
+        else:
+            # Same configuration: fresh adapters at the same ranks (NAA merged the old ones).
+            for h in self.all_holders():
+                self._reinit(h, h.ranks, done)
+        moved = self.moved_bytes - moved_before
+        return {"bytes_up": 0, "bytes_down": moved}
+
+    # ---------------------------------------------------------------------- reporting
+    def summary_extra(self) -> dict[str, Any]:
+        return {
+            "reconfigurations": self.reconfigurations,
+            "budget_violations": len(self.violations),
+            "block_handover_bytes": self.moved_bytes,
+            "client_splits": [h.seg.end for h in self.clients],
+            "client_rank_sums": [sum(h.ranks.values()) for h in self.clients],
+            "client_budgets": [d.memory_bytes for d in self.devices],
+        }
+
+    def save(self, run: RunDir) -> Path:
+        """HSplitLoRA: exact PEFT export of the merged update; HetLoRA: client 0's adapter
+        after the last aggregation (as fedlora)."""
+        if self.method == "hetlora":
+            best = self.eval_holder()
+            out = run.adapters("final")
+            lora.save_peft_adapter(out, [best.seg], best.ranks, alpha=self.cfg.lora_alpha,
+                                   dropout=self.cfg.lora_dropout, base_path=str(self.info.path))
+            return out
+        if self.server is None or self.method == "hsplitlora-no-naa":
+            return super().save(run)
+        return save_merged_delta(run.adapters("final"), self.server.seg,
+                                 self.info.path, self.cfg, self.candidates)
+
+
+def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: TrainConfig,
+                      names: list[str], tol: float = 1e-6) -> Path:
+    """Write ``W_now - W_pretrained`` of every changed weight as a PEFT LoRA adapter.
+
+    The factorisation is an SVD truncated at singular values below ``tol`` times the
+    largest; ``lora_alpha = r`` per weight so the scaling is 1 and ``B A`` is the update.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    originals: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(base_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for n in names:
+                key = f"{n}.weight"
+                if key in sf.keys():  # noqa: SIM118 - safe_open has no __contains__
+                    originals[n] = sf.get_tensor(key).float()
+    model = server.model.unload() if hasattr(server.model, "peft_config") else server.model
+    state, ranks = {}, {}
+    for n in names:
+        lin = importance.base_linears(model, [n])[n]
+        w = lin.weight.detach().float()
+        delta = w - originals[n]
+        if type(lin).__name__ == "Conv1D":
+            delta = delta.T
+        if float(delta.abs().max()) == 0.0:
+            continue
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        r = int((s > tol * s[0]).sum())
+        root = s[:r].sqrt()
+        b = (u[:, :r] * root).float().contiguous()
+        a = (root[:, None] * vh[:r]).float().contiguous()
+        state[f"base_model.model.{n}.lora_A.weight"] = a
+        state[f"base_model.model.{n}.lora_B.weight"] = b
+        ranks[n] = r
+    server.model = model
+    out.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
+                        target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=ranks,
+                        fan_in_fan_out=server.family == "gpt2", task_type="CAUSAL_LM",
+                        base_model_name_or_path=str(base_path))
+    config.save_pretrained(str(out))
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    import json
+
+    (out / "ranks.json").write_text(json.dumps(dict(sorted(ranks.items())), indent=1))
+    return out
+
+
+def build_trainer(cfg: TrainConfig, run: RunDir | None = None, progress: ProgressFn | None = None,
+                  prepared: Prepared | None = None) -> Trainer:
+    """The trainer for any method."""
+    from runner.config import HETERO_METHODS
+
+    if cfg.method in HETERO_METHODS:
+        return HeteroTrainer(cfg, run, progress, prepared)
+    return Trainer(cfg, run, progress, prepared)
