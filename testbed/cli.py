@@ -164,8 +164,8 @@ def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
     import torch
     import transformers
 
-    from runner.rundir import RunDir
     from runner.hetero import build_trainer
+    from runner.rundir import RunDir
     from runner.trainer import prepare
 
     prepared = prepare(cfg)
