@@ -1,0 +1,159 @@
+"""A markdown report of one or many runs: the papers' comparison table plus the figures.
+
+The table follows the SplitLoRA/HSplitLoRA papers' layout (method, PPL, the five E2E
+scores, time to converge, client-side trainable parameters, communication), so a run of
+the testbed can be read against their tables directly. Figures are written into
+``<report stem>_figures/`` next to the report and embedded by relative path, so the
+report directory can be moved or committed as a whole.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis import derive
+from analysis.figures import Plotted, plot_all
+from analysis.load import RunSet, finite
+
+# Column title, comparison() column, formatter. Score precision as the papers print them.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("Method", "label", "text"),
+    ("Final val PPL", "final_val_ppl", ".3f"),
+    ("BLEU", "BLEU", ".2f"),
+    ("NIST", "NIST", ".4f"),
+    ("METEOR", "METEOR", ".4f"),
+    ("ROUGE-L", "ROUGE_L", ".2f"),
+    ("CIDEr", "CIDEr", ".4f"),
+    ("Steps to target", "steps_to_target", "steps"),
+    ("Wall time to target (s)", "wall_s_to_target", ".1f"),
+    ("Speed-up (wall)", "speedup_wall", "x"),
+    ("Client trainable params", "client_trainable_params", ","),
+    ("Bytes moved (MB)", "bytes_mb", ".2f"),
+)
+
+
+def _cell(value: Any, fmt: str, reached: bool) -> str:
+    """One table cell: blank when not measured, "not reached" for a missed target."""
+    if fmt == "text":
+        return str(value).replace("|", "\\|")
+    if not finite(value):
+        return "not reached" if fmt in ("steps", ".1f") and not reached else ""
+    v = float(value)
+    if fmt == "steps":
+        return f"{int(v)}"
+    if fmt == "x":
+        return f"{v:.2f}×"
+    if fmt == ",":  # a mean over clients for heterogeneous methods: round, don't truncate
+        return f"{v:,.0f}"
+    return format(v, fmt)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """:func:`analysis.derive.comparison` as a GitHub markdown table, numbers right-aligned."""
+    head = "| " + " | ".join(t for t, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join(":---" if f == "text" else "---:" for _, _, f in COLUMNS) + "|"
+    lines = [head, rule]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c], f, bool(row["reached"]))
+                                       for _, c, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
+    """Things a reader must know before trusting a row: killed runs, dropped records, and
+    memory-budget violations (method.md: a method that does not fit is still run, and the
+    violation is shown in reports)."""
+    notes = [f"`{r.name}` has no summary.json: killed or still running; its numbers cover "
+             "the records written so far." for r in rs.runs if r.summary is None]
+    notes += list(warned)
+    violations = derive.budget_violations(rs)
+    for run, part in violations.groupby("run", sort=False):
+        notes.append(f"`{run}`: {len(part)} memory-budget violation event(s), e.g. "
+                     f"\"{part['detail'].iloc[0]}\" (marked on its timeline).")
+    mem = derive.memory(rs)
+    for _, row in mem[mem["over_budget"] > 0].iterrows():
+        notes.append(f"`{row['run']}` {row['client']}: {row['source']} memory over budget "
+                     f"in {row['over_budget']} "
+                     f"{'reconfiguration' if row['source'] == 'planned' else 'record'}(s), peak "
+                     f"{row['peak_bytes'] / derive.MIB:.0f} MiB vs "
+                     f"{row['budget_bytes'] / derive.MIB:.0f} MiB.")
+    return notes
+
+
+def write_report(rs: RunSet, out: Path, target: float | None = None,
+                 baseline: str | None = None, warned: list[str] | None = None
+                 ) -> tuple[Path, Plotted]:
+    """Write the markdown report ``out`` and its figures; returns (report, figures).
+
+    ``warned``: warning messages met while loading (truncated records), repeated in the
+    report so they are not lost with the terminal output.
+    """
+    out = Path(out)
+    if out.is_dir():  # `-o reports/` means "in there", as for `plot -o DIR`
+        out = out / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig_dir = out.parent / f"{out.stem}_figures"
+    how = ("given with --target-ppl" if target is not None
+           else "the largest final PPL, so every run reaches it")
+    plotted = plot_all(rs, fig_dir, target, baseline)
+    target, baseline = plotted.target, plotted.baseline
+    table = derive.comparison(rs, target, baseline)
+    lines = [
+        "# Run comparison",
+        "",
+        f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by `testbed report` "
+        f"from {len(rs.runs)} run(s).",
+        "",
+        f"- Target validation PPL: **{target:.4g}** ({how}); steps and wall time to target "
+        "are those of the first evaluation at or below it (wall time counted from the end "
+        "of the pretrained evaluation).",
+        f"- Speed-up baseline: **{baseline}** (baseline time / run time; > 1 is faster).",
+        "- Scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) come from `testbed eval`; blank when "
+        "the run was not evaluated. Bytes moved: sent + received in training and "
+        "aggregation records, 1 MB = 10^6 bytes.",
+        "",
+        "## Results",
+        "",
+        markdown_table(table),
+        "",
+        "## Runs",
+        "",
+        "| Method | Run | Directory | Clients | Split k (per client if it varies) | Rank "
+        "| Steps |",
+        "|:---|:---|:---|---:|---:|---:|---:|",
+    ]
+    for r in rs.runs:
+        t = r.config.get("train", {})
+        k = derive.static_split(rs, r.name)
+        layers = r.config.get("num_layers")
+        k_text = ("" if k is None else "whole model" if finite(layers) and k >= int(layers)
+                  else str(k))
+        per_client = derive.split_points(rs, r.name)
+        if not per_client.empty:  # ARMSC: the last split point of each client
+            last = per_client.groupby("client")["split"].last()
+            k_text = ", ".join(str(last[c]) for c in sorted(last.index, key=derive.natural))
+        rank_text = ("adaptive" if not derive.rank_sums(rs, r.name).empty
+                     else str(t.get("rank", "")))
+        lines.append(f"| {rs.labels[r.name]} | {r.name} | `{r.path}` | {t.get('clients', '')} "
+                     f"| {k_text} | {rank_text} "
+                     f"| {derive.run_steps(rs, r.name)} |")
+    caveats = _caveats(rs, warned or [])
+    if caveats:
+        lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats]
+    lines += ["", "## Figures", ""]
+    for stem, png in plotted.figures.items():
+        rel = png.relative_to(out.parent).as_posix()
+        pdf = Path(rel).with_suffix(".pdf").as_posix()
+        caption = plotted.captions[stem]
+        lines += [f"### {caption.rstrip('.')}", "", f"![{caption}]({rel})", "",
+                  f"[PDF]({pdf})", ""]
+    if plotted.skipped:
+        lines += ["Not drawn: " + "; ".join(f"{k} ({v})" for k, v in plotted.skipped.items())
+                  + ".", ""]
+    out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return out, plotted
+
