@@ -13,7 +13,7 @@ RUN    ?= runs/splitlora-smollm2
 STEPS  ?= 200
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install system-deps lint bench clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -30,12 +30,27 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# System packages the tests use for real: the Mosquitto broker (distributed runtime) and a
+# Java runtime (METEOR 1.5). Installed with apt when missing and we are root.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "error: missing system packages:$$missing (install them with your package manager)"; exit 2; \
+	  fi; \
+	fi
+
 run: $(STAMP)
 	$(BIN)/testbed train --method splitlora --model smollm2-135m --data $(DATA) \
 	  --clients 3 --split 8 --steps $(STEPS) --out $(RUN) --overwrite
 	$(BIN)/testbed eval $(RUN)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -114,8 +114,13 @@ def test_segments_hold_only_their_blocks():
 _PEAK = textwrap.dedent("""
     import json, resource, sys, torch
     from runner import models, split
+
+    def resident_kib():  # current RSS, not the peak: earlier transients cannot mask growth
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
     info = models.model_info("smollm2-135m")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = resident_kib()
     ids = torch.randint(0, 1000, (1, 8))
     with torch.no_grad():
         if sys.argv[1] == "client":
@@ -124,7 +129,7 @@ _PEAK = textwrap.dedent("""
         else:
             seg = split.load_unsplit(info.path)
             split.full_forward(seg, ids, None)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = resident_kib()
     print(json.dumps({"delta_kib": after - before, "param_bytes": seg.parameters_bytes()}))
 """)
 
@@ -139,7 +144,7 @@ def _peak(*args: str) -> dict:
 def test_client_never_materialises_server_blocks():
     """A client at k=2 of SmolLM2 (30 blocks) loads ~embeddings + 2 blocks, not the model.
 
-    Peak RSS growth of a fresh process while loading and running one forward pass (weights
+    Resident-memory growth of a fresh process across loading and one forward pass (weights
     are memory-mapped from safetensors, so only a forward pass makes them resident), measured
     and compared with the full model.
     """
