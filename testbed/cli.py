@@ -321,6 +321,12 @@ def report(
         typer.echo(str(fig))
 
 
+# `testbed profiles list|show` (testbed/commands_profiles.py).
+from testbed.commands_profiles import app as _profiles_app  # noqa: E402
+
+app.add_typer(_profiles_app, name="profiles")
+
+
 def main() -> None:
     app()
 

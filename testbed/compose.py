@@ -1,0 +1,183 @@
+"""Compose override generation: one client container per profile device.
+
+``compose.yaml`` (repository root) holds the broker, the server and ``x-client-template``;
+this module turns a profile (after the emulation mapping, :mod:`testbed.profiles`) into an
+override file that adds one service per client:
+
+* ``mem_limit = runtime overhead + budget`` with ``memswap_limit`` equal to it (no swap: an
+  emulated device that needs more than its budget must be OOM-killed, which the runtime
+  records as "budget exceeded", instead of quietly swapping). The overhead defaults to
+  ``runner.memory.DEFAULT_RESERVE``, the measured resident size of the Python + torch
+  runtime, which the memory model also adds on top of the model's bytes;
+* ``cpus`` proportional to the device's compute speed (the fastest client gets
+  ``max_cpus``): on one host the wall-clock speed ratios then follow the profile's, while
+  the virtual clock (runner/clock.py) gives the exact emulated times;
+* identity and wiring in ``environment``: ``TESTBED_CLIENT_ID`` (the device name, which is
+  the client id in the run config), ``TESTBED_CLIENT_INDEX``, ``TESTBED_BROKER``,
+  ``TESTBED_RUN_ID``, ``TESTBED_BUDGET_BYTES`` (the profile value, last resort of
+  runner/budget.py), ``TESTBED_PASSWORD_FILE`` and the allocator setting
+  ``runner.memory.ALLOCATOR_ENV`` the memory model was measured with;
+* a GPU reservation (``deploy.resources.reservations.devices``, driver ``nvidia``,
+  ``device_ids`` = the GPU index or ``MIG-...`` UUID) when the device has a GPU selector.
+  Docker cannot cap GPU memory per container; a MIG instance is a hard cap, an index is not;
+* ``network_mode: host`` on every service for tests (``host_network=True``): all traffic on
+  loopback, the broker at ``127.0.0.1:PORT``.
+
+Only fields that both ``docker compose`` (v2) and ``docker-compose`` (v1 1.29, Compose
+Specification) accept are used.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.errors import ConfigError
+from testbed.profiles import EmulationMap, Profile
+
+BASE_COMPOSE = Path(__file__).resolve().parents[1] / "compose.yaml"
+TEMPLATE_KEY = "x-client-template"
+RUN_MOUNT = "/run/testbed"  # where the run directory is mounted in every container
+DEFAULT_BROKER_PORT = 1883
+LABEL = "org.hsplitlora"
+
+
+@dataclass(frozen=True)
+class ComposeOptions:
+    """Knobs of the generated override.
+
+    ``overhead``: runtime overhead added to each budget (None: DEFAULT_RESERVE).
+    ``max_cpus``: CPU quota of the fastest client (the others get proportionally less);
+    ``min_cpus`` keeps a very slow device schedulable at all.
+    """
+
+    run_id: str = "run"
+    host_network: bool = False
+    broker_port: int = DEFAULT_BROKER_PORT
+    overhead: int | None = None
+    max_cpus: float = 1.0
+    min_cpus: float = 0.05
+
+    def broker_url(self) -> str:
+        host = "127.0.0.1" if self.host_network else "broker"
+        return f"mqtt://{host}:{self.broker_port}"
+
+
+def load_base(path: Path = BASE_COMPOSE) -> dict[str, Any]:
+    """The base Compose file, parsed (anchors resolved)."""
+    try:
+        base = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the base Compose file {path}: {exc.strerror}") from exc
+    if not isinstance(base, dict) or TEMPLATE_KEY not in base:
+        raise ConfigError(f"{path} has no {TEMPLATE_KEY} (the client service template)")
+    return base
+
+
+def gpu_reservation(selector: int | str) -> dict[str, Any]:
+    """``deploy`` block reserving one NVIDIA GPU (index) or MIG instance / GPU (UUID)."""
+    return {"resources": {"reservations": {"devices": [{
+        "driver": "nvidia", "device_ids": [str(selector)], "capabilities": ["gpu"]}]}}}
+
+
+def cpu_quotas(flops: list[float], max_cpus: float, min_cpus: float = 0.05) -> list[float]:
+    """CPU quotas proportional to compute speed; the fastest device gets ``max_cpus``."""
+    if max_cpus <= 0:
+        raise ConfigError(f"max_cpus must be > 0, got {max_cpus}")
+    top = max(flops)
+    return [round(max(min_cpus, max_cpus * f / top), 2) for f in flops]
+
+
+def generate_override(profile: Profile, mapping: EmulationMap,
+                      options: ComposeOptions | None = None,
+                      base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The override as a dict (services: broker/server tweaks + one service per client)."""
+    from runner.memory import ALLOCATOR_ENV, DEFAULT_RESERVE
+
+    opts = options or ComposeOptions()
+    base = base if base is not None else load_base()
+    overhead = DEFAULT_RESERVE if opts.overhead is None else opts.overhead
+    if overhead < 0:
+        raise ConfigError(f"runtime overhead must be >= 0, got {overhead}")
+    if len(mapping.clients) != len(profile.devices):
+        raise ConfigError(f"mapping has {len(mapping.clients)} clients, profile "
+                          f"{profile.name} has {len(profile.devices)}")
+    shared_env = {"TESTBED_BROKER": opts.broker_url(), "TESTBED_RUN_ID": opts.run_id,
+                  "TESTBED_PROFILE": profile.name}
+    services: dict[str, Any] = {}
+    broker: dict[str, Any] = {}
+    server: dict[str, Any] = {"environment": {
+        **shared_env, "TESTBED_BUDGET_BYTES": str(mapping.server.memory_bytes)}}
+    if profile.server.gpu is not None:
+        server["deploy"] = gpu_reservation(profile.server.gpu)
+    if opts.host_network:
+        broker["network_mode"] = "host"
+        server["network_mode"] = "host"
+    if broker:
+        services["broker"] = broker
+    services["server"] = server
+
+    template = base[TEMPLATE_KEY]
+    quotas = cpu_quotas([d.compute for d in profile.devices], opts.max_cpus, opts.min_cpus)
+    for i, (device, row, cpus) in enumerate(zip(profile.devices, mapping.clients, quotas,
+                                                strict=True)):
+        if row.name != device.name:
+            raise ConfigError(f"mapping row {i} is {row.name}, profile device is {device.name}")
+        limit = overhead + row.standin_bytes
+        svc = copy.deepcopy(template)
+        svc["environment"] = {
+            **{k: str(v) for k, v in (svc.get("environment") or {}).items()},
+            **shared_env,
+            "TESTBED_CLIENT_ID": device.name,
+            "TESTBED_CLIENT_INDEX": str(i),
+            "TESTBED_BUDGET_BYTES": str(row.memory_bytes),
+            "TESTBED_PASSWORD_FILE": f"{RUN_MOUNT}/secrets/{device.name}",
+            **ALLOCATOR_ENV,
+        }
+        svc["mem_limit"] = limit
+        svc["memswap_limit"] = limit
+        svc["cpus"] = cpus
+        svc["labels"] = {f"{LABEL}.role": "client", f"{LABEL}.client": device.name,
+                         f"{LABEL}.run": opts.run_id, f"{LABEL}.budget": str(limit)}
+        if device.gpu is not None:
+            svc["deploy"] = gpu_reservation(device.gpu)
+        if opts.host_network:
+            svc["network_mode"] = "host"
+        services[device.name] = svc
+    return {"services": services}
+
+
+def write_override(profile: Profile, mapping: EmulationMap, path: Path,
+                   options: ComposeOptions | None = None,
+                   base_path: Path = BASE_COMPOSE) -> Path:
+    """Write the override YAML (with a header saying where it came from)."""
+    doc = generate_override(profile, mapping, options, load_base(base_path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# Generated by testbed/compose.py from profile {profile.name} "
+              f"({profile.path}); do not edit.\n# Use: docker compose -f {base_path.name} "
+              f"-f {path.name} up\n")
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+    return path
+
+
+def compose_command() -> list[str] | None:
+    """How to call Compose here: ``docker compose`` (v2) if the plugin answers, else
+    ``docker-compose`` (v1), else None."""
+    docker = shutil.which("docker")
+    if docker:
+        try:
+            probe = subprocess.run([docker, "compose", "version"], capture_output=True,
+                                   text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            probe = None
+        if probe is not None and probe.returncode == 0:
+            return [docker, "compose"]
+    v1 = shutil.which("docker-compose")
+    return [v1] if v1 else None

@@ -1,0 +1,178 @@
+"""Compose generation (testbed/compose.py, compose.yaml): limits, GPUs, host networking.
+
+No Docker daemon is used: the files are checked as data, and, where a Compose binary is
+installed (``docker compose`` v2 or ``docker-compose`` v1), with ``config -q``, which
+parses, validates and merges the files without a daemon.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runner.errors import ConfigError
+from runner.memory import ALLOCATOR_ENV, DEFAULT_RESERVE
+from testbed.compose import (
+    BASE_COMPOSE,
+    TEMPLATE_KEY,
+    ComposeOptions,
+    compose_command,
+    cpu_quotas,
+    generate_override,
+    load_base,
+    write_override,
+)
+from testbed.profiles import EmulationMap, Profile, emulation_map, load_profile, parse_profile
+
+MIG_A = "MIG-5f7c2a3e-1b2d-5c8e-9a0b-123456789abc"
+MIG_B = "MIG-0a1b2c3d-4e5f-5a6b-8c7d-fedcba987654"
+
+
+def gpu_profile() -> Profile:
+    """Four clients: GPU index 0, two MIG instances, and one without a GPU; server on GPU 1."""
+    return parse_profile({
+        "devices": [
+            {"name": "client0", "memory": "5GB", "compute": "1 TFLOPS", "gpu": 0},
+            {"name": "client1", "memory": "10GB", "compute": "2 TFLOPS", "gpu": MIG_A},
+            {"name": "client2", "memory": "20GB", "compute": "4 TFLOPS", "gpu": MIG_B},
+            {"name": "client3", "memory": "8GB", "compute": "0.5 TFLOPS"},
+        ],
+        "server": {"memory": "80GB", "compute": "100 TFLOPS", "gpu": 1},
+        "experiment": {"reference_model": "meta-llama/Llama-2-7b-hf",
+                       "standin_model": "tiny-llama", "method": "splitlora"},
+    }, "gpu.yaml", "gpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_setup() -> tuple[Profile, EmulationMap]:
+    p = gpu_profile()
+    return p, emulation_map(p, emulate=True)
+
+
+def _devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return service["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_base_compose_is_readable_and_has_the_template() -> None:
+    base = load_base()
+    assert "version" not in base and "name" not in base  # both Compose versions accept it
+    assert set(base["services"]) == {"broker", "server"}
+    template = base[TEMPLATE_KEY]
+    assert template["command"] == ["python", "-m", "runner.client"]
+    assert "network_mode" not in template and "networks" not in template
+
+
+def test_gpu_profile_carries_device_ids(gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    profile, mapping = gpu_setup
+    services = generate_override(profile, mapping)["services"]
+    expected = {"client0": "0", "client1": MIG_A, "client2": MIG_B}
+    for name, device_id in expected.items():
+        (dev,) = _devices(services[name])
+        assert dev == {"driver": "nvidia", "device_ids": [device_id], "capabilities": ["gpu"]}
+    assert "deploy" not in services["client3"]
+    assert _devices(services["server"])[0]["device_ids"] == ["1"]
+
+
+def test_mem_limit_is_overhead_plus_budget(gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    profile, mapping = gpu_setup
+    services = generate_override(profile, mapping)["services"]
+    for row in mapping.clients:
+        svc = services[row.name]
+        assert svc["mem_limit"] == DEFAULT_RESERVE + row.standin_bytes == row.memory_bytes
+        assert svc["memswap_limit"] == svc["mem_limit"]  # no swap: over budget = OOM kill
+        assert svc["environment"]["TESTBED_BUDGET_BYTES"] == str(row.memory_bytes)
+    bigger = generate_override(profile, mapping, ComposeOptions(overhead=10**9))["services"]
+    for row in mapping.clients:
+        assert bigger[row.name]["mem_limit"] == 10**9 + row.standin_bytes
+    # without emulation the budget is the profile's own
+    plain = emulation_map(profile, emulate=False)
+    services = generate_override(profile, plain)["services"]
+    for device in profile.devices:
+        assert services[device.name]["mem_limit"] == DEFAULT_RESERVE + device.memory
+
+
+def test_cpus_environment_and_labels(gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    profile, mapping = gpu_setup
+    opts = ComposeOptions(run_id="r42", max_cpus=2.0)
+    services = generate_override(profile, mapping, opts)["services"]
+    # proportional to compute: 1, 2, 4, 0.5 TFLOPS with the fastest at 2 CPUs
+    assert [services[f"client{i}"]["cpus"] for i in range(4)] == [0.5, 1.0, 2.0, 0.25]
+    env = services["client2"]["environment"]
+    assert env["TESTBED_CLIENT_ID"] == "client2" and env["TESTBED_CLIENT_INDEX"] == "2"
+    assert env["TESTBED_BROKER"] == "mqtt://broker:1883" and env["TESTBED_RUN_ID"] == "r42"
+    assert env["TESTBED_CONFIG"] == "/run/testbed/runtime.json"  # from the template
+    for key, value in ALLOCATOR_ENV.items():
+        assert env[key] == value
+    assert all(isinstance(v, str) for v in env.values())
+    assert services["client2"]["labels"]["org.hsplitlora.client"] == "client2"
+    assert services["server"]["environment"]["TESTBED_RUN_ID"] == "r42"
+    assert "network_mode" not in services["client2"] and "broker" not in services
+    assert cpu_quotas([1.0, 1000.0], 1.0) == [0.05, 1.0]  # a floor keeps it schedulable
+    with pytest.raises(ConfigError):
+        cpu_quotas([1.0], 0.0)
+
+
+def test_host_network_variant(gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    profile, mapping = gpu_setup
+    services = generate_override(profile, mapping,
+                                 ComposeOptions(host_network=True, broker_port=18830))["services"]
+    assert {n for n, s in services.items() if s.get("network_mode") == "host"} == {
+        "broker", "server", "client0", "client1", "client2", "client3"}
+    assert services["client0"]["environment"]["TESTBED_BROKER"] == "mqtt://127.0.0.1:18830"
+    assert services["server"]["environment"]["TESTBED_BROKER"] == "mqtt://127.0.0.1:18830"
+
+
+def test_override_yaml_round_trips(tmp_path: Path,
+                                   gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    profile, mapping = gpu_setup
+    opts = ComposeOptions(run_id="rt", host_network=True)
+    path = write_override(profile, mapping, tmp_path / "compose.override.yaml", opts)
+    text = path.read_text()
+    assert text.startswith("# Generated by testbed/compose.py from profile gpu")
+    assert yaml.safe_load(text) == generate_override(profile, mapping, opts)
+
+
+def test_smoke_profile_override() -> None:
+    profile = load_profile("smoke")
+    mapping = emulation_map(profile)
+    services = generate_override(profile, mapping)["services"]
+    assert [n for n in services if n.startswith("client")] == ["client0", "client1", "client2"]
+    assert not any("deploy" in s for s in services.values())
+
+
+def _compose_or_skip() -> list[str]:
+    cmd = compose_command()
+    if cmd is None:
+        pytest.skip("neither `docker compose` (v2) nor `docker-compose` (v1) is installed "
+                    "here; the files are still checked as data by the other tests")
+    return cmd
+
+
+@pytest.mark.parametrize("host_network", [False, True], ids=["bridge", "host"])
+def test_compose_config_validates(tmp_path: Path, host_network: bool,
+                                  gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    cmd = _compose_or_skip()
+    profile, mapping = gpu_setup
+    override = write_override(profile, mapping, tmp_path / "compose.override.yaml",
+                              ComposeOptions(run_id="v", host_network=host_network))
+    files = ["-f", str(BASE_COMPOSE), "-f", str(override)]
+    check = subprocess.run([*cmd, "-p", "hsplitlora-test", *files, "config", "-q"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    merged = subprocess.run([*cmd, "-p", "hsplitlora-test", *files, "config"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    services = yaml.safe_load(merged.stdout)["services"]
+    assert {"broker", "server", "client0", "client3"} <= set(services)
+    client1 = services["client1"]
+    assert client1["environment"]["TESTBED_CLIENT_ID"] == "client1"
+    assert _devices(client1)[0]["device_ids"] == [MIG_A]
+    assert client1["environment"]["TESTBED_CONFIG"] == "/run/testbed/runtime.json"
+    row = mapping.clients[1]
+    assert int(str(client1["mem_limit"])) == DEFAULT_RESERVE + row.standin_bytes
+    assert float(client1["cpus"]) == 0.5
+    assert (client1.get("network_mode") == "host") == host_network
