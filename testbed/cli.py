@@ -331,5 +331,10 @@ def main() -> None:
     app()
 
 
+# Distributed runtime: up / status / down / inject (testbed/commands_runtime.py).
+from testbed import commands_runtime as _runtime_commands  # noqa: E402
+
+_runtime_commands.register(app)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,473 @@
+"""A client process of a distributed run: ``python -m runner.client``.
+
+Configured by environment variables and a JSON config (:mod:`runner.runtime`). The client
+owns its data shard (the same partitioning and batch-stream seed as
+:func:`runner.trainer.prepare` / :class:`runner.trainer.Trainer`, so a distributed run
+reproduces an in-process one), its model segment with its LoRA adapters, and its optimizer.
+
+What it does is driven by the server's control messages (docs/protocol.md, "Runtime"):
+
+* ``step t begins`` -> draw the next batch, run the client segment, send ``act`` (split
+  methods); or run a whole local step and report its record in the next heartbeat
+  (``fedlora`` / ``cenlora``, which have no server segment);
+* ``grad`` for the pending step -> back-propagate, optimizer step; at an aggregation step
+  upload the adapters (``adapt``) right away;
+* ``global`` -> load the aggregated adapters (and remember an in-memory snapshot of adapters,
+  optimizer and stream position, so a server that resumes from its checkpoint can roll the
+  client back to exactly that state);
+* ``skip`` / ``resync`` / ``upload`` / ``resend`` -> the server's repairs after a dropout, a
+  lost message or a restart;
+* a heartbeat thread reports the client's whole progress state every ``heartbeat`` seconds;
+  the server compares it with its own and repairs what is missing. That single mechanism
+  covers lost messages across broker restarts, paused processes and restarted clients.
+
+Idempotency: a step's update is applied only when the client holds that step's pending
+activations, and the pending entry is consumed by the first matching gradient; a repeated
+gradient, step announcement or global finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from runner import data as data_mod
+from runner import lora, split
+from runner import protocol as P
+from runner.config import CENTRAL_METHODS
+from runner.errors import UserError
+from runner.models import load_config as load_model_config
+from runner.runtime import (
+    OP_DONE,
+    OP_RESEND,
+    OP_RESYNC,
+    OP_SKIP,
+    OP_STEP,
+    OP_UPLOAD,
+    RuntimeConfig,
+    is_split,
+    load_config,
+    meta_int,
+    setup_logging,
+)
+from runner.trainer import Holder, make_optimizer, prepare, split_point, tensor_bytes
+from runner.transport import Transport, TransportError
+
+log = logging.getLogger("runner.client")
+
+
+def sync_due(cfg: Any, step: int) -> bool:
+    """Whether the adapters travel to the server after ``step``.
+
+    Federated methods: at every aggregation (``Trainer.should_aggregate``). Central methods
+    have no aggregation; their single client uploads at evaluation points instead so the
+    server can evaluate (the "average" of one client is the identity, so the maths does not
+    change).
+    """
+    if cfg.method in CENTRAL_METHODS:
+        done = step + 1
+        return done % cfg.eval_every == 0 or done == cfg.steps
+    return (step + 1) % cfg.agg_interval == 0 or step + 1 == cfg.steps
+
+
+class Client:
+    """One client's state machine; :meth:`run` is the process's main loop."""
+
+    def __init__(self, rt: RuntimeConfig):
+        self.rt = rt
+        self.cfg = cfg = rt.train
+        self.cid = rt.me
+        self.index = rt.index(self.cid)
+        self.split = is_split(cfg)
+        prep = prepare(cfg)
+        info = prep.info
+        self.k = split_point(cfg, info) if self.split else info.num_layers
+        # Design choice: LoRA dropout masks come from this process's own RNG, seeded per
+        # client. The in-process trainer draws all clients' masks from one shared stream, so
+        # runs match step for step only with lora_dropout = 0 (docs/protocol.md).
+        torch.manual_seed(cfg.seed * 1000 + 7919 * (self.index + 1))
+        seg = split.load_client(info.path, self.k) if self.split else split.load_unsplit(info.path)
+        ranks = lora.attach_lora(seg, lora.uniform_ranks(seg.config, cfg.rank, cfg.targets),
+                                 alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+        shards = prep.shards
+        shard = shards[self.index]
+        self.name = "central" if cfg.method in CENTRAL_METHODS else self.cid
+        self.examples = data_mod.encode_frame(prep.tokenizer, shard, cfg.max_len)
+        self.pad_id = int(prep.tokenizer.pad_token_id)
+        self.holder = Holder(name=self.name, seg=seg, ranks=ranks, n_examples=len(shard),
+                             weight=len(shard) / sum(len(s) for s in shards))
+        self.hidden = int(load_model_config(info.path).hidden_size)
+        self._reset_stream(0)
+        self._reset_optimizer(0)
+        seg.model.train()
+        self.adapter_shapes = {k: list(v.shape) for k, v in lora.adapter_state(seg.model).items()}
+        # progress state (reported in every heartbeat)
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.epoch: str | None = None
+        self.done_step = -1  # last step whose update was applied (or that was skipped)
+        self.announced = -1  # latest step the server announced
+        self.need_global = -1  # aggregation the announced step builds on
+        self.global_step = -1  # last aggregation whose adapters we hold
+        self.uploaded = -1
+        self.pending: dict[str, Any] | None = None
+        self.record: dict[str, Any] | None = None  # last local-step record (non-split methods)
+        self.fresh = True  # nothing trained by this process yet
+        self.synced = False  # the server has resynchronised this incarnation at least once
+        self.finished = False
+        self.snapshots: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._snapshot(-1)
+        self.last_server = time.monotonic()
+        self.t: Transport | None = None
+        self._hb_stop = threading.Event()
+        self._net_pause = 0.0  # seconds of injected network outage requested (SIGUSR1)
+
+    # ------------------------------------------------------------------------ state
+    def _reset_stream(self, drawn: int) -> None:
+        """The batch stream at position ``drawn``: rebuilt from its seed (as in
+        Trainer._build) and advanced, so a restarted client continues where it was."""
+        self.batches = data_mod.ClientBatches(self.examples, self.cfg.batch_size, self.pad_id,
+                                              seed=self.cfg.seed * 1000 + self.index)
+        for _ in range(drawn):
+            self.batches.next()
+        self.drawn = drawn
+
+    def _reset_optimizer(self, opt_steps: int) -> None:
+        """A fresh AdamW whose schedule continues at ``opt_steps`` (moments are lost with a
+        crashed process; the learning-rate schedule is not)."""
+        opt = make_optimizer(self.holder.seg.model, self.cfg, start_step=opt_steps)
+        self.holder.opt, self.holder.sched = opt if opt is not None else (None, None)
+        self.opt_start = self.opt_steps = opt_steps
+
+    def _snapshot(self, step: int) -> None:
+        """Keep adapters, optimizer and stream position as of aggregation ``step`` (the
+        server's checkpoint points), for an exact roll-back after a server restart."""
+        h = self.holder
+        self.snapshots[step] = {
+            "adapters": {k: v.detach().clone()
+                         for k, v in lora.adapter_state(h.seg.model).items()},
+            "opt": copy.deepcopy(h.opt.state_dict()) if h.opt is not None else None,
+            "sched": copy.deepcopy(h.sched.state_dict()) if h.sched is not None else None,
+            "drawn": self.drawn, "opt_steps": self.opt_steps, "opt_start": self.opt_start}
+        while len(self.snapshots) > 3:
+            self.snapshots.popitem(last=False)
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        h = self.holder
+        lora.load_adapter_state(h.seg.model, snap["adapters"])
+        # The schedule's lambda is not in its state dict: rebuild it with the same offset,
+        # then the saved step count (last_epoch) continues from there.
+        self._reset_optimizer(snap["opt_start"])
+        if h.opt is not None and snap["opt"] is not None:
+            h.opt.load_state_dict(copy.deepcopy(snap["opt"]))
+            h.sched.load_state_dict(copy.deepcopy(snap["sched"]))
+        self.opt_steps = snap["opt_steps"]
+        self._reset_stream(snap["drawn"])
+
+    def status(self) -> dict[str, Any]:
+        """What the server needs to see to repair anything missing (docs/protocol.md)."""
+        p = self.pending
+        out: dict[str, Any] = {
+            "inc": self.incarnation, "epoch": self.epoch, "done": self.done_step,
+            "pending": p["step"] if p else None,
+            "pending_age": round(time.monotonic() - p["since"], 3) if p else 0.0,
+            "global": self.global_step, "uploaded": self.uploaded, "drawn": self.drawn,
+            "opt_steps": self.opt_steps, "fresh": self.fresh, "synced": self.synced}
+        if self.record is not None:
+            out["record"] = self.record
+        return out
+
+    # ------------------------------------------------------------------------ network
+    def _expect(self) -> P.Expect:
+        b = self.cfg.batch_size
+
+        def shapes(h: P.Header) -> dict[str, list[int | None]] | None:
+            if h.kind is P.Kind.GRAD:
+                return {P.GRAD: [b, None, self.hidden]}
+            if h.kind is P.Kind.GLOBAL or (h.kind is P.Kind.CONFIG and h.tensors):
+                return dict(self.adapter_shapes)  # type: ignore[arg-type]
+            return None
+
+        return P.Expect(run=self.rt.run_id, clients=frozenset({self.cid}),
+                        hidden=self.hidden if self.split else None, shapes=shapes)
+
+    def connect(self) -> Transport:
+        """Connect, retrying while the broker is not up yet (containers start in any order)."""
+        o = self.rt.options
+        deadline = time.monotonic() + o.server_timeout
+        while True:
+            t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=self.cid,
+                          expect=self._expect(), chunk_size=o.chunk_size,
+                          reconnect=(0.1, o.reconnect_max))
+            try:
+                return t.connect(10.0)
+            except TransportError as e:
+                if "refused" in str(e) or time.monotonic() > deadline:
+                    raise
+                log.info("broker not reachable yet (%s); retrying", e)
+                time.sleep(1.0)
+
+    def _heartbeats(self) -> None:
+        assert self.t is not None
+        while not self._hb_stop.is_set():
+            if self.t.connected:
+                try:
+                    self.t.heartbeat(max(self.done_step, 0), **self.status())
+                except (TransportError, ValueError, RuntimeError) as e:
+                    log.debug("heartbeat not sent: %s", e)
+            self._hb_stop.wait(self.rt.options.heartbeat)
+
+    # --------------------------------------------------------------------------- loop
+    def run(self) -> int:
+        self.t = self.connect()
+        log.info("%s connected to %s (incarnation %s)", self.cid, self.rt.broker.url,
+                 self.incarnation)
+        hb = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        hb.start()
+        try:
+            while not self.finished:
+                if self._net_pause:
+                    self._network_outage()
+                msg = self.t.recv(0.05)
+                if msg is not None:
+                    self.last_server = time.monotonic()
+                    self.handle(msg)
+                    continue  # drain the inbox before starting work
+                self.advance()
+                if time.monotonic() - self.last_server > self.rt.options.server_timeout:
+                    log.error("no message from the server for %.0f s; giving up",
+                              self.rt.options.server_timeout)
+                    return 1
+        finally:
+            self._hb_stop.set()
+            if self.finished:
+                with contextlib.suppress(TransportError, ValueError, RuntimeError):
+                    self.t.set_state("done")
+            self.t.close(timeout=1.0)  # short: on SIGTERM the broker may be going down too
+        return 0
+
+    def _network_outage(self) -> None:
+        """Fault injection (``testbed inject dropout --mode disconnect``): drop the connection
+        as a network failure would (the broker publishes our last will), stay away, come back.
+        """
+        assert self.t is not None
+        seconds, self._net_pause = self._net_pause, 0.0
+        log.warning("injected network outage for %.1f s", seconds)
+        sock = self.t.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)  # abrupt: no DISCONNECT packet, so the will fires
+        self.t.client.loop_stop()
+        time.sleep(seconds)
+        self.t.client.reconnect()
+        self.t.client.loop_start()
+
+    def handle(self, msg: P.Message) -> None:
+        """Apply one message from the server (every branch is idempotent)."""
+        meta = msg.meta
+        if msg.kind is P.Kind.CONFIG:
+            op = meta.get("op")
+            step = meta_int(meta, "step")
+            if op == OP_STEP:
+                if meta.get("rollback") and meta.get("epoch") != self.epoch:
+                    return  # wait for the server's roll-back resync first
+                if self.epoch is None:
+                    self.epoch = meta.get("epoch")
+                if step > self.announced:
+                    self.announced = step
+                    self.need_global = meta_int(meta, "global")
+            elif op == OP_SKIP:
+                if self.pending is not None and self.pending["step"] == step:
+                    log.info("step %d skipped by the server (late)", step)
+                    self.pending = None
+                    self.done_step = max(self.done_step, step)
+            elif op == OP_RESYNC:
+                self.resync(meta, msg.tensors)
+            elif op == OP_UPLOAD:
+                if self.done_step == step and self.pending is None:
+                    self.upload(step)
+            elif op == OP_RESEND:
+                if self.pending is not None and self.pending["step"] == step:
+                    self._send_act(self.pending)
+            elif op == OP_DONE:
+                self.finished = True
+        elif msg.kind is P.Kind.GRAD:
+            self.apply_grad(msg)
+        elif msg.kind is P.Kind.GLOBAL and msg.step > self.global_step:
+            lora.load_adapter_state(self.holder.seg.model, msg.tensors)
+            self.global_step = msg.step
+            self._snapshot(msg.step)
+
+    def advance(self) -> None:
+        """Start the announced step when nothing is pending and the adapters it builds on
+        have arrived."""
+        if (not self.synced or self.pending is not None or self.announced <= self.done_step
+                or self.global_step < self.need_global):
+            return
+        step = self.announced
+        self.fresh = False
+        if self.split:
+            self._split_forward(step)
+        else:
+            self._local_step(step)
+
+    # ------------------------------------------------------------------------- steps
+    def _split_forward(self, step: int) -> None:
+        h = self.holder
+        batch = self.batches.next()
+        self.drawn += 1
+        t0 = time.perf_counter()
+        acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
+        pending = {"step": step, "acts": acts, "since": time.monotonic(),
+                   "tensors": {P.ACTS: acts.detach(), P.MASK: batch["attention_mask"],
+                               P.LABELS: batch["labels"]},
+                   "meta": {"drawn": self.drawn, "opt_steps": self.opt_steps, "lr": h.lr,
+                            "compute_s": time.perf_counter() - t0, "inc": self.incarnation,
+                            "epoch": self.epoch}}
+        self.pending = pending
+        self._send_act(pending)
+
+    def _send_act(self, pending: dict[str, Any]) -> None:
+        assert self.t is not None
+        try:
+            self.t.send(P.Kind.ACT, pending["step"], pending["tensors"], pending["meta"],
+                        wire=self.rt.options.wire)
+        except TransportError as e:  # the server asks again (resend) after reconnecting
+            log.warning("activations of step %d not sent: %s", pending["step"], e)
+
+    def apply_grad(self, msg: P.Message) -> None:
+        p = self.pending
+        if p is None or p["step"] != msg.step:
+            return  # a repeat, or a step we no longer hold
+        grad = msg.tensors[P.GRAD]
+        if grad.shape != p["acts"].shape:
+            log.warning("gradient of step %d has shape %s, activations %s; ignored",
+                        msg.step, tuple(grad.shape), tuple(p["acts"].shape))
+            return
+        p["acts"].backward(grad.to(p["acts"].dtype))
+        self.holder.step()
+        self.opt_steps += 1
+        self.pending = None
+        self.done_step = msg.step
+        if sync_due(self.cfg, msg.step):
+            self.upload(msg.step)
+
+    def _local_step(self, step: int) -> None:
+        """fedlora / cenlora: the whole model is here (Trainer._local_step)."""
+        h = self.holder
+        batch = self.batches.next()
+        self.drawn += 1
+        t0 = time.perf_counter()
+        hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
+                                  batch["attention_mask"], 0, h.seg.end)
+        rows, counts = split.head_row_losses(h.seg, hidden, batch["labels"],
+                                             self.cfg.label_smoothing)
+        loss_sum, n = rows.sum(), int(counts.sum())
+        (loss_sum / max(n, 1)).backward()
+        lr = h.lr
+        h.step()
+        self.opt_steps += 1
+        self.done_step = step
+        self.record = dict(step=step, client=self.name, loss=float(loss_sum.detach()) / max(n, 1),
+                           tokens=n, bytes_sent=0, bytes_received=0, lr=lr,
+                           compute_s=time.perf_counter() - t0, drawn=self.drawn)
+        if self.t is not None:  # report at once rather than at the next heartbeat
+            try:
+                self.t.heartbeat(step, **self.status())
+            except (TransportError, ValueError, RuntimeError) as e:
+                log.debug("record heartbeat not sent: %s", e)
+        if sync_due(self.cfg, step):
+            self.upload(step)
+
+    def upload(self, step: int) -> None:
+        assert self.t is not None
+        state = {k: v.detach() for k, v in lora.adapter_state(self.holder.seg.model).items()}
+        try:
+            self.t.send(P.Kind.ADAPT, step, state,
+                        {"drawn": self.drawn, "opt_steps": self.opt_steps,
+                         "inc": self.incarnation, "epoch": self.epoch,
+                         "bytes": tensor_bytes(*state.values())})
+            self.uploaded = step
+        except TransportError as e:
+            log.warning("adapters of step %d not sent: %s", step, e)
+
+    def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Rejoin (server continuous) or roll back (server resumed from its checkpoint)."""
+        g = meta_int(meta, "global")
+        drawn, opt_steps = meta_int(meta, "drawn", 0), meta_int(meta, "opt_steps", 0)
+        mode = meta.get("mode")
+        if mode == "rollback":
+            snap = self.snapshots.get(g)
+            if snap is not None and (snap["drawn"], snap["opt_steps"]) == (drawn, opt_steps):
+                self._restore(snap)
+                how = "exact"
+            else:
+                if tensors:
+                    lora.load_adapter_state(self.holder.seg.model, tensors)
+                elif g < 0:
+                    lora.load_adapter_state(self.holder.seg.model, self.snapshots[-1]["adapters"]
+                                            if -1 in self.snapshots else {})
+                self._reset_stream(drawn)
+                self._reset_optimizer(opt_steps)
+                how = "approximate"
+            self.pending = None
+            self.done_step = self.announced = self.uploaded = g
+            self.need_global = g
+            self.global_step = g
+            log.info("rolled back to aggregation %d (%s)", g, how)
+        else:
+            if tensors:
+                lora.load_adapter_state(self.holder.seg.model, tensors)
+            if self.fresh:
+                self._reset_stream(drawn)
+                self._reset_optimizer(opt_steps)
+            self.global_step = max(self.global_step, g)
+            log.info("resynchronised at aggregation %d", g)
+        self.epoch = meta.get("epoch", self.epoch)
+        self.synced = True
+        if g not in self.snapshots:
+            self._snapshot(g)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.client",
+                                     description="A client of a distributed run (env: "
+                                                 "TESTBED_CONFIG, TESTBED_BROKER, ...)")
+    parser.add_argument("--client-id", help="overrides TESTBED_CLIENT_ID")
+    args = parser.parse_args(argv)
+    try:
+        rt = load_config(me=args.client_id)
+        if rt.me == "server":
+            raise UserError("TESTBED_CLIENT_ID (or --client-id) must name a client")
+        setup_logging(rt.me)
+        client = Client(rt)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def on_usr1(signum: int, frame: Any) -> None:
+        # Injected network outage; the length comes from the run directory (see
+        # testbed/local.py); the main loop performs it outside the signal handler.
+        path = rt.run_dir / "inject" / f"{rt.me}.disconnect"
+        try:
+            client._net_pause = max(0.1, float(path.read_text().strip()))
+        except (OSError, ValueError):
+            client._net_pause = 5.0
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))
+    return client.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

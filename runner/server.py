@@ -1,0 +1,764 @@
+"""The server process of a distributed run: ``python -m runner.server [--resume]``.
+
+Configured like a container starts it (environment variables + a JSON config, see
+:mod:`runner.runtime`). The server owns the run directory (config snapshot, ``metrics.jsonl``,
+``events.jsonl``, checkpoints, the final adapter: the same format as an in-process run, so
+analysis works unchanged), the server segment with its optimizer, aggregation and
+evaluation. The training maths is the in-process trainer's own code: :class:`ServerTrainer`
+is a :class:`runner.trainer.Trainer` that holds the server segment and a *shadow* copy of the
+client segment (loaded with the global client adapters after every aggregation) instead of
+the clients, so ``server_step``, ``evaluate`` and ``save`` are reused unchanged.
+
+A step (docs/protocol.md, "Runtime"):
+
+1. broadcast ``step t begins`` to the online clients (config on ``s/config``);
+2. collect their activations until every online participant answered or ``step_timeout``
+   passed; the silent ones are marked offline (event ``client_offline``, reason
+   ``step-timeout``); the round goes on with the answers it got;
+3. ``Trainer.server_step`` on the payloads in client order (exactly the in-process batch),
+   gradients back to each client, one ``train`` record per client;
+4. at an aggregation step: collect the adapters the participants upload, FedAvg re-weighted
+   over those that arrived, broadcast the result (``global``), checkpoint.
+
+Faults are handled by comparing every client heartbeat with the server's own view and sending
+the one message that repairs the difference (a repeated step announcement, a cached gradient,
+``skip``, ``resync``, ``upload``, ``resend``); a step is applied at most once because every
+answer is keyed by (client, step) on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner import lora, split
+from runner import protocol as P
+from runner.config import CENTRAL_METHODS
+from runner.errors import UserError
+from runner.models import load_config as load_model_config
+from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
+from runner.runtime import (
+    OP_DONE,
+    OP_RESEND,
+    OP_RESYNC,
+    OP_SKIP,
+    OP_STEP,
+    OP_UPLOAD,
+    RuntimeConfig,
+    is_split,
+    load_config,
+    meta_int,
+    setup_logging,
+)
+from runner.trainer import Holder, Trainer, make_optimizer, prepare, tensor_bytes
+from runner.transport import Transport, TransportError
+
+log = logging.getLogger("runner.server")
+CHECKPOINT = Path("checkpoint") / "server.pt"
+
+
+def sync_due(cfg: Any, step: int) -> bool:
+    """Same rule as :func:`runner.client.sync_due` (kept here to avoid importing the client)."""
+    if cfg.method in CENTRAL_METHODS:
+        done = step + 1
+        return done % cfg.eval_every == 0 or done == cfg.steps
+    return (step + 1) % cfg.agg_interval == 0 or step + 1 == cfg.steps
+
+
+class ServerTrainer(Trainer):
+    """The in-process trainer's server half plus a shadow client segment.
+
+    The shadow holds the global client adapters (loaded after every aggregation); it is what
+    ``evaluate`` runs the client blocks with and what ``save`` exports, exactly as the
+    in-process trainer uses client 0 right after an aggregation. It never trains.
+    """
+
+    def _build(self) -> None:
+        cfg, path, L = self.cfg, self.info.path, self.info.num_layers
+        seg = split.load_client(path, self.k) if self.k < L else split.load_unsplit(path)
+        ranks = self._adapt(seg, self._ranks(seg.config))
+        self.clients = [Holder(name="global", seg=seg, ranks=ranks)]
+        if self.k < L:
+            seg = split.load_server(path, self.k, L)
+            ranks = self._adapt(seg, self._ranks(seg.config))
+            self.server = Holder(name="server", seg=seg, ranks=ranks)
+            opt = make_optimizer(seg.model, cfg)
+            if opt is not None:
+                self.server.opt, self.server.sched = opt
+        for h in self.all_holders():
+            h.seg.model.train()
+
+    @property
+    def shadow(self) -> Holder:
+        return self.clients[0]
+
+
+@dataclass
+class Peer:
+    """The server's view of one client."""
+
+    cid: str
+    index: int
+    name: str
+    weight: float
+    online: bool = False
+    inc: str | None = None  # incarnation (process) id from its messages
+    last_seen: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
+    drawn: int = 0  # batches drawn, as of its last processed activations
+    opt_steps: int = 0  # optimizer steps it has applied (as far as the server knows)
+    agg_drawn: int = 0  # the same two at the last aggregation (checkpointed)
+    agg_opt_steps: int = 0
+    grad: tuple[int, torch.Tensor] | None = None  # last answered step and its gradient
+    last_repair: float = 0.0
+
+
+class Server:
+    """One distributed run's server; :meth:`run` trains to the end and returns the summary."""
+
+    def __init__(self, rt: RuntimeConfig):
+        self.rt, self.cfg, self.o = rt, rt.train, rt.options
+        self.prep = prepare(self.cfg)
+        self.tr = ServerTrainer(self.cfg, None, None, prepared=self.prep)
+        self.split = is_split(self.cfg)
+        self.hidden = int(load_model_config(self.prep.info.path).hidden_size)
+        shards = self.prep.shards
+        total = sum(len(s) for s in shards)
+        central = self.cfg.method in CENTRAL_METHODS
+        self.peers = {cid: Peer(cid, i, "central" if central else cid, len(shards[i]) / total)
+                      for i, cid in enumerate(rt.clients)}
+        self.adapter_shapes = {k: list(v.shape) for k, v in
+                               lora.adapter_state(self.tr.shadow.seg.model).items()}
+        self.epoch = uuid.uuid4().hex[:12]
+        self.resumed = False
+        self.start_step = 0
+        self.current = -1  # step being (or last) collected
+        self.closed_step = -1  # last step whose gradients went out
+        self.closed_at = 0.0
+        self.collecting = False
+        self.step_started = 0.0
+        self.expected: set[str] = set()
+        self.answers: dict[str, Any] = {}
+        self.agg_step: int | None = None
+        self.agg_expected: set[str] = set()
+        self.adapts: dict[str, P.Message] = {}
+        self.global_step = -1
+        self.global_sent_at = 0.0
+        self.totals = {"bytes_sent": 0, "bytes_received": 0}
+        self.first: dict[str, float] | None = None
+        self.last: dict[str, float] | None = None
+        self._lock = threading.Lock()
+        self.rejected = 0
+        self.reasons: Counter[str] = Counter()
+        self.offline_events = 0
+        self.run: RunDir | None = None
+        self.t: Transport | None = None
+        self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
+        self._connects = 1
+        self.reconnected_at = 0.0
+
+    # ------------------------------------------------------------------ run directory
+    def _snapshot(self) -> dict[str, Any]:
+        import transformers
+
+        p = self.prep
+        return {"train": self.cfg.to_dict(), "model_path": str(p.info.path),
+                "model_family": p.info.family, "num_layers": p.info.num_layers,
+                "data_source": p.source, "data_sizes": {k: len(v) for k, v in p.frames.items()},
+                "client_sizes": [len(s) for s in p.shards],
+                "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             "transformers": transformers.__version__},
+                "argv": sys.argv,
+                "runtime": {"backend": "mqtt", "broker": self.rt.broker.url,
+                            "run_id": self.rt.run_id, "clients": self.rt.clients,
+                            **asdict(self.o)}}
+
+    def open_run(self) -> None:
+        path = self.rt.run_dir
+        if self.rt.resume and (path / CONFIG).is_file():
+            self.run = RunDir.open(path)
+            self.tr.run = self.run
+            self._resume()
+        else:
+            self.run = RunDir.create(path, self._snapshot(), overwrite=self.o.overwrite)
+            self.tr.run = self.run
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Events come from the main thread and from the network thread (rejections)."""
+        assert self.run is not None
+        with self._lock:
+            self.run.event(kind, **fields)
+
+    def checkpoint(self, step: int) -> None:
+        """Everything the server needs to continue after ``step`` (written atomically).
+
+        Adapters and optimizer of the server segment, the global client adapters, each
+        client's stream and optimizer position at this aggregation, the RNG, the evaluation
+        history and byte totals. Clients keep matching in-memory snapshots (runner.client).
+        """
+        assert self.run is not None
+        srv = self.tr.server
+        state = {
+            "version": 1, "step": step, "global_step": self.global_step,
+            "global_state": self.tr.global_state,
+            "server_adapters": ({k: v.detach().clone() for k, v in
+                                 lora.adapter_state(srv.seg.model).items()} if srv else None),
+            "server_opt": srv.opt.state_dict() if srv and srv.opt else None,
+            "server_sched": srv.sched.state_dict() if srv and srv.sched else None,
+            "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps}
+                      for p in self.peers.values()},
+            "history": self.tr.history, "totals": self.totals, "first": self.first,
+            "last": self.last, "rng": torch.get_rng_state(), "elapsed": self.run.elapsed(),
+        }
+        path = self.run.path / CHECKPOINT
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _resume(self) -> None:
+        """Continue from the last checkpoint; drop metrics written after it."""
+        assert self.run is not None
+        self.resumed = True
+        path = self.run.path / CHECKPOINT
+        ckpt = torch.load(path, weights_only=False) if path.is_file() else None
+        g = -1
+        if ckpt is not None:
+            g = int(ckpt["step"])
+            srv = self.tr.server
+            if srv is not None and ckpt["server_adapters"] is not None:
+                lora.load_adapter_state(srv.seg.model, ckpt["server_adapters"])
+                if srv.opt is not None:
+                    srv.opt.load_state_dict(ckpt["server_opt"])
+                    srv.sched.load_state_dict(ckpt["server_sched"])
+            if ckpt["global_state"] is not None:
+                self.tr.global_state = ckpt["global_state"]
+                lora.load_adapter_state(self.tr.shadow.seg.model, ckpt["global_state"])
+            self.global_step = int(ckpt["global_step"])
+            for cid, pos in ckpt["peers"].items():
+                if cid in self.peers:
+                    p = self.peers[cid]
+                    p.drawn = p.agg_drawn = int(pos["drawn"])
+                    p.opt_steps = p.agg_opt_steps = int(pos["opt_steps"])
+            self.tr.history = list(ckpt["history"])
+            self.totals = dict(ckpt["totals"])
+            self.first, self.last = ckpt["first"], ckpt["last"]
+            torch.set_rng_state(ckpt["rng"])
+            self.run.t0 = time.monotonic() - float(ckpt["elapsed"])
+        self.start_step = g + 1
+        self.closed_step = g
+        self.current = g
+        # metrics.jsonl: keep only what the checkpoint includes (no step appears twice).
+        metrics = self.run.path / METRICS
+        rows = read_jsonl(metrics)
+        keep = [r for r in rows if g >= 0 and (
+            r.get("step", 0) <= (g + 1 if r.get("kind") == "eval" else g))]
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in keep))
+        os.replace(tmp, metrics)
+        (self.run.path / SUMMARY).unlink(missing_ok=True)
+        self.event("server_resumed", step=self.start_step, checkpoint=ckpt is not None,
+                   dropped_records=len(rows) - len(keep), epoch=self.epoch)
+        log.info("resumed at step %d (checkpoint: %s)", self.start_step, ckpt is not None)
+
+    # ----------------------------------------------------------------------- network
+    def _expect(self) -> P.Expect:
+        b = self.cfg.batch_size
+
+        def shapes(h: P.Header) -> dict[str, list[int | None]] | None:
+            if h.kind is P.Kind.ACT:
+                return {P.ACTS: [b, None, self.hidden], P.MASK: [b, None], P.LABELS: [b, None]}
+            if h.kind is P.Kind.ADAPT:
+                return dict(self.adapter_shapes)  # type: ignore[arg-type]
+            return None
+
+        return P.Expect(run=self.rt.run_id, clients=frozenset(self.rt.clients),
+                        hidden=self.hidden if self.split else None, shapes=shapes)
+
+    def _on_reject(self, err: P.ProtocolError, topic: str) -> None:
+        """Every refused payload: counted, and logged as an event with its reason (the first
+        ``max_reject_events`` of a run; the counts by reason go to the summary)."""
+        with self._lock:
+            self.rejected += 1
+            self.reasons[err.reason.value] += 1
+            n = self.rejected
+        if n <= self.o.max_reject_events:
+            try:
+                client = P.parse_topic(topic).client
+            except P.ProtocolError:
+                client = None
+            self.event("message_rejected", reason=err.reason.value, detail=err.detail[:300],
+                       topic=str(topic)[:200], client=client, step=self.current)
+
+    def _reject(self, p: Peer, msg: P.Message, reason: str, detail: str) -> None:
+        """A well-formed message that does not fit the run's state (application level)."""
+        with self._lock:
+            self.rejected += 1
+            self.reasons[reason] += 1
+        self.event("message_rejected", reason=reason, detail=detail, topic=msg.topic,
+                   client=p.name, step=self.current)
+
+    def connect(self) -> None:
+        o = self.o
+        deadline = time.monotonic() + o.join_timeout
+        while True:
+            t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=P.SERVER,
+                          expect=self._expect(), chunk_size=o.chunk_size,
+                          reconnect=(0.1, o.reconnect_max), on_reject=self._on_reject)
+            try:
+                self.t = t.connect(10.0)
+                return
+            except TransportError as e:
+                if "refused" in str(e) or time.monotonic() > deadline:
+                    raise
+                log.info("broker not reachable yet (%s); retrying", e)
+                time.sleep(1.0)
+
+    def send(self, kind: P.Kind, step: int, tensors: dict[str, torch.Tensor] | None = None,
+             meta: dict[str, Any] | None = None, to: str | None = None,
+             wire: str | None = None) -> P.Message | None:
+        """Send, surviving a broker outage (the repair loop re-sends what got lost)."""
+        assert self.t is not None
+        try:
+            return self.t.send(kind, step, tensors, meta, to=to, wire=wire)
+        except TransportError as e:
+            log.warning("%s to %s (step %d) not sent: %s", kind.value, to or "all", step, e)
+            return None
+
+    def control(self, op: str, step: int, to: str | None = None, **meta: Any) -> None:
+        self.send(P.Kind.CONFIG, max(step, 0), meta={"op": op, "step": step, **meta}, to=to)
+
+    # ---------------------------------------------------------------- message handling
+    def pump(self, timeout: float) -> None:
+        """Handle at most one message (waiting up to ``timeout``), then check liveness."""
+        assert self.t is not None
+        msg = self.t.recv(max(0.0, timeout))
+        if msg is not None:
+            self.dispatch(msg)
+        now = time.monotonic()
+        if not self.t.connected or self.t.connects != self._connects:
+            # Our own link is (or was) down: silence is not the clients' fault.
+            self._connects = self.t.connects
+            self.reconnected_at = now
+        for cid, (at, disconnects) in list(self.wills.items()):
+            if now - at < self.o.will_grace:
+                continue
+            del self.wills[cid]
+            p = self.peers[cid]
+            # Mosquitto publishes every client's will when it shuts down: if our own
+            # connection dropped too, or the client spoke after its will, it is not gone.
+            if (self.t.disconnects == disconnects and self.t.connected
+                    and p.last_seen < at and p.online):
+                self.set_offline(p, "lost")
+        for p in self.peers.values():
+            if (p.online and self.t.connected
+                    and now - max(p.last_seen, self.reconnected_at) > self.o.offline_after):
+                self.set_offline(p, "heartbeat-timeout")
+
+    def dispatch(self, msg: P.Message) -> None:
+        p = self.peers.get(msg.client)
+        if p is None:  # the receiver only lets our clients through; be safe anyway
+            return
+        if msg.kind is P.Kind.STATE:
+            state = msg.meta.get("state")
+            if state == "done":
+                p.online = False  # finished as told: not a dropout
+            elif state == "offline" and p.online:
+                reason = str(msg.meta.get("reason", "offline"))
+                if reason == "lost":  # a last will: judged after a grace period (see pump)
+                    assert self.t is not None
+                    self.wills[p.cid] = (time.monotonic(), self.t.disconnects)
+                else:
+                    self.set_offline(p, reason)
+            return
+        p.last_seen = time.monotonic()
+        inc = msg.meta.get("inc")
+        if not isinstance(inc, str):
+            self._reject(p, msg, "bad-meta", f"{msg.kind.value} without an incarnation id")
+            return
+        if not p.online or inc != p.inc:
+            self.set_online(p, inc, msg.meta)
+        if msg.kind is P.Kind.HB:
+            p.status = msg.meta
+            self.on_status(p)
+        elif msg.kind is P.Kind.ACT:
+            self.on_act(p, msg)
+        elif msg.kind is P.Kind.ADAPT:
+            self.on_adapt(p, msg)
+
+    def set_offline(self, p: Peer, reason: str) -> None:
+        p.online = False
+        self.offline_events += 1
+        self.event("client_offline", step=max(self.current, 0), client=p.name, reason=reason)
+        log.warning("%s offline at step %d (%s)", p.cid, self.current, reason)
+
+    def set_online(self, p: Peer, inc: str, meta: dict[str, Any]) -> None:
+        if p.online and p.inc is not None and inc != p.inc:
+            self.set_offline(p, "restarted")  # a new process before its old one's will
+        if p.inc is None:
+            self.event("client_joined", step=max(self.current, 0), client=p.name,
+                       incarnation=inc)
+        else:
+            reason = "restarted" if inc != p.inc else "returned"
+            self.event("client_online", step=max(self.current, 0), client=p.name,
+                       reason=reason, resync=True)
+            log.info("%s back online at step %d (%s)", p.cid, self.current, reason)
+        p.online, p.inc = True, inc
+        p.status = {"epoch": meta.get("epoch")}
+        self.send_resync(p)
+
+    def send_resync(self, p: Peer) -> None:
+        """Current global adapters + where the client's stream and optimizer should be.
+
+        "rollback" after this server resumed from a checkpoint (the client returns to the
+        checkpoint's state), "rejoin" otherwise (in-process semantics: a returning client
+        receives the last aggregate).
+        """
+        mode = "rollback" if self.resumed and p.status.get("epoch") != self.epoch else "rejoin"
+        tensors = dict(self.tr.global_state) if self.tr.global_state is not None else None
+        drawn, steps = ((p.agg_drawn, p.agg_opt_steps) if mode == "rollback"
+                        else (p.drawn, p.opt_steps))
+        self.send(P.Kind.CONFIG, max(self.global_step, 0), tensors,
+                  {"op": OP_RESYNC, "mode": mode, "global": self.global_step, "drawn": drawn,
+                   "opt_steps": steps, "epoch": self.epoch}, to=p.cid)
+        p.last_repair = time.monotonic()
+
+    def on_status(self, p: Peer) -> None:
+        """Compare a heartbeat with the server's view; repair one difference."""
+        s = p.status
+        # Local (non-split) methods report their step record in the heartbeat.
+        rec = s.get("record")
+        if (not self.split and self.collecting and isinstance(rec, dict)
+                and rec.get("step") == self.current and p.cid in self.expected
+                and p.cid not in self.answers):
+            self.answers[p.cid] = rec
+            p.drawn = meta_int(rec, "drawn", p.drawn)
+            p.opt_steps = meta_int(s, "opt_steps", p.opt_steps)
+        now = time.monotonic()
+        if now - p.last_repair < self.o.repair_interval:
+            return
+        done, pending = meta_int(s, "done"), s.get("pending")
+        action = None
+        stale_global = (meta_int(s, "global") < self.global_step
+                        and now - self.global_sent_at > self.o.repair_interval)
+        if not s.get("synced") or s.get("epoch") != self.epoch or stale_global:
+            action = "resync"
+        elif isinstance(pending, int) and (
+                pending < self.closed_step or pending == self.closed_step
+                and now - self.closed_at > self.o.repair_interval):
+            action = "answer"
+        elif (self.collecting and p.cid in self.expected and p.cid not in self.answers
+              and now - self.step_started > self.o.repair_interval):
+            if pending is None and done < self.current:
+                action = "announce"
+            elif pending == self.current and float(s.get("pending_age", 0)) > 2 * self.o.heartbeat:
+                action = "resend"
+        elif (self.agg_step is not None and p.cid in self.agg_expected
+              and p.cid not in self.adapts and pending is None and done == self.agg_step
+              and now - self.step_started > self.o.repair_interval):
+            action = "upload"
+        if action is None:
+            return
+        p.last_repair = now
+        log.info("repair %s for %s (status %s)", action, p.cid,
+                 {k: s.get(k) for k in ("done", "pending", "global", "epoch")})
+        if action == "resync":
+            self.send_resync(p)
+        elif action == "answer":
+            self.answer_old(p, int(pending))
+        elif action == "announce":
+            self.announce(self.current, to=p.cid)
+        elif action == "resend":
+            self.control(OP_RESEND, self.current, to=p.cid)
+        elif action == "upload":
+            assert self.agg_step is not None
+            self.control(OP_UPLOAD, self.agg_step, to=p.cid)
+
+    def answer_old(self, p: Peer, step: int) -> None:
+        """Activations of a closed step: the cached gradient if that step was processed for
+        this client (its gradient got lost), else ``skip`` (it came too late)."""
+        if p.grad is not None and p.grad[0] == step:
+            self.send(P.Kind.GRAD, step, {P.GRAD: p.grad[1]}, to=p.cid, wire=self.o.wire)
+        else:
+            self.control(OP_SKIP, step, to=p.cid)
+            self.event("step_skipped", step=step, client=p.name)
+
+    def on_act(self, p: Peer, msg: P.Message) -> None:
+        t = msg.step
+        if self.collecting and t == self.current:
+            if p.cid in self.answers:
+                return  # a resend of what we have
+            if p.cid in self.expected:
+                self.answers[p.cid] = msg
+            else:  # came online after the step began: not part of this round
+                self.answer_old(p, t)
+            return
+        if t <= self.closed_step:
+            self.answer_old(p, t)
+            return
+        self._reject(p, msg, "future-step", f"activations for step {t}; current step is "
+                                            f"{self.current}")
+
+    def on_adapt(self, p: Peer, msg: P.Message) -> None:
+        if msg.step == self.agg_step and p.cid in self.agg_expected:
+            self.adapts.setdefault(p.cid, msg)
+        elif msg.step > max(self.current, self.global_step):
+            self._reject(p, msg, "future-step", f"adapters for step {msg.step}")
+        # else: a late or repeated upload of a finished aggregation; nothing to do
+
+    # --------------------------------------------------------------------- the round
+    def announce(self, step: int, to: str | None = None) -> None:
+        self.control(OP_STEP, step, to=to, epoch=self.epoch, rollback=self.resumed,
+                     **{"global": self.global_step})
+
+    def wait_online(self, what: str) -> None:
+        deadline = time.monotonic() + self.o.join_timeout
+        while not any(p.online for p in self.peers.values()):
+            if time.monotonic() > deadline:
+                raise UserError(f"no client online within {self.o.join_timeout} s ({what})")
+            self.pump(0.2)
+
+    def wait_for_clients(self) -> None:
+        """At the start: every client, or as many as joined within ``join_timeout``."""
+        deadline = time.monotonic() + self.o.join_timeout
+        while (not all(p.online and p.status.get("synced") for p in self.peers.values())
+               and time.monotonic() < deadline):
+            self.pump(0.1)
+        self.wait_online("at the start")
+
+    def train_step(self, step: int) -> list[dict[str, Any]]:
+        self.wait_online(f"step {step}")
+        self.current, self.answers, self.collecting = step, {}, True
+        self.step_started = time.monotonic()
+        participants = [p for p in self.peers.values() if p.online]
+        self.expected = {p.cid for p in participants}
+        self.announce(step)
+        deadline = time.monotonic() + self.o.step_timeout
+        try:
+            while True:
+                waiting = [c for c in self.expected
+                           if self.peers[c].online and c not in self.answers]
+                if not waiting:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    for c in waiting:
+                        self.set_offline(self.peers[c], "step-timeout")
+                    break
+                self.pump(min(0.1, left))
+        finally:
+            self.collecting = False
+        answered = [p for p in participants if p.cid in self.answers]
+        if not answered:
+            self.closed_step = step
+            return []
+        records = self._server_half(step, answered) if self.split else \
+            [self._local_record(p) for p in answered]
+        self.closed_step = step
+        self.closed_at = time.monotonic()
+        return records
+
+    def _local_record(self, p: Peer) -> dict[str, Any]:
+        rec = dict(self.answers[p.cid])
+        rec.pop("drawn", None)
+        rec["client"] = p.name
+        return rec
+
+    def _server_half(self, step: int, answered: list[Peer]) -> list[dict[str, Any]]:
+        msgs = [self.answers[p.cid] for p in answered]
+        payloads = [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS], self.tr.k)
+                    for m in msgs]
+        t0 = time.perf_counter()
+        grads, losses = self.tr.server_step(payloads)
+        server_s = time.perf_counter() - t0
+        item = 2 if self.o.wire else 4
+        records = []
+        for p, m, grad, (loss_sum, n) in zip(answered, msgs, grads, losses, strict=True):
+            sent = self.send(P.Kind.GRAD, step, {P.GRAD: grad}, to=p.cid, wire=self.o.wire)
+            p.grad = (step, grad)
+            p.drawn = meta_int(m.meta, "drawn", p.drawn)
+            p.opt_steps = meta_int(m.meta, "opt_steps", p.opt_steps) + 1
+            acts = m.tensors[P.ACTS]
+            up = acts.numel() * item + tensor_bytes(m.tensors[P.MASK], m.tensors[P.LABELS])
+            lr = m.meta.get("lr")
+            compute = m.meta.get("compute_s")
+            records.append(dict(
+                step=step, client=p.name, loss=loss_sum / max(n, 1), tokens=n,
+                bytes_sent=up, bytes_received=grad.numel() * item,
+                lr=float(lr) if isinstance(lr, int | float) else None,
+                compute_s=float(compute) if isinstance(compute, int | float) else None,
+                server_s=server_s, wire_bytes_sent=m.nbytes,
+                wire_bytes_received=sent.nbytes if sent is not None else None))
+        return records
+
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+        """FedAvg over the participants whose adapters arrived (Trainer.aggregate's formula,
+        in client order, so the result is bit-identical to the in-process one)."""
+        self.agg_step, self.adapts = step, {}
+        self.step_started = time.monotonic()
+        self.agg_expected = set(participants)
+        deadline = time.monotonic() + self.o.step_timeout
+        try:
+            while True:
+                waiting = [c for c in self.agg_expected
+                           if self.peers[c].online and c not in self.adapts]
+                if not waiting:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    for c in waiting:
+                        self.set_offline(self.peers[c], "aggregate-timeout")
+                    break
+                self.pump(min(0.1, left))
+        finally:
+            self.agg_step = None
+        got = [p for p in self.peers.values() if p.cid in self.adapts]
+        if not got:
+            return {"bytes_up": 0, "bytes_down": 0}
+        states = [self.adapts[p.cid].tensors for p in got]
+        total = sum(p.weight for p in got)
+        weights = [p.weight / total for p in got]
+        avg: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key in states[0]:
+                avg[key] = sum(w * s[key].detach() for w, s in zip(weights, states, strict=True))
+        for p in got:
+            meta = self.adapts[p.cid].meta
+            p.agg_drawn = meta_int(meta, "drawn", p.drawn)
+            p.agg_opt_steps = meta_int(meta, "opt_steps", p.opt_steps)
+        self.tr.global_state = avg
+        lora.load_adapter_state(self.tr.shadow.seg.model, avg)
+        self.global_step = step
+        self.send(P.Kind.GLOBAL, step, avg, {"epoch": self.epoch})
+        self.global_sent_at = time.monotonic()
+        size = tensor_bytes(*avg.values())
+        up = down = size * len(got)
+        if self.cfg.method not in CENTRAL_METHODS:
+            self.event("aggregate", step=step, participants=[p.name for p in got],
+                       weights=weights, bytes_up=up, bytes_down=down)
+            assert self.run is not None
+            self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
+                            bytes_received=up)
+            return {"bytes_up": up, "bytes_down": down}
+        return {"bytes_up": 0, "bytes_down": 0}
+
+    # ----------------------------------------------------------------------- the run
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        assert self.run is not None
+        if not self.resumed:
+            self.event("run_started", method=cfg.method, clients=len(self.peers),
+                       split=self.tr.k, runtime="mqtt", wire=self.o.wire or "float32")
+        self.wait_for_clients()
+        if self.first is None:
+            self.first = self.last = self.tr.evaluate()
+            self.tr._log_eval(0, self.first)
+        eval_every = (math.ceil(cfg.eval_every / cfg.agg_interval) * cfg.agg_interval
+                      if cfg.method not in CENTRAL_METHODS else cfg.eval_every)
+        t_start = time.perf_counter()
+        for step in range(self.start_step, cfg.steps):
+            t_step = time.monotonic()
+            records = self.train_step(step)
+            for r in records:
+                self.totals["bytes_sent"] += r["bytes_sent"]
+                self.totals["bytes_received"] += r["bytes_received"]
+                self.run.metric(kind="train", **r)
+            if sync_due(cfg, step):
+                agg = self.aggregate(step, [p.cid for p in self.peers.values()
+                                            if p.cid in self.answers and p.online])
+                self.totals["bytes_sent"] += agg["bytes_up"]
+                self.totals["bytes_received"] += agg["bytes_down"]
+                self.checkpoint(step)
+            done = step + 1
+            line = f"step {done}/{cfg.steps}"
+            if records:
+                line += f" loss {sum(r['loss'] for r in records) / len(records):.4f}"
+            if done % eval_every == 0 or done == cfg.steps:
+                self.last = self.tr.evaluate()
+                self.tr._log_eval(done, self.last)
+                line += f" val_ppl {self.last['val_ppl']:.3f}"
+            log.info("%s (%d/%d clients)", line, len(records), len(self.peers))
+            while (left := self.o.min_step_time - (time.monotonic() - t_step)) > 0:
+                self.pump(min(left, 0.1))
+        return self.finish(time.perf_counter() - t_start)
+
+    def finish(self, train_time: float) -> dict[str, Any]:
+        assert self.run is not None and self.first is not None and self.last is not None
+        tr = self.tr
+        summary = {
+            "method": self.cfg.method, "steps": self.cfg.steps,
+            "pretrained_val_ppl": self.first["val_ppl"], "final_val_ppl": self.last["val_ppl"],
+            "final_val_loss": self.last["val_loss"], "train_time_s": train_time,
+            "client_trainable_params": lora.trainable_parameters(tr.shadow.seg.model),
+            "server_trainable_params": (lora.trainable_parameters(tr.server.seg.model)
+                                        if tr.server is not None else 0),
+            **self.totals,
+            "runtime": "mqtt", "rejected_messages": self.rejected,
+            "rejected_reasons": dict(self.reasons), "offline_events": self.offline_events,
+        }
+        tr.save(self.run)
+        self.run.write_summary(summary)
+        self.event("run_finished", **{k: v for k, v in summary.items() if k != "method"})
+        self._say_done()
+        return summary
+
+    def _say_done(self, wait: float = 5.0) -> None:
+        """Tell the clients to exit; repeat for those that have not said "done" yet."""
+        deadline = time.monotonic() + wait
+        told = 0.0
+        while time.monotonic() < deadline:
+            live = [p for p in self.peers.values() if p.online]
+            if not live:
+                break
+            if time.monotonic() - told > 1.0:
+                self.control(OP_DONE, self.cfg.steps)
+                told = time.monotonic()
+            self.pump(0.1)
+
+    def close(self) -> None:
+        if self.t is not None:
+            self.t.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.server",
+                                     description="The server of a distributed run (env: "
+                                                 "TESTBED_CONFIG, TESTBED_BROKER, ...)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in the config's run_dir from its checkpoint")
+    args = parser.parse_args(argv)
+    setup_logging("server")
+    try:
+        rt = load_config(me="server", resume=args.resume)
+        server = Server(rt)
+        server.open_run()
+        server.connect()
+        try:
+            summary = server.fit()
+        finally:
+            server.close()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("finished: val PPL %.3f -> %.3f", summary["pretrained_val_ppl"],
+             summary["final_val_ppl"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
