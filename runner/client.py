@@ -61,7 +61,14 @@ from runner.runtime import (
     meta_int,
     setup_logging,
 )
-from runner.trainer import Holder, make_optimizer, prepare, split_point, tensor_bytes
+from runner.trainer import (
+    Holder,
+    local_train_step,
+    make_optimizer,
+    prepare,
+    split_point,
+    tensor_bytes,
+)
 from runner.transport import Transport, TransportError
 
 log = logging.getLogger("runner.client")
@@ -368,19 +375,13 @@ class Client:
         batch = self.batches.next()
         self.drawn += 1
         t0 = time.perf_counter()
-        hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
-                                  batch["attention_mask"], 0, h.seg.end)
-        rows, counts = split.head_row_losses(h.seg, hidden, batch["labels"],
-                                             self.cfg.label_smoothing)
-        loss_sum, n = rows.sum(), int(counts.sum())
-        (loss_sum / max(n, 1)).backward()
         lr = h.lr
-        h.step()
+        loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
         self.opt_steps += 1
         self.done_step = step
-        self.record = dict(step=step, client=self.name, loss=float(loss_sum.detach()) / max(n, 1),
-                           tokens=n, bytes_sent=0, bytes_received=0, lr=lr,
-                           compute_s=time.perf_counter() - t0, drawn=self.drawn)
+        self.record = dict(step=step, client=self.name, loss=loss, tokens=n, bytes_sent=0,
+                           bytes_received=0, lr=lr, compute_s=time.perf_counter() - t0,
+                           drawn=self.drawn)
         if self.t is not None:  # report at once rather than at the next heartbeat
             try:
                 self.t.heartbeat(step, **self.status())

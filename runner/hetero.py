@@ -383,16 +383,19 @@ class HeteroTrainer(Trainer):
             out.append((self.server, server_w))
         return out
 
+    def _weight_parts(self, online: list[Holder]):
+        """Per adapted weight: its name and the NAA participants' ``(holder, factors)``."""
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name in sorted({n for h in online + [self.server] for n in h.ranks}):
+            yield name, [(h, f) for h, w in self._participants(name, online)
+                         if (f := self._factors(h, name, w, states)) is not None]
+
     def _aggregate_naa(self, step: int) -> dict[str, int]:
         online = self._online()
         if not online:
             return {"bytes_up": 0, "bytes_down": 0}
         up = down = 0
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        names = sorted({n for h in online + [self.server] for n in h.ranks})
-        for name in names:
-            parts = [(h, f) for h, w in self._participants(name, online)
-                     if (f := self._factors(h, name, w, states)) is not None]
+        for name, parts in self._weight_parts(online):
             if not parts:
                 continue
             factors = [f for _, f in parts]
@@ -416,11 +419,7 @@ class HeteroTrainer(Trainer):
         """Ablation: padded FedAvg of A and B over participants, truncated to each rank."""
         online = self._online()
         up = down = 0
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        names = sorted({n for h in online + [self.server] for n in h.ranks})
-        for name in names:
-            parts = [(h, f) for h, w in self._participants(name, online)
-                     if (f := self._factors(h, name, w, states)) is not None]
+        for name, parts in self._weight_parts(online):
             if len(parts) < 2:
                 continue
             a, b = agg.padded_fedavg([f for _, f in parts])

@@ -64,7 +64,7 @@ from runner.runtime import (
     meta_int,
     setup_logging,
 )
-from runner.trainer import Holder, Trainer, make_optimizer, prepare, tensor_bytes
+from runner.trainer import Holder, Trainer, prepare, tensor_bytes
 from runner.transport import Transport, TransportError
 
 log = logging.getLogger("runner.server")
@@ -88,17 +88,12 @@ class ServerTrainer(Trainer):
     """
 
     def _build(self) -> None:
-        cfg, path, L = self.cfg, self.info.path, self.info.num_layers
+        path, L = self.info.path, self.info.num_layers
         seg = split.load_client(path, self.k) if self.k < L else split.load_unsplit(path)
         ranks = self._adapt(seg, self._ranks(seg.config))
         self.clients = [Holder(name="global", seg=seg, ranks=ranks)]
         if self.k < L:
-            seg = split.load_server(path, self.k, L)
-            ranks = self._adapt(seg, self._ranks(seg.config))
-            self.server = Holder(name="server", seg=seg, ranks=ranks)
-            opt = make_optimizer(seg.model, cfg)
-            if opt is not None:
-                self.server.opt, self.server.sched = opt
+            self.server = self._server_holder()
         for h in self.all_holders():
             h.seg.model.train()
 

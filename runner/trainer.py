@@ -92,6 +92,19 @@ class Holder:
         return self.sched.get_last_lr()[0] if self.sched is not None else 0.0
 
 
+def local_train_step(h: Holder, batch: dict[str, torch.Tensor],
+                     label_smoothing: float) -> tuple[float, int]:
+    """One optimizer step of a holder that has the whole model (fedlora, cenlora, ft):
+    forward, loss over target tokens, backward, step. Returns (mean loss, target tokens)."""
+    hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
+                              batch["attention_mask"], 0, h.seg.end)
+    rows, counts = split.head_row_losses(h.seg, hidden, batch["labels"], label_smoothing)
+    loss_sum, n = rows.sum(), int(counts.sum())
+    (loss_sum / max(n, 1)).backward()
+    h.step()
+    return float(loss_sum.detach()) / max(n, 1), n
+
+
 @dataclass
 class Prepared:
     """Data, model and tokenizer resolved once for a run."""
@@ -166,7 +179,7 @@ class Trainer:
                                 dropout=self.cfg.lora_dropout, seed=self.cfg.seed)
 
     def _build(self) -> None:
-        cfg, path, L = self.cfg, self.info.path, self.info.num_layers
+        cfg, path = self.cfg, self.info.path
         shards = self.prep.shards
         total = sum(len(s) for s in shards)
         for i, shard in enumerate(shards):
@@ -187,14 +200,18 @@ class Trainer:
                 holder.opt, holder.sched = opt
             self.clients.append(holder)
         if cfg.method in SPLIT_METHODS:
-            seg = split.load_server(path, self.k, L)
-            ranks = self._adapt(seg, self._ranks(seg.config))
-            self.server = Holder(name="server", seg=seg, ranks=ranks)
-            opt = make_optimizer(seg.model, cfg)
-            if opt is not None:
-                self.server.opt, self.server.sched = opt
+            self.server = self._server_holder()
         for h in self.all_holders():
             h.seg.model.train()
+
+    def _server_holder(self) -> Holder:
+        """The server segment (blocks [k, L) + head) with its adapters and optimizer."""
+        seg = split.load_server(self.info.path, self.k, self.info.num_layers)
+        holder = Holder(name="server", seg=seg, ranks=self._adapt(seg, self._ranks(seg.config)))
+        opt = make_optimizer(seg.model, self.cfg)
+        if opt is not None:
+            holder.opt, holder.sched = opt
+        return holder
 
     def all_holders(self) -> list[Holder]:
         return self.clients + ([self.server] if self.server is not None else [])
@@ -255,15 +272,8 @@ class Trainer:
         for h in clients:
             batch = h.batches.next()
             t0 = time.perf_counter()
-            hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
-                                      batch["attention_mask"], 0, h.seg.end)
-            rows, counts = split.head_row_losses(h.seg, hidden, batch["labels"],
-                                                 self.cfg.label_smoothing)
-            loss_sum, n = rows.sum(), int(counts.sum())
-            (loss_sum / max(n, 1)).backward()
             lr = h.lr
-            h.step()
-            loss = float(loss_sum.detach()) / max(n, 1)
+            loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
             records.append(dict(step=step, client=h.name, loss=loss,
                                 tokens=n, bytes_sent=0, bytes_received=0, lr=lr,
                                 compute_s=time.perf_counter() - t0))
