@@ -43,7 +43,9 @@ def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
         adapter = run.adapters("final")
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"{run.path} has no final adapter (did the run finish?)")
-        model = lora.load_peft_adapter(load_full_model(info.path), adapter)
+        # Loaded the standard PEFT way, then merged: generation runs on plain weights (the
+        # exported HSplitLoRA adapters have large ranks; merging keeps beam search fast).
+        model = lora.load_peft_adapter(load_full_model(info.path), adapter).merge_and_unload()
     model.eval()
     return model, tokenizer, cfg
 
