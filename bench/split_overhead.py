@@ -125,6 +125,8 @@ class StepRunner(Trainer):
         self.progress = None
         self.clients = clients
         self.server = server
+        self.offline: set[str] = set()
+        self.global_state = None
 
 
 def make_holder(name: str, seg: split.Segment, ranks: lora.RankMap, cfg: TrainConfig,
