@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from runner.devices import DeviceSpec
-from runner.importance import adapter_bytes, lora_activation_bytes
+from runner.importance import adapter_bytes, lora_activation_bytes, relative_change
 from runner.lora import RankMap, block_of
 from runner.memory import DEFAULT_RESERVE, ModelCosts, client_memory, server_memory
 
@@ -212,8 +212,6 @@ class Trigger:
     def reason(self, importance: Mapping[str, float], budgets: Sequence[int],
                members: Sequence[str]) -> str | None:
         """Why a reconfiguration is due now, or None."""
-        from runner.importance import relative_change
-
         if self.importance is None:
             return "initial"
         if tuple(members) != self.members:

@@ -28,19 +28,25 @@ Design choices (ours):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from runner import aggregation as agg
 from runner import armsc, importance, lora, split
-from runner.config import TrainConfig
+from runner import data as data_mod
+from runner.config import HETERO_METHODS, TrainConfig
 from runner.devices import GB, DeviceSpec, load_devices, paper_spread
-from runner.memory import ModelCosts, client_memory
+from runner.errors import ConfigError
+from runner.memory import DEFAULT_RESERVE, ModelCosts, client_memory
+from runner.models import load_config
 from runner.rundir import RunDir
 from runner.trainer import Holder, Prepared, ProgressFn, Trainer, make_optimizer, tensor_bytes
 
@@ -54,8 +60,6 @@ def emulated_devices(costs: ModelCosts, n: int, batch: int, seq: int,
     (above the runtime reserve). Compute is edge-class and grows with the budget; the server
     is a datacentre GPU.
     """
-    from runner.memory import DEFAULT_RESERVE
-
     names = [n for n in costs.shapes if n.endswith(("q_proj", "v_proj", "c_attn"))]
     full = client_memory(costs, costs.num_layers, {x: 8 for x in names}, batch, seq).total
     clients = []
@@ -89,8 +93,6 @@ class HeteroTrainer(Trainer):
     # ------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
-        from runner.models import load_config
-
         self.config = load_config(info.path)
         self.costs = ModelCosts.from_config(self.config)
         self.candidates = lora.all_candidates(self.config)
@@ -99,8 +101,6 @@ class HeteroTrainer(Trainer):
         if cfg.devices:
             self.devices, server = load_devices(Path(cfg.devices))
             if len(self.devices) < cfg.clients:
-                from runner.errors import ConfigError
-
                 raise ConfigError(f"{cfg.devices} describes {len(self.devices)} clients; "
                                   f"--clients is {cfg.clients}")
             self.devices = self.devices[: cfg.clients]
@@ -121,8 +121,6 @@ class HeteroTrainer(Trainer):
                              for n in self.candidates}
         shards = self.prep.shards
         total = sum(len(s) for s in shards)
-        from runner import data as data_mod
-
         for i, shard in enumerate(shards):
             examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
             self.clients.append(Holder(
@@ -523,9 +521,6 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
     The factorisation is an SVD truncated at singular values below ``tol`` times the
     largest; ``lora_alpha = r`` per weight so the scaling is 1 and ``B A`` is the update.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     originals: dict[str, torch.Tensor] = {}
     for f in sorted(Path(base_path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
@@ -559,8 +554,6 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
                         base_model_name_or_path=str(base_path))
     config.save_pretrained(str(out))
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    import json
-
     (out / "ranks.json").write_text(json.dumps(dict(sorted(ranks.items())), indent=1))
     return out
 
@@ -568,8 +561,6 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
 def build_trainer(cfg: TrainConfig, run: RunDir | None = None, progress: ProgressFn | None = None,
                   prepared: Prepared | None = None) -> Trainer:
     """The trainer for any method."""
-    from runner.config import HETERO_METHODS
-
     if cfg.method in HETERO_METHODS:
         return HeteroTrainer(cfg, run, progress, prepared)
     return Trainer(cfg, run, progress, prepared)
