@@ -10,7 +10,6 @@ the run directory. :func:`register` adds them to the ``testbed`` app.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,7 +97,7 @@ def up(
                       highlight=False)
         return
     try:
-        code = _follow(run, cfg.steps)
+        code = _follow(run, cfg.steps, console)
     except KeyboardInterrupt:
         code = 130
         console.print("interrupted; stopping the run", highlight=False)
@@ -111,35 +110,12 @@ def up(
                   f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
 
 
-def _follow(run: Any, total: int) -> int:
-    """Live progress from the run directory until the server exits; its exit code."""
-    from runner.rundir import read_jsonl
-    from testbed.cli import _progress, err
+def _follow(run: Any, total: int, console: Console | None = None) -> int:
+    """Live view of the run directory (testbed/liveview.py: a table of clients updating in
+    place on a terminal, plain lines otherwise) until the server exits; its exit code."""
+    from testbed.liveview import follow
 
-    with _progress() as bar:
-        task = bar.add_task("distributed", total=total, info="starting")
-        seen_events = 0
-        while True:
-            code = run.procs["server"].poll()
-            metrics = read_jsonl(run.run_dir / "metrics.jsonl")
-            train = [m for m in metrics if m.get("kind") == "train"]
-            evals = [m for m in metrics if m.get("kind") == "eval"]
-            events = read_jsonl(run.run_dir / "events.jsonl")
-            for e in events[seen_events:]:
-                if e["event"] in ("client_offline", "client_online", "server_resumed"):
-                    err.print(f"step {e.get('step')}: {e['event']} {e.get('client', '')} "
-                              f"{e.get('reason', '')}", highlight=False)
-            seen_events = len(events)
-            if train:
-                step = max(m["step"] for m in train)
-                last = [m["loss"] for m in train if m["step"] == step]
-                info = f"loss {sum(last) / len(last):.3f} ({len(last)} clients)"
-                if evals:
-                    info += f"  val PPL {evals[-1]['val_ppl']:.2f}"
-                bar.update(task, completed=step + 1, info=info)
-            if code is not None:
-                return code
-            time.sleep(0.5)
+    return follow(run.run_dir, run.procs["server"].poll, console, steps=total)
 
 
 def status(run: RunOpt = Path("runs/latest"),
