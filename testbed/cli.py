@@ -126,7 +126,6 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
 ) -> None:
     """Train in-process: N clients and one server, exactly SplitLoRA's step."""
-    from runner.config import TrainConfig
     from runner.errors import UserError
 
     _quiet_libraries()
@@ -137,14 +136,12 @@ def train(
     except ValueError:
         _fail(f"--dropout takes CLIENT:FIRST:END (e.g. 1:20:40), got {dropout}")
         return
-    cfg = TrainConfig(
+    cfg = train_config(
         method=method, model=model, data=data, clients=clients, split=split, rank=rank,
-        targets=tuple(t.strip() for t in targets.split(",") if t.strip()), steps=steps,
-        batch_size=batch_size, lr=lr, agg_interval=agg_interval, partition=partition,
-        dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
-        eval_max_examples=eval_max_examples or None, lora_dropout=lora_dropout,
-        max_len=max_len, seed=seed, dropouts=dropouts,
-        devices=str(devices) if devices else None,
+        targets=targets, steps=steps, batch_size=batch_size, lr=lr, agg_interval=agg_interval,
+        partition=partition, dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
+        eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
+        seed=seed, dropouts=dropouts, devices=str(devices) if devices else None,
         rank_set=tuple(int(r) for r in rank_set.split(",") if r.strip()),
     )
     try:
@@ -155,6 +152,14 @@ def train(
     out_line = (f"pretrained val PPL {summary['pretrained_val_ppl']:.3f} -> final "
                 f"{summary['final_val_ppl']:.3f}; run written to {out}")
     Console().print(out_line, highlight=False)
+
+
+def train_config(*, targets: str, eval_max_examples: int, **options):
+    """TrainConfig from CLI options shared by `train` and `up` (comma lists, 0 = all)."""
+    from runner.config import TrainConfig
+
+    return TrainConfig(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                       eval_max_examples=eval_max_examples or None, **options)
 
 
 def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:

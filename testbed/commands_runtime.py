@@ -57,22 +57,20 @@ def up(
 
     Ctrl-C stops everything. From another terminal: `testbed status`, `testbed inject
     dropout`, `testbed down` (all take --run DIR)."""
-    from runner.config import TrainConfig
     from runner.errors import UserError
     from runner.runtime import RuntimeOptions
-    from testbed.cli import _fail, _quiet_libraries
+    from testbed.cli import _fail, _quiet_libraries, train_config
     from testbed.local import LocalRun
 
     _quiet_libraries()
     if backend != "local":
         _fail(f"--backend {backend!r} is not available yet; use --backend local")
-    cfg = TrainConfig(
+    cfg = train_config(
         method=method, model=model, data=data, clients=clients, split=split, rank=rank,
-        targets=tuple(t.strip() for t in targets.split(",") if t.strip()), steps=steps,
-        batch_size=batch_size, lr=lr, agg_interval=agg_interval, partition=partition,
-        dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
-        eval_max_examples=eval_max_examples or None, lora_dropout=lora_dropout,
-        max_len=max_len, seed=seed)
+        targets=targets, steps=steps, batch_size=batch_size, lr=lr, agg_interval=agg_interval,
+        partition=partition, dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
+        eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
+        seed=seed)
     try:
         cfg.validate()
         from runner.runtime import DISTRIBUTED_METHODS
