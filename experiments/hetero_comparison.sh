@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MALLOC_MMAP_THRESHOLD_=65536
 one() {
   local m=$1
   $BIN/testbed train --method "$m" --model smollm2-135m --data "$DATA" --clients 5 \
-    --steps "$STEPS" --batch-size "$BATCH" --agg-interval 5 --eval-every 10 \
+    --steps "$STEPS" --batch-size "$BATCH" --agg-interval 5 --eval-every "${EVAL_EVERY:-10}" \
     --eval-max-examples 128 --seed "$SEED" --out "$OUT/$m" --overwrite
   $BIN/testbed eval "$OUT/$m" --max-mrs "$MAX_MRS"
 }

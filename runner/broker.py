@@ -190,7 +190,8 @@ def find_dynsec_plugin() -> str | None:
     return None
 
 
-def mosquitto_config(host: str, port: int, workdir: Path, dynsec: str | None = None) -> str:
+def mosquitto_config(host: str, port: int, workdir: Path, dynsec: str | None = None,
+                     user: str | None = None) -> str:
     """mosquitto.conf: one loopback listener, auth required, ACL, full-size packets.
 
     ``dynsec``: path of the dynamic-security plugin (credentials and ACL in dynsec.json);
@@ -199,7 +200,7 @@ def mosquitto_config(host: str, port: int, workdir: Path, dynsec: str | None = N
     directory. ``persistence false``: the broker is per run and its restart is a fault we
     inject, not something to recover from disk.
     """
-    user = pwd.getpwuid(os.getuid()).pw_name
+    user = user or pwd.getpwuid(os.getuid()).pw_name
     if dynsec:
         auth = [f"plugin {dynsec}", f"plugin_opt_config_file {workdir / 'dynsec.json'}"]
     else:
@@ -463,6 +464,43 @@ def start_broker(run: str, clients: Iterable[str], *, host: str = "127.0.0.1",
         shutil.rmtree(wd, ignore_errors=True)
     assert last is not None
     raise last
+
+
+# Where the broker image (images/broker.Dockerfile) links the dynamic-security plugin.
+CONTAINER_DYNSEC = "/usr/local/lib/mosquitto_dynamic_security.so"
+
+
+def write_container_broker(run: str, clients: Iterable[str], workdir: Path, *, port: int,
+                           mount: str, host: str = "0.0.0.0",
+                           passwords: dict[str, str] | None = None,
+                           ) -> dict[str, Credentials]:
+    """Write a Mosquitto config + dynsec state for the broker *container* into ``workdir``.
+
+    Same identities and ACL as :func:`start_broker`, but every path in ``mosquitto.conf`` is
+    the path inside the container (``workdir`` is mounted at ``mount``), the plugin is the
+    image's, and Mosquitto runs as the container's root. Nothing is started: Compose does
+    that. Returns the credentials (also in ``credentials.json``, mode 0600).
+    """
+    from runner.protocol import SERVER, check_id  # lazy, see acl_rules
+
+    check_id(run, "run id")
+    clients = list(clients)
+    for cid in clients:
+        check_id(cid, "client id")
+        if cid in RESERVED or cid == SERVER:
+            raise ValueError(f"client id {cid!r} is reserved")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    passwords = dict(passwords or {})
+    creds = {u: Credentials(u, passwords.get(u) or secrets.token_urlsafe(18))
+             for u in [SERVER_USER, MONITOR_USER, *clients]}
+    _write_private(workdir / "credentials.json",
+                   json.dumps({u: c.password for u, c in creds.items()}, indent=1))
+    _write_private(workdir / "dynsec.json",
+                   json.dumps(mosquitto_dynsec(acl_rules(run, clients), creds), indent=1))
+    _write_private(workdir / "mosquitto.conf",
+                   mosquitto_config(host, port, Path(mount), CONTAINER_DYNSEC, user="root"))
+    return creds
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import os
 import signal
 import sys
 import threading
@@ -121,6 +122,7 @@ class Client:
         self.adapter_shapes = {k: list(v.shape) for k, v in lora.adapter_state(seg.model).items()}
         # progress state (reported in every heartbeat)
         self.incarnation = uuid.uuid4().hex[:12]
+        self._budget_at, self._budget_cache = -1e9, None
         self.epoch: str | None = None
         self.done_step = -1  # last step whose update was applied (or that was skipped)
         self.announced = -1  # latest step the server announced
@@ -192,7 +194,29 @@ class Client:
             "opt_steps": self.opt_steps, "fresh": self.fresh, "synced": self.synced}
         if self.record is not None:
             out["record"] = self.record
+        budget = self._budget()
+        if budget is not None:
+            out["budget"], out["budget_source"] = budget.bytes, budget.source
         return out
+
+    def _budget(self) -> Any:
+        """This device's memory budget (runner/budget.py: NVML, cgroup, profile), re-read at
+        most every 5 s: it is reported in heartbeats so the server sees a change
+        (method.md "ARMSC" trigger). None when no source answers."""
+        now = time.monotonic()
+        if now - self._budget_at < 5.0:
+            return self._budget_cache
+        from runner.budget import discover_budget
+        from runner.errors import ConfigError
+
+        env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
+        try:
+            self._budget_cache = discover_budget(int(env_bytes) if env_bytes.isdigit()
+                                                 else None)
+        except (ConfigError, OSError, ValueError):
+            self._budget_cache = None
+        self._budget_at = now
+        return self._budget_cache
 
     # ------------------------------------------------------------------------ network
     def _expect(self) -> P.Expect:

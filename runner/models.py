@@ -230,6 +230,8 @@ def materialise(name: str) -> Path:
     """
     models_dir = cache_dir() / "models"
     if name == SMOLLM2_ALIAS:
+        if _cached(models_dir / SMOLLM2_ALIAS):  # a container mounts the host's converted copy
+            return models_dir / SMOLLM2_ALIAS
         return _convert_gguf(smollm2_gguf_path(), models_dir / SMOLLM2_ALIAS)
     if name in TINY_ALIASES:
         return _make_tiny(name, models_dir / name)

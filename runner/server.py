@@ -163,6 +163,7 @@ class Server:
         self.run: RunDir | None = None
         self.t: Transport | None = None
         self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
+        self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
         self._connects = 1
         self.reconnected_at = 0.0
 
@@ -389,11 +390,27 @@ class Server:
             self.set_online(p, inc, msg.meta)
         if msg.kind is P.Kind.HB:
             p.status = msg.meta
+            self.on_budget(p, msg.meta)
             self.on_status(p)
         elif msg.kind is P.Kind.ACT:
             self.on_act(p, msg)
         elif msg.kind is P.Kind.ADAPT:
             self.on_adapt(p, msg)
+
+    def on_budget(self, p: Peer, meta: dict[str, Any]) -> None:
+        """Record a client's reported memory budget: the first report, and every change of
+        more than 10 % (method.md "ARMSC": the threshold that re-triggers ARMSC for the
+        heterogeneous methods; the homogeneous ones only log it)."""
+        budget = meta.get("budget")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+            return
+        old = self.budgets.get(p.cid)
+        if old is None or abs(budget - old) > 0.1 * old:
+            self.budgets[p.cid] = budget
+            self.event("client_budget" if old is None else "budget_changed",
+                       step=max(self.current, 0), client=p.name, budget_bytes=budget,
+                       source=str(meta.get("budget_source", "?")),
+                       **({} if old is None else {"previous_bytes": old}))
 
     def set_offline(self, p: Peer, reason: str) -> None:
         p.online = False

@@ -20,16 +20,24 @@ RunOpt = Annotated[Path, typer.Option("--run", "--out", help="Run directory")]
 
 
 def up(
-    method: Annotated[str, typer.Option(help="splitlora | fedlora | cenlora (the methods the "
-                                             "distributed runtime runs so far)")] = "splitlora",
-    model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id")
+    profile: Annotated[str | None, typer.Option(
+        help="Profile name (profiles/NAME.yaml, `testbed profiles list`) or path: devices, "
+             "budgets and experiment come from it; the options below override its "
+             "experiment")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="splitlora | fedlora | cenlora run distributed; with --profile also hsplitlora* "
+             "and hetlora, which run in-process (default: the profile's, else splitlora)")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id "
+                                            "(ignored with --profile: its stand-in)")
                      ] = "smollm2-135m",
     data: Annotated[str | None, typer.Option(help="E2E CSV or 'synthetic'")] = None,
-    clients: Annotated[int, typer.Option(help="Number of clients")] = 3,
+    clients: Annotated[int, typer.Option(help="Number of clients (without --profile)")] = 3,
     split: Annotated[int | None, typer.Option("--split", help="Split point k")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
     targets: Annotated[str, typer.Option(help="Projections to adapt")] = "q,v",
-    steps: Annotated[int, typer.Option(help="Training steps")] = 200,
+    steps: Annotated[int | None, typer.Option(
+        help="Training steps (default: the profile's, else 200)")] = None,
     batch_size: Annotated[int, typer.Option(help="Mini-batch per client per step")] = 8,
     lr: Annotated[float | None, typer.Option(help="Learning rate")] = None,
     agg_interval: Annotated[int, typer.Option(help="Aggregate every I steps")] = 5,
@@ -42,52 +50,82 @@ def up(
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
-    backend: Annotated[str, typer.Option(help="local (processes on this machine)")] = "local",
+    backend: Annotated[str, typer.Option(
+        help="auto (compose when --profile is given and a Docker daemon answers, else "
+             "local) | compose (containers, needs --profile) | local (processes here)")
+    ] = "auto",
+    host_network: Annotated[bool, typer.Option(
+        help="compose: every container on the host's network, broker on 127.0.0.1 "
+             "(tests; the default is a private Compose network)")] = False,
+    mem_limit: Annotated[list[str] | None, typer.Option(
+        help="compose: override a client container's memory limit, CLIENT=BYTES (e.g. "
+             "client2=300MB); repeatable. A limit below the need is recorded as "
+             "budget_exceeded")] = None,
     wire: Annotated[str, typer.Option(help="Activations/gradients on the wire: float32 | "
                                            "float16 | bfloat16")] = "float32",
     step_timeout: Annotated[float, typer.Option(help="Seconds a step waits for clients")
                             ] = 30.0,
+    join_timeout: Annotated[float, typer.Option(
+        help="Seconds the server waits for clients to join at the start")] = 120.0,
     heartbeat: Annotated[float, typer.Option(help="Client heartbeat period (s)")] = 0.5,
     offline_after: Annotated[float, typer.Option(help="Silence (s) that marks a client "
                                                       "offline")] = 5.0,
     detach: Annotated[bool, typer.Option(help="Start and return; stop with `testbed down`")
                       ] = False,
 ) -> None:
-    """Start a distributed run: broker, server and clients as processes, with live progress.
+    """Start a distributed run: broker, server and clients (containers or processes), with
+    live progress.
 
-    Ctrl-C stops everything. From another terminal: `testbed status`, `testbed inject
-    dropout`, `testbed down` (all take --run DIR)."""
+    With --profile, the profile's devices are emulated on the stand-in model (the budget
+    mapping is printed first, docs/emulation.md) and, on the compose backend, every client
+    runs in a container capped to its budget. Ctrl-C stops everything. From another
+    terminal: `testbed status`, `testbed logs`, `testbed inject dropout`, `testbed down`
+    (all take --run DIR)."""
     from runner.errors import UserError
-    from runner.runtime import RuntimeOptions
+    from runner.runtime import DISTRIBUTED_METHODS, RuntimeOptions
     from testbed.cli import _fail, _quiet_libraries, train_config
-    from testbed.local import LocalRun
 
     _quiet_libraries()
-    if backend != "local":
-        _fail(f"--backend {backend!r} is not available yet; use --backend local")
-    cfg = train_config(
-        method=method, model=model, data=data, clients=clients, split=split, rank=rank,
-        targets=targets, steps=steps, batch_size=batch_size, lr=lr, agg_interval=agg_interval,
-        partition=partition, dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
-        eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
-        seed=seed)
+    if backend not in ("auto", "compose", "local"):
+        _fail(f"--backend must be auto, compose or local, not {backend!r}")
+    console = Console()
     try:
-        cfg.validate()
-        from runner.runtime import DISTRIBUTED_METHODS
-
-        if method not in DISTRIBUTED_METHODS:
-            raise UserError(f"method {method!r} is not distributed yet; `testbed up` runs "
-                            f"{', '.join(DISTRIBUTED_METHODS)} (use `testbed train`)")
         opts = RuntimeOptions(step_timeout=step_timeout, heartbeat=heartbeat,
                               offline_after=offline_after, overwrite=overwrite,
+                              join_timeout=join_timeout,
                               wire=None if wire == "float32" else wire)
         opts.validate()
-        run = LocalRun(cfg, out, opts)
-        run.start()
+        if profile is not None:
+            _up_profile(profile, method=method, steps=steps, data=data, seed=seed, out=out,
+                        overwrite=overwrite, backend=backend, host_network=host_network,
+                        mem_limit=mem_limit or [], opts=opts, detach=detach, console=console)
+            return
+        if backend == "compose":
+            raise UserError("--backend compose needs --profile (the containers' memory caps "
+                            "come from a profile's devices); see `testbed profiles list`")
+        cfg = train_config(
+            method=method or "splitlora", model=model, data=data, clients=clients,
+            split=split, rank=rank, targets=targets, steps=200 if steps is None else steps,
+            batch_size=batch_size, lr=lr, agg_interval=agg_interval, partition=partition,
+            dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
+            eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
+            seed=seed)
+        cfg.validate()
+        if cfg.method not in DISTRIBUTED_METHODS:
+            raise UserError(f"method {cfg.method!r} is not distributed yet; `testbed up` runs "
+                            f"{', '.join(DISTRIBUTED_METHODS)} (use `testbed train`)")
+        _up_local(cfg, out, opts, detach, console)
     except UserError as exc:
         _fail(str(exc))
-        return
-    console = Console()
+
+
+def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console) -> None:
+    """Local backend: broker, server and clients as processes on this machine."""
+    from testbed.cli import _fail
+    from testbed.local import LocalRun
+
+    run = LocalRun(cfg, out, opts)
+    run.start()
     console.print(f"run {run.run_id}: broker {run.url}, server + {len(run.clients)} clients; "
                   f"logs in {run.logs}", highlight=False)
     if detach:
@@ -95,7 +133,7 @@ def up(
                       highlight=False)
         return
     try:
-        code = _follow(run, cfg.steps, console)
+        code = _follow(run.run_dir, run.procs["server"].poll, cfg.steps, console)
     except KeyboardInterrupt:
         code = 130
         console.print("interrupted; stopping the run", highlight=False)
@@ -103,29 +141,150 @@ def up(
         run.stop()
     if code != 0:
         _fail(f"the server exited with code {code}; see {run.logs / 'server.log'}")
+    _print_summary(out, console)
+
+
+def _print_summary(out: Path, console: Console) -> None:
     summary = json.loads((Path(out) / "summary.json").read_text())
     console.print(f"pretrained val PPL {summary['pretrained_val_ppl']:.3f} -> final "
                   f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
 
 
-def _follow(run: Any, total: int, console: Console | None = None) -> int:
+def _up_profile(name: str, *, method: str | None, steps: int | None, data: str | None,
+                seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
+                mem_limit: list[str], opts: Any, detach: bool, console: Console) -> None:
+    """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
+    from dataclasses import replace
+
+    from runner.errors import UserError
+    from runner.runtime import DISTRIBUTED_METHODS
+    from testbed import profiles as P
+
+    prof = P.load_profile(name)
+    mapping = P.emulation_map(prof)
+    P.print_emulation(mapping, console)
+    cfg = P.train_config(prof, mapping)
+    changes: dict[str, Any] = {}
+    if method is not None:
+        changes["method"] = method
+    if steps is not None:
+        changes["steps"] = steps
+    if data is not None:
+        changes["data"] = data
+    if seed != 0:
+        changes["seed"] = seed
+    cfg = replace(cfg, **changes)
+    cfg.validate()
+    if cfg.method not in DISTRIBUTED_METHODS:
+        # Design choice: the heterogeneous methods are not carried by the distributed runtime
+        # yet (per-client split points and ranks, block hand-over on the wire); rather than
+        # refuse the profile's own method, run it in-process on the same emulated devices.
+        if backend == "compose":
+            raise UserError(f"{cfg.method} does not run in containers yet (the distributed "
+                            f"runtime carries {', '.join(DISTRIBUTED_METHODS)}); use "
+                            "--backend auto/local to run it in-process, or --method splitlora")
+        from testbed.cli import run_training
+
+        out.mkdir(parents=True, exist_ok=True)
+        devices = P.write_devices_file(mapping, out / "devices.json")
+        cfg = replace(cfg, devices=str(devices))
+        console.print(f"{cfg.method} runs in-process on the profile's {prof.clients} emulated "
+                      f"devices (the distributed runtime carries "
+                      f"{', '.join(DISTRIBUTED_METHODS)})", highlight=False)
+        summary = run_training(cfg, out, overwrite)
+        console.print(f"pretrained val PPL {summary['pretrained_val_ppl']:.3f} -> final "
+                      f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
+        return
+    if backend == "auto":
+        from testbed.compose import compose_command
+        from testbed.images import daemon_available
+
+        backend = "compose" if daemon_available() and compose_command() else "local"
+        console.print(f"backend: {backend}" + ("" if backend == "compose" else
+                      " (no Docker daemon / Compose answers)"), highlight=False)
+    if backend == "local":
+        out.mkdir(parents=True, exist_ok=True)
+        devices = P.write_devices_file(mapping, out / "devices.json")
+        _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console)
+        return
+    _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
+
+
+def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_network: bool,
+                mem_limit: list[str], detach: bool, console: Console) -> None:
+    """Compose backend (testbed/compose_run.py): containers, OOM watch, live view."""
+    import threading
+
+    from testbed.cli import _fail
+    from testbed.compose_run import ComposeRun, parse_mem_limits
+    from testbed.images import ensure_images
+
+    run = ComposeRun(prof, mapping, cfg, out, opts, host_network=host_network,
+                     mem_limits=parse_mem_limits(mem_limit))
+    ensure_images(log=lambda m: console.print(m, highlight=False))
+    run.start()
+    console.print(f"run {run.run_id}: compose project {run.project}, broker + server + "
+                  f"{len(run.clients)} client containers; override {run.override}",
+                  highlight=False)
+    if detach:
+        console.print(f"detached; `testbed status --run {out}`, `testbed down --run {out}`",
+                      highlight=False)
+        return
+    stop = threading.Event()
+    watcher = threading.Thread(target=run.watch, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+        code = _follow(run.run_dir, run.server_exit, cfg.steps, console)
+    except KeyboardInterrupt:
+        code = 130
+        console.print("interrupted; stopping the run", highlight=False)
+    finally:
+        stop.set()
+        watcher.join(5)
+        run.check_oom()
+        run.stop()
+    for client in sorted(run.recorded_oom):
+        console.print(f"{client}: budget exceeded (OOM-killed in its container); the run went "
+                      "on without it", highlight=False)
+    if code != 0:
+        _fail(f"the server exited with code {code}; see {run.logs / 'server.log'}")
+    _print_summary(out, console)
+
+
+def _follow(run_dir: Path, poll: Any, total: int, console: Console | None = None) -> int:
     """Live view of the run directory (testbed/liveview.py: a table of clients updating in
-    place on a terminal, plain lines otherwise) until the server exits; its exit code."""
+    place on a terminal, plain lines otherwise) until ``poll()`` gives the server's exit
+    code; that code."""
     from testbed.liveview import follow
 
-    return follow(run.run_dir, run.procs["server"].poll, console, steps=total)
+    return follow(run_dir, poll, console, steps=total)
+
+
+def _backend(run: Path) -> str:
+    from testbed.local import read_state
+
+    return str(read_state(run).get("backend", "local"))
 
 
 def status(run: RunOpt = Path("runs/latest"),
            as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
            ) -> None:
-    """Processes, broker, progress and event counts of a run started with `testbed up`."""
+    """Processes or containers, broker, progress and event counts of a run started with
+    `testbed up`."""
     from runner.errors import UserError
     from testbed.cli import _fail
+    from testbed.local import progress
     from testbed.local import status as local_status
 
     try:
-        st = local_status(run)
+        if _backend(run) == "compose":
+            from testbed.compose_run import attach, container_states
+
+            st = {"run_dir": str(run), "backend": "compose",
+                  "project": attach(run).project, "containers": container_states(run),
+                  **progress(run)}
+        else:
+            st = local_status(run)
     except UserError as exc:
         _fail(str(exc))
         return
@@ -133,31 +292,73 @@ def status(run: RunOpt = Path("runs/latest"),
         typer.echo(json.dumps(st, indent=1))
         return
     c = Console()
-    c.print(f"run {st['run_id']} in {st['run_dir']}  "
+    head = st.get("run_id") or st.get("project")
+    c.print(f"run {head} in {st['run_dir']} ({st['backend']})  "
             f"{'finished' if st['finished'] else 'step ' + str(st['step'])}", highlight=False)
     if "loss" in st:
         c.print(f"loss {st['loss']:.4f}" + (f"  val PPL {st['val_ppl']:.3f}"
                                              if st.get("val_ppl") else ""), highlight=False)
-    c.print(f"broker {st['broker']['url']} ({st['broker']['state']})", highlight=False)
-    for who, p in st["processes"].items():
-        c.print(f"  {who:<10} pid {p['pid']:<8} {p['state']}", highlight=False)
+    if st["backend"] == "compose":
+        for who, info in st["containers"].items():
+            extra = "  OOM-killed" if info["oom_killed"] else ""
+            limit = f"  limit {info['mem_limit'] / 2**20:.0f} MiB" if info["mem_limit"] else ""
+            c.print(f"  {who:<10} {info['state']:<8}{limit}{extra}", highlight=False)
+    else:
+        c.print(f"broker {st['broker']['url']} ({st['broker']['state']})", highlight=False)
+        for who, p in st["processes"].items():
+            c.print(f"  {who:<10} pid {p['pid']:<8} {p['state']}", highlight=False)
     if st["events"]:
         c.print("events: " + ", ".join(f"{k} {v}" for k, v in sorted(st["events"].items())),
                 highlight=False)
 
 
 def down(run: RunOpt = Path("runs/latest")) -> None:
-    """Stop a run's processes and its broker (SIGTERM, then SIGKILL)."""
+    """Stop a run: its processes and broker (SIGTERM, then SIGKILL), or its containers
+    (their logs are saved into RUN/logs first)."""
     from runner.errors import UserError
     from testbed.cli import _fail
-    from testbed.local import down as local_down
 
     try:
-        stopped = local_down(run)
+        if _backend(run) == "compose":
+            from testbed.compose_run import down as compose_down
+
+            stopped = compose_down(run)
+        else:
+            from testbed.local import down as local_down
+
+            stopped = local_down(run)
     except UserError as exc:
         _fail(str(exc))
         return
     typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def logs(
+    service: Annotated[str | None, typer.Argument(
+        help="server, broker or a client id (default: all)")] = None,
+    run: RunOpt = Path("runs/latest"),
+    tail: Annotated[int, typer.Option(help="Lines per service")] = 50,
+) -> None:
+    """The last lines of the run's logs (container output, or RUN/logs/*.log locally)."""
+    from runner.errors import UserError
+    from testbed.cli import _fail
+
+    try:
+        if _backend(run) == "compose":
+            from testbed.compose_run import logs as compose_logs
+
+            typer.echo(compose_logs(run, service, tail))
+            return
+        files = sorted((Path(run) / "logs").glob("*.log"))
+        if service is not None:
+            files = [f for f in files if f.stem == service]
+            if not files:
+                raise UserError(f"no log for {service!r} in {Path(run) / 'logs'}")
+        for f in files:
+            lines = f.read_text(errors="replace").splitlines()[-tail:]
+            typer.echo(f"== {f.stem} ==\n" + "\n".join(lines))
+    except UserError as exc:
+        _fail(str(exc))
 
 
 inject_app = typer.Typer(help="Inject faults into a running distributed run.",
@@ -168,20 +369,28 @@ inject_app = typer.Typer(help="Inject faults into a running distributed run.",
 def inject_dropout(
     client: Annotated[str, typer.Option("--client", help="Client id, e.g. client1")],
     seconds: Annotated[float | None, typer.Option(
-        "--for", help="How long: kill -> restart after; pause/disconnect -> back after "
+        "--for", help="How long: kill -> restart after; pause/stop/disconnect -> back after "
                       "(default 10 s; kill without --for stays dead)")] = None,
-    mode: Annotated[str, typer.Option(help="kill (SIGKILL) | pause (SIGSTOP/SIGCONT) | "
-                                           "disconnect (drop the broker connection)")
+    mode: Annotated[str, typer.Option(help="kill (SIGKILL) | pause (SIGSTOP/SIGCONT; the "
+                                           "cgroup freezer for containers) | stop (SIGTERM, "
+                                           "containers only) | disconnect (drop the network "
+                                           "or broker connection)")
                     ] = "kill",
     run: RunOpt = Path("runs/latest"),
 ) -> None:
     """Take a client away (and bring it back after --for seconds)."""
     from runner.errors import UserError
     from testbed.cli import _fail
-    from testbed.local import inject_dropout as local_inject
 
     try:
-        typer.echo(local_inject(run, client, mode, seconds))
+        if _backend(run) == "compose":
+            from testbed.compose_run import inject_dropout as compose_inject
+
+            typer.echo(compose_inject(run, client, mode, seconds))
+        else:
+            from testbed.local import inject_dropout as local_inject
+
+            typer.echo(local_inject(run, client, mode, seconds))
     except UserError as exc:
         _fail(str(exc))
 
@@ -191,4 +400,5 @@ def register(app: typer.Typer) -> None:
     app.command()(up)
     app.command()(status)
     app.command()(down)
+    app.command()(logs)
     app.add_typer(inject_app, name="inject")

@@ -262,17 +262,26 @@ def read_state(run_dir: Path) -> dict[str, Any]:
 
 def status(run_dir: Path) -> dict[str, Any]:
     """Process states, the last step and evaluation, and the number of events by kind."""
-    from runner.rundir import read_jsonl
-
     state = read_state(run_dir)
     procs = {who: {"pid": info["pid"], "state": pid_state(info["pid"])}
              for who, info in state["processes"].items()}
     broker = state["broker"]
     out: dict[str, Any] = {"run_dir": str(run_dir), "run_id": state["run_id"],
+                           "backend": "local",
                            "broker": {"url": broker["url"], "pid": broker.get("pid"),
                                       "state": pid_state(broker.get("pid"))
                                       if broker.get("pid") else "external"},
                            "processes": procs}
+    out.update(progress(run_dir))
+    return out
+
+
+def progress(run_dir: Path) -> dict[str, Any]:
+    """From the run directory alone (any backend): the step reached, the last mean training
+    loss and validation PPL, event counts by kind, and whether the run finished."""
+    from runner.rundir import read_jsonl
+
+    out: dict[str, Any] = {}
     metrics = read_jsonl(Path(run_dir) / "metrics.jsonl")
     train = [m for m in metrics if m.get("kind") == "train"]
     evals = [m for m in metrics if m.get("kind") == "eval"]

@@ -1,0 +1,444 @@
+"""Compose backend: a profile's broker, server and clients as memory-capped containers.
+
+``testbed up --profile NAME --backend compose`` (or ``auto`` when a Docker daemon answers):
+
+1. the profile is mapped onto the stand-in (testbed/profiles.py, docs/emulation.md) and the
+   mapping printed;
+2. the run directory is prepared on the host: ``runtime.json`` (paths as the containers see
+   them: the run directory at ``/run/testbed``, the model cache at ``/cache``, the data file
+   under ``/data``), ``devices.json``, the broker's config, credentials and ACL
+   (``broker/``, runner/broker.py ``write_container_broker``) and one password file per
+   participant (``secrets/``);
+3. the model is materialised on the host first (a GGUF conversion needs the whole model in
+   memory, which a small client container must never pay) and the cache mounted;
+4. ``compose.override.yaml`` is generated (testbed/compose.py) and
+   ``docker compose -p PROJECT -f compose.yaml -f RUN/compose.override.yaml up -d`` started;
+5. while the server container runs, the host watches the containers through the Docker SDK:
+   a client container that exits with ``OOMKilled`` is recorded in ``events.jsonl`` as
+   ``budget_exceeded`` (its limit and the profile budget), not as a testbed crash; the
+   server has already gone on without it (offline detection, docs/protocol.md).
+
+Faults are injected into the containers (``testbed inject dropout``): ``kill`` (SIGKILL, and
+``docker start`` after ``--for``), ``pause`` (cgroup freezer), ``stop`` (SIGTERM then start),
+``disconnect`` (``docker network disconnect`` / connect; on host networking, where a
+container has no network of its own, the client drops its broker connection on SIGUSR1, as
+in the local backend).
+
+A state file (``testbed-state.json``, backend "compose") lets ``testbed status|down|logs|
+inject`` work from another terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from runner.config import TrainConfig
+from runner.errors import UserError
+from runner.rundir import EVENTS, read_jsonl, write_json
+from runner.runtime import RuntimeOptions, write_config
+from testbed.compose import (
+    BASE_COMPOSE,
+    LABEL,
+    RUN_MOUNT,
+    ComposeOptions,
+    compose_command,
+    write_override,
+)
+from testbed.images import BROKER_IMAGE, RUNTIME_IMAGE, docker_client
+from testbed.profiles import EmulationMap, Profile
+
+STATE = "testbed-state.json"
+OVERRIDE = "compose.override.yaml"
+CACHE_MOUNT = "/cache"
+DATA_MOUNT = "/data"
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+
+
+def project_name(run_id: str) -> str:
+    """Compose project names: lowercase letters, digits, '-' and '_' (v1 drops the rest)."""
+    clean = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id.lower())
+    return f"hsl-{clean}"[:60]
+
+
+def parse_mem_limits(items: list[str]) -> dict[str, int]:
+    """``--mem-limit client2=300MB`` (repeatable) -> {"client2": 300000000}."""
+    from testbed.profiles import parse_bytes
+
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--mem-limit {item!r}: write CLIENT=BYTES, e.g. client2=300MB")
+        try:
+            out[name.strip()] = parse_bytes(value.strip())
+        except (UserError, ValueError) as exc:
+            raise UserError(f"--mem-limit {item!r}: {exc}") from None
+    return out
+
+
+@dataclass
+class ComposeRun:
+    """One containerised run of a profile (see the module docstring)."""
+
+    profile: Profile
+    mapping: EmulationMap
+    train: TrainConfig
+    run_dir: Path
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    host_network: bool = False
+    mem_limits: dict[str, int] = field(default_factory=dict)
+    run_id: str | None = None
+    compose: list[str] | None = None
+    recorded_oom: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).resolve()
+        self.run_id = self.run_id or "".join(
+            c if c.isalnum() or c in "_.-" else "-" for c in self.run_dir.name)[:64] or "run"
+        self.project = project_name(self.run_id)
+        self.clients = [d.name for d in self.profile.devices]
+        unknown = set(self.mem_limits) - set(self.clients)
+        if unknown:
+            raise UserError(f"--mem-limit names unknown clients {sorted(unknown)}; the "
+                            f"profile's clients are {', '.join(self.clients)}")
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def override(self) -> Path:
+        return self.run_dir / OVERRIDE
+
+    # ------------------------------------------------------------------------ prepare
+    def _container_train(self) -> tuple[TrainConfig, dict[str, str]]:
+        """The TrainConfig with container paths, and the extra bind mounts it needs."""
+        from runner.models import cache_dir, materialise
+
+        mounts: dict[str, str] = {}
+        materialise(self.train.model)  # convert / create on the host, once
+        cache = cache_dir()
+        mounts[str(cache.resolve())] = CACHE_MOUNT
+        cfg = replace(self.train, devices=f"{RUN_MOUNT}/devices.json")
+        data = self.train.data
+        if data and data != "synthetic" and Path(data).expanduser().is_file():
+            path = Path(data).expanduser().resolve()
+            mounts[str(path.parent)] = f"{DATA_MOUNT}:ro"
+            cfg = replace(cfg, data=f"{DATA_MOUNT}/{path.name}")
+        elif data and data != "synthetic":
+            raise UserError(f"data file {data} not found; pass an E2E CSV (e.g. "
+                            "../shared/data/e2e/devset.csv) or 'synthetic'")
+        return cfg, mounts
+
+    def prepare(self) -> ComposeOptions:
+        """Write everything the containers read into the run directory (no Docker calls)."""
+        from runner.broker import free_port, write_container_broker
+        from testbed.profiles import write_devices_file
+
+        if (self.run_dir / "config.json").exists() and not self.options.overwrite:
+            raise UserError(f"run directory {self.run_dir} already holds a run; choose another "
+                            "--out or pass --overwrite")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.options.overwrite:
+            for name in ("config.json", "metrics.jsonl", EVENTS, "summary.json"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        port = free_port() if self.host_network else 1883
+        opts = ComposeOptions(run_id=str(self.run_id), host_network=self.host_network,
+                              broker_port=port)
+        write_devices_file(self.mapping, self.run_dir / "devices.json")
+        creds = write_container_broker(
+            str(self.run_id), self.clients, self.run_dir / "broker", port=port,
+            mount=f"{RUN_MOUNT}/broker", host="127.0.0.1" if self.host_network else "0.0.0.0")
+        secrets = self.run_dir / "secrets"
+        secrets.mkdir(exist_ok=True)
+        for who, c in creds.items():
+            fd = os.open(secrets / who, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(c.password + "\n")
+        cfg, self.mounts = self._container_train()
+        write_config(self.run_dir / "runtime.json", cfg, Path(RUN_MOUNT),
+                     run_id=str(self.run_id), clients=self.clients, broker=opts.broker_url(),
+                     options=self.options)
+        write_override(self.profile, self.mapping, self.override, opts)
+        self._patch_override()
+        return opts
+
+    def _patch_override(self) -> None:
+        """Per-run additions the profile does not know: mounts, user, memory overrides."""
+        import yaml
+
+        text = self.override.read_text()
+        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+        doc = yaml.safe_load(text)
+        volumes = [f"{host}:{inside}" for host, inside in self.mounts.items()]
+        user = f"{os.getuid()}:{os.getgid()}"
+        for name, svc in doc["services"].items():
+            if name == "broker":
+                continue
+            svc["volumes"] = [f"{self.run_dir}:{RUN_MOUNT}", *volumes]
+            svc["user"] = user  # files in the run directory belong to the user, not root
+            svc.setdefault("environment", {})["TESTBED_CACHE"] = CACHE_MOUNT
+            if name in self.mem_limits:
+                limit = self.mem_limits[name]
+                svc["mem_limit"] = limit
+                svc["memswap_limit"] = limit
+                svc["labels"][f"{LABEL}.budget"] = str(limit)
+        doc["services"].setdefault("broker", {})["volumes"] = [f"{self.run_dir}:{RUN_MOUNT}"]
+        self.override.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+
+    # -------------------------------------------------------------------------- start
+    def compose_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"TESTBED_RUN_DIR": str(self.run_dir), "TESTBED_RUN_ID": str(self.run_id),
+                    "TESTBED_IMAGE": env.get("TESTBED_IMAGE", RUNTIME_IMAGE),
+                    "TESTBED_BROKER_IMAGE": env.get("TESTBED_BROKER_IMAGE", BROKER_IMAGE)})
+        return env
+
+    def compose_argv(self, *args: str) -> list[str]:
+        cmd = self.compose or compose_command()
+        if cmd is None:
+            raise UserError("neither `docker compose` nor `docker-compose` is installed; "
+                            "install one or use --backend local")
+        self.compose = cmd
+        return [*cmd, "-p", self.project, "-f", str(BASE_COMPOSE), "-f", str(self.override),
+                *args]
+
+    def _compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.compose_argv(*args), env=self.compose_env(),
+                              capture_output=True, text=True, timeout=timeout,
+                              cwd=str(BASE_COMPOSE.parent))
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise UserError(f"`compose {' '.join(args)}` failed: {' | '.join(tail)}")
+        return proc
+
+    def start(self) -> ComposeRun:
+        """Prepare the run directory, then ``compose up -d``; writes the state file."""
+        self.prepare()
+        self._compose("up", "-d", "--no-build")
+        self.started = time.time()
+        self.write_state()
+        return self
+
+    def write_state(self) -> None:
+        write_json(self.run_dir / STATE, {
+            "backend": "compose", "run_id": self.run_id, "run_dir": str(self.run_dir),
+            "project": self.project, "compose": self.compose,
+            "files": [str(BASE_COMPOSE), str(self.override)], "clients": self.clients,
+            "host_network": self.host_network, "updated": time.time()})
+
+    # ------------------------------------------------------------------------ watch
+    def containers(self) -> dict[str, Any]:
+        """service name -> container (all states) of this run's project."""
+        client = docker_client()
+        found = client.containers.list(all=True,
+                                       filters={"label": f"{PROJECT_LABEL}={self.project}"})
+        return {c.labels.get(SERVICE_LABEL, c.name): c for c in found}
+
+    def server_exit(self) -> int | None:
+        """The server container's exit code, or None while it runs (or has not started)."""
+        c = self.containers().get("server")
+        if c is None:
+            return None
+        c.reload()
+        if c.status in ("exited", "dead"):
+            return int(c.attrs["State"].get("ExitCode", 1))
+        return None
+
+    def check_oom(self) -> list[str]:
+        """Record each client container the kernel OOM-killed as ``budget_exceeded``."""
+        newly = []
+        for name, c in self.containers().items():
+            if name not in self.clients or name in self.recorded_oom:
+                continue
+            c.reload()
+            state = c.attrs.get("State", {})
+            if state.get("OOMKilled") and c.status in ("exited", "dead"):
+                self.recorded_oom.add(name)
+                newly.append(name)
+                limit = int(c.attrs.get("HostConfig", {}).get("Memory") or 0)
+                row = self.mapping.clients[self.clients.index(name)]
+                append_event(self.run_dir, "budget_exceeded", client=name,
+                             container=c.name, limit_bytes=limit,
+                             budget_bytes=row.memory_bytes, exit_code=state.get("ExitCode"),
+                             detail="the kernel OOM-killed the client container: its "
+                                    "configuration needs more memory than its limit")
+        return newly
+
+    def watch(self, stop: threading.Event, period: float = 1.0) -> None:
+        """Poll the containers until ``stop`` is set (run in a thread by ``testbed up``)."""
+        while not stop.is_set():
+            # a transient daemon error must not end the run
+            with contextlib.suppress(Exception):
+                self.check_oom()
+            stop.wait(period)
+
+    def collect_logs(self) -> None:
+        """Each container's output into ``logs/<service>.log`` (after the run)."""
+        self.logs.mkdir(exist_ok=True)
+        for name, c in self.containers().items():
+            try:
+                (self.logs / f"{name}.log").write_bytes(c.logs(stdout=True, stderr=True))
+            except Exception:  # noqa: BLE001 - a removed container has no logs left
+                continue
+
+    def stop(self) -> None:
+        """Collect the logs, then ``compose down`` (containers and the project network)."""
+        self.collect_logs()
+        self._compose("down", "--timeout", "5")
+
+
+def append_event(run_dir: Path, kind: str, **fields: Any) -> None:
+    """Append one event to the run's ``events.jsonl`` from outside the server (the host's
+    watcher); one ``write`` of one line with O_APPEND, so it interleaves with the server's
+    own appends without tearing a line."""
+    from runner.rundir import _clean
+
+    record = {"event": kind, "time": time.time(), "source": "host", **fields}
+    line = (json.dumps(_clean(record), sort_keys=True) + "\n").encode()
+    fd = os.open(Path(run_dir) / EVENTS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------- from another terminal (state file)
+class _Attached:
+    """Enough of a ComposeRun, rebuilt from the state file, for status/down/logs/inject."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.project = state["project"]
+        self.clients = list(state["clients"])
+        self.run_dir = Path(state["run_dir"])
+        self.files = list(state["files"])
+        self.compose = state.get("compose")
+        self.host_network = bool(state.get("host_network"))
+
+    def containers(self) -> dict[str, Any]:
+        return ComposeRun.containers(self)  # type: ignore[arg-type]
+
+
+def attach(run_dir: Path) -> _Attached:
+    from testbed.local import read_state
+
+    state = read_state(run_dir)
+    if state.get("backend") != "compose":
+        raise UserError(f"{run_dir} was started with the {state.get('backend')} backend")
+    return _Attached(state)
+
+
+def container_states(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """service -> {"state", "exit_code", "oom_killed", "mem_limit"} for ``testbed status``."""
+    out = {}
+    for name, c in sorted(attach(run_dir).containers().items()):
+        state = c.attrs.get("State", {})
+        out[name] = {"container": c.name, "state": c.status,
+                     "exit_code": state.get("ExitCode"),
+                     "oom_killed": bool(state.get("OOMKilled")),
+                     "mem_limit": int(c.attrs.get("HostConfig", {}).get("Memory") or 0)}
+    return out
+
+
+def down(run_dir: Path) -> list[str]:
+    """Collect logs and remove the run's containers; the services that were running."""
+    run = attach(run_dir)
+    conts = run.containers()
+    running = sorted(n for n, c in conts.items() if c.status in ("running", "paused"))
+    logs = run.run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    for name, c in conts.items():
+        try:
+            if c.status == "paused":
+                c.unpause()
+            (logs / f"{name}.log").write_bytes(c.logs(stdout=True, stderr=True))
+        except Exception:  # noqa: BLE001
+            pass
+        c.remove(force=True)
+    nets = docker_client().networks.list(filters={"label": f"{PROJECT_LABEL}={run.project}"})
+    for net in nets:
+        with contextlib.suppress(Exception):  # still in use by something else: leave it
+            net.remove()
+    return running
+
+
+def logs(run_dir: Path, service: str | None = None, tail: int = 50) -> str:
+    """The last ``tail`` lines of one service's (or every service's) container output."""
+    conts = attach(run_dir).containers()
+    if service is not None and service not in conts:
+        raise UserError(f"no container for {service!r}; services: {', '.join(sorted(conts))}")
+    names = [service] if service else sorted(conts)
+    parts = []
+    for name in names:
+        text = conts[name].logs(stdout=True, stderr=True, tail=tail).decode(errors="replace")
+        parts.append(f"== {name} ==\n{text.rstrip()}")
+    return "\n".join(parts)
+
+
+def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
+                   seconds: float | None = None) -> str:
+    """Take a client container away and (after ``seconds``) bring it back; see the module
+    docstring for the modes. Blocks for ``seconds``; returns what was done."""
+    run = attach(run_dir)
+    if client not in run.clients:
+        raise UserError(f"unknown client {client!r}; clients: {', '.join(run.clients)}")
+    c = run.containers().get(client)
+    if c is None or c.status not in ("running", "paused"):
+        raise UserError(f"{client}'s container is not running")
+    if mode == "kill":
+        c.kill()
+        append_event(run_dir, "inject", client=client, mode="kill", seconds=seconds)
+        if seconds is None:
+            return f"{client} killed ({c.name})"
+        time.sleep(seconds)
+        c.start()
+        return f"{client} killed ({c.name}) and restarted after {seconds:g} s"
+    seconds = 10.0 if seconds is None else seconds
+    append_event(run_dir, "inject", client=client, mode=mode, seconds=seconds)
+    if mode == "pause":
+        c.pause()
+        try:
+            time.sleep(seconds)
+        finally:
+            c.unpause()
+        return f"{client} paused for {seconds:g} s ({c.name})"
+    if mode == "stop":
+        c.stop(timeout=5)
+        time.sleep(seconds)
+        c.start()
+        return f"{client} stopped and started again after {seconds:g} s ({c.name})"
+    if mode == "disconnect":
+        nets = list(c.attrs.get("NetworkSettings", {}).get("Networks") or {})
+        nets = [n for n in nets if n not in ("host", "none")]
+        if not nets:  # host networking: the client drops its connection itself (SIGUSR1)
+            path = Path(run_dir) / "inject" / f"{client}.disconnect"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(f"{seconds}\n")
+            c.kill(signal="SIGUSR1")
+            return f"{client} disconnected from the broker for {seconds:g} s ({c.name})"
+        client_api = docker_client()
+        for n in nets:
+            client_api.networks.get(n).disconnect(c, force=True)
+        time.sleep(seconds)
+        for n in nets:
+            client_api.networks.get(n).connect(c, aliases=[client])
+        return f"{client} disconnected from {', '.join(nets)} for {seconds:g} s ({c.name})"
+    raise UserError(f"--mode must be kill, pause, stop or disconnect, not {mode!r}")
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / EVENTS)
+
+
+__all__ = ["ComposeRun", "append_event", "container_states", "down", "inject_dropout",
+           "logs", "parse_mem_limits", "project_name"]
