@@ -331,6 +331,11 @@ from testbed.commands_profiles import app as _profiles_app  # noqa: E402
 
 app.add_typer(_profiles_app, name="profiles")
 
+# `testbed images build [--offline]` (testbed/commands_images.py).
+from testbed.commands_images import app as _images_app  # noqa: E402
+
+app.add_typer(_images_app, name="images")
+
 
 def main() -> None:
     app()

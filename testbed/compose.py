@@ -80,6 +80,16 @@ def load_base(path: Path = BASE_COMPOSE) -> dict[str, Any]:
     return base
 
 
+PAGE = 4096
+
+
+def container_limit(nbytes: int) -> int:
+    """A container memory limit the kernel keeps as written: cgroups round a limit down to
+    whole pages, so round up to a page here and the limit a client reads from its cgroup
+    (runner/budget.py) is exactly the one in the Compose file."""
+    return -(-int(nbytes) // PAGE) * PAGE
+
+
 def gpu_reservation(selector: int | str) -> dict[str, Any]:
     """``deploy`` block reserving one NVIDIA GPU (index) or MIG instance / GPU (UUID)."""
     return {"resources": {"reservations": {"devices": [{
@@ -129,7 +139,7 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                                                 strict=True)):
         if row.name != device.name:
             raise ConfigError(f"mapping row {i} is {row.name}, profile device is {device.name}")
-        limit = overhead + row.standin_bytes
+        limit = container_limit(overhead + row.standin_bytes)
         svc = copy.deepcopy(template)
         svc["environment"] = {
             **{k: str(v) for k, v in (svc.get("environment") or {}).items()},

@@ -50,6 +50,7 @@ from testbed.compose import (
     RUN_MOUNT,
     ComposeOptions,
     compose_command,
+    container_limit,
     write_override,
 )
 from testbed.images import BROKER_IMAGE, RUNTIME_IMAGE, docker_client
@@ -189,7 +190,7 @@ class ComposeRun:
             svc["user"] = user  # files in the run directory belong to the user, not root
             svc.setdefault("environment", {})["TESTBED_CACHE"] = CACHE_MOUNT
             if name in self.mem_limits:
-                limit = self.mem_limits[name]
+                limit = container_limit(self.mem_limits[name])
                 svc["mem_limit"] = limit
                 svc["memswap_limit"] = limit
                 svc["labels"][f"{LABEL}.budget"] = str(limit)

@@ -21,6 +21,7 @@ from testbed.compose import (
     TEMPLATE_KEY,
     ComposeOptions,
     compose_command,
+    container_limit,
     cpu_quotas,
     generate_override,
     load_base,
@@ -82,17 +83,21 @@ def test_mem_limit_is_overhead_plus_budget(gpu_setup: tuple[Profile, EmulationMa
     services = generate_override(profile, mapping)["services"]
     for row in mapping.clients:
         svc = services[row.name]
-        assert svc["mem_limit"] == DEFAULT_RESERVE + row.standin_bytes == row.memory_bytes
+        assert DEFAULT_RESERVE + row.standin_bytes == row.memory_bytes
+        # rounded up to whole pages, as the kernel keeps a cgroup limit
+        assert svc["mem_limit"] == container_limit(row.memory_bytes)
+        assert svc["mem_limit"] % 4096 == 0 and 0 <= svc["mem_limit"] - row.memory_bytes < 4096
         assert svc["memswap_limit"] == svc["mem_limit"]  # no swap: over budget = OOM kill
         assert svc["environment"]["TESTBED_BUDGET_BYTES"] == str(row.memory_bytes)
     bigger = generate_override(profile, mapping, ComposeOptions(overhead=10**9))["services"]
     for row in mapping.clients:
-        assert bigger[row.name]["mem_limit"] == 10**9 + row.standin_bytes
+        assert bigger[row.name]["mem_limit"] == container_limit(10**9 + row.standin_bytes)
     # without emulation the budget is the profile's own
     plain = emulation_map(profile, emulate=False)
     services = generate_override(profile, plain)["services"]
     for device in profile.devices:
-        assert services[device.name]["mem_limit"] == DEFAULT_RESERVE + device.memory
+        assert services[device.name]["mem_limit"] == container_limit(DEFAULT_RESERVE
+                                                                     + device.memory)
 
 
 def test_cpus_environment_and_labels(gpu_setup: tuple[Profile, EmulationMap]) -> None:
@@ -173,6 +178,6 @@ def test_compose_config_validates(tmp_path: Path, host_network: bool,
     assert _devices(client1)[0]["device_ids"] == [MIG_A]
     assert client1["environment"]["TESTBED_CONFIG"] == "/run/testbed/runtime.json"
     row = mapping.clients[1]
-    assert int(str(client1["mem_limit"])) == DEFAULT_RESERVE + row.standin_bytes
+    assert int(str(client1["mem_limit"])) == container_limit(DEFAULT_RESERVE + row.standin_bytes)
     assert float(client1["cpus"]) == 0.5
     assert (client1.get("network_mode") == "host") == host_network

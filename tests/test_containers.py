@@ -1,0 +1,173 @@
+"""End to end with real containers: offline image build, `testbed up --profile smoke` on the
+compose backend, a client container killed and restarted mid-run, and a client container
+whose memory limit is below its need (OOM kill -> "budget_exceeded", the run goes on).
+
+Real parts only: a Docker daemon, Compose (v2 plugin or v1), the images built offline from a
+debootstrap'd base and the host's wheels, Mosquitto in its own container. Every container
+uses host networking so all traffic stays on loopback (../shared/docs/environment.md).
+
+`make test` installs Docker, Compose and debootstrap and starts the daemon when missing, so
+in CI this module always runs; on a developer machine without a daemon it is skipped with the
+reason (and fails instead when $CI is set, so CI can never skip it silently).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.memory import DEFAULT_RESERVE
+from runner.rundir import read_jsonl
+from testbed.compose import compose_command, container_limit
+from testbed.images import daemon_available
+from testbed.profiles import emulation_map, load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = [sys.executable, "-m", "testbed.cli"]
+
+pytestmark = pytest.mark.slow
+
+if not (daemon_available() and compose_command()):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the container tests: no Docker daemon or Compose "
+                           "(make test installs and starts them)")
+    pytest.skip("no Docker daemon or Compose here (make test installs them)",
+                allow_module_level=True)
+
+
+def cli(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*TESTBED, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"testbed {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def images() -> float:
+    """`testbed images build --offline` (reuses an existing base image); its duration."""
+    t0 = time.monotonic()
+    proc = cli("images", "build", "--offline", timeout=1800)
+    assert "hsplitlora-testbed:latest" in proc.stdout
+    return time.monotonic() - t0
+
+
+def _events(run: Path) -> list[dict]:
+    return read_jsonl(run / "events.jsonl")
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"`testbed up` ended ({proc.returncode}) before {what}:\n"
+                                 f"{out[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_images_are_built_offline(images: float) -> None:
+    import docker
+
+    client = docker.from_env()
+    runtime = client.images.get("hsplitlora-testbed:latest")
+    broker = client.images.get("hsplitlora-broker:latest")
+    assert runtime.labels.get("org.hsplitlora.role") == "runtime"
+    assert broker.labels.get("org.hsplitlora.role") == "broker"
+    out = client.containers.run("hsplitlora-testbed:latest", network_mode="none", remove=True,
+                                command=["python", "-c", "import runner.client, torch; "
+                                         "print(torch.__version__)"])
+    assert out.decode().startswith("2.13.0")
+
+
+def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
+                                                               tmp_path: Path) -> None:
+    run = tmp_path / "smoke"
+    steps = 12
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*TESTBED, "up", "--profile", "smoke", "--backend", "compose", "--host-network",
+         "--steps", str(steps), "--offline-after", "30", "--out", str(run)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    try:
+        def trained(n: int):
+            return lambda: sum(1 for m in read_jsonl(run / "metrics.jsonl")
+                               if m.get("kind") == "train" and m.get("client") == "client1"
+                               ) >= n
+
+        _wait_for(trained(2), 600, "client1's second step", proc)
+        kill = cli("inject", "dropout", "--client", "client1", "--mode", "kill", "--for", "2",
+                   "--run", str(run))
+        assert "client1 killed" in kill.stdout and "restarted" in kill.stdout
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            cli("down", "--run", str(run), check=False)
+    assert proc.returncode == 0, out[-4000:]
+    duration = time.monotonic() - t0
+    print(f"\ncontainer e2e: {duration:.0f} s for {steps} steps (images {images:.0f} s)")
+    assert "budget" in out and "stand-in" in out  # the emulation mapping was printed
+
+    events = _events(run)
+    kinds = [(e["event"], e.get("client")) for e in events]
+    assert ("inject", "client1") in kinds
+    i_kill = kinds.index(("inject", "client1"))
+    after = kinds[i_kill:]
+    assert ("client_offline", "client1") in after, kinds
+    back = [e for e in events[i_kill:] if e["event"] == "client_online"
+            and e.get("client") == "client1"]
+    assert back and back[0]["reason"] == "restarted", kinds
+    assert kinds[-1] == ("run_finished", None)
+
+    # each client container's cgroup limit, seen from inside, equals the profile's mapping
+    profile = load_profile("smoke")
+    mapping = emulation_map(profile)
+    want = {row.name: container_limit(DEFAULT_RESERVE + row.standin_bytes)
+            for row in mapping.clients}
+    seen = {e["client"]: e for e in events if e["event"] == "client_budget"}
+    assert set(seen) == set(want)
+    for name, limit in want.items():
+        assert seen[name]["source"].startswith("cgroup"), seen[name]
+        assert seen[name]["budget_bytes"] == limit, (name, seen[name], limit)
+
+    # adapters (PEFT format) and metrics in the run directory
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps
+    adapter = run / "adapters" / "final"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
+    assert max(m["step"] for m in train) == steps - 1
+    assert {m["client"] for m in train} == {"client0", "client1", "client2"}
+    # the containers are gone, their logs kept
+    assert (run / "logs" / "server.log").stat().st_size > 0
+    assert "stopped" in cli("down", "--run", str(run)).stdout
+
+
+def test_client_over_its_limit_is_budget_exceeded(images: float, tmp_path: Path) -> None:
+    run = tmp_path / "oom"
+    proc = cli("up", "--profile", "smoke", "--backend", "compose", "--host-network",
+               "--steps", "3", "--mem-limit", "client2=120MB", "--join-timeout", "45",
+               "--out", str(run))
+    assert "client2: budget exceeded" in proc.stdout
+    events = _events(run)
+    over = [e for e in events if e["event"] == "budget_exceeded"]
+    assert len(over) == 1 and over[0]["client"] == "client2"
+    assert over[0]["limit_bytes"] == container_limit(120_000_000)
+    assert over[0]["budget_bytes"] > over[0]["limit_bytes"]  # the profile's budget was larger
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3
+    train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
+    assert {m["client"] for m in train} == {"client0", "client1"}  # went on without client2
