@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make run   - the main job (fine-tune SmolLM2 with SplitLoRA on E2E, then evaluate)
+#   make run   - the main job: `testbed up --profile hetero-llama2` (the paper's 5-device
+#                fleet emulated on SmolLM2, E2E data), then evaluate the run
 #   make test  - the test suite
 # Each creates .venv if missing and installs the project idempotently first.
 
@@ -9,11 +10,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SHARED_E2E := ../shared/data/e2e/devset.csv
 DATA   ?= $(if $(wildcard $(SHARED_E2E)),$(SHARED_E2E),synthetic)
-RUN    ?= runs/splitlora-smollm2
-STEPS  ?= 200
+RUN    ?= runs/hetero-llama2
+PROFILE ?= hetero-llama2
+STEPS  ?=
+BACKEND ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps lint bench clean
+.PHONY: run test install system-deps docker-daemon lint bench clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -30,12 +33,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# System packages the tests use for real: the Mosquitto broker (distributed runtime) and a
-# Java runtime (METEOR 1.5). Installed with apt when missing and we are root.
+# System packages the tests use for real: the Mosquitto broker (distributed runtime), a
+# Java runtime (METEOR 1.5), Docker + Compose + debootstrap (containers, offline images).
+# Installed with apt when missing and we are root; a Docker daemon is started if none answers.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || missing="$$missing docker.io"; \
+	command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
@@ -46,11 +53,25 @@ system-deps:
 	fi
 
 run: $(STAMP)
-	$(BIN)/testbed train --method splitlora --model smollm2-135m --data $(DATA) \
-	  --clients 3 --split 8 --steps $(STEPS) --out $(RUN) --overwrite
+	$(BIN)/testbed up --profile $(PROFILE) --backend $(BACKEND) --data $(DATA) \
+	  $(if $(STEPS),--steps $(STEPS)) --out $(RUN) --overwrite
 	$(BIN)/testbed eval $(RUN)
 
-test: $(STAMP) system-deps
+# A Docker daemon for the container tests (tests/test_containers.py). --iptables=false: the
+# tests use host networking only, and some sandboxes forbid iptables.
+docker-daemon: system-deps
+	@if ! docker info >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "starting dockerd (log: /tmp/testbed-dockerd.log)"; \
+	    (nohup dockerd --iptables=false >/tmp/testbed-dockerd.log 2>&1 &); \
+	    for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	    docker info >/dev/null 2>&1 || { echo "error: dockerd did not start; see /tmp/testbed-dockerd.log"; exit 2; }; \
+	  else \
+	    echo "error: no Docker daemon answers; start one (the container tests need it)"; exit 2; \
+	  fi; \
+	fi
+
+test: $(STAMP) system-deps docker-daemon
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -129,8 +129,11 @@ class ComposeRun:
         materialise(self.train.model)  # convert / create on the host, once
         cache = cache_dir()
         mounts[str(cache.resolve())] = CACHE_MOUNT
+        from runner.data import resolve_data
+
         cfg = replace(self.train, devices=f"{RUN_MOUNT}/devices.json")
-        data = self.train.data
+        # resolved on the host ($TESTBED_DATA, the cache, a download), then mounted
+        data = str(self.train.data or resolve_data(None))
         if data and data != "synthetic" and Path(data).expanduser().is_file():
             path = Path(data).expanduser().resolve()
             mounts[str(path.parent)] = f"{DATA_MOUNT}:ro"
@@ -374,14 +377,22 @@ def down(run_dir: Path) -> list[str]:
 
 
 def logs(run_dir: Path, service: str | None = None, tail: int = 50) -> str:
-    """The last ``tail`` lines of one service's (or every service's) container output."""
-    conts = attach(run_dir).containers()
-    if service is not None and service not in conts:
-        raise UserError(f"no container for {service!r}; services: {', '.join(sorted(conts))}")
-    names = [service] if service else sorted(conts)
+    """The last ``tail`` lines of one service's (or every service's) output: from its
+    container while it exists, else from ``RUN/logs/<service>.log`` (saved by ``down``)."""
+    run = attach(run_dir)
+    conts = run.containers()
+    saved = {p.stem: p for p in sorted((run.run_dir / "logs").glob("*.log"))}
+    known = sorted(set(conts) | set(saved))
+    if service is not None and service not in known:
+        raise UserError(f"no container or saved log for {service!r}; services: "
+                        f"{', '.join(known) or 'none'}")
     parts = []
-    for name in names:
-        text = conts[name].logs(stdout=True, stderr=True, tail=tail).decode(errors="replace")
+    for name in [service] if service else known:
+        if name in conts:
+            text = conts[name].logs(stdout=True, stderr=True, tail=tail).decode(
+                errors="replace")
+        else:
+            text = "\n".join(saved[name].read_text(errors="replace").splitlines()[-tail:])
         parts.append(f"== {name} ==\n{text.rstrip()}")
     return "\n".join(parts)
 

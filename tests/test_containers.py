@@ -110,6 +110,9 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
         kill = cli("inject", "dropout", "--client", "client1", "--mode", "kill", "--for", "2",
                    "--run", str(run))
         assert "client1 killed" in kill.stdout and "restarted" in kill.stdout
+        st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+        assert st["backend"] == "compose"
+        limits = {n: c["mem_limit"] for n, c in st["containers"].items() if n.startswith("c")}
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -138,7 +141,8 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
             for row in mapping.clients}
     seen = {e["client"]: e for e in events if e["event"] == "client_budget"}
     assert set(seen) == set(want)
-    for name, limit in want.items():
+    assert limits == want  # as Docker set them (`testbed status`) ...
+    for name, limit in want.items():  # ... and as each client read its cgroup
         assert seen[name]["source"].startswith("cgroup"), seen[name]
         assert seen[name]["budget_bytes"] == limit, (name, seen[name], limit)
 
@@ -154,6 +158,7 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     # the containers are gone, their logs kept
     assert (run / "logs" / "server.log").stat().st_size > 0
     assert "stopped" in cli("down", "--run", str(run)).stdout
+    assert "finished: val PPL" in cli("logs", "server", "--run", str(run)).stdout
 
 
 def test_client_over_its_limit_is_budget_exceeded(images: float, tmp_path: Path) -> None:
