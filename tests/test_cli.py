@@ -317,3 +317,41 @@ def test_eval_with_missing_data_file(evaluated_run) -> None:
                    "--beams", "1", cwd=run.parent)
     assert_user_error(proc, "not found", "/nonexistent/x.csv")
     assert tree_digest(run) == before, "a failed eval must not touch the run"
+
+
+# --------------------------------------------------------------- testbed up --profile
+def test_up_profile_runs_a_heterogeneous_method_in_process(tmp_path: Path) -> None:
+    """`testbed up --profile smoke --method hsplitlora`: the mapping is printed, the method
+    (not carried by the distributed runtime) runs in-process on the profile's emulated
+    devices, whose budgets reach ARMSC through the devices file."""
+    out = tmp_path / "hs"
+    proc = run_cli("up", "--profile", "smoke", "--method", "hsplitlora", "--backend", "local",
+                   "--steps", "2", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "emulating meta-llama/Llama-2-7b-hf" in proc.stdout
+    assert "hsplitlora runs in-process" in proc.stdout
+    devices = json.loads((out / "devices.json").read_text())
+    assert [c["name"] for c in devices["clients"]] == ["client0", "client1", "client2"]
+    budgets = [c["memory_bytes"] for c in devices["clients"]]
+    assert budgets == sorted(budgets) and budgets[0] < budgets[-1]  # 5 < 12.5 < 20 GB, mapped
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["method"] == "hsplitlora"
+    assert config["train"]["devices"] == str(out / "devices.json")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_up_profile_compose_refuses_a_method_it_cannot_distribute(tmp_path: Path) -> None:
+    proc = run_cli("up", "--profile", "smoke", "--method", "hetlora", "--backend", "compose",
+                   "--out", str(tmp_path / "x"), cwd=tmp_path)
+    # the emulation table goes to stdout; stderr holds only the one error line
+    assert_user_error(proc, "hetlora", "containers")
+    assert_no_run_written(tmp_path / "x")
+
+
+def test_up_unknown_profile_and_bad_mem_limit(tmp_path: Path) -> None:
+    assert_user_error(run_cli("up", "--profile", "no-such-profile", cwd=tmp_path),
+                      "no-such-profile")
+    assert_user_error(run_cli("up", "--profile", "smoke", "--backend", "compose",
+                              "--mem-limit", "client9=1GB", "--out", str(tmp_path / "y"),
+                              cwd=tmp_path), "client9")
+    assert_user_error(run_cli("up", "--backend", "compose", cwd=tmp_path), "--profile")
