@@ -424,7 +424,7 @@ def start_broker(run: str, clients: Iterable[str], *, host: str = "127.0.0.1",
     creds = {u: Credentials(u, passwords.get(u) or secrets.token_urlsafe(18))
              for u in [SERVER_USER, MONITOR_USER, *clients]}
     rules = acl_rules(run, clients)
-    _write_private(wd / "credentials.json",
+    write_private(wd / "credentials.json",
                    json.dumps({u: c.password for u, c in creds.items()}, indent=1))
     attempts = 1 if port is not None else 5
     last: BrokerError | None = None
@@ -433,18 +433,18 @@ def start_broker(run: str, clients: Iterable[str], *, host: str = "127.0.0.1",
         if backend == "mosquitto":
             assert exe is not None
             if plugin:
-                _write_private(wd / "dynsec.json",
+                write_private(wd / "dynsec.json",
                                json.dumps(mosquitto_dynsec(rules, creds), indent=1))
             else:
-                _write_private(wd / "passwd", "".join(
+                write_private(wd / "passwd", "".join(
                     mosquitto_password_line(c.username, c.password) + "\n"
                     for c in creds.values()))
-                _write_private(wd / "acl", mosquitto_acl(rules))
-            _write_private(wd / "mosquitto.conf", mosquitto_config(host, p, wd, plugin))
+                write_private(wd / "acl", mosquitto_acl(rules))
+            write_private(wd / "mosquitto.conf", mosquitto_config(host, p, wd, plugin))
             command = [exe, "-c", str(wd / "mosquitto.conf")]
             version = 5
         else:
-            _write_private(wd / "amqtt.json", json.dumps(_amqtt_config(host, p, wd, creds, rules),
+            write_private(wd / "amqtt.json", json.dumps(_amqtt_config(host, p, wd, creds, rules),
                                                         indent=1))
             command = [sys.executable, "-m", "runner.broker", "amqtt", str(wd / "amqtt.json")]
             version = 4
@@ -494,16 +494,16 @@ def write_container_broker(run: str, clients: Iterable[str], workdir: Path, *, p
     passwords = dict(passwords or {})
     creds = {u: Credentials(u, passwords.get(u) or secrets.token_urlsafe(18))
              for u in [SERVER_USER, MONITOR_USER, *clients]}
-    _write_private(workdir / "credentials.json",
+    write_private(workdir / "credentials.json",
                    json.dumps({u: c.password for u, c in creds.items()}, indent=1))
-    _write_private(workdir / "dynsec.json",
+    write_private(workdir / "dynsec.json",
                    json.dumps(mosquitto_dynsec(acl_rules(run, clients), creds), indent=1))
-    _write_private(workdir / "mosquitto.conf",
+    write_private(workdir / "mosquitto.conf",
                    mosquitto_config(host, port, Path(mount), CONTAINER_DYNSEC, user="root"))
     return creds
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Secrets and broker config readable by this user only (Mosquitto 2.0.16+ warns else)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -517,7 +517,7 @@ def _amqtt_config(host: str, port: int, workdir: Path, creds: dict[str, Credenti
     from pwdlib.hashers.argon2 import Argon2Hasher
 
     hasher = Argon2Hasher()
-    _write_private(workdir / "amqtt.passwd", "".join(
+    write_private(workdir / "amqtt.passwd", "".join(
         f"{c.username}:{hasher.hash(c.password)}\n" for c in creds.values()))
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},

@@ -61,6 +61,13 @@ def up(
         help="compose: override a client container's memory limit, CLIENT=BYTES (e.g. "
              "client2=300MB); repeatable. A limit below the need is recorded as "
              "budget_exceeded")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="local: use an existing broker, mqtt://host:port, instead of starting one per "
+             "run (it must enforce or allow the run's topics, docs/protocol.md)")] = None,
+    broker_passwords: Annotated[Path | None, typer.Option(
+        help="With --broker: JSON {identity: password} for server, monitor and each client "
+             "id (default: empty passwords, for a broker that allows anonymous access)")
+    ] = None,
     wire: Annotated[str, typer.Option(help="Activations/gradients on the wire: float32 | "
                                            "float16 | bfloat16")] = "float32",
     step_timeout: Annotated[float, typer.Option(help="Seconds a step waits for clients")
@@ -95,10 +102,15 @@ def up(
                               join_timeout=join_timeout,
                               wire=None if wire == "float32" else wire)
         opts.validate()
+        external = _external_broker(broker, broker_passwords)
+        if external and backend == "compose":
+            raise UserError("--broker is for the local backend (the compose backend runs its "
+                            "own broker container)")
         if profile is not None:
             _up_profile(profile, method=method, steps=steps, data=data, seed=seed, out=out,
                         overwrite=overwrite, backend=backend, host_network=host_network,
-                        mem_limit=mem_limit or [], opts=opts, detach=detach, console=console)
+                        mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
+                        external=external)
             return
         if backend == "compose":
             raise UserError("--backend compose needs --profile (the containers' memory caps "
@@ -114,17 +126,57 @@ def up(
         if cfg.method not in DISTRIBUTED_METHODS:
             raise UserError(f"method {cfg.method!r} is not distributed yet; `testbed up` runs "
                             f"{', '.join(DISTRIBUTED_METHODS)} (use `testbed train`)")
-        _up_local(cfg, out, opts, detach, console)
+        _up_local(cfg, out, opts, detach, console, external)
     except UserError as exc:
         _fail(str(exc))
 
 
-def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console) -> None:
-    """Local backend: broker, server and clients as processes on this machine."""
+def _external_broker(url: str | None, passwords: Path | None
+                     ) -> tuple[str, dict[str, str] | None] | None:
+    """(url, passwords) of ``--broker``; validated here so a typo fails before any start."""
+    from runner.broker import parse_broker_url
+    from runner.errors import UserError
+
+    if url is None:
+        if passwords is not None:
+            raise UserError("--broker-passwords needs --broker URL")
+        return None
+    parse_broker_url(url)
+    if passwords is None:
+        return url, None
+    try:
+        doc = json.loads(Path(passwords).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read --broker-passwords {passwords}: {exc}") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        raise UserError(f"--broker-passwords {passwords} must be a JSON object "
+                        '{"identity": "password", ...}')
+    return url, {str(k): v for k, v in doc.items()}
+
+
+def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
+              external: tuple[str, dict[str, str] | None] | None = None) -> None:
+    """Local backend: broker (or ``--broker``), server and clients as processes here."""
     from testbed.cli import _fail
     from testbed.local import LocalRun
 
     run = LocalRun(cfg, out, opts)
+    if external is not None:
+        url, passwords = external
+        run.broker_url = url
+        run.passwords = dict(passwords or {})
+        missing = [w for w in ["server", *run.clients] if passwords is not None
+                   and w not in passwords]
+        if missing:
+            from runner.errors import UserError
+
+            raise UserError(f"--broker-passwords has no password for {', '.join(missing)}")
+        # kept (mode 0600) where `testbed inject --mode kill --for` finds them to restart
+        from runner.broker import write_private
+
+        (Path(out) / "broker").mkdir(parents=True, exist_ok=True)
+        write_private(Path(out) / "broker" / "credentials.json",
+                       json.dumps({w: run.password(w) for w in ["server", *run.clients]}))
     run.start()
     console.print(f"run {run.run_id}: broker {run.url}, server + {len(run.clients)} clients; "
                   f"logs in {run.logs}", highlight=False)
@@ -152,7 +204,8 @@ def _print_summary(out: Path, console: Console) -> None:
 
 def _up_profile(name: str, *, method: str | None, steps: int | None, data: str | None,
                 seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
-                mem_limit: list[str], opts: Any, detach: bool, console: Console) -> None:
+                mem_limit: list[str], opts: Any, detach: bool, console: Console,
+                external: tuple[str, dict[str, str] | None] | None = None) -> None:
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
 
@@ -199,13 +252,14 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         from testbed.compose import compose_command
         from testbed.images import daemon_available
 
-        backend = "compose" if daemon_available() and compose_command() else "local"
+        backend = ("compose" if external is None and daemon_available() and compose_command()
+                   else "local")
         console.print(f"backend: {backend}" + ("" if backend == "compose" else
                       " (no Docker daemon / Compose answers)"), highlight=False)
     if backend == "local":
         out.mkdir(parents=True, exist_ok=True)
         devices = P.write_devices_file(mapping, out / "devices.json")
-        _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console)
+        _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external)
         return
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
 

@@ -112,8 +112,8 @@ class LocalRun:
         return self.broker_url
 
     def password(self, who: str) -> str:
-        if self.passwords and who in self.passwords:
-            return self.passwords[who]
+        if self.passwords is not None:  # an external broker: given, or empty (anonymous)
+            return self.passwords.get(who, "")
         if self.broker is not None:
             return self.broker.creds(who).password
         creds = json.loads((self.run_dir / "broker" / "credentials.json").read_text())

@@ -415,3 +415,39 @@ def test_local_backend_state_status_inject_and_down(tmp_path: Path) -> None:
         assert st["broker"]["state"] == "exited"
     finally:
         run.stop()
+
+
+def test_up_with_an_existing_broker(tmp_path: Path) -> None:
+    """`testbed up --broker URL --broker-passwords FILE`: no per-run broker is started; the
+    run goes through the one given (here a Mosquitto with its own ACL and passwords)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from runner.broker import start_broker
+    from testbed.cli import app
+
+    with start_broker("ext", ["client0", "client1"], workdir=tmp_path / "b") as broker:
+        pw = tmp_path / "pw.json"
+        pw.write_text(json.dumps({w: broker.creds(w).password
+                                  for w in ("server", "client0", "client1")}))
+        out = tmp_path / "ext"  # the run id is the directory name: the broker's ACL is for it
+        res = CliRunner().invoke(app, [
+            "up", "--broker", broker.url, "--broker-passwords", str(pw), "--backend", "local",
+            "--model", "tiny-llama", "--data", "synthetic", "--clients", "2", "--split", "1",
+            "--steps", "3", "--eval-every", "3", "--eval-max-examples", "8", "--max-len", "64",
+            "--batch-size", "2", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        state = json.loads((out / "testbed-state.json").read_text())
+        assert state["broker"] == {"url": broker.url, "pid": None, "workdir": None,
+                                   "command": None}
+        assert json.loads((out / "summary.json").read_text())["steps"] == 3
+        assert "client_joined" in {e["event"] for e in events(out)}
+        log = (tmp_path / "b" / "broker.log").read_text()
+        assert "client0" in log and "client1" in log  # they really used this broker
+        # a wrong password file is one clear error, before anything starts
+        bad = tmp_path / "bad.json"
+        bad.write_text("[1, 2]")
+        res = CliRunner().invoke(app, ["up", "--broker", broker.url, "--broker-passwords",
+                                       str(bad), "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and "must be a JSON object" in res.output
