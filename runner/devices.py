@@ -70,6 +70,25 @@ def load_devices(path: Path) -> tuple[list[DeviceSpec], DeviceSpec | None]:
     return clients, server
 
 
+def load_availability(path: Path) -> list[dict[str, Any] | None]:
+    """Each client's optional ``availability`` entry of a device file: ``{"trace": [[start_s,
+    end_s], ...]}`` (online windows in virtual time) or ``{"dropout": p}`` (per round), or
+    None (always online). Kept apart from :class:`DeviceSpec`, which ARMSC consumes."""
+    try:
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read device file {path}: {exc}") from exc
+    clients_raw = raw.get("clients") if isinstance(raw, dict) else raw
+    out: list[dict[str, Any] | None] = []
+    for d in clients_raw or []:
+        a = d.get("availability") if isinstance(d, dict) else None
+        if a is not None and not isinstance(a, dict):
+            raise ConfigError(f"{path}: availability of {d.get('name')} must be a mapping")
+        out.append(a or None)
+    return out
+
+
 def paper_spread(n: int, lo_gb: float = 5.0, hi_gb: float = 20.0) -> list[float]:
     """Budgets evenly spread over the paper's 5-20 GB range (in GB)."""
     if n == 1:

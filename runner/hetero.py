@@ -43,7 +43,7 @@ from runner import aggregation as agg
 from runner import armsc, importance, lora, split
 from runner import data as data_mod
 from runner.config import HETERO_METHODS, TrainConfig
-from runner.devices import GB, DeviceSpec, load_devices, paper_spread
+from runner.devices import GB, DeviceSpec, load_availability, load_devices, paper_spread
 from runner.errors import ConfigError
 from runner.memory import DEFAULT_RESERVE, ModelCosts, client_memory
 from runner.models import load_config
@@ -454,6 +454,13 @@ class HeteroTrainer(Trainer):
         self._event("aggregate", step=step, rule="hetlora",
                     participants=[h.name for h in online], bytes_up=up, bytes_down=down)
         return {"bytes_up": up, "bytes_down": down}
+
+    def clock_devices(self) -> tuple[list[DeviceSpec], DeviceSpec, list[Any]]:
+        """The devices ARMSC plans for also drive the virtual clock (with the device file's
+        availability entries when there is a file)."""
+        n = len(self.clients)
+        avail = load_availability(Path(self.cfg.devices))[:n] if self.cfg.devices else []
+        return list(self.devices), self.server_dev, avail
 
     def after_aggregate(self, step: int) -> dict[str, int]:
         """IWI + ARMSC + re-initialisation (NAA methods only)."""

@@ -34,8 +34,12 @@ from torch import nn
 from runner import data as data_mod
 from runner import lora, split
 from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
+from runner.devices import GB, DeviceSpec, load_availability, load_devices
+from runner.errors import ConfigError
+from runner.memory import ModelCosts
 from runner.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
+from runner.vtime import StepClock, availability_from
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
@@ -163,6 +167,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.offline: set[str] = set()
         self.global_state: dict[str, torch.Tensor] | None = None
+        self.vclock: StepClock | None = None  # virtual time on the devices (fit() builds it)
 
     # ----------------------------------------------------------------------------- set-up
     def _ranks(self, config) -> lora.RankMap:
@@ -231,11 +236,15 @@ class Trainer:
         (the last aggregate) before it trains again.
         """
         out = []
+        by_clock = self.vclock.away() if self.vclock is not None else {}
         for i, h in enumerate(self.clients):
-            away = any(c == i and first <= step < end for c, first, end in self.cfg.dropouts)
+            scheduled = any(c == i and first <= step < end
+                            for c, first, end in self.cfg.dropouts)
+            away = scheduled or h.name in by_clock
             if away and h.name not in self.offline:
                 self.offline.add(h.name)
-                self._event("client_offline", step=step, client=h.name, reason="scheduled")
+                self._event("client_offline", step=step, client=h.name,
+                            reason="scheduled" if scheduled else by_clock[h.name])
             elif not away and h.name in self.offline:
                 self.offline.discard(h.name)
                 self.resync(h, step)
@@ -274,8 +283,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = h.lr
             loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
-            records.append(dict(step=step, client=h.name, loss=loss,
-                                tokens=n, bytes_sent=0, bytes_received=0, lr=lr,
+            records.append(dict(step=step, client=h.name, loss=loss, tokens=n,
+                                seq_tokens=int(batch["attention_mask"].numel()),
+                                bytes_sent=0, bytes_received=0, lr=lr,
                                 compute_s=time.perf_counter() - t0))
         return records
 
@@ -307,6 +317,7 @@ class Trainer:
             lr = h.lr
             h.step()
             records.append(dict(step=step, client=h.name, loss=loss_sum / max(n, 1), tokens=n,
+                                seq_tokens=int(m["mask"].numel()),
                                 bytes_sent=m["up"], bytes_received=tensor_bytes(grad), lr=lr,
                                 compute_s=m["compute_s"] + time.perf_counter() - t0,
                                 server_s=server_s))
@@ -431,6 +442,7 @@ class Trainer:
         cfg, run = self.cfg, self.run
         if run is not None:
             run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
+        self.vclock = self.make_clock()
         first = self.evaluate()
         self._log_eval(0, first)
         t_start = time.perf_counter()
@@ -440,6 +452,8 @@ class Trainer:
         last = first
         for step in range(cfg.steps):
             records = self.train_step(step)
+            if self.vclock is not None:
+                self.vclock.step(records, self.client_blocks(), full_model=self.server is None)
             for r in records:
                 totals["bytes_sent"] += r["bytes_sent"]
                 totals["bytes_received"] += r["bytes_received"]
@@ -448,6 +462,10 @@ class Trainer:
             if self.should_aggregate(step):
                 agg = self.aggregate(step)
                 agg.update(self.after_aggregate(step))
+                if self.vclock is not None:
+                    self.vclock.aggregate([h.name for h in self.clients
+                                           if h.name not in self.offline],
+                                          agg["bytes_up"], agg["bytes_down"])
                 totals["bytes_sent"] += agg["bytes_up"]
                 totals["bytes_received"] += agg["bytes_down"]
             done = step + 1
@@ -471,6 +489,7 @@ class Trainer:
             "server_trainable_params": (lora.trainable_parameters(self.server.seg.model)
                                         if self.server is not None else 0),
             **totals,
+            **({"virtual_time_s": self.vclock.now} if self.vclock is not None else {}),
             **self.summary_extra(),
         }
         if run is not None:
@@ -478,6 +497,36 @@ class Trainer:
             run.write_summary(summary)
             run.event("run_finished", **{k: v for k, v in summary.items() if k != "method"})
         return summary
+
+    def clock_devices(self) -> tuple[list[DeviceSpec], DeviceSpec, list[Any]] | None:
+        """(clients, server, availability) for the virtual clock: from ``cfg.devices`` when
+        given (a profile run), else None (no virtual time). HeteroTrainer always has devices."""
+        if not self.cfg.devices or self.cfg.method in CENTRAL_METHODS:
+            return None
+        devices, server = load_devices(Path(self.cfg.devices))
+        n = len(self.clients)
+        if len(devices) < n:
+            raise ConfigError(f"{self.cfg.devices} describes {len(devices)} clients; the run "
+                              f"has {n}")
+        server = server or DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9,
+                                      latency=0.001)
+        return devices[:n], server, load_availability(Path(self.cfg.devices))[:n]
+
+    def make_clock(self) -> StepClock | None:
+        """The run's virtual clock (runner/vtime.py), or None without device descriptions."""
+        found = self.clock_devices()
+        if found is None:
+            return None
+        devices, server, availability = found
+        return StepClock(ModelCosts.from_config(load_config(self.info.path)),
+                         [h.name for h in self.clients], devices, server,
+                         availability_from(availability), seed=self.cfg.seed,
+                         agg_interval=self.cfg.agg_interval)
+
+    def client_blocks(self) -> dict[str, int]:
+        """Blocks each client runs: its segment (split methods) or the whole model."""
+        return {h.name: (h.seg.end if self.server is not None else self.info.num_layers)
+                for h in self.clients}
 
     def after_aggregate(self, step: int) -> dict[str, int]:
         """Hook for methods that reconfigure after aggregating (HSplitLoRA); extra bytes."""
@@ -489,8 +538,9 @@ class Trainer:
 
     def _log_eval(self, step: int, result: dict[str, float]) -> None:
         self.history.append({"step": step, **result})
+        extra = {"virtual_time": round(self.vclock.now, 6)} if self.vclock is not None else {}
         if self.run is not None:
-            self.run.metric(kind="eval", step=step, client="global", **result)
+            self.run.metric(kind="eval", step=step, client="global", **result, **extra)
 
     def save(self, run: RunDir) -> Path:
         """Write the final model: one PEFT adapter for LoRA methods, full weights for ft."""

@@ -239,7 +239,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         from testbed.cli import run_training
 
         out.mkdir(parents=True, exist_ok=True)
-        devices = P.write_devices_file(mapping, out / "devices.json")
+        devices = P.write_devices_file(mapping, out / "devices.json",
+                                       [d.availability for d in prof.devices])
         cfg = replace(cfg, devices=str(devices))
         console.print(f"{cfg.method} runs in-process on the profile's {prof.clients} emulated "
                       f"devices (the distributed runtime carries "
@@ -258,7 +259,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
                       " (no Docker daemon / Compose answers)"), highlight=False)
     if backend == "local":
         out.mkdir(parents=True, exist_ok=True)
-        devices = P.write_devices_file(mapping, out / "devices.json")
+        devices = P.write_devices_file(mapping, out / "devices.json",
+                                       [d.availability for d in prof.devices])
         _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external)
         return
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)

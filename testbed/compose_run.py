@@ -159,7 +159,8 @@ class ComposeRun:
         port = free_port() if self.host_network else 1883
         opts = ComposeOptions(run_id=str(self.run_id), host_network=self.host_network,
                               broker_port=port)
-        write_devices_file(self.mapping, self.run_dir / "devices.json")
+        write_devices_file(self.mapping, self.run_dir / "devices.json",
+                           [d.availability for d in self.profile.devices])
         creds = write_container_broker(
             str(self.run_id), self.clients, self.run_dir / "broker", port=port,
             mount=f"{RUN_MOUNT}/broker", host="127.0.0.1" if self.host_network else "0.0.0.0")

@@ -707,13 +707,21 @@ def device_specs(mapping: EmulationMap) -> tuple[list[DeviceSpec], DeviceSpec]:
     return [spec(d) for d in mapping.clients], spec(mapping.server)
 
 
-def write_devices_file(mapping: EmulationMap, path: Path) -> Path:
-    """Write ``{"clients": [...], "server": {...}}`` (JSON; runner.devices.load_devices)."""
+def write_devices_file(mapping: EmulationMap, path: Path,
+                       availability: list[AvailabilitySpec] | None = None) -> Path:
+    """Write ``{"clients": [...], "server": {...}}`` (JSON; runner.devices.load_devices),
+    with each client's availability (trace or per-round dropout) when it has one, which the
+    trainer's virtual clock applies (runner/trainer.py)."""
     clients, server = device_specs(mapping)
+    rows = [c.to_dict() for c in clients]
+    for row, avail in zip(rows, availability or [], strict=False):
+        if avail is not None and (avail.trace is not None or avail.dropout):
+            row["availability"] = ({"trace": [list(w) for w in avail.trace]}
+                                   if avail.trace is not None else {"dropout": avail.dropout})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"clients": [c.to_dict() for c in clients],
-                                "server": server.to_dict()}, indent=2) + "\n")
+    path.write_text(json.dumps({"clients": rows, "server": server.to_dict()}, indent=2)
+                    + "\n")
     return path
 
 
