@@ -100,6 +100,7 @@ class ComposeRun:
     run_id: str | None = None
     compose: list[str] | None = None
     recorded_oom: set[str] = field(default_factory=set)
+    trace_down: set[str] = field(default_factory=set)  # taken down by an availability trace
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -280,12 +281,51 @@ class ComposeRun:
                                     "configuration needs more memory than its limit")
         return newly
 
+    def traces(self) -> dict[str, tuple[tuple[float, float], ...]]:
+        """Clients whose profile availability is a trace of online windows."""
+        return {d.name: tuple((float(a), float(b)) for a, b in d.availability.trace)
+                for d in self.profile.devices if d.availability.trace is not None}
+
+    def apply_traces(self, elapsed: float) -> list[tuple[str, str]]:
+        """Take each traced client's container down outside its online windows and bring
+        it back inside them (kill, then ``docker start``: a device that goes away without a
+        goodbye). In containers the windows are read as wall-clock seconds since the
+        containers started (design choice: containers run in real time; in-process runs
+        read them in virtual time, runner/vtime.py). Returns the (client, change) made."""
+        changes = []
+        conts = self.containers()
+        for name, windows in self.traces().items():
+            c = conts.get(name)
+            if c is None or name in self.recorded_oom:
+                continue
+            want = any(a <= elapsed < b for a, b in windows)
+            c.reload()
+            running = c.status in ("running", "paused")
+            if running and not want:
+                c.kill()
+                self.trace_down.add(name)
+                changes.append((name, "offline"))
+            elif not running and want and name in self.trace_down:
+                c.start()
+                self.trace_down.discard(name)
+                changes.append((name, "online"))
+        for name, change in changes:
+            append_event(self.run_dir, "availability", client=name, state=change,
+                         elapsed_s=round(elapsed, 3), source_trace=True)
+        return changes
+
     def watch(self, stop: threading.Event, period: float = 1.0) -> None:
-        """Poll the containers until ``stop`` is set (run in a thread by ``testbed up``)."""
+        """Poll the containers until ``stop`` is set (run in a thread by ``testbed up``):
+        OOM kills, and the profile's availability traces."""
+        t0 = time.monotonic()
+        traced = bool(self.traces())
         while not stop.is_set():
             # a transient daemon error must not end the run
             with contextlib.suppress(Exception):
                 self.check_oom()
+            if traced:
+                with contextlib.suppress(Exception):
+                    self.apply_traces(time.monotonic() - t0)
             stop.wait(period)
 
     def collect_logs(self) -> None:
