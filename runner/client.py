@@ -403,7 +403,8 @@ class Client:
         loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
         self.opt_steps += 1
         self.done_step = step
-        self.record = dict(step=step, client=self.name, loss=loss, tokens=n, bytes_sent=0,
+        self.record = dict(step=step, client=self.name, loss=loss, tokens=n,
+                           seq_tokens=int(batch["attention_mask"].numel()), bytes_sent=0,
                            bytes_received=0, lr=lr, compute_s=time.perf_counter() - t0,
                            drawn=self.drawn)
         if self.t is not None:  # report at once rather than at the next heartbeat

@@ -48,7 +48,9 @@ import torch
 from runner import lora, split
 from runner import protocol as P
 from runner.config import CENTRAL_METHODS
-from runner.errors import UserError
+from runner.devices import GB, DeviceSpec, load_devices
+from runner.errors import ConfigError, UserError
+from runner.memory import ModelCosts
 from runner.models import load_config as load_model_config
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.runtime import (
@@ -66,6 +68,7 @@ from runner.runtime import (
 )
 from runner.trainer import Holder, Trainer, prepare, tensor_bytes
 from runner.transport import Transport, TransportError
+from runner.vtime import StepClock
 
 log = logging.getLogger("runner.server")
 CHECKPOINT = Path("checkpoint") / "server.pt"
@@ -610,6 +613,7 @@ class Server:
             compute = m.meta.get("compute_s")
             records.append(dict(
                 step=step, client=p.name, loss=loss_sum / max(n, 1), tokens=n,
+                seq_tokens=int(m.tensors[P.MASK].numel()),
                 bytes_sent=up, bytes_received=grad.numel() * item,
                 lr=float(lr) if isinstance(lr, int | float) else None,
                 compute_s=float(compute) if isinstance(compute, int | float) else None,
@@ -676,6 +680,7 @@ class Server:
             self.event("run_started", method=cfg.method, clients=len(self.peers),
                        split=self.tr.k, runtime="mqtt", wire=self.o.wire or "float32")
         self.wait_for_clients()
+        self.tr.vclock = self.make_clock()
         if self.first is None:
             self.first = self.last = self.tr.evaluate()
             self.tr._log_eval(0, self.first)
@@ -685,6 +690,9 @@ class Server:
         for step in range(self.start_step, cfg.steps):
             t_step = time.monotonic()
             records = self.train_step(step)
+            if self.tr.vclock is not None and all("seq_tokens" in r for r in records):
+                self.tr.vclock.step(records, {p.name: self.tr.k for p in self.peers.values()},
+                                    full_model=not self.split)
             for r in records:
                 self.totals["bytes_sent"] += r["bytes_sent"]
                 self.totals["bytes_received"] += r["bytes_received"]
@@ -694,6 +702,10 @@ class Server:
                                             if p.cid in self.answers and p.online])
                 self.totals["bytes_sent"] += agg["bytes_up"]
                 self.totals["bytes_received"] += agg["bytes_down"]
+                if self.tr.vclock is not None:
+                    self.tr.vclock.aggregate(
+                        [p.name for p in self.peers.values() if p.cid in self.answers],
+                        agg["bytes_up"], agg["bytes_down"])
                 self.checkpoint(step)
             done = step + 1
             line = f"step {done}/{cfg.steps}"
@@ -708,6 +720,24 @@ class Server:
                 self.pump(min(left, 0.1))
         return self.finish(time.perf_counter() - t_start)
 
+    def make_clock(self) -> StepClock | None:
+        """Virtual time of the emulated devices (runner/vtime.py) when the run has a devices
+        file (profile runs). Design choice: no availability here: in containers the
+        profile's traces are applied to the containers in wall-clock time (testbed), and the
+        clock restarts at 0 on ``--resume``."""
+        if not self.cfg.devices or self.cfg.method in CENTRAL_METHODS:
+            return None
+        devices, server = load_devices(Path(self.cfg.devices))
+        names = [p.name for p in self.peers.values()]
+        if len(devices) < len(names):
+            raise ConfigError(f"{self.cfg.devices} describes {len(devices)} clients; the run "
+                              f"has {len(names)}")
+        server = server or DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9,
+                                      latency=0.001)
+        return StepClock(ModelCosts.from_config(load_model_config(self.tr.info.path)), names,
+                         devices[:len(names)], server, seed=self.cfg.seed,
+                         agg_interval=self.cfg.agg_interval)
+
     def finish(self, train_time: float) -> dict[str, Any]:
         assert self.run is not None and self.first is not None and self.last is not None
         tr = self.tr
@@ -721,6 +751,7 @@ class Server:
             **self.totals,
             "runtime": "mqtt", "rejected_messages": self.rejected,
             "rejected_reasons": dict(self.reasons), "offline_events": self.offline_events,
+            **({"virtual_time_s": tr.vclock.now} if tr.vclock is not None else {}),
         }
         tr.save(self.run)
         self.run.write_summary(summary)

@@ -155,6 +155,9 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
     assert max(m["step"] for m in train) == steps - 1
     assert {m["client"] for m in train} == {"client0", "client1", "client2"}
+    # the server runs the devices' virtual clock: emulated time in every record
+    assert all(m["virtual_time"] > 0 for m in train)
+    assert summary["virtual_time_s"] >= max(m["virtual_time"] for m in train)
     # the containers are gone, their logs kept
     assert (run / "logs" / "server.log").stat().st_size > 0
     assert "stopped" in cli("down", "--run", str(run)).stdout
