@@ -406,12 +406,7 @@ class HeteroTrainer(Trainer):
                 agg.merge_into(lin.weight, delta, transposed=type(lin).__name__ == "Conv1D")
             up += sum(tensor_bytes(f.A, f.B) for h, f in parts if h is not self.server)
             down += wire * len(holders)
-        self._event("aggregate", step=step, rule="naa", participants=[h.name for h in online],
-                    bytes_up=up, bytes_down=down)
-        if self.run is not None:
-            self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
-                            bytes_received=up)
-        return {"bytes_up": up, "bytes_down": down}
+        return self._record_aggregate(step, "naa", online, up, down)
 
     def _aggregate_padded(self, step: int) -> dict[str, int]:
         """Ablation: padded FedAvg of A and B over participants, truncated to each rank."""
@@ -429,9 +424,7 @@ class HeteroTrainer(Trainer):
                 if h is not self.server:
                     up += tensor_bytes(f.A, f.B)
                     down += tensor_bytes(a[: f.rank], b[:, : f.rank])
-        self._event("aggregate", step=step, rule="padded-fedavg",
-                    participants=[h.name for h in online], bytes_up=up, bytes_down=down)
-        return {"bytes_up": up, "bytes_down": down}
+        return self._record_aggregate(step, "padded-fedavg", online, up, down)
 
     def _aggregate_hetlora(self, step: int) -> dict[str, int]:
         online = self._online()
@@ -451,8 +444,17 @@ class HeteroTrainer(Trainer):
                     mine[f"{name}.lora_B"].copy_(b)
                 up += tensor_bytes(f.A, f.B)
                 down += tensor_bytes(a, b)
-        self._event("aggregate", step=step, rule="hetlora",
-                    participants=[h.name for h in online], bytes_up=up, bytes_down=down)
+        return self._record_aggregate(step, "hetlora", online, up, down)
+
+    def _record_aggregate(self, step: int, rule: str, online: list[Holder], up: int,
+                          down: int) -> dict[str, int]:
+        """The aggregation's event and its metrics record (bytes moved, which reports sum),
+        the same for every rule."""
+        self._event("aggregate", step=step, rule=rule, participants=[h.name for h in online],
+                    bytes_up=up, bytes_down=down)
+        if self.run is not None:
+            self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
+                            bytes_received=up)
         return {"bytes_up": up, "bytes_down": down}
 
     def clock_devices(self) -> tuple[list[DeviceSpec], DeviceSpec, list[Any]]:

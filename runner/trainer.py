@@ -461,7 +461,8 @@ class Trainer:
                     run.metric(kind="train", **r)
             if self.should_aggregate(step):
                 agg = self.aggregate(step)
-                agg.update(self.after_aggregate(step))
+                extra = self.after_aggregate(step)  # bytes of a reconfiguration, on top
+                agg = {k: agg.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
                 if self.vclock is not None:
                     self.vclock.aggregate([h.name for h in self.clients
                                            if h.name not in self.offline],

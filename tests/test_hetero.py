@@ -112,3 +112,23 @@ def test_hetlora_ranks_follow_budgets(tmp_path):
     assert [h.ranks for h in tr.clients] == before  # truncated back to each client's rank
     best = tr.eval_holder()
     assert best is tr.clients[2]
+
+
+@pytest.mark.parametrize("method", ["hetlora", "hsplitlora", "hsplitlora-no-naa"])
+def test_every_aggregation_rule_records_its_bytes(tmp_path, method):
+    """Each rule writes an ``aggregate`` metrics record with the bytes it moved (reports sum
+    them), equal to its event's, and the summary's totals include them."""
+    from runner.rundir import RunDir, read_jsonl
+
+    cfg = _cfg(method=method, steps=2)
+    run = RunDir.create(tmp_path / method, {"train": cfg.to_dict()})
+    summary = HeteroTrainer(cfg, run).fit()
+    recs = [m for m in read_jsonl(run.path / "metrics.jsonl") if m["kind"] == "aggregate"]
+    evs = [e for e in read_jsonl(run.path / "events.jsonl") if e["event"] == "aggregate"]
+    assert len(recs) == len(evs) >= 1
+    for r, e in zip(recs, evs, strict=True):
+        assert r["bytes_received"] == e["bytes_up"] > 0
+        assert r["bytes_sent"] == e["bytes_down"] > 0
+    train = [m for m in read_jsonl(run.path / "metrics.jsonl") if m["kind"] == "train"]
+    assert summary["bytes_sent"] == (sum(m["bytes_sent"] for m in train)
+                                     + sum(e["bytes_up"] for e in evs))
