@@ -75,8 +75,10 @@ def up(
     join_timeout: Annotated[float, typer.Option(
         help="Seconds the server waits for clients to join at the start")] = 120.0,
     heartbeat: Annotated[float, typer.Option(help="Client heartbeat period (s)")] = 0.5,
-    offline_after: Annotated[float, typer.Option(help="Silence (s) that marks a client "
-                                                      "offline")] = 5.0,
+    offline_after: Annotated[float | None, typer.Option(
+        help="Silence (s) that marks a client offline (default 5 s; 30 s on the compose "
+             "backend, where CPU quotas slow heartbeats; a crash is seen at once either way "
+             "through the broker's last will)")] = None,
     detach: Annotated[bool, typer.Option(help="Start and return; stop with `testbed down`")
                       ] = False,
 ) -> None:
@@ -98,7 +100,8 @@ def up(
     console = Console()
     try:
         opts = RuntimeOptions(step_timeout=step_timeout, heartbeat=heartbeat,
-                              offline_after=offline_after, overwrite=overwrite,
+                              offline_after=5.0 if offline_after is None else offline_after,
+                              overwrite=overwrite,
                               join_timeout=join_timeout,
                               wire=None if wire == "float32" else wire)
         opts.validate()
@@ -110,7 +113,7 @@ def up(
             _up_profile(profile, method=method, steps=steps, data=data, seed=seed, out=out,
                         overwrite=overwrite, backend=backend, host_network=host_network,
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
-                        external=external)
+                        external=external, offline_given=offline_after is not None)
             return
         if backend == "compose":
             raise UserError("--backend compose needs --profile (the containers' memory caps "
@@ -205,7 +208,8 @@ def _print_summary(out: Path, console: Console) -> None:
 def _up_profile(name: str, *, method: str | None, steps: int | None, data: str | None,
                 seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
-                external: tuple[str, dict[str, str] | None] | None = None) -> None:
+                external: tuple[str, dict[str, str] | None] | None = None,
+                offline_given: bool = False) -> None:
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
 
@@ -263,6 +267,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
                                        [d.availability for d in prof.devices])
         _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external)
         return
+    if not offline_given:
+        opts = replace(opts, offline_after=30.0)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
 
 
