@@ -414,10 +414,32 @@ def memory(rs: RunSet) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def equal_time(rs: RunSet) -> float:
+    """The equal-wall-time horizon: the shortest training time (s since training began,
+    :func:`training_start`) any run reached at its last evaluation; NaN without evals."""
+    ev = evals(rs).dropna(subset=["train_time_s"])
+    if ev.empty:
+        return float("nan")
+    return float(ev.groupby("run")["train_time_s"].max().min())
+
+
+def ppl_at_time(rs: RunSet, seconds: float) -> pd.Series:
+    """Each run's validation PPL at ``seconds`` of training: its last evaluation at or
+    before then (a step function, no interpolation: what a user stopping the run at that
+    time would have had), indexed by run."""
+    ev = evals(rs).dropna(subset=["val_ppl", "train_time_s"])
+    out = {}
+    for name in rs.names:
+        mine = ev[(ev["run"] == name) & (ev["train_time_s"] <= seconds + 1e-9)]
+        out[name] = float(mine["val_ppl"].iloc[-1]) if not mine.empty else np.nan
+    return pd.Series(out, dtype=float)
+
+
 def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
     """The report's comparison table as numbers, one row per run (given order).
 
-    Columns: final val PPL, the five scores (NaN if not evaluated), whether the target was
+    Columns: final val PPL, val PPL at equal wall time (:func:`equal_time`), the five
+    scores (NaN if not evaluated), whether the target was
     reached, steps and wall time to target, speed-up (wall time) vs ``baseline``,
     client-side trainable parameters (summary.json; NaN for a killed run), bytes moved (MB).
     """
@@ -426,11 +448,13 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
     scores = rs.scores.set_index("run") if not rs.scores.empty else pd.DataFrame()
     summary = rs.summary.set_index("run") if not rs.summary.empty else pd.DataFrame()
     moved = bytes_moved(rs).set_index("run")
+    at_equal = ppl_at_time(rs, equal_time(rs))
     rows = []
     for r in rs.runs:
         n = r.name
         row: dict[str, Any] = {"run": n, "method": r.method, "label": rs.labels[n],
-                               "final_val_ppl": finals.get(n, np.nan)}
+                               "final_val_ppl": finals.get(n, np.nan),
+                               "ppl_equal_time": at_equal.get(n, np.nan)}
         for s in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
             row[s] = scores.at[n, s] if n in scores.index else np.nan
         row.update(reached=bool(sp.at[n, "reached"]), steps_to_target=sp.at[n, "steps"],

@@ -23,6 +23,7 @@ from analysis.load import RunSet, finite
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Method", "label", "text"),
     ("Final val PPL", "final_val_ppl", ".3f"),
+    ("Val PPL at equal time", "ppl_equal_time", ".3f"),
     ("BLEU", "BLEU", ".2f"),
     ("NIST", "NIST", ".4f"),
     ("METEOR", "METEOR", ".4f"),
@@ -112,6 +113,9 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
         "are those of the first evaluation at or below it (wall time counted from the end "
         "of the pretrained evaluation).",
         f"- Speed-up baseline: **{baseline}** (baseline time / run time; > 1 is faster).",
+        f"- Equal wall time: **{derive.equal_time(rs):.0f} s** of training, the shortest any "
+        "run took to its last evaluation; \"Val PPL at equal time\" is each run's last "
+        "evaluation at or before then.",
         "- Scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) come from `testbed eval`; blank when "
         "the run was not evaluated. Bytes moved: sent + received in training and "
         "aggregation records, 1 MB = 10^6 bytes.",

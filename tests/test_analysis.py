@@ -190,6 +190,18 @@ def test_derived_numbers(runs: dict[str, Path]) -> None:
     assert moved.at["splitlora", "train_bytes"] > 0 and moved.at["fedlora", "train_bytes"] == 0
     with pytest.raises(UserError, match="not the method of any run"):
         derive.resolve_baseline(rs, "hetlora")
+    # equal wall time: the shortest run's last evaluation; each run's PPL at or before it
+    ev = {m: [r for r in jsonl(p / "metrics.jsonl") if r["kind"] == "eval"]
+          for m, p in runs.items()}
+    trained = {m: e[-1]["wall_time"] - e[0]["wall_time"] for m, e in ev.items()}
+    horizon = derive.equal_time(rs)
+    assert horizon == pytest.approx(min(trained.values()))
+    at = derive.ppl_at_time(rs, horizon)
+    for m, e in ev.items():
+        before = [r["val_ppl"] for r in e if r["wall_time"] - e[0]["wall_time"] <= horizon + 1e-9]
+        assert at[m] == pytest.approx(before[-1])
+    shortest = min(trained, key=trained.get)
+    assert at[shortest] == pytest.approx(finals[shortest])
 
 
 # --------------------------------------------------------------------------- figures
@@ -296,11 +308,12 @@ def test_report_cli(runs: dict[str, Path], tmp_path: Path) -> None:
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in body}
     assert {"splitlora", "fedlora"} <= set(rows)
-    assert rows["splitlora"][2:7] == ["12.35", "1.2346", "0.2346", "34.57", "0.4568"]
-    assert rows["fedlora"][2:7] == [""] * 5  # not evaluated: blank
+    assert rows["splitlora"][3:8] == ["12.35", "1.2346", "0.2346", "34.57", "0.4568"]
+    assert rows["fedlora"][3:8] == [""] * 5  # not evaluated: blank
+    assert "Val PPL at equal time" in header and float(rows["fedlora"][2]) > 0
     summary = json.loads((runs["splitlora"] / "summary.json").read_text())
     assert rows["splitlora"][1] == f"{summary['final_val_ppl']:.3f}"
-    assert rows["splitlora"][10] == f"{summary['client_trainable_params']:,.0f}"
+    assert rows["splitlora"][11] == f"{summary['client_trainable_params']:,.0f}"
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines()
               if line.startswith("![")]
     assert len(images) == len(STEMS)
