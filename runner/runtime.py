@@ -86,6 +86,8 @@ class RuntimeOptions:
         for name in ("step_timeout", "heartbeat", "offline_after", "join_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.min_step_time < 0:
+            raise ConfigError("min_step_time must be >= 0")
 
 
 @dataclass

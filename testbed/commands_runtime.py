@@ -79,6 +79,9 @@ def up(
         help="Silence (s) that marks a client offline (default 5 s; 30 s on the compose "
              "backend, where CPU quotas slow heartbeats; a crash is seen at once either way "
              "through the broker's last will)")] = None,
+    min_step_time: Annotated[float, typer.Option(
+        help="Pace steps to at least this many seconds (emulate slower devices; lets a "
+             "fault land mid-run in a short run)")] = 0.0,
     detach: Annotated[bool, typer.Option(help="Start and return; stop with `testbed down`")
                       ] = False,
 ) -> None:
@@ -102,7 +105,7 @@ def up(
         opts = RuntimeOptions(step_timeout=step_timeout, heartbeat=heartbeat,
                               offline_after=5.0 if offline_after is None else offline_after,
                               overwrite=overwrite,
-                              join_timeout=join_timeout,
+                              join_timeout=join_timeout, min_step_time=min_step_time,
                               wire=None if wire == "float32" else wire)
         opts.validate()
         external = _external_broker(broker, broker_passwords)

@@ -97,7 +97,7 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [*TESTBED, "up", "--profile", "smoke", "--backend", "compose", "--host-network",
-         "--steps", str(steps), "--out", str(run)],
+         "--steps", str(steps), "--min-step-time", "4", "--out", str(run)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "200"})
     try:
