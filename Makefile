@@ -73,7 +73,7 @@ docker-daemon: system-deps
 
 test: $(STAMP) system-deps docker-daemon
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
