@@ -379,6 +379,21 @@ class Broker:
                 f"clients={self.clients} running={self.is_running()})")
 
 
+def check_identities(run: str, clients: Iterable[str]) -> list[str]:
+    """The run id and client ids as topic-safe, unreserved and distinct (ValueError)."""
+    from runner.protocol import SERVER, check_id  # lazy, see acl_rules
+
+    check_id(run, "run id")
+    clients = list(clients)
+    for cid in clients:
+        check_id(cid, "client id")
+        if cid in RESERVED or cid == SERVER:
+            raise ValueError(f"client id {cid!r} is reserved")
+    if len(set(clients)) != len(clients):
+        raise ValueError(f"duplicate client ids in {clients}")
+    return clients
+
+
 def start_broker(run: str, clients: Iterable[str], *, host: str = "127.0.0.1",
                  port: int | None = None, workdir: str | Path | None = None,
                  backend: Backend = "auto", auth: Auth = "auto", ready_timeout: float = 15.0,
@@ -392,16 +407,7 @@ def start_broker(run: str, clients: Iterable[str], *, host: str = "127.0.0.1",
     the plugin is installed). ``passwords`` fixes some identities' passwords (default: random,
     24 url-safe characters). Returns a started :class:`Broker`.
     """
-    from runner.protocol import SERVER, check_id  # lazy, see acl_rules
-
-    check_id(run, "run id")
-    clients = list(clients)
-    for cid in clients:
-        check_id(cid, "client id")
-        if cid in RESERVED or cid == SERVER:
-            raise ValueError(f"client id {cid!r} is reserved")
-    if len(set(clients)) != len(clients):
-        raise ValueError(f"duplicate client ids in {clients}")
+    clients = check_identities(run, clients)
     exe = find_mosquitto()
     if backend == "auto":
         backend = "mosquitto" if exe else "amqtt"
@@ -481,14 +487,7 @@ def write_container_broker(run: str, clients: Iterable[str], workdir: Path, *, p
     image's, and Mosquitto runs as the container's root. Nothing is started: Compose does
     that. Returns the credentials (also in ``credentials.json``, mode 0600).
     """
-    from runner.protocol import SERVER, check_id  # lazy, see acl_rules
-
-    check_id(run, "run id")
-    clients = list(clients)
-    for cid in clients:
-        check_id(cid, "client id")
-        if cid in RESERVED or cid == SERVER:
-            raise ValueError(f"client id {cid!r} is reserved")
+    clients = check_identities(run, clients)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     passwords = dict(passwords or {})

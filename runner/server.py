@@ -48,8 +48,7 @@ import torch
 from runner import lora, split
 from runner import protocol as P
 from runner.config import CENTRAL_METHODS
-from runner.devices import GB, DeviceSpec, load_devices
-from runner.errors import ConfigError, UserError
+from runner.errors import UserError
 from runner.memory import ModelCosts
 from runner.models import load_config as load_model_config
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
@@ -68,7 +67,7 @@ from runner.runtime import (
 )
 from runner.trainer import Holder, Trainer, prepare, tensor_bytes
 from runner.transport import Transport, TransportError
-from runner.vtime import StepClock
+from runner.vtime import StepClock, clock_devices
 
 log = logging.getLogger("runner.server")
 CHECKPOINT = Path("checkpoint") / "server.pt"
@@ -727,15 +726,10 @@ class Server:
         clock restarts at 0 on ``--resume``."""
         if not self.cfg.devices or self.cfg.method in CENTRAL_METHODS:
             return None
-        devices, server = load_devices(Path(self.cfg.devices))
         names = [p.name for p in self.peers.values()]
-        if len(devices) < len(names):
-            raise ConfigError(f"{self.cfg.devices} describes {len(devices)} clients; the run "
-                              f"has {len(names)}")
-        server = server or DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9,
-                                      latency=0.001)
+        devices, server, _ = clock_devices(self.cfg.devices, len(names))
         return StepClock(ModelCosts.from_config(load_model_config(self.tr.info.path)), names,
-                         devices[:len(names)], server, seed=self.cfg.seed,
+                         devices, server, seed=self.cfg.seed,
                          agg_interval=self.cfg.agg_interval)
 
     def finish(self, train_time: float) -> dict[str, Any]:

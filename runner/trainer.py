@@ -34,12 +34,11 @@ from torch import nn
 from runner import data as data_mod
 from runner import lora, split
 from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
-from runner.devices import GB, DeviceSpec, load_availability, load_devices
-from runner.errors import ConfigError
+from runner.devices import DeviceSpec
 from runner.memory import ModelCosts
 from runner.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
-from runner.vtime import StepClock, availability_from
+from runner.vtime import StepClock, availability_from, clock_devices
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
@@ -504,14 +503,7 @@ class Trainer:
         given (a profile run), else None (no virtual time). HeteroTrainer always has devices."""
         if not self.cfg.devices or self.cfg.method in CENTRAL_METHODS:
             return None
-        devices, server = load_devices(Path(self.cfg.devices))
-        n = len(self.clients)
-        if len(devices) < n:
-            raise ConfigError(f"{self.cfg.devices} describes {len(devices)} clients; the run "
-                              f"has {n}")
-        server = server or DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9,
-                                      latency=0.001)
-        return devices[:n], server, load_availability(Path(self.cfg.devices))[:n]
+        return clock_devices(self.cfg.devices, len(self.clients))
 
     def make_clock(self) -> StepClock | None:
         """The run's virtual clock (runner/vtime.py), or None without device descriptions."""

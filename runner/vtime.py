@@ -19,12 +19,26 @@ adapter bytes up and the global ones down over its own link.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from runner.clock import Availability, StepTiming, VirtualClock
-from runner.devices import DeviceSpec
+from runner.devices import GB, DeviceSpec, load_availability, load_devices
 from runner.errors import ConfigError
 from runner.memory import ModelCosts
+
+# The server when a device file describes none: a datacentre GPU.
+DEFAULT_SERVER = DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9, latency=0.001)
+
+
+def clock_devices(path: str | Path, n: int
+                  ) -> tuple[list[DeviceSpec], DeviceSpec, list[dict[str, Any] | None]]:
+    """The first ``n`` clients of a device file, its server (or :data:`DEFAULT_SERVER`) and
+    the clients' availability entries: what a :class:`StepClock` needs."""
+    devices, server = load_devices(Path(path))
+    if len(devices) < n:
+        raise ConfigError(f"{path} describes {len(devices)} clients; the run has {n}")
+    return devices[:n], server or DEFAULT_SERVER, load_availability(Path(path))[:n]
 
 
 def availability_from(entries: Sequence[dict[str, Any] | None]) -> list[Availability | None]:
@@ -114,4 +128,4 @@ class StepClock:
         return self.clock.advance(worst)
 
 
-__all__ = ["StepClock", "availability_from"]
+__all__ = ["DEFAULT_SERVER", "StepClock", "availability_from", "clock_devices"]
