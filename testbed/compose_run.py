@@ -42,7 +42,7 @@ from typing import Any
 
 from runner.config import TrainConfig
 from runner.errors import UserError
-from runner.rundir import EVENTS, read_jsonl, write_json
+from runner.rundir import EVENTS, write_json
 from runner.runtime import RuntimeOptions, write_config
 from testbed.compose import (
     BASE_COMPOSE,
@@ -54,9 +54,9 @@ from testbed.compose import (
     write_override,
 )
 from testbed.images import BROKER_IMAGE, RUNTIME_IMAGE, docker_client
+from testbed.local import STATE
 from testbed.profiles import EmulationMap, Profile
 
-STATE = "testbed-state.json"
 OVERRIDE = "compose.override.yaml"
 CACHE_MOUNT = "/cache"
 DATA_MOUNT = "/data"
@@ -232,7 +232,6 @@ class ComposeRun:
         """Prepare the run directory, then ``compose up -d``; writes the state file."""
         self.prepare()
         self._compose("up", "-d", "--no-build")
-        self.started = time.time()
         self.write_state()
         return self
 
@@ -366,9 +365,6 @@ class _Attached:
         self.project = state["project"]
         self.clients = list(state["clients"])
         self.run_dir = Path(state["run_dir"])
-        self.files = list(state["files"])
-        self.compose = state.get("compose")
-        self.host_network = bool(state.get("host_network"))
 
     def containers(self) -> dict[str, Any]:
         return ComposeRun.containers(self)  # type: ignore[arg-type]
@@ -487,10 +483,6 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
             client_api.networks.get(n).connect(c, aliases=[client])
         return f"{client} disconnected from {', '.join(nets)} for {seconds:g} s ({c.name})"
     raise UserError(f"--mode must be kill, pause, stop or disconnect, not {mode!r}")
-
-
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(run_dir) / EVENTS)
 
 
 __all__ = ["ComposeRun", "append_event", "container_states", "down", "inject_dropout",
