@@ -76,8 +76,9 @@ def _linear(model: nn.Module, name: str) -> nn.Module:
 
 @dataclass
 class Probe:
-    """Importance numerators of one probe round, per holder."""
+    """Importance numerators of one probe round, per probed client and the server's."""
 
+    holders: list[Holder]
     clients: list[dict[str, float]]
     server: dict[str, float]
 
@@ -93,6 +94,7 @@ class HeteroTrainer(Trainer):
     # ------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         cfg, info = self.cfg, self.info
+        self.offline: set[str] = set()  # Trainer.__init__ sets it again after _build
         self.config = load_config(info.path)
         self.costs = ModelCosts.from_config(self.config)
         self.candidates = lora.all_candidates(self.config)
@@ -174,8 +176,15 @@ class HeteroTrainer(Trainer):
             h.seg = split.load_client(self.info.path, k)
         self.server = Holder(name="server", seg=split.load_segment(
             self.info.path, 0, L, embed=False, head=True), ranks={})
+        self.initial_plan()
+
+    def initial_plan(self) -> None:
+        """Probe importance on the split but not yet adapted model, plan, attach adapters.
+
+        The distributed server (runner/hetero_server.py) calls this once its clients have
+        joined, since the probe needs their data."""
         imp = self._importance(step=0)
-        plan = self._plan(imp, splits)
+        plan = self._plan(imp, [h.seg.end for h in self.clients])
         self.trigger.accept(imp, [d.memory_bytes for d in self.devices],
                             [h.name for h in self.clients])
         self._apply(plan, step=0, reason="initial")
@@ -291,57 +300,48 @@ class HeteroTrainer(Trainer):
                     makespan=plan.makespan if plan else None)
 
     # --------------------------------------------------------------------- importance
-    def _probe(self) -> Probe:
+    def _probe(self, holders: list[Holder]) -> Probe:
         """Numerators ``sum <dL/dy, W x>`` on one batch per client, without touching any
-        parameter gradient (autograd.grad w.r.t. input leaves only)."""
+        parameter gradient (autograd.grad w.r.t. input leaves only); dropout off."""
         server = self.server
         assert server is not None
-        holders = self.all_holders()
-        for h in holders:
+        for h in self.all_holders():
             h.seg.model.eval()
         try:
-            batches = [h.batches.next() for h in self.clients]
-            c_probes = [importance.ImportanceProbe(h.seg.model, [
-                n for n in self.candidates if lora.block_of(n) < h.seg.end]) for h in self.clients]
-            lo = min(h.seg.end for h in self.clients)
-            s_probe = importance.ImportanceProbe(server.seg.model, [
-                n for n in self.candidates if lora.block_of(n) >= lo])
-            with torch.enable_grad():
-                leaves, acts = [], []
-                for h, b, p in zip(self.clients, batches, c_probes, strict=True):
-                    with p:
-                        leaf = split.embed(h.seg, b["input_ids"]).detach().requires_grad_(True)
-                        leaves.append(leaf)
-                        acts.append(split.run_blocks(h.seg, leaf, b["attention_mask"], 0,
-                                                     h.seg.end))
-                total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                wires = [a.detach().requires_grad_(True) for a in acts]
-                with s_probe:
-                    loss = None
-                    for h, b, w in zip(self.clients, batches, wires, strict=True):
-                        hidden = split.run_blocks(server.seg, w, b["attention_mask"], h.seg.end,
-                                                  server.seg.end)
-                        rows, _ = split.head_row_losses(server.seg, hidden, b["labels"])
-                        part = rows.sum() / max(total, 1)
-                        loss = part if loss is None else loss + part
-                    grads = torch.autograd.grad(loss, wires)
-                # The tensor hooks were attached during the forward passes; they fire now.
-                for a, leaf, g in zip(acts, leaves, grads, strict=True):
-                    torch.autograd.grad(a, [leaf], grad_outputs=g)
+            batches = [h.batches.next() for h in holders]
+            forwards = [probe_forward(h.seg, b, self.client_candidates(h.seg.end))
+                        for h, b in zip(holders, batches, strict=True)]
+            grads, server_nums = probe_server(
+                server.seg, [(f.acts, b["attention_mask"], b["labels"], h.seg.end)
+                             for h, b, f in zip(holders, batches, forwards, strict=True)],
+                self.server_candidates([h.seg.end for h in holders]))
+            nums = [probe_backward(f, g) for f, g in zip(forwards, grads, strict=True)]
         finally:
-            for h in holders:
+            for h in self.all_holders():
                 h.seg.model.train()
-        return Probe([p.numerators for p in c_probes], s_probe.numerators)
+        return Probe(holders, nums, server_nums)
+
+    def client_candidates(self, k: int) -> list[str]:
+        """The candidate weights a client with split point ``k`` scores."""
+        return [n for n in self.candidates if lora.block_of(n) < k]
+
+    def server_candidates(self, splits: list[int]) -> list[str]:
+        """The candidate weights the server scores: its blocks from the lowest split up."""
+        lo = min(splits)
+        return [n for n in self.candidates if lora.block_of(n) >= lo]
 
     def _importance(self, step: int) -> dict[str, float]:
         """Smoothed global importance (uniform for the no-iwi ablation)."""
         if self.method == "hsplitlora-no-iwi":
             return {n: 1.0 for n in self.candidates}
-        probe = self._probe()
-        weights = [h.weight for h in self.clients]
-        splits = [h.seg.end for h in self.clients]
+        probe = self._probe(self._online() or self.clients)
+        if not probe.holders:  # nobody answered (distributed): keep the last importance
+            return dict(self.tracker.values) if self.tracker.values else {
+                n: 1.0 for n in self.candidates}
+        weights = [h.weight for h in probe.holders]
+        splits = [h.seg.end for h in probe.holders]
         holders = []
-        for h, nums in zip(self.clients, probe.clients, strict=True):
+        for h, nums in zip(probe.holders, probe.clients, strict=True):
             cur = importance.current_importance(nums, self.weight_costs)
             holders.append((cur, {n: h.weight for n in cur}))
         server_cur = importance.current_importance(probe.server, self.weight_costs)
@@ -397,16 +397,23 @@ class HeteroTrainer(Trainer):
             if not parts:
                 continue
             factors = [f for _, f in parts]
-            delta = agg.naa_delta(factors)
+            b_cat, a_cat = agg.naa_concat(factors)
+            delta = b_cat @ a_cat  # agg.naa_delta, kept in factors for the wire
             d_in, d_out = self.costs.shapes[name]
             wire, _ = agg.wire_bytes(d_out, d_in, sum(f.rank for f in factors))
             holders = [h for h in online if lora.block_of(name) < h.seg.end]
+            self._merged(name, b_cat, a_cat, delta, holders)
             for h in holders + [self.server]:
                 lin = _linear(h.seg.model, name)
                 agg.merge_into(lin.weight, delta, transposed=type(lin).__name__ == "Conv1D")
             up += sum(tensor_bytes(f.A, f.B) for h, f in parts if h is not self.server)
             down += wire * len(holders)
         return self._record_aggregate(step, "naa", online, up, down)
+
+    def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
+                holders: list[Holder]) -> None:
+        """Hook: NAA computed ``delta = b_cat @ a_cat`` for ``name``, merged by ``holders``
+        (and the server). The distributed server ships it to the clients from here."""
 
     def _aggregate_padded(self, step: int) -> dict[str, int]:
         """Ablation: padded FedAvg of A and B over participants, truncated to each rank."""
@@ -470,6 +477,10 @@ class HeteroTrainer(Trainer):
             return {}
         done = step + 1
         moved_before = self.moved_bytes
+        # The merged weights now carry the adapters' update: re-initialise the adapters
+        # (B = 0) before probing, so the probe sees the merged model exactly once.
+        for h in self.all_holders():
+            self._reinit(h, h.ranks, done)
         imp = self._importance(done)
         members = [h.name for h in self._online()]
         budgets = [d.memory_bytes for d in self.devices]
@@ -490,10 +501,6 @@ class HeteroTrainer(Trainer):
             plan = self._plan(imp, splits)
             self.trigger.accept(imp, budgets, members)
             self._apply(plan, step=done, reason=reason)
-        else:
-            # Same configuration: fresh adapters at the same ranks (NAA merged the old ones).
-            for h in self.all_holders():
-                self._reinit(h, h.ranks, done)
         moved = self.moved_bytes - moved_before
         return {"bytes_up": 0, "bytes_down": moved}
 
@@ -521,6 +528,56 @@ class HeteroTrainer(Trainer):
             return super().save(run)
         return save_merged_delta(run.adapters("final"), self.server.seg,
                                  self.info.path, self.cfg, self.candidates)
+
+
+@dataclass
+class ProbeForward:
+    """A client's half of an importance probe, kept until the server's gradient returns."""
+
+    probe: importance.ImportanceProbe
+    leaf: torch.Tensor
+    acts: torch.Tensor
+
+
+def probe_forward(seg: split.Segment, batch: dict[str, torch.Tensor],
+                  names: list[str]) -> ProbeForward:
+    """Client side of the IWI probe: run the segment with hooks on ``names`` from a leaf that
+    requires grad (so the backward reaches every hooked output). The caller sets eval mode."""
+    p = importance.ImportanceProbe(seg.model, names)
+    with torch.enable_grad(), p:
+        leaf = split.embed(seg, batch["input_ids"]).detach().requires_grad_(True)
+        acts = split.run_blocks(seg, leaf, batch["attention_mask"], 0, seg.end)
+    return ProbeForward(p, leaf, acts)
+
+
+def probe_backward(fwd: ProbeForward, grad: torch.Tensor) -> dict[str, float]:
+    """Client side, second half: back-propagate the server's gradient; the tensor hooks the
+    forward attached fill the numerators. No parameter gradient is touched."""
+    with torch.enable_grad():
+        torch.autograd.grad(fwd.acts, [fwd.leaf], grad_outputs=grad.to(fwd.acts.dtype))
+    return dict(fwd.probe.numerators)
+
+
+def probe_server(seg: split.Segment,
+                 payloads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+                 names: list[str]) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Server side of the IWI probe for client payloads ``(acts, mask, labels, k)``: one
+    loss over every probed batch (mean over all their target tokens), hooks on ``names``;
+    returns the gradient w.r.t. each client's activations and the server's numerators."""
+    s_probe = importance.ImportanceProbe(seg.model, names)
+    total = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels, _ in payloads)
+    with torch.enable_grad():
+        wires = [a.detach().requires_grad_(True) for a, _, _, _ in payloads]
+        with s_probe:
+            loss = None
+            for (_, mask, labels, k), w in zip(payloads, wires, strict=True):
+                hidden = split.run_blocks(seg, w, mask, k, seg.end)
+                rows, _ = split.head_row_losses(seg, hidden, labels)
+                part = rows.sum() / max(total, 1)
+                loss = part if loss is None else loss + part
+            assert loss is not None
+            grads = torch.autograd.grad(loss, wires)
+    return list(grads), dict(s_probe.numerators)
 
 
 def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: TrainConfig,
