@@ -50,6 +50,7 @@ from runner.config import CENTRAL_METHODS
 from runner.errors import UserError
 from runner.models import load_config as load_model_config
 from runner.runtime import (
+    HETERO_DISTRIBUTED,
     OP_DONE,
     OP_RESEND,
     OP_RESYNC,
@@ -99,27 +100,29 @@ class Client:
         self.index = rt.index(self.cid)
         self.split = is_split(cfg)
         prep = prepare(cfg)
-        info = prep.info
+        self.info = info = prep.info
         self.k = split_point(cfg, info) if self.split else info.num_layers
         # Design choice: LoRA dropout masks come from this process's own RNG, seeded per
         # client. The in-process trainer draws all clients' masks from one shared stream, so
         # runs match step for step only with lora_dropout = 0 (docs/protocol.md).
         torch.manual_seed(cfg.seed * 1000 + 7919 * (self.index + 1))
-        seg = split.load_client(info.path, self.k) if self.split else split.load_unsplit(info.path)
-        ranks = lora.attach_lora(seg, lora.uniform_ranks(seg.config, cfg.rank, cfg.targets),
-                                 alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+        seg, ranks = self._load_model()
         shards = prep.shards
         shard = shards[self.index]
         self.name = "central" if cfg.method in CENTRAL_METHODS else self.cid
         self.examples = data_mod.encode_frame(prep.tokenizer, shard, cfg.max_len)
         self.pad_id = int(prep.tokenizer.pad_token_id)
-        self.holder = Holder(name=self.name, seg=seg, ranks=ranks, n_examples=len(shard),
-                             weight=len(shard) / sum(len(s) for s in shards))
+        # HSplitLoRA clients get their segment from the server's plan (seg None until then).
+        self.holder = Holder(name=self.name, seg=seg, ranks=ranks,  # type: ignore[arg-type]
+                             n_examples=len(shard), weight=len(shard) / sum(len(s) for s in shards))
         self.hidden = int(load_model_config(info.path).hidden_size)
         self._reset_stream(0)
         self._reset_optimizer(0)
-        seg.model.train()
-        self.adapter_shapes = {k: list(v.shape) for k, v in lora.adapter_state(seg.model).items()}
+        self.adapter_shapes: dict[str, list[int]] = {}
+        if seg is not None:
+            seg.model.train()
+            self.adapter_shapes = {k: list(v.shape)
+                                   for k, v in lora.adapter_state(seg.model).items()}
         # progress state (reported in every heartbeat)
         self.incarnation = uuid.uuid4().hex[:12]
         self._budget_at, self._budget_cache = -1e9, None
@@ -140,6 +143,15 @@ class Client:
         self.t: Transport | None = None
         self._hb_stop = threading.Event()
         self._net_pause = 0.0  # seconds of injected network outage requested (SIGUSR1)
+
+    def _load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
+        """The client's segment with uniform adapters (SplitLoRA: split point L/4 or --split;
+        fedlora/cenlora: the whole model)."""
+        cfg, info = self.cfg, self.info
+        seg = split.load_client(info.path, self.k) if self.split else split.load_unsplit(info.path)
+        ranks = lora.attach_lora(seg, lora.uniform_ranks(seg.config, cfg.rank, cfg.targets),
+                                 alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+        return seg, ranks
 
     # ------------------------------------------------------------------------ state
     def _reset_stream(self, drawn: int) -> None:
@@ -476,7 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         if rt.me == "server":
             raise UserError("TESTBED_CLIENT_ID (or --client-id) must name a client")
         setup_logging(rt.me)
-        client = Client(rt)
+        if rt.train.method in HETERO_DISTRIBUTED:
+            from runner.hetero_client import HeteroClient
+
+            client: Client = HeteroClient(rt)
+        else:
+            client = Client(rt)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,13 +38,21 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+try:  # ISA-L's CRC-32: the same checksum as zlib.crc32 (same polynomial, same values), ~10x
+    # faster (carry-less multiply); the hot path of both sides runs one per byte sent.
+    from isal.isal_zlib import crc32 as _crc32
+    CRC32_IMPL = "isal"
+except ImportError:  # pragma: no cover - depends on the environment
+    _crc32 = zlib.crc32
+    CRC32_IMPL = "zlib"
 
 MAGIC = b"HSLW"
 VERSION = 1
@@ -488,6 +496,19 @@ def encode(msg: Message, *, wire: str | torch.dtype | None = None,
            chunk_size: int = DEFAULT_CHUNK) -> list[bytearray]:
     """Encode ``msg`` into one or more MQTT payloads (chunks), each a complete envelope.
 
+    See :func:`encode_chunks` (the same chunks, made lazily) for ``wire`` and the checks.
+    """
+    return list(encode_chunks(msg, wire=wire, chunk_size=chunk_size))
+
+
+def encode_chunks(msg: Message, *, wire: str | torch.dtype | None = None,
+                  chunk_size: int = DEFAULT_CHUNK) -> _Chunks:
+    """Encode ``msg`` lazily: the checks, layout and checksums now; each chunk on iteration.
+
+    The result has a ``len`` (the chunk count) and yields the same envelopes :func:`encode`
+    returns, so a sender can publish chunk i while chunk i + 1 is being copied. The tensors
+    must not change until the iteration is done.
+
     ``wire``: "float16"/"bfloat16" (or the torch dtype) casts float32 tensors on the wire
     (halves the bytes); the manifest records both dtypes and the receiver casts back. Integer
     tensors and tensors already 16-bit are sent as they are. A cast that overflows (float16
@@ -543,13 +564,40 @@ def encode(msg: Message, *, wire: str | torch.dtype | None = None,
     # Check the message with the receiver's own rules (no expectations): same reasons.
     _validate_header(_CRC_PLACEHOLDER | head | {"chunk": [0, count], "csize": chunk_size},
                      Expect(run=msg.run, max_message=max(size, 1)))
-    # Each chunk's envelope is allocated once and the tensors' bytes copied straight into it
-    # (one copy per byte); checksums are patched in at fixed offsets afterwards.
     segments = _blob_segments(st_head, entries, data)
-    out_list: list[bytearray] = []
-    pieces: list[tuple[int, int]] = []  # (payload start in envelope, piece crc)
-    total_crc = 0
-    base = _CRC_PLACEHOLDER | head
+    # One CRC pass over the source bytes first (each chunk's CRC, combined into the whole
+    # payload's), so that every chunk's header is final when it is built: chunks can then be
+    # made one at a time and the first one published while the next is being copied.
+    piece_crcs = [_segments_crc(segments, i * chunk_size, min(size, (i + 1) * chunk_size))
+                  for i in range(count)]
+    total_crc = piece_crcs[0]
+    for i in range(1, count):
+        total_crc = crc32_combine(total_crc, piece_crcs[i],
+                                  min(size, (i + 1) * chunk_size) - i * chunk_size)
+    return _Chunks(_make_chunks(_CRC_PLACEHOLDER | head, segments, piece_crcs, b"%08x" % total_crc,
+                                size, chunk_size), count)
+
+
+class _Chunks:
+    """The envelopes of one message, made one at a time on iteration (``len`` is known)."""
+
+    __slots__ = ("_it", "count")
+
+    def __init__(self, it: Iterator[bytearray], count: int):
+        self._it, self.count = it, count
+
+    def __iter__(self) -> Iterator[bytearray]:
+        return self._it
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _make_chunks(base: dict[str, Any], segments: Sequence[memoryview], piece_crcs: list[int],
+                 digits: bytes, size: int, chunk_size: int) -> Iterator[bytearray]:
+    # Each chunk's envelope is allocated once and the tensors' bytes copied straight into it
+    # (one copy per byte); the checksums are patched in at fixed offsets.
+    count = len(piece_crcs)
     for i in range(count):
         lo, hi = i * chunk_size, min(size, (i + 1) * chunk_size)
         raw = _header_bytes(base | {"chunk": [i, count], "csize": chunk_size})
@@ -557,17 +605,21 @@ def encode(msg: Message, *, wire: str | torch.dtype | None = None,
         out = bytearray(start + hi - lo)
         PREFIX.pack_into(out, 0, MAGIC, VERSION, len(raw))
         out[PREFIX.size:start] = raw
-        piece = memoryview(out)[start:]
-        _copy_range(segments, lo, piece)
-        piece_crc = zlib.crc32(piece)
-        total_crc = crc32_combine(total_crc, piece_crc, len(piece)) if i else piece_crc
-        out_list.append(out)
-        pieces.append((start, piece_crc))
-    digits = b"%08x" % total_crc
-    for out, (start, piece_crc) in zip(out_list, pieces, strict=True):
+        _copy_range(segments, lo, memoryview(out)[start:])
         out[PREFIX.size + _CRC_AT:PREFIX.size + _CRC_AT + 8] = digits
-        _seal(out, start, piece_crc)
-    return out_list
+        _seal(out, start, piece_crcs[i])
+        yield out
+
+
+def _segments_crc(segments: Sequence[memoryview], start: int, end: int) -> int:
+    """CRC-32 of blob bytes [start, end) of ``segments``, read in place."""
+    crc, pos = 0, 0
+    for seg in segments:
+        seg_end = pos + len(seg)
+        if seg_end > start and pos < end:
+            crc = _crc32(seg[max(start, pos) - pos:min(end, seg_end) - pos], crc)
+        pos = seg_end
+    return crc
 
 
 def _blob_segments(st_head: bytes, entries: Sequence[tuple[str, str, tuple, int]],
@@ -640,7 +692,7 @@ def _seal(out: bytearray, start: int, piece_crc: int) -> None:
     """Compute and patch in the envelope checksum (ccrc) of a finished envelope."""
     at = PREFIX.size + _CCRC_AT
     out[at:at + 8] = b"00000000"
-    out[at:at + 8] = b"%08x" % zlib.crc32(memoryview(out)[:start], piece_crc)
+    out[at:at + 8] = b"%08x" % _crc32(memoryview(out)[:start], piece_crc)
 
 
 def _header_bytes(head: Mapping[str, Any]) -> bytes:
@@ -872,10 +924,10 @@ def read_envelope(data: bytes | bytearray | memoryview, expect: Expect,
         raise _fail(Reason.TRUNCATED_PAYLOAD, f"chunk has {len(piece)} of {want} bytes")
     if len(piece) > want:
         raise _fail(Reason.OVERSIZED_PAYLOAD, f"chunk has {len(piece)} bytes, header says {want}")
-    piece_crc = zlib.crc32(piece)
+    piece_crc = _crc32(piece)
     head = bytearray(mv[:start])
     head[PREFIX.size + _CCRC_AT:PREFIX.size + _CCRC_AT + 8] = b"00000000"
-    if zlib.crc32(head, piece_crc) != header.ccrc:
+    if _crc32(head, piece_crc) != header.ccrc:
         raise _fail(Reason.CHECKSUM, f"envelope CRC32 mismatch (chunk {header.index})")
     if header.count == 1 and header.crc != piece_crc:
         raise _fail(Reason.CHECKSUM, "payload CRC32 mismatch")

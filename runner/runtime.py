@@ -31,10 +31,13 @@ from runner.broker import BrokerAddress, Credentials, parse_broker_url
 from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
 from runner.errors import ConfigError
 
-# Methods the distributed runtime runs. Design choice (documented in docs/architecture.md):
-# the heterogeneous methods (hsplitlora*, hetlora) need per-client ranks / split points and
-# block hand-over on the wire, which is not built yet; ``ft`` would move whole models.
-DISTRIBUTED_METHODS = ("splitlora", "fedlora", "cenlora")
+# Methods the distributed runtime runs. HSplitLoRA and the ablations that keep NAA run with
+# per-client split points and ranks, NAA factors, IWI probes and block hand-over on the wire
+# (runner/hetero_server.py, runner/hetero_client.py). Design choice (docs/architecture.md):
+# ``ft`` would move whole models; hetlora and hsplitlora-no-naa (padded-FedAvg aggregation
+# rules over per-client ranks) run in-process only.
+HETERO_DISTRIBUTED = ("hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc")
+DISTRIBUTED_METHODS = ("splitlora", "fedlora", "cenlora", *HETERO_DISTRIBUTED)
 
 # Operations carried in ``meta["op"]`` of ``config`` messages (server -> clients).
 OP_STEP = "step"  # broadcast: step t begins (or, on a client's channel, a repeat for it)
@@ -43,6 +46,10 @@ OP_RESYNC = "resync"  # to one client: global adapters + stream/optimizer positi
 OP_UPLOAD = "upload"  # to one client: (re)send your adapters for aggregation step t
 OP_RESEND = "resend"  # to one client: (re)send your activations for step t
 OP_DONE = "done"  # broadcast: the run is over, exit
+# HSplitLoRA (runner/hetero_server.py):
+OP_MERGE = "merge"  # to one client: NAA factors of its blocks; merge, re-initialise adapters
+OP_PROBE = "probe"  # to one client: run an importance probe batch (IWI)
+OP_PLAN = "plan"  # to one client: split point + ranks (ARMSC), moved blocks' weights
 
 log = logging.getLogger("runner.runtime")
 

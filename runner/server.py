@@ -53,6 +53,7 @@ from runner.memory import ModelCosts
 from runner.models import load_config as load_model_config
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.runtime import (
+    HETERO_DISTRIBUTED,
     OP_DONE,
     OP_RESEND,
     OP_RESYNC,
@@ -130,7 +131,7 @@ class Server:
     def __init__(self, rt: RuntimeConfig):
         self.rt, self.cfg, self.o = rt, rt.train, rt.options
         self.prep = prepare(self.cfg)
-        self.tr = ServerTrainer(self.cfg, None, None, prepared=self.prep)
+        self.tr = self._make_trainer()
         self.split = is_split(self.cfg)
         self.hidden = int(load_model_config(self.prep.info.path).hidden_size)
         shards = self.prep.shards
@@ -139,7 +140,7 @@ class Server:
         self.peers = {cid: Peer(cid, i, "central" if central else cid, len(shards[i]) / total)
                       for i, cid in enumerate(rt.clients)}
         self.adapter_shapes = {k: list(v.shape) for k, v in
-                               lora.adapter_state(self.tr.shadow.seg.model).items()}
+                               lora.adapter_state(self.tr.clients[0].seg.model).items()}
         self.epoch = uuid.uuid4().hex[:12]
         self.resumed = False
         self.start_step = 0
@@ -168,6 +169,17 @@ class Server:
         self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
         self._connects = 1
         self.reconnected_at = 0.0
+
+    def _make_trainer(self) -> Trainer:
+        return ServerTrainer(self.cfg, None, None, prepared=self.prep)
+
+    def split_of(self, p: Peer) -> int:
+        """The split point of client ``p`` (one for every client in SplitLoRA)."""
+        return self.tr.k
+
+    def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
+        """The adapter tensors an upload (header ``h``) must carry: names and shapes."""
+        return self.adapter_shapes
 
     # ------------------------------------------------------------------ run directory
     def _snapshot(self) -> dict[str, Any]:
@@ -209,14 +221,9 @@ class Server:
         history and byte totals. Clients keep matching in-memory snapshots (runner.client).
         """
         assert self.run is not None
-        srv = self.tr.server
         state = {
             "version": 1, "step": step, "global_step": self.global_step,
-            "global_state": self.tr.global_state,
-            "server_adapters": ({k: v.detach().clone() for k, v in
-                                 lora.adapter_state(srv.seg.model).items()} if srv else None),
-            "server_opt": srv.opt.state_dict() if srv and srv.opt else None,
-            "server_sched": srv.sched.state_dict() if srv and srv.sched else None,
+            "model": self._model_state(),
             "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps}
                       for p in self.peers.values()},
             "history": self.tr.history, "totals": self.totals, "first": self.first,
@@ -228,6 +235,27 @@ class Server:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
+    def _model_state(self) -> dict[str, Any]:
+        """The model part of a checkpoint: server adapters and optimizer, global adapters."""
+        srv = self.tr.server
+        return {
+            "global_state": self.tr.global_state,
+            "server_adapters": ({k: v.detach().clone() for k, v in
+                                 lora.adapter_state(srv.seg.model).items()} if srv else None),
+            "server_opt": srv.opt.state_dict() if srv and srv.opt else None,
+            "server_sched": srv.sched.state_dict() if srv and srv.sched else None}
+
+    def _load_model_state(self, state: dict[str, Any]) -> None:
+        srv = self.tr.server
+        if srv is not None and state["server_adapters"] is not None:
+            lora.load_adapter_state(srv.seg.model, state["server_adapters"])
+            if srv.opt is not None:
+                srv.opt.load_state_dict(state["server_opt"])
+                srv.sched.load_state_dict(state["server_sched"])
+        if state["global_state"] is not None:
+            self.tr.global_state = state["global_state"]
+            lora.load_adapter_state(self.tr.clients[0].seg.model, state["global_state"])
+
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
         assert self.run is not None
@@ -237,15 +265,7 @@ class Server:
         g = -1
         if ckpt is not None:
             g = int(ckpt["step"])
-            srv = self.tr.server
-            if srv is not None and ckpt["server_adapters"] is not None:
-                lora.load_adapter_state(srv.seg.model, ckpt["server_adapters"])
-                if srv.opt is not None:
-                    srv.opt.load_state_dict(ckpt["server_opt"])
-                    srv.sched.load_state_dict(ckpt["server_sched"])
-            if ckpt["global_state"] is not None:
-                self.tr.global_state = ckpt["global_state"]
-                lora.load_adapter_state(self.tr.shadow.seg.model, ckpt["global_state"])
+            self._load_model_state(ckpt["model"])
             self.global_step = int(ckpt["global_step"])
             for cid, pos in ckpt["peers"].items():
                 if cid in self.peers:
@@ -281,7 +301,7 @@ class Server:
             if h.kind is P.Kind.ACT:
                 return {P.ACTS: [b, None, self.hidden], P.MASK: [b, None], P.LABELS: [b, None]}
             if h.kind is P.Kind.ADAPT:
-                return dict(self.adapter_shapes)  # type: ignore[arg-type]
+                return dict(self.upload_shapes(h))  # type: ignore[arg-type]
             return None
 
         return P.Expect(run=self.rt.run_id, clients=frozenset(self.rt.clients),
@@ -468,8 +488,9 @@ class Server:
         done, pending = meta_int(s, "done"), s.get("pending")
         action = None
         stale_global = (meta_int(s, "global") < self.global_step
-                        and now - self.global_sent_at > self.o.repair_interval)
-        if not s.get("synced") or s.get("epoch") != self.epoch or stale_global:
+                        and now - self.global_sent_at > self.global_grace())
+        if (not s.get("synced") or s.get("epoch") != self.epoch or stale_global
+                or self.stale(p, s, now)):
             action = "resync"
         elif isinstance(pending, int) and (
                 pending < self.closed_step or pending == self.closed_step
@@ -501,6 +522,15 @@ class Server:
         elif action == "upload":
             assert self.agg_step is not None
             self.control(OP_UPLOAD, self.agg_step, to=p.cid)
+
+    def global_grace(self) -> float:
+        """Seconds after the last aggregate went out before a client still behind it gets
+        a resync (its copy was lost)."""
+        return self.o.repair_interval
+
+    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+        """Hook: whether a client's reported state needs a resync (beyond the global step)."""
+        return False
 
     def answer_old(self, p: Peer, step: int) -> None:
         """Activations of a closed step: the cached gradient if that step was processed for
@@ -594,8 +624,8 @@ class Server:
 
     def _server_half(self, step: int, answered: list[Peer]) -> list[dict[str, Any]]:
         msgs = [self.answers[p.cid] for p in answered]
-        payloads = [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS], self.tr.k)
-                    for m in msgs]
+        payloads = [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS], self.split_of(p))
+                    for p, m in zip(answered, msgs, strict=True)]
         t0 = time.perf_counter()
         grads, losses = self.tr.server_step(payloads)
         server_s = time.perf_counter() - t0
@@ -620,9 +650,9 @@ class Server:
                 wire_bytes_received=sent.nbytes if sent is not None else None))
         return records
 
-    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
-        """FedAvg over the participants whose adapters arrived (Trainer.aggregate's formula,
-        in client order, so the result is bit-identical to the in-process one)."""
+    def collect_uploads(self, step: int, participants: list[str]) -> list[Peer]:
+        """Wait for the participants' adapter uploads of aggregation ``step`` (at most
+        ``step_timeout``; the silent ones go offline); the peers whose upload arrived."""
         self.agg_step, self.adapts = step, {}
         self.step_started = time.monotonic()
         self.agg_expected = set(participants)
@@ -641,7 +671,12 @@ class Server:
                 self.pump(min(0.1, left))
         finally:
             self.agg_step = None
-        got = [p for p in self.peers.values() if p.cid in self.adapts]
+        return [p for p in self.peers.values() if p.cid in self.adapts]
+
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+        """FedAvg over the participants whose adapters arrived (Trainer.aggregate's formula,
+        in client order, so the result is bit-identical to the in-process one)."""
+        got = self.collect_uploads(step, participants)
         if not got:
             return {"bytes_up": 0, "bytes_down": 0}
         states = [self.adapts[p.cid].tensors for p in got]
@@ -679,6 +714,7 @@ class Server:
             self.event("run_started", method=cfg.method, clients=len(self.peers),
                        split=self.tr.k, runtime="mqtt", wire=self.o.wire or "float32")
         self.wait_for_clients()
+        self.start()
         self.tr.vclock = self.make_clock()
         if self.first is None:
             self.first = self.last = self.tr.evaluate()
@@ -690,7 +726,8 @@ class Server:
             t_step = time.monotonic()
             records = self.train_step(step)
             if self.tr.vclock is not None and all("seq_tokens" in r for r in records):
-                self.tr.vclock.step(records, {p.name: self.tr.k for p in self.peers.values()},
+                self.tr.vclock.step(records, {p.name: self.split_of(p)
+                                              for p in self.peers.values()},
                                     full_model=not self.split)
             for r in records:
                 self.totals["bytes_sent"] += r["bytes_sent"]
@@ -719,6 +756,9 @@ class Server:
                 self.pump(min(left, 0.1))
         return self.finish(time.perf_counter() - t_start)
 
+    def start(self) -> None:
+        """Hook: work after the clients joined and before the first step (HSplitLoRA plans)."""
+
     def make_clock(self) -> StepClock | None:
         """Virtual time of the emulated devices (runner/vtime.py) when the run has a devices
         file (profile runs). Design choice: no availability here: in containers the
@@ -739,13 +779,15 @@ class Server:
             "method": self.cfg.method, "steps": self.cfg.steps,
             "pretrained_val_ppl": self.first["val_ppl"], "final_val_ppl": self.last["val_ppl"],
             "final_val_loss": self.last["val_loss"], "train_time_s": train_time,
-            "client_trainable_params": lora.trainable_parameters(tr.shadow.seg.model),
+            "client_trainable_params": sum(lora.trainable_parameters(h.seg.model)
+                                           for h in tr.clients) / len(tr.clients),
             "server_trainable_params": (lora.trainable_parameters(tr.server.seg.model)
                                         if tr.server is not None else 0),
             **self.totals,
             "runtime": "mqtt", "rejected_messages": self.rejected,
             "rejected_reasons": dict(self.reasons), "offline_events": self.offline_events,
             **({"virtual_time_s": tr.vclock.now} if tr.vclock is not None else {}),
+            **tr.summary_extra(),
         }
         tr.save(self.run)
         self.run.write_summary(summary)
@@ -771,6 +813,15 @@ class Server:
             self.t.close()
 
 
+def make_server(rt: RuntimeConfig) -> Server:
+    """The server for the run's method: HSplitLoRA's (runner/hetero_server.py) or this one."""
+    if rt.train.method in HETERO_DISTRIBUTED:
+        from runner.hetero_server import HeteroServer
+
+        return HeteroServer(rt)
+    return Server(rt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.server",
                                      description="The server of a distributed run (env: "
@@ -781,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("server")
     try:
         rt = load_config(me="server", resume=args.resume)
-        server = Server(rt)
+        server = make_server(rt)
         server.open_run()
         server.connect()
         try:

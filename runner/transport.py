@@ -25,7 +25,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import paho.mqtt
@@ -378,9 +378,11 @@ class Transport:
         channel = to if (self.me == P.SERVER and to is not None) else self.me
         msg = P.Message(run=self.run, client=channel, kind=kind, step=step, seq=self.next_seq(),
                         tensors=dict(tensors or {}), meta=dict(meta or {}))
-        chunks = P.encode(msg, wire=wire or self.wire, chunk_size=self.chunk_size)
-        msg.nbytes = P.encoded_size(chunks)
-        self.publish_raw(msg.topic, chunks, retain=retain, timeout=timeout)
+        # Chunks are made as they are published: chunk i travels while i + 1 is copied.
+        chunks = P.encode_chunks(msg, wire=wire or self.wire, chunk_size=self.chunk_size)
+        sizes: list[int] = []
+        self.publish_raw(msg.topic, _counted(chunks, sizes), retain=retain, timeout=timeout)
+        msg.nbytes = sum(sizes)
         self.sent_messages += 1
         self.sent_bytes += msg.nbytes
         self.last_step = max(self.last_step, step)
@@ -458,6 +460,12 @@ class Transport:
     @property
     def rejected(self) -> int:
         return self.receiver.stats.rejected
+
+
+def _counted(chunks: Iterable[bytearray], sizes: list[int]) -> Iterator[bytearray]:
+    for chunk in chunks:
+        sizes.append(len(chunk))
+        yield chunk
 
 
 def _wait_acked(info: mqtt.MQTTMessageInfo, deadline: float) -> bool:

@@ -1,0 +1,316 @@
+"""A client process of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA").
+
+The SplitLoRA client (:class:`runner.client.Client`) plus what HSplitLoRA puts on the wire
+(docs/protocol.md, "HSplitLoRA"):
+
+* the client has no model until the server's plan arrives: ``resync`` (at join, after a
+  restart or a server roll-back) carries its split point, its ranks, the step whose seed
+  initialises its adapters, and the current merged weights of its blocks; the client loads
+  only blocks ``[0, k)`` from disk (a small device never holds the whole model);
+* ``merge`` (after every aggregation): the NAA factors ``[p_j s_j B_j | ...]``,
+  ``[A_j; ...]`` (or the dense ``dW`` when smaller) of every adapted weight in its blocks;
+  the client adds ``dW`` to its frozen weights and re-initialises its adapters (B = 0);
+* ``probe``: one IWI probe batch: forward with importance hooks, activations up, the
+  server's gradient back, the numerators ``sum <dL/dy, W x>`` of its weights up;
+* ``plan`` (ARMSC): new split point and ranks; blocks it takes over arrive with their
+  current weights from the server; adapters re-initialised with fresh optimizer state.
+
+Every message is applied once: merges are keyed by aggregation step, plans by a version the
+server increments, probes by step; repeats find nothing to do (a repeated probe request
+re-sends the cached answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from runner import aggregation as agg
+from runner import importance, lora, split
+from runner import protocol as P
+from runner.client import Client
+from runner.hetero import ProbeForward, probe_backward, probe_forward
+from runner.models import load_config as load_model_config
+from runner.runtime import OP_MERGE, OP_PLAN, OP_PROBE, OP_STEP, meta_int
+from runner.trainer import make_optimizer
+from runner.transport import TransportError
+
+log = logging.getLogger("runner.client")
+
+
+def block_state(seg: split.Segment) -> dict[str, torch.Tensor]:
+    """A segment's frozen block weights keyed as in the unwrapped model (no peft names)."""
+    return {name.replace(".base_layer", ""): p
+            for name, p in split.base_model(seg.model).named_parameters()
+            if ".layers." in name and "lora_" not in name}
+
+
+class HeteroClient(Client):
+    """HSplitLoRA client: split point, ranks and merged weights come from the server."""
+
+    def _load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
+        self.candidates = lora.all_candidates(load_model_config(self.info.path))
+        self.plan_version = -1  # last plan applied
+        self.need_plan = -1  # plan the announced step builds on
+        self.reinit_step = 0
+        self.probe_req: tuple[int, int] | None = None  # (probe step, global it follows)
+        self.probe_fwd: tuple[int, ProbeForward, dict[str, Any]] | None = None
+        self.probe_done: tuple[int, dict[str, float], int] | None = None  # step, nums, drawn
+        return None, {}
+
+    def _reset_optimizer(self, opt_steps: int) -> None:
+        if self.holder.seg is None:
+            self.holder.opt = self.holder.sched = None
+            self.opt_start = self.opt_steps = opt_steps
+            return
+        super()._reset_optimizer(opt_steps)
+
+    def _snapshot(self, step: int) -> None:
+        """No local snapshots: a roll-back receives the checkpoint's merged weights and plan
+        from the server, which determine the whole state after an aggregation."""
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        seg = self.holder.seg
+        out.update(plan=self.plan_version, split=seg.end if seg is not None else None,
+                   probe=self.probe_done[0] if self.probe_done else None)
+        return out
+
+    def _expect(self) -> P.Expect:
+        base = super()._expect()
+        b = self.cfg.batch_size
+
+        def shapes(h: P.Header) -> dict[str, list[int | None]] | None:
+            if h.kind is P.Kind.GRAD:
+                return {P.GRAD: [b, None, self.hidden]}
+            return None  # merge / plan / resync layouts depend on the plan; checked on apply
+
+        return P.Expect(run=base.run, clients=base.clients, hidden=base.hidden, shapes=shapes)
+
+    # ------------------------------------------------------------------------ model
+    def _reinit(self, ranks: lora.RankMap, step: int) -> None:
+        """HeteroTrainer._reinit: adapters at ``ranks`` seeded by ``step``, fresh optimizer
+        continuing the run's schedule at ``step``."""
+        h, cfg = self.holder, self.cfg
+        if hasattr(h.seg.model, "peft_config"):
+            h.seg.model = h.seg.model.unload()
+        h.ranks = lora.attach_lora(h.seg, ranks, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                   seed=cfg.seed + 7919 * step)
+        made = make_optimizer(h.seg.model, cfg, start_step=step)
+        h.opt, h.sched = made if made is not None else (None, None)
+        h.seg.model.train()
+        self.reinit_step = step
+        self.adapter_shapes = {k: list(v.shape)
+                               for k, v in lora.adapter_state(h.seg.model).items()}
+
+    def _load_segment(self, k: int, weights: dict[str, torch.Tensor], keep_old: bool) -> None:
+        """Blocks ``[0, k)`` from disk, then (``keep_old``) this client's current weights of
+        the blocks it keeps, then ``weights`` from the server (merged or handed-over)."""
+        if not 1 <= k < self.info.num_layers:
+            raise ValueError(f"split point {k} outside [1, {self.info.num_layers})")
+        new = split.load_client(self.info.path, k)
+        target = block_state(new)
+        bad = [n for n, t in weights.items()
+               if n not in target or tuple(target[n].shape) != tuple(t.shape)]
+        if bad:
+            raise ValueError(f"weight {bad[0]!r} does not fit split point {k}")
+        with torch.no_grad():
+            if keep_old and self.holder.seg is not None:
+                for name, t in block_state(self.holder.seg).items():
+                    if name in target:
+                        target[name].copy_(t)
+            for name, t in weights.items():
+                target[name].copy_(t)
+        self.holder.seg = new
+
+    # ---------------------------------------------------------------------- messages
+    def handle(self, msg: P.Message) -> None:
+        meta = msg.meta
+        if msg.kind is P.Kind.CONFIG and meta.get("op") in (OP_MERGE, OP_PROBE, OP_PLAN):
+            if meta.get("epoch") != self.epoch:
+                return  # from before a server restart, or ahead of our resync
+            op = meta["op"]
+            try:
+                if op == OP_MERGE:
+                    self.merge(msg)
+                elif op == OP_PROBE:
+                    self.on_probe(msg)
+                else:
+                    self.plan(msg)
+            except ValueError as e:  # a layout that does not fit our blocks: not applied
+                log.warning("%s of step %d not applied: %s", op, msg.step, e)
+            return
+        if msg.kind is P.Kind.GRAD and meta.get("probe"):
+            self.probe_grad(msg)
+            return
+        if msg.kind is P.Kind.GLOBAL:
+            return  # HSplitLoRA sends merges per client, never a broadcast aggregate
+        super().handle(msg)
+        if (msg.kind is P.Kind.CONFIG and meta.get("op") == OP_STEP
+                and meta_int(meta, "step") == self.announced):
+            self.need_plan = max(self.need_plan, meta_int(meta, "plan"))
+
+    def merge(self, msg: P.Message) -> None:
+        """NAA: ``W <- W + dW`` for every adapted weight of our blocks, then fresh adapters."""
+        step = msg.step
+        if step <= self.global_step or self.holder.seg is None:
+            return
+        forms = msg.meta.get("forms")
+        if not isinstance(forms, dict):
+            raise ValueError("merge without forms")
+        linears = importance.base_linears(self.holder.seg.model, list(forms))
+        deltas = {}
+        for name, form in forms.items():
+            lin = linears.get(name)
+            if lin is None:
+                raise ValueError(f"{name!r} is not in blocks [0, {self.holder.seg.end})")
+            parts = ([f"{name}.B", f"{name}.A"] if form == "factors" else [f"{name}.delta"])
+            if any(x not in msg.tensors for x in parts):
+                raise ValueError(f"{name}: missing {parts}")
+            if form == "factors":
+                b, a = msg.tensors[parts[0]], msg.tensors[parts[1]]
+                if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+                    raise ValueError(f"{name}: factors {tuple(b.shape)} x {tuple(a.shape)}")
+                delta = b @ a
+            else:
+                delta = msg.tensors[parts[0]]
+            transposed = type(lin).__name__ == "Conv1D"
+            want = tuple(lin.weight.shape[::-1] if transposed else lin.weight.shape)
+            if tuple(delta.shape) != want:
+                raise ValueError(f"{name}: update {tuple(delta.shape)}, weight {want}")
+            deltas[name] = (lin, delta, transposed)
+        for lin, delta, transposed in deltas.values():
+            agg.merge_into(lin.weight, delta, transposed=transposed)
+        self._reinit(self.holder.ranks, meta_int(msg.meta, "reinit", step + 1))
+        self.pending = None
+        self.global_step = step
+        log.info("merged %d weights of aggregation %d", len(deltas), step)
+
+    def plan(self, msg: P.Message) -> None:
+        """ARMSC: new split point and ranks (blocks taken over arrive with the message)."""
+        version = meta_int(msg.meta, "version")
+        if version <= self.plan_version or self.holder.seg is None:
+            return
+        k, ranks = meta_int(msg.meta, "split"), _ranks(msg.meta.get("ranks"))
+        if k != self.holder.seg.end:
+            old = self.holder.seg.end
+            self._load_segment(k, msg.tensors, keep_old=True)
+            log.info("split point %d -> %d (%d tensors handed over)", old, k, len(msg.tensors))
+        self._reinit(ranks, meta_int(msg.meta, "reinit", 0))
+        self.plan_version = version
+
+    def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Join, rejoin or roll back: segment at the plan's split point with the server's
+        merged weights, adapters at the plan's ranks, stream at the server's position."""
+        plan = meta.get("plan")
+        if not isinstance(plan, dict):
+            log.warning("resync without a plan; ignored")
+            return
+        g = meta_int(meta, "global")
+        try:
+            ranks = _ranks(plan.get("ranks"))
+            self._load_segment(meta_int(plan, "split"), tensors, keep_old=False)
+        except ValueError as e:
+            log.warning("resync not applied: %s", e)
+            return
+        self._reinit(ranks, meta_int(plan, "reinit", 0))
+        self.plan_version = self.need_plan = meta_int(plan, "version")
+        drawn = meta_int(meta, "drawn", 0)
+        if meta.get("mode") == "rollback":
+            self._reset_stream(drawn)
+            self.done_step = self.announced = self.uploaded = self.need_global = g
+        elif self.fresh:
+            self._reset_stream(drawn)
+        self.pending = None
+        self.probe_req = self.probe_fwd = self.probe_done = None
+        self.global_step = g
+        self.epoch = meta.get("epoch", self.epoch)
+        self.synced = True
+        log.info("resynchronised (%s) at aggregation %d: split %d, %d adapted weights",
+                 meta.get("mode"), g, self.holder.seg.end, len(self.holder.ranks))
+
+    # ------------------------------------------------------------------------ probes
+    def on_probe(self, msg: P.Message) -> None:
+        step = msg.step
+        if self.probe_done is not None and self.probe_done[0] == step:
+            self._send_numerators()  # our answer got lost
+        elif self.probe_fwd is not None and self.probe_fwd[0] == step:
+            self._send_probe_acts()  # our activations got lost
+        elif self.probe_fwd is None:
+            self.probe_req = (step, meta_int(msg.meta, "global"))
+
+    def advance(self) -> None:
+        if not self.synced or self.holder.seg is None:
+            return
+        if self.probe_req is not None:
+            if self.global_step >= self.probe_req[1] and self.pending is None:
+                self._probe_forward(self.probe_req[0])
+            return
+        if self.probe_fwd is not None or self.plan_version < self.need_plan:
+            return
+        super().advance()
+
+    def _probe_forward(self, step: int) -> None:
+        seg = self.holder.seg
+        batch = self.batches.next()
+        self.drawn += 1
+        seg.model.eval()
+        try:
+            fwd = probe_forward(seg, batch, [n for n in self.candidates
+                                             if lora.block_of(n) < seg.end])
+        finally:
+            seg.model.train()
+        tensors = {P.ACTS: fwd.acts.detach(), P.MASK: batch["attention_mask"],
+                   P.LABELS: batch["labels"]}
+        self.probe_fwd = (step, fwd, tensors)
+        self.probe_req = None
+        self._send_probe_acts()
+
+    def _send_probe_acts(self) -> None:
+        assert self.t is not None and self.probe_fwd is not None
+        step, _, tensors = self.probe_fwd
+        try:
+            self.t.send(P.Kind.ACT, step, tensors, {"probe": True, "drawn": self.drawn,
+                                                    "inc": self.incarnation, "epoch": self.epoch},
+                        wire=self.rt.options.wire)
+        except TransportError as e:
+            log.warning("probe activations of step %d not sent: %s", step, e)
+
+    def probe_grad(self, msg: P.Message) -> None:
+        if self.probe_fwd is None or self.probe_fwd[0] != msg.step:
+            return
+        step, fwd, _ = self.probe_fwd
+        grad = msg.tensors[P.GRAD]
+        if grad.shape != fwd.acts.shape:
+            log.warning("probe gradient of step %d has shape %s, activations %s; ignored",
+                        step, tuple(grad.shape), tuple(fwd.acts.shape))
+            return
+        nums = probe_backward(fwd, grad)
+        self.probe_fwd = None
+        self.probe_done = (step, {n: v for n, v in nums.items() if math.isfinite(v)},
+                           self.drawn)
+        self._send_numerators()
+
+    def _send_numerators(self) -> None:
+        assert self.t is not None and self.probe_done is not None
+        step, nums, drawn = self.probe_done
+        try:
+            self.t.send(P.Kind.ADAPT, step, {}, {"probe": step, "importance": nums,
+                                                 "drawn": drawn, "inc": self.incarnation,
+                                                 "epoch": self.epoch, "sent": time.time()})
+        except TransportError as e:
+            log.warning("importance of step %d not sent: %s", step, e)
+
+
+def _ranks(value: Any) -> lora.RankMap:
+    """A rank map from a control message (names -> non-negative ints), or ValueError."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in value.items()):
+        raise ValueError("ranks must map weight names to non-negative integers")
+    return dict(value)
+

@@ -1,0 +1,427 @@
+"""The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA").
+
+:class:`HeteroServer` is the SplitLoRA server (:class:`runner.server.Server`) whose training
+maths is the in-process :class:`runner.hetero.HeteroTrainer`, unchanged: the trainer's
+client holders are *shadows* of the real clients (same split point, ranks and merged block
+weights; their adapters are loaded from the clients' uploads at every aggregation). Only the
+steps that need a client's data or state go over the wire (docs/protocol.md, "HSplitLoRA"):
+
+1. training steps: as SplitLoRA, but each client at its own split point (the server batches
+   equal split points together, deepest first, exactly as in-process);
+2. aggregation: the clients upload their adapters; NAA runs on the shadows and the server's
+   blocks; each client receives ``merge``: the concatenated factors (or the dense update
+   when smaller) of the weights in its blocks, merges them and re-initialises its adapters;
+3. IWI: ``probe``: each online client runs one probe batch with importance hooks and sends
+   the boundary activations; the server runs its blocks with its own hooks, returns the
+   gradients, and the clients send their numerators back;
+4. ARMSC: the trainer re-plans; every client receives ``plan`` (split point, ranks, the step
+   that seeds its adapters) and, if its split point moved up, the current weights of the
+   blocks it takes over (the bytes are counted as in-process).
+
+A returning or restarted client is resynchronised with its plan and the current merged
+weights of its blocks; after ``--resume`` every client rolls back to the checkpoint's merged
+weights and plan (written after every aggregation), which determine the whole state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from runner import aggregation as agg
+from runner import lora, split
+from runner import protocol as P
+from runner.hetero import HeteroTrainer, Probe, _linear, probe_server
+from runner.runtime import (
+    OP_MERGE,
+    OP_PLAN,
+    OP_PROBE,
+    OP_RESYNC,
+    OP_STEP,
+    RuntimeConfig,
+    meta_int,
+)
+from runner.server import Peer, Server
+from runner.trainer import Holder, Trainer
+from runner.vtime import StepClock
+
+log = logging.getLogger("runner.server")
+
+
+class ShadowTrainer(HeteroTrainer):
+    """HeteroTrainer whose clients are shadows of remote processes.
+
+    The initial plan waits for the clients (its probe needs their data); probes go through
+    the server; NAA's per-weight results and split moves are recorded for the wire.
+    """
+
+    def __init__(self, cfg: Any, net: HeteroServer, prepared: Any):
+        self.net = net
+        self.deferred = True
+        super().__init__(cfg, None, None, prepared)
+
+    def initial_plan(self) -> None:
+        if not self.deferred:
+            super().initial_plan()
+
+    def _probe(self, holders: list[Holder]) -> Probe:
+        return self.net.probe_round(holders)
+
+    def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
+                holders: list[Holder]) -> None:
+        self.net.outbox.append((name, b_cat, a_cat, delta, {h.name for h in holders}))
+
+    def _move_split(self, h: Holder, k: int, step: int) -> None:
+        self.net.moved.setdefault(h.name, h.seg.end)
+        super()._move_split(h, k, step)
+
+    def summary_extra(self) -> dict[str, Any]:
+        """Plus the IWI probes' bytes (in-process runs do not count them)."""
+        return {**super().summary_extra(), "probe_bytes": self.net.probe_bytes}
+
+
+class HeteroServer(Server):
+    """Server of hsplitlora, hsplitlora-no-iwi and hsplitlora-no-armsc."""
+
+    def __init__(self, rt: RuntimeConfig):
+        self.outbox: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]] = []
+        self.moved: dict[str, int] = {}  # client -> split point before this round's moves
+        self.merged_names: set[str] = set()  # weights that differ from the pretrained ones
+        self.plan_version = 0  # 0: split points without adapters (before the first probe)
+        self.plan_reinit = 0
+        self.plan_sent_at = 0.0
+        self.probe_at = 0
+        self.probe_step: int | None = None
+        self.probe_expected: set[str] = set()
+        self.probe_acts: dict[str, P.Message] = {}
+        self.probe_nums: dict[str, dict[str, float]] = {}
+        self.probe_bytes = 0
+        self.shapes: dict[str, dict[str, list[int]]] = {}
+        super().__init__(rt)
+        self.by_name = {p.name: p for p in self.peers.values()}
+        self._refresh_shapes()
+
+    def _make_trainer(self) -> Trainer:
+        return ShadowTrainer(self.cfg, self, self.prep)
+
+    @property
+    def htr(self) -> ShadowTrainer:
+        assert isinstance(self.tr, ShadowTrainer)
+        return self.tr
+
+    def shadow(self, p: Peer) -> Holder:
+        return self.tr.clients[p.index]
+
+    def split_of(self, p: Peer) -> int:
+        return self.shadow(p).seg.end
+
+    def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
+        if h.meta.get("probe") is not None:
+            return {}  # importance numerators travel in the meta
+        return self.shapes.get(h.client, {})
+
+    def _refresh_shapes(self) -> None:
+        self.shapes = {p.cid: {k: list(v.shape) for k, v in
+                               lora.adapter_state(self.shadow(p).seg.model).items()}
+                       for p in self.peers.values()}
+
+    # ------------------------------------------------------------------------ start
+    def wait_for_clients(self) -> None:
+        """Every client resynchronised by this server (its epoch), or as many as joined."""
+        deadline = time.monotonic() + self.o.join_timeout
+        while (not all(p.online and p.status.get("synced") and p.status.get("epoch") == self.epoch
+                       for p in self.peers.values()) and time.monotonic() < deadline):
+            self.pump(0.1)
+        self.wait_online("at the start")
+
+    def start(self) -> None:
+        """The initial plan (probe on the clients' data, ARMSC, adapters), unless resumed."""
+        tr = self.htr
+        for v in tr.violations:
+            self.event("budget_violation", step=0, detail=v)
+        if self.plan_version > 0:
+            return
+        tr.deferred = False
+        self._sync_offline()
+        self.probe_at = 0
+        tr.initial_plan()
+        self.publish_plan(0)
+
+    def _sync_offline(self) -> None:
+        self.tr.offline = {p.name for p in self.peers.values() if not p.online}
+
+    # ------------------------------------------------------------------- messages
+    def on_act(self, p: Peer, msg: P.Message) -> None:
+        if not msg.meta.get("probe"):
+            super().on_act(p, msg)
+            return
+        if msg.step == self.probe_step and p.cid in self.probe_expected:
+            if p.cid not in self.probe_acts:
+                self.probe_acts[p.cid] = msg
+                p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+        elif msg.step > self.probe_at:
+            self._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
+
+    def on_adapt(self, p: Peer, msg: P.Message) -> None:
+        if msg.meta.get("probe") is None:
+            super().on_adapt(p, msg)
+            return
+        if msg.step != self.probe_step or p.cid not in self.probe_acts:
+            return  # late or repeated
+        nums = msg.meta.get("importance")
+        mine = set(self.htr.client_candidates(self.split_of(p)))
+        if not isinstance(nums, dict) or not all(
+                k in mine and isinstance(v, int | float) and not isinstance(v, bool)
+                and math.isfinite(v) for k, v in nums.items()):
+            self._reject(p, msg, "bad-meta", "importance must map this client's candidate "
+                                             "weights to finite numbers")
+            return
+        self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
+        p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+
+    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+        """A client that missed a plan (lost message, pause) is resynchronised."""
+        return (meta_int(status, "plan") < self.plan_version
+                and now - self.plan_sent_at > max(self.o.repair_interval, 4 * self.o.heartbeat))
+
+    def announce(self, step: int, to: str | None = None) -> None:
+        self.control(OP_STEP, step, to=to, epoch=self.epoch, rollback=self.resumed,
+                     plan=self.plan_version, **{"global": self.global_step})
+
+    # ------------------------------------------------------------------------ probe
+    def _wait(self, done: Any, resend: Any, what: str) -> None:
+        """Pump until ``done()`` or ``step_timeout``; re-ask the missing every repair
+        interval (``resend(peer)``); the silent ones go offline at the deadline."""
+        deadline = time.monotonic() + self.o.step_timeout
+        asked = time.monotonic()
+        while True:
+            missing = done()
+            if not missing:
+                return
+            now = time.monotonic()
+            if now > deadline:
+                for p in missing:
+                    self.set_offline(p, f"{what}-timeout")
+                return
+            if now - asked > self.o.repair_interval:
+                for p in missing:
+                    resend(p)
+                asked = now
+            self.pump(min(0.1, deadline - now))
+
+    def probe_round(self, holders: list[Holder]) -> Probe:
+        """IWI over the wire for the online clients among ``holders`` (one batch each)."""
+        tr = self.htr
+        step = self.probe_at
+        peers = [self.by_name[h.name] for h in holders if self.by_name[h.name].online]
+        self.probe_step, self.probe_acts, self.probe_nums = step, {}, {}
+        self.probe_expected = {p.cid for p in peers}
+
+        def ask(p: Peer) -> None:
+            self.control(OP_PROBE, step, to=p.cid, epoch=self.epoch, **{"global": self.global_step})
+
+        for p in peers:
+            ask(p)
+        self._wait(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
+                   ask, "probe")
+        answered = [p for p in peers if p.cid in self.probe_acts]
+        server_nums: dict[str, float] = {}
+        if answered:
+            msgs = [self.probe_acts[p.cid] for p in answered]
+            srv = tr.server
+            assert srv is not None
+            srv.seg.model.eval()
+            try:
+                grads, server_nums = probe_server(
+                    srv.seg, [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS],
+                               self.split_of(p)) for p, m in zip(answered, msgs, strict=True)],
+                    tr.server_candidates([self.split_of(p) for p in answered]))
+            finally:
+                srv.seg.model.train()
+            sent = {}
+
+            def give(p: Peer) -> None:
+                sent[p.cid] = self.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
+                                        {"probe": True}, to=p.cid, wire=self.o.wire)
+
+            for p in answered:
+                give(p)
+            self._wait(lambda: [p for p in answered if p.online and p.cid not in self.probe_nums],
+                       give, "probe")
+            self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
+                s.nbytes for s in sent.values() if s is not None)
+        done = [p for p in answered if p.cid in self.probe_nums]
+        self.event("probe", step=step, clients=[p.name for p in done],
+                   missing=[p.name for p in peers if p not in done])
+        self.probe_step = None
+        self.global_sent_at = time.monotonic()
+        return Probe([self.shadow(p) for p in done], [self.probe_nums[p.cid] for p in done],
+                     server_nums)
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+        """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
+        tr = self.htr
+        got = self.collect_uploads(step, participants)
+        names = {p.name for p in got}
+        tr.offline = {h.name for h in tr.clients if h.name not in names}
+        for p in got:
+            msg = self.adapts[p.cid]
+            lora.load_adapter_state(self.shadow(p).seg.model, msg.tensors)
+            p.agg_drawn = meta_int(msg.meta, "drawn", p.drawn)
+        self.outbox = []
+        bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
+        self.global_step = step
+        self._send_merges(step, got)
+        self.probe_at, self.moved = step + 1, {}
+        extra = tr.after_aggregate(step)
+        for p in self.peers.values():
+            p.agg_drawn = p.drawn
+            p.agg_opt_steps = p.opt_steps
+        self.publish_plan(step + 1)
+        self._sync_offline()
+        return {k: bytes_.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
+
+    def _send_merges(self, step: int, got: list[Peer]) -> None:
+        """Each participant gets the NAA result of the weights in its blocks (method.md: the
+        concatenated factors, the dense update only when that is smaller)."""
+        for name, *_ in self.outbox:
+            self.merged_names.add(name)
+        for p in got:
+            tensors: dict[str, torch.Tensor] = {}
+            forms: dict[str, str] = {}
+            for name, b_cat, a_cat, delta, holders in self.outbox:
+                if p.name not in holders:
+                    continue
+                _, form = agg.wire_bytes(delta.shape[0], delta.shape[1], a_cat.shape[0])
+                forms[name] = form
+                if form == "factors":
+                    tensors[f"{name}.B"], tensors[f"{name}.A"] = b_cat, a_cat
+                else:
+                    tensors[f"{name}.delta"] = delta
+            self.send(P.Kind.CONFIG, step, tensors,
+                      {"op": OP_MERGE, "step": step, "reinit": step + 1, "forms": forms,
+                       "epoch": self.epoch}, to=p.cid)
+        self.global_sent_at = time.monotonic()
+
+    def block_weights(self, first: int, end: int, only: set[str] | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """The server's current weights of blocks ``[first, end)`` keyed as a client's
+        unwrapped model names them (``only``: just these weight names, without ``.weight``)."""
+        srv = self.tr.server
+        assert srv is not None
+        out = {}
+        for name, t in split.base_model(srv.seg.model).named_parameters():
+            key = name.replace(".base_layer", "")
+            if ".layers." not in key or "lora_" in key:
+                continue
+            if first <= lora.block_of(key) < end and (
+                    only is None or key.removesuffix(".weight") in only):
+                out[key] = t.detach()
+        return out
+
+    def _plan_meta(self, h: Holder) -> dict[str, Any]:
+        return {"version": self.plan_version, "split": h.seg.end, "ranks": dict(h.ranks),
+                "reinit": self.plan_reinit}
+
+    def publish_plan(self, reinit: int) -> None:
+        """A new plan version to every online client; moved blocks travel with it."""
+        self.plan_version += 1
+        self.plan_reinit = reinit
+        self._refresh_shapes()
+        for p in self.peers.values():
+            if not p.online:
+                continue  # resynchronised with the current plan when it returns
+            h = self.shadow(p)
+            old = self.moved.get(p.name, h.seg.end)
+            tensors = self.block_weights(old, h.seg.end) if h.seg.end > old else {}
+            self.send(P.Kind.CONFIG, reinit, tensors,
+                      {"op": OP_PLAN, "step": reinit, "epoch": self.epoch, **self._plan_meta(h)},
+                      to=p.cid)
+        self.moved = {}
+        self.plan_sent_at = time.monotonic()
+
+    def send_resync(self, p: Peer) -> None:
+        """Plan + merged weights of the client's blocks + stream position.
+
+        "rejoin": the shadow is re-initialised like the in-process trainer's returning
+        client (merged weights, fresh adapters seeded by the step it returns at); "rollback"
+        (after ``--resume``): the checkpoint's plan, whose seed step is in the plan.
+        """
+        mode = "rollback" if self.resumed and p.status.get("epoch") != self.epoch else "rejoin"
+        h = self.shadow(p)
+        if mode == "rejoin" and self.plan_version > 0:
+            self.tr.resync(h, self.closed_step + 1)
+            self._refresh_shapes()
+            plan = {**self._plan_meta(h), "reinit": self.closed_step + 1}
+        else:
+            plan = self._plan_meta(h)
+        drawn = p.agg_drawn if mode == "rollback" else p.drawn
+        self.send(P.Kind.CONFIG, max(self.global_step, 0),
+                  self.block_weights(0, h.seg.end, self.merged_names),
+                  {"op": OP_RESYNC, "mode": mode, "global": self.global_step, "drawn": drawn,
+                   "opt_steps": 0, "epoch": self.epoch, "plan": plan}, to=p.cid)
+        p.last_repair = time.monotonic()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict[str, Any]:
+        """Merged weights, plan and the trainer's IWI/ARMSC state: right after an
+        aggregation every adapter is fresh (seeded by the plan's step), so this is all."""
+        tr = self.htr
+        srv = tr.server
+        assert srv is not None
+        return {
+            "weights": {n: _linear(srv.seg.model, n).weight.detach().clone()
+                        for n in sorted(self.merged_names)},
+            "splits": [h.seg.end for h in tr.clients], "ranks": [dict(h.ranks) for h in tr.clients],
+            "server_ranks": dict(srv.ranks), "plan_version": self.plan_version,
+            "plan_reinit": self.plan_reinit, "tracker": tr.tracker, "trigger": tr.trigger,
+            "plan": tr.plan if hasattr(tr, "plan") else None,
+            "reconfigurations": tr.reconfigurations, "violations": list(tr.violations),
+            "moved_bytes": tr.moved_bytes, "probe_bytes": self.probe_bytes}
+
+    def _load_model_state(self, state: dict[str, Any]) -> None:
+        tr = self.htr
+        srv = tr.server
+        assert srv is not None
+        with torch.no_grad():
+            for n, w in state["weights"].items():
+                _linear(srv.seg.model, n).weight.copy_(w)
+        self.merged_names = set(state["weights"])
+        self.plan_version, self.plan_reinit = state["plan_version"], state["plan_reinit"]
+        tr.deferred = False
+        for h, k, ranks in zip(tr.clients, state["splits"], state["ranks"], strict=True):
+            if h.seg.end != k:
+                h.seg = split.load_client(tr.info.path, k)
+            if hasattr(h.seg.model, "peft_config"):
+                h.seg.model = h.seg.model.unload()
+            tr._sync_blocks(h.seg, 0)
+            tr._reinit(h, ranks, self.plan_reinit)
+        tr._reinit(srv, state["server_ranks"], self.plan_reinit)
+        tr.tracker, tr.trigger = state["tracker"], state["trigger"]
+        if state["plan"] is not None:
+            tr.plan = state["plan"]
+        tr.reconfigurations = state["reconfigurations"]
+        tr.violations = list(state["violations"])
+        tr.moved_bytes = state["moved_bytes"]
+        self.probe_bytes = state["probe_bytes"]
+        self._refresh_shapes()
+
+    # ----------------------------------------------------------------------- report
+    def make_clock(self) -> StepClock | None:
+        """The devices ARMSC plans for (the devices file, or the emulated spread)."""
+        from runner.memory import ModelCosts
+
+        devices, server, _ = self.htr.clock_devices()
+        return StepClock(ModelCosts.from_config(self.htr.config), [h.name for h in self.tr.clients],
+                         devices, server, seed=self.cfg.seed, agg_interval=self.cfg.agg_interval)
+
+    def global_grace(self) -> float:
+        """A merge takes a client a moment (re-attaching adapters): give it longer before
+        a stale global step counts as lost."""
+        return max(self.o.repair_interval, 10 * self.o.heartbeat)
+
