@@ -213,13 +213,23 @@ class Client:
 
     def _budget(self) -> Any:
         """This device's memory budget (runner/budget.py: NVML, cgroup, profile), re-read at
-        most every 5 s: it is reported in heartbeats so the server sees a change
-        (method.md "ARMSC" trigger). None when no source answers."""
+        most every second: it is reported in heartbeats so the server sees a change
+        (method.md "ARMSC" trigger). A budget injected into the run directory
+        (``testbed inject budget``) comes first. None when no source answers."""
         now = time.monotonic()
-        if now - self._budget_at < 5.0:
+        if now - self._budget_at < 1.0:
             return self._budget_cache
-        from runner.budget import discover_budget
+        from runner.budget import Budget, discover_budget
         from runner.errors import ConfigError
+
+        injected = self.rt.run_dir / "inject" / f"{self.cid}.budget"
+        try:  # `testbed inject budget`: the device's budget as the emulation says it is now
+            self._budget_cache = Budget(int(injected.read_text().strip()), "injected",
+                                        str(injected))
+            self._budget_at = now
+            return self._budget_cache
+        except (OSError, ValueError):
+            pass
 
         env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
         try:

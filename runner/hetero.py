@@ -29,7 +29,7 @@ Design choices (ours):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +464,11 @@ class HeteroTrainer(Trainer):
                             bytes_received=up)
         return {"bytes_up": up, "bytes_down": down}
 
+    def set_budget(self, index: int, memory_bytes: int) -> None:
+        """A client's memory budget changed (reported by the device): ARMSC's trigger sees
+        the change at the next aggregation (method.md "Trigger": more than 10 %)."""
+        self.devices[index] = replace(self.devices[index], memory_bytes=int(memory_bytes))
+
     def clock_devices(self) -> tuple[list[DeviceSpec], DeviceSpec, list[Any]]:
         """The devices ARMSC plans for also drive the virtual clock (with the device file's
         availability entries when there is a file)."""
@@ -487,16 +492,22 @@ class HeteroTrainer(Trainer):
         reason = self.trigger.reason(imp, budgets, members)
         splits = [h.seg.end for h in self.clients]
         if reason is not None and self.method != "hsplitlora-no-armsc":
+            cfg = self.cfg
+            base = armsc.minimal_ranks(
+                [n for n in self.candidates if n.endswith(self.ref_suffixes)], cfg.rank_set)
             candidate, _ = armsc.choose_splits(
-                self.costs, self.devices, self.server_dev, self.cfg.batch_size * self.cfg.plan_seq,
-                armsc.minimal_ranks([n for n in self.candidates if n.endswith(self.ref_suffixes)],
-                                    self.cfg.rank_set),
-                self.bounds, self.cfg.batch_size, self.cfg.plan_seq)
+                self.costs, self.devices, self.server_dev, cfg.batch_size * cfg.plan_seq, base,
+                self.bounds, cfg.batch_size, cfg.plan_seq)
             old = armsc.makespan(self.costs, self.devices, self.server_dev, splits,
-                                 self.cfg.batch_size * self.cfg.plan_seq)
+                                 cfg.batch_size * cfg.plan_seq)
             new = armsc.makespan(self.costs, self.devices, self.server_dev, candidate,
-                                 self.cfg.batch_size * self.cfg.plan_seq)
-            if self.trigger.apply_new_splits(old, new):
+                                 cfg.batch_size * cfg.plan_seq)
+            # Hysteresis only between feasible configurations: a split point that no longer
+            # fits its (changed) budget moves whatever the makespan says.
+            unfit = any(k != c and client_memory(self.costs, k, base, cfg.batch_size,
+                                                 cfg.plan_seq).total > d.memory_bytes
+                        for k, c, d in zip(splits, candidate, self.devices, strict=True))
+            if unfit or self.trigger.apply_new_splits(old, new):
                 splits = candidate
             plan = self._plan(imp, splits)
             self.trigger.accept(imp, budgets, members)

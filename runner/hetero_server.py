@@ -102,6 +102,7 @@ class HeteroServer(Server):
         self.probe_bytes = 0
         self.shapes: dict[str, dict[str, list[int]]] = {}
         super().__init__(rt)
+        self.build_violations = list(self.htr.violations)
         self.by_name = {p.name: p for p in self.peers.values()}
         self._refresh_shapes()
 
@@ -141,10 +142,10 @@ class HeteroServer(Server):
     def start(self) -> None:
         """The initial plan (probe on the clients' data, ARMSC, adapters), unless resumed."""
         tr = self.htr
-        for v in tr.violations:
-            self.event("budget_violation", step=0, detail=v)
         if self.plan_version > 0:
-            return
+            return  # resumed: the checkpoint holds the plan
+        for v in self.build_violations:  # found before the run directory was open
+            self.event("budget_violation", step=0, detail=v)
         tr.deferred = False
         self._sync_offline()
         self.probe_at = 0
@@ -183,10 +184,33 @@ class HeteroServer(Server):
         self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
         p.drawn = meta_int(msg.meta, "drawn", p.drawn)
 
+    def on_budget(self, p: Peer, meta: dict[str, Any]) -> None:
+        """A budget change feeds ARMSC (method.md "Trigger"): an injected budget is the
+        device's new budget as stated; a measured one (NVML, cgroup) scales the planned
+        budget by its change since the first report (what it measures includes the runtime
+        reserve and the emulation's rescaling, so only its ratio carries over)."""
+        old = self.budgets.get(p.cid)
+        super().on_budget(p, meta)
+        new = self.budgets.get(p.cid)
+        if new is None or new == old:
+            return
+        dev = self.htr.devices[p.index]
+        if meta.get("budget_source") == "injected":
+            target = new
+        elif old is not None:
+            target = int(dev.memory_bytes * new / old)
+        else:
+            return  # the first measured report is the baseline of the planned budget
+        if target != dev.memory_bytes:
+            self.htr.set_budget(p.index, target)
+            self.event("armsc_budget", step=max(self.current, 0), client=p.name,
+                       previous_bytes=dev.memory_bytes, budget_bytes=target,
+                       source=str(meta.get("budget_source", "?")))
+
     def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
         """A client that missed a plan (lost message, pause) is resynchronised."""
         return (meta_int(status, "plan") < self.plan_version
-                and now - self.plan_sent_at > max(self.o.repair_interval, 4 * self.o.heartbeat))
+                and now - max(self.plan_sent_at, self.awake_at) > self.global_grace())
 
     def announce(self, step: int, to: str | None = None) -> None:
         self.control(OP_STEP, step, to=to, epoch=self.epoch, rollback=self.resumed,
@@ -276,7 +300,16 @@ class HeteroServer(Server):
         self.outbox = []
         bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
         self.global_step = step
-        self._send_merges(step, got)
+        # Online clients that did not take part (they joined or were skipped this round)
+        # still hold blocks that changed: their shadows take the server's merged weights,
+        # and they get the same merge message.
+        late = [p for p in self.peers.values() if p.online and p.name not in names]
+        for p in late:
+            seg = self.shadow(p).seg
+            if hasattr(seg.model, "peft_config"):  # after_aggregate re-attaches adapters
+                seg.model = seg.model.unload()
+            tr._sync_blocks(seg, seg.end)
+        self._send_merges(step, got + late)
         self.probe_at, self.moved = step + 1, {}
         extra = tr.after_aggregate(step)
         for p in self.peers.values():
@@ -294,8 +327,8 @@ class HeteroServer(Server):
         for p in got:
             tensors: dict[str, torch.Tensor] = {}
             forms: dict[str, str] = {}
-            for name, b_cat, a_cat, delta, holders in self.outbox:
-                if p.name not in holders:
+            for name, b_cat, a_cat, delta, _ in self.outbox:
+                if lora.block_of(name) >= self.split_of(p):
                     continue
                 _, form = agg.wire_bytes(delta.shape[0], delta.shape[1], a_cat.shape[0])
                 forms[name] = form
@@ -421,7 +454,7 @@ class HeteroServer(Server):
                          devices, server, seed=self.cfg.seed, agg_interval=self.cfg.agg_interval)
 
     def global_grace(self) -> float:
-        """A merge takes a client a moment (re-attaching adapters): give it longer before
-        a stale global step counts as lost."""
-        return max(self.o.repair_interval, 10 * self.o.heartbeat)
+        """A merge or a plan takes a client a moment (loading blocks, re-attaching
+        adapters): give it longer before a stale global step or plan counts as lost."""
+        return max(self.o.repair_interval, 10 * self.o.heartbeat, 5.0)
 

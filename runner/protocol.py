@@ -60,12 +60,14 @@ PREFIX = struct.Struct(">4sBI")  # magic, version, header length
 ALIGN = 8  # payload (and so every tensor) starts 8-byte aligned in the message
 
 MIB = 1 << 20
-# 4 MiB, not the largest size MQTT allows: the broker stores and forwards whole packets, so a
-# message in chunks flows through both hops at once (pipelined), and buffers under 32 MiB are
-# recycled by malloc instead of being mapped and faulted in anew each time. bench/transport.py
-# measured 64 MB round trips ~1.5-2x faster with 2-4 MiB chunks than with 64 MiB ones; the
-# per-chunk cost (a ~0.5 KB header, one PUBACK) is negligible at this size.
-DEFAULT_CHUNK = 4 * MIB
+# 1 MiB, far below the largest size MQTT allows: the broker stores and forwards whole packets,
+# so a message in chunks flows through both hops at once (pipelined), and the broker's
+# per-packet buffers (three per chunk in Mosquitto 2.0: read, stored, written) stay small:
+# glibc maps buffers of a few MiB afresh and page-faults them in on every message, which
+# dominated the broker's time with 4 MiB chunks. bench/transport.py: a 4 MB round trip took
+# ~0.6-0.7x the time with 1 MiB chunks as with 4 MiB ones, 16-64 MB about the same; the
+# per-chunk cost (a ~0.5 KB header, one PUBACK, a few Python calls) stays small at 1 MiB.
+DEFAULT_CHUNK = 1 * MIB
 MAX_CHUNK = 254 * MIB  # a chunk + a maximal header (1 MiB) + topic fit in one MQTT packet (256 MB)
 DEFAULT_MAX_HEADER = MIB
 DEFAULT_MAX_MESSAGE = 1 << 30  # a whole (reassembled) payload
@@ -564,6 +566,8 @@ def encode_chunks(msg: Message, *, wire: str | torch.dtype | None = None,
     # Check the message with the receiver's own rules (no expectations): same reasons.
     _validate_header(_CRC_PLACEHOLDER | head | {"chunk": [0, count], "csize": chunk_size},
                      Expect(run=msg.run, max_message=max(size, 1)))
+    base = _CRC_PLACEHOLDER | head
+    _header_bytes(base | {"chunk": [count - 1, count], "csize": chunk_size})  # the longest one
     segments = _blob_segments(st_head, entries, data)
     # One CRC pass over the source bytes first (each chunk's CRC, combined into the whole
     # payload's), so that every chunk's header is final when it is built: chunks can then be
@@ -574,8 +578,8 @@ def encode_chunks(msg: Message, *, wire: str | torch.dtype | None = None,
     for i in range(1, count):
         total_crc = crc32_combine(total_crc, piece_crcs[i],
                                   min(size, (i + 1) * chunk_size) - i * chunk_size)
-    return _Chunks(_make_chunks(_CRC_PLACEHOLDER | head, segments, piece_crcs, b"%08x" % total_crc,
-                                size, chunk_size), count)
+    return _Chunks(_make_chunks(base, segments, piece_crcs, b"%08x" % total_crc, size,
+                                chunk_size), count)
 
 
 class _Chunks:

@@ -78,7 +78,7 @@ class RuntimeOptions:
     offline_after: float = 5.0
     join_timeout: float = 120.0
     wire: str | None = None
-    chunk_size: int = 4 << 20
+    chunk_size: int = 1 << 20
     repair_interval: float = 1.0
     server_timeout: float = 600.0
     reconnect_max: float = 1.0

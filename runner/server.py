@@ -169,6 +169,7 @@ class Server:
         self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
         self._connects = 1
         self.reconnected_at = 0.0
+        self.awake_at = self.last_pump = 0.0  # see pump
 
     def _make_trainer(self) -> Trainer:
         return ServerTrainer(self.cfg, None, None, prepared=self.prep)
@@ -362,9 +363,20 @@ class Server:
 
     # ---------------------------------------------------------------- message handling
     def pump(self, timeout: float) -> None:
-        """Handle at most one message (waiting up to ``timeout``), then check liveness."""
+        """Handle the messages that arrived (waiting up to ``timeout`` for the first), then
+        check liveness: after a long computation the inbox holds heartbeats that arrived
+        meanwhile, and a client must not be judged silent before they are read."""
         assert self.t is not None
+        if time.monotonic() - self.last_pump > self.o.repair_interval:
+            # We were busy (a server step, an evaluation, a checkpoint): the heartbeats in
+            # the inbox describe the clients as they were before; no repair on them.
+            self.awake_at = time.monotonic()
         msg = self.t.recv(max(0.0, timeout))
+        handled = 0
+        while msg is not None and handled < 1000:
+            self.dispatch(msg)
+            handled += 1
+            msg = self.t.recv(0.0)
         if msg is not None:
             self.dispatch(msg)
         now = time.monotonic()
@@ -383,9 +395,10 @@ class Server:
                     and p.last_seen < at and p.online):
                 self.set_offline(p, "lost")
         for p in self.peers.values():
-            if (p.online and self.t.connected
-                    and now - max(p.last_seen, self.reconnected_at) > self.o.offline_after):
+            if (p.online and self.t.connected and now - max(
+                    p.last_seen, self.reconnected_at, self.awake_at) > self.o.offline_after):
                 self.set_offline(p, "heartbeat-timeout")
+        self.last_pump = time.monotonic()
 
     def dispatch(self, msg: P.Message) -> None:
         p = self.peers.get(msg.client)
@@ -483,12 +496,13 @@ class Server:
             p.drawn = meta_int(rec, "drawn", p.drawn)
             p.opt_steps = meta_int(s, "opt_steps", p.opt_steps)
         now = time.monotonic()
-        if now - p.last_repair < self.o.repair_interval:
+        if (now - p.last_repair < self.o.repair_interval
+                or now - self.awake_at < self.o.repair_interval):
             return
         done, pending = meta_int(s, "done"), s.get("pending")
         action = None
         stale_global = (meta_int(s, "global") < self.global_step
-                        and now - self.global_sent_at > self.global_grace())
+                        and now - max(self.global_sent_at, self.awake_at) > self.global_grace())
         if (not s.get("synced") or s.get("epoch") != self.epoch or stale_global
                 or self.stale(p, s, now)):
             action = "resync"

@@ -19,9 +19,11 @@ application thread(s). ``recv`` reads a thread-safe queue.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -43,6 +45,9 @@ RejectFn = Callable[[P.ProtocolError, str], None]
 
 
 # ------------------------------------------------------------------ paho large-payload fixes
+_LARGE = 65_536  # packets above this take the copy-free paths below
+
+
 class _Slices:
     """Stands in for an outgoing packet buffer: slicing returns a view, not a copy.
 
@@ -63,44 +68,134 @@ class _Slices:
         return len(self.buf)
 
 
+class _Gather:
+    """An outgoing PUBLISH as its fixed + variable header and the caller's payload, unjoined.
+
+    paho builds a packet by appending the payload to the header (a copy of every byte sent);
+    this sends the header, then the payload from where it lies. ``packet[pos:]`` is a view of
+    the part ``pos`` falls in, so a socket write never spans the two (one more send call).
+    """
+
+    __slots__ = ("head", "payload", "n")
+
+    def __init__(self, head: bytearray, payload: bytes | bytearray):
+        self.head, self.payload = memoryview(head), memoryview(payload)
+        self.n = len(head)
+
+    def __getitem__(self, key: slice) -> memoryview:
+        pos = key.start or 0
+        return self.head[pos:] if pos < self.n else self.payload[pos - self.n:]
+
+    def __len__(self) -> int:
+        return self.n + len(self.payload)
+
+
+class _InPacket(bytearray):
+    """An incoming packet's buffer, allocated once at its full length and filled in place."""
+
+    __slots__ = ("filled",)
+
+    def __iadd__(self, data: Any) -> _InPacket:  # paho: ``packet += _sock_recv(n)``
+        if not isinstance(data, _Filled):  # pragma: no cover - paho changed under us
+            raise TypeError("an in-place packet only takes bytes received into it")
+        self.filled += data.n
+        return self
+
+
+class _Filled:
+    """What ``_sock_recv`` returns after receiving straight into the packet: only a length."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class FastClient(mqtt.Client):
     """paho-mqtt 2.x client with copy-free handling of large payloads (same behaviour otherwise).
 
-    Stock paho copies a received PUBLISH's payload several times while decoding it
-    (``struct.unpack`` into bytes, then slices, then the MQTT 5 properties parser slicing the
-    rest of the packet) and re-copies outgoing packets on every partial write. At 64 MB that
-    is most of a second per hop (bench/transport.py). These overrides touch paho internals
-    (``_packet_queue``, ``_handle_publish``, ``_in_packet``), verified on paho 2.1-2.2; any
-    other major version, or anything unexpected in a packet, falls back to paho's own code.
+    Stock paho copies a published payload into the packet it sends and re-copies outgoing
+    packets on every partial write; on receipt it grows the packet buffer piece by piece from
+    freshly allocated ``recv`` results, then copies the payload out of it several times while
+    decoding it (``struct.unpack`` into bytes, slices, the MQTT 5 properties parser slicing the
+    rest of the packet). At megabytes per message that is most of the time of a hop
+    (bench/transport.py). Here a large PUBLISH is sent as its header followed by the
+    payload where it lies, received straight into one buffer of the packet's final size, and
+    handed to ``on_message`` as that buffer. TCP_NODELAY is set on the connection (paho leaves
+    Nagle on, which can hold back a PUBACK or a packet header behind an unacknowledged
+    segment). These overrides touch paho internals (``_send_publish``, ``_packet_queue``,
+    ``_sock_recv``, ``_handle_publish``, ``_in_packet``), verified on paho 2.1-2.2; any other
+    major version, or anything unexpected in a packet, falls back to paho's own code.
     """
 
     ENABLED = paho.mqtt.__version__.split(".")[0] == "2"
 
+    def _create_socket_connection(self) -> socket.socket:
+        sock = super()._create_socket_connection()
+        if self.ENABLED:
+            with contextlib.suppress(OSError, AttributeError):  # e.g. a proxy's socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _send_publish(self, mid: int, topic: bytes, payload: bytes | bytearray = b"",
+                      qos: int = 0, retain: bool = False, dup: bool = False,
+                      info: mqtt.MQTTMessageInfo | None = None,
+                      properties: Properties | None = None) -> mqtt.MQTTErrorCode:
+        if not (self.ENABLED and isinstance(payload, (bytes, bytearray))
+                and len(payload) > _LARGE and isinstance(topic, bytes)
+                and self._sock is not None):
+            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+        # paho's own packet layout (MQTT 3.1.1 / 5 PUBLISH), without appending the payload.
+        head = bytearray([mqtt.PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | retain])
+        remaining = 2 + len(topic) + len(payload) + (2 if qos > 0 else 0)
+        packed = b""
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            packed = b"\x00" if properties is None else properties.pack()
+            remaining += len(packed)
+        self._pack_remaining_length(head, remaining)
+        self._pack_str16(head, topic)
+        if qos > 0:
+            head += mid.to_bytes(2, "big")
+        head += packed
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... "
+                       "(%d bytes)", dup, qos, retain, mid, topic, len(payload))
+        return self._packet_queue(mqtt.PUBLISH, _Gather(head, payload), mid, qos, info)
+
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
-        if self.ENABLED and len(packet) > 65_536:
+        if self.ENABLED and isinstance(packet, (bytes, bytearray)) and len(packet) > _LARGE:
             packet = _Slices(packet)  # type: ignore[assignment]
         return super()._packet_queue(command, packet, mid, qos, info)
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        # paho asks for everything still missing of a packet (up to 256 MB) in each call;
-        # socket.recv(n) allocates n fresh bytes every time, so every received byte lands in
-        # newly mapped, page-faulting memory before paho appends it to the packet. Reading
-        # into one reused buffer instead leaves a single copy (cache-hot) into the packet.
-        if not self.ENABLED or bufsize <= 65_536 or self._sock is None:
+        # paho asks for everything still missing of a packet (up to 256 MB) in each call and
+        # appends what comes to its packet buffer: a fresh allocation per recv, a copy, and
+        # regrowth of the packet. For a large packet, allocate it once at its final length
+        # (paho knows it by now) and receive into it where the bytes belong.
+        ip = self._in_packet
+        packet = ip["packet"]
+        if not self.ENABLED or self._sock is None:
             return super()._sock_recv(bufsize)
-        scratch = getattr(self, "_scratch", None)
-        if scratch is None:
-            scratch = self._scratch = memoryview(bytearray(1 << 20))
+        if (bufsize > _LARGE and type(packet) is bytearray and not packet
+                and ip["have_remaining"] and bufsize == ip["remaining_length"] == ip["to_process"]):
+            packet = ip["packet"] = _InPacket(bufsize)
+            packet.filled = 0
+        if not isinstance(packet, _InPacket):
+            return super()._sock_recv(bufsize)
+        if packet.filled + bufsize != len(packet):  # pragma: no cover - paho changed under us
+            raise ConnectionError("paho's packet bookkeeping disagrees with the buffer")
         try:
-            n = self._sock.recv_into(scratch, min(bufsize, len(scratch)))
+            with memoryview(packet) as whole, whole[packet.filled:] as rest:
+                n = self._sock.recv_into(rest)
         except ssl.SSLWantReadError as err:
             raise BlockingIOError() from err
         except ssl.SSLWantWriteError as err:
             self._call_socket_register_write()
             raise BlockingIOError() from err
-        # paho appends the result to its packet buffer at once, before the next recv.
-        return scratch[:n]  # type: ignore[return-value]
+        return _Filled(n)  # type: ignore[return-value]
 
     def _handle_publish(self) -> mqtt.MQTTErrorCode:
         header = self._in_packet["command"]

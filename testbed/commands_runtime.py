@@ -460,6 +460,37 @@ def inject_dropout(
         _fail(str(exc))
 
 
+@inject_app.command("budget")
+def inject_budget(
+    client: Annotated[str, typer.Option("--client", help="Client id, e.g. client1")],
+    memory: Annotated[str, typer.Option(
+        "--memory", help="The device's new memory budget: bytes or a size such as 600MB, "
+                         "1.5GiB")],
+    run: RunOpt = Path("runs/latest"),
+) -> None:
+    """Change a client's memory budget mid-run (another app took or freed memory).
+
+    The client reports it in its next heartbeat; HSplitLoRA's ARMSC re-plans at the next
+    aggregation (split point, ranks; blocks handed over when a split point moves up).
+    Containers also get the new limit (reserve + budget) through the Docker API."""
+    from runner.errors import UserError
+    from testbed.cli import _fail
+    from testbed.profiles import parse_bytes
+
+    try:
+        budget = parse_bytes(memory)
+        if _backend(run) == "compose":
+            from testbed.compose_run import inject_budget as compose_budget
+
+            typer.echo(compose_budget(run, client, budget))
+        else:
+            from testbed.local import inject_budget as local_budget
+
+            typer.echo(local_budget(run, client, budget))
+    except UserError as exc:
+        _fail(str(exc))
+
+
 def register(app: typer.Typer) -> None:
     """Add up / status / down / inject to the ``testbed`` app."""
     app.command()(up)

@@ -394,4 +394,26 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
     raise UserError(f"--mode must be kill, pause or disconnect, not {mode!r}")
 
 
-__all__ = ["LocalRun", "down", "inject_dropout", "read_state", "status"]
+def write_budget(run_dir: Path, client: str, budget: int) -> Path:
+    """The file a client reads its injected budget from (runner/client.py ``_budget``)."""
+    if budget <= 0:
+        raise UserError(f"a memory budget must be > 0 bytes, not {budget}")
+    path = Path(run_dir) / "inject" / f"{client}.budget"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{int(budget)}\n")
+    os.replace(tmp, path)
+    return path
+
+
+def inject_budget(run_dir: Path, client: str, budget: int) -> str:
+    """Give ``client`` a new memory budget (it reports it in its next heartbeat)."""
+    state = read_state(run_dir)
+    if client not in state["clients"]:
+        raise UserError(f"unknown client {client!r}; clients: {', '.join(state['clients'])}")
+    write_budget(run_dir, client, budget)
+    return f"{client}: memory budget now {budget / 2**20:.0f} MiB"
+
+
+__all__ = ["LocalRun", "down", "inject_budget", "inject_dropout", "read_state", "status",
+           "write_budget"]

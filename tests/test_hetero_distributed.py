@@ -9,7 +9,6 @@ order): the distributed run must reproduce the in-process HeteroTrainer step for
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -95,3 +94,97 @@ def test_hsplitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     ev = Counter(e["event"] for e in events(run.run_dir))
     assert ev["probe"] == 4 and ev["aggregate"] == 3
     assert ev["client_offline"] == 0 and ev["message_rejected"] == 0
+
+
+def _devices(path: Path, small: int = 369_000_000) -> Path:
+    """A slow server (deeper splits pay off) and client2 with a budget that holds only the
+    shallowest split point of the tiny Llama (blocks [0, 1))."""
+    fast = dict(flops=1e12, bandwidth=1e9, latency=0.001)
+    path.write_text(json.dumps({
+        "clients": [dict(name="client0", memory_bytes=400_000_000, **fast),
+                    dict(name="client1", memory_bytes=400_000_000, **fast),
+                    dict(name="client2", memory_bytes=small, **fast)],
+        "server": dict(name="server", memory_bytes=8e9, flops=1e9, bandwidth=1e9,
+                       latency=0.001)}))
+    return path
+
+
+def test_budget_change_moves_a_split_point_with_block_handover(tmp_path: Path) -> None:
+    """`testbed inject budget` mid-run: client2 reports the larger budget, ARMSC re-plans at
+    the next aggregation and moves its split point from 1 to 3; the server hands over the
+    merged weights of blocks 1 and 2 on the wire. Replaying the same change at the same
+    aggregation in-process gives the same per-step losses: the hand-over carried exactly
+    the server's merged weights."""
+    from testbed.local import inject_budget
+
+    cfg = hcfg(steps=10, agg_interval=2, devices=str(_devices(tmp_path / "devices.json")))
+    with LocalRun(cfg, tmp_path / "run", _options(min_step_time=0.3)) as run:
+        run.start()
+        wait_until(lambda: done_steps(run.run_dir) >= 3, 120, "step 3", run)
+        assert "client2" in inject_budget(run.run_dir, "client2", 450_000_000)
+        finish(run, timeout=200)
+        client_log = run.log_tail("client2")
+    ev = events(run.run_dir)
+    first = [e for e in ev if e["event"] == "reconfigure"][0]
+    assert [first["clients"][c]["split"] for c in ("client0", "client1", "client2")] == [3, 3, 1]
+    assert any(e["event"] == "armsc_budget" and e["client"] == "client2"
+               and e["budget_bytes"] == 450_000_000 for e in ev)
+    moved = [e for e in ev if e["event"] == "split_moved"]
+    assert [(e["client"], e["old"], e["new"]) for e in moved] == [("client2", 1, 3)]
+    assert moved[0]["bytes"] > 0
+    assert "split point 1 -> 3" in client_log
+    at = moved[0]["step"]
+    budget_reconf = [e for e in ev if e["event"] == "reconfigure" and e["step"] == at]
+    assert budget_reconf and budget_reconf[0]["reason"] == "budget"
+
+    # The same change, at the same aggregation, in-process.
+    tr = HeteroTrainer(cfg)
+    ref = {}
+    for step in range(cfg.steps):
+        for r in tr.train_step(step):
+            ref[(step, r["client"])] = r["loss"]
+        if tr.should_aggregate(step):
+            tr.aggregate(step)
+            if step + 1 == at:
+                tr.set_budget(2, 450_000_000)
+            tr.after_aggregate(step)
+    dist = train_losses(run.run_dir)
+    assert set(dist) == set(ref)
+    assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
+    assert tr.moved_bytes == moved[0]["bytes"]
+
+
+def test_hsplitlora_client_killed_and_restarted_then_server_killed_and_resumed(
+        tmp_path: Path) -> None:
+    """Faults with HSplitLoRA: client1 is SIGKILLed and started again (it rejoins with its
+    plan and the merged weights of its blocks, then trains again); later the server is
+    killed with kill -9 and resumed from its last checkpoint (every client rolls back to the
+    checkpoint's merged weights and plan). The run completes, events record both, no step is
+    applied twice and the metrics stay valid JSONL."""
+    cfg = hcfg(steps=14, agg_interval=2, eval_every=2)
+    opts = _options(step_timeout=3.0, offline_after=1.5, min_step_time=0.4)
+    with LocalRun(cfg, tmp_path / "run", opts) as run:
+        run.start()
+        wait_until(lambda: done_steps(run.run_dir) >= 3, 120, "step 3", run)
+        run.kill("client1")
+        run.spawn("client1")
+        ckpt = run.run_dir / "checkpoint" / "server.pt"
+        wait_until(lambda: done_steps(run.run_dir) >= 9 and ckpt.exists(), 150, "step 9", run)
+        run.kill("server")
+        saved = torch.load(ckpt, weights_only=False)["step"]
+        run.spawn("server", resume=True)
+        finish(run, timeout=200)
+    ev = events(run.run_dir)
+    online = {(e["client"], e["reason"]) for e in ev if e["event"] == "client_online"}
+    assert ("client1", "restarted") in online, online
+    resumed = [e for e in ev if e["event"] == "server_resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == saved + 1
+    losses = train_losses(run.run_dir)  # asserts no (step, client) twice
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    for cid in ("client0", "client1", "client2"):
+        assert any(c == cid and s > saved + 1 for s, c in losses), \
+            f"{cid} did not train after the resume"
+    plans_after = [e for e in ev if e["event"] == "reconfigure" and e["step"] > saved]
+    assert plans_after, "the resumed server re-planned after its checkpoint"
+    s = json.loads((run.run_dir / "summary.json").read_text())
+    assert s["final_val_ppl"] < s["pretrained_val_ppl"]
