@@ -25,15 +25,22 @@ dropped. Everything runs on 127.0.0.1 with a per-run Mosquitto from :mod:`runner
 (auth and ACL on, as in a real run). Echo parties are threads of this process, for TCP and
 MQTT alike.
 
+Variants of the full stack can be measured side by side in the same interleaved run, each
+through its own broker: ``--chunk-mb 1 4`` adds ``mqtt@4MB`` (the first size is the ``mqtt``
+column), ``--broker-env KEY=VALUE ...`` adds ``mqtt+env``: the first chunk size through a
+Mosquitto started with that environment (e.g. glibc malloc settings; an experiment, since the
+runtime starts its broker with the plain environment).
+
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/transport.py [--sizes 1 4 16 64] [--reps 5]
-        [--warmup 1] [--json PATH]
+        [--warmup 1] [--chunk-mb 1 [4 ...]] [--broker-env KEY=VALUE ...] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -219,9 +226,9 @@ class ProtocolEcho:
     """Client and server Transports; the server answers every act with its acts as grad."""
 
     def __init__(self, broker: Broker, chunk_size: int) -> None:
-        self.srv = Transport(broker.address, broker.creds("server"), run=RUN, me=P.SERVER,
+        self.srv = Transport(broker.address, broker.creds("server"), run=broker.run, me=P.SERVER,
                              clients=[CLIENT], chunk_size=chunk_size).connect()
-        self.cli = Transport(broker.address, broker.creds(CLIENT), run=RUN, me=CLIENT,
+        self.cli = Transport(broker.address, broker.creds(CLIENT), run=broker.run, me=CLIENT,
                              chunk_size=chunk_size).connect()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -265,16 +272,37 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64], help="MB")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--chunk-mb", type=float, default=P.DEFAULT_CHUNK / MB,
-                    help="protocol chunk size (MB)")
+    ap.add_argument("--chunk-mb", type=float, nargs="+", default=[P.DEFAULT_CHUNK / MB],
+                    help="protocol chunk size(s) in MB; the first is the 'mqtt' column, each "
+                         "other one an extra 'mqtt@<size>' variant (own broker), interleaved")
+    ap.add_argument("--broker-env", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="also measure 'mqtt+env': the first chunk size through a Mosquitto "
+                         "started with these environment variables (an experiment: the "
+                         "runtime starts its broker with the plain environment)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    console = Console(width=120)
+    console = Console(width=200)
     torch.manual_seed(0)
     rows = []
-    with start_broker(RUN, [CLIENT]) as broker, start_broker(RAW_RUN, [CLIENT]) as raw_broker:
+    variants = [(f"mqtt@{c:g}MB" if i else "mqtt", c, {}) for i, c in enumerate(args.chunk_mb)]
+    if args.broker_env:
+        variants.append(("mqtt+env", args.chunk_mb[0],
+                         dict(kv.split("=", 1) for kv in args.broker_env)))
+    chunk_names = [name for name, _, _ in variants]
+    with contextlib.ExitStack() as stack:
+        raw_broker = stack.enter_context(start_broker(RAW_RUN, [CLIENT]))
         tcp, relay, raw = TcpEcho(), TcpRelay(), RawMqtt(raw_broker)
-        proto = ProtocolEcho(broker, int(args.chunk_mb * MB))
+        protos: dict[str, ProtocolEcho] = {}
+        for i, (name, chunk_mb, env) in enumerate(variants):
+            saved = dict(os.environ)
+            os.environ.update(env)  # the broker process inherits it (runner.broker)
+            try:
+                broker = stack.enter_context(start_broker(RUN if i == 0 else f"{RUN}{i}",
+                                                          [CLIENT]))
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            protos[name] = ProtocolEcho(broker, int(chunk_mb * MB))
         try:
             steps = itertools.count()
             for size_mb in args.sizes:
@@ -287,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     ("tcp", lambda p=payload: tcp.roundtrip(p)),
                     ("tcp-relay", lambda p=payload: relay.roundtrip(p)),
                     ("mqtt-raw", lambda b=raw_bytes: raw.roundtrip(b)),
-                    ("mqtt", lambda a=acts: proto.roundtrip(a, next(steps))),
-                ]
+                ] + [(name, lambda a=acts, pr=pr: pr.roundtrip(a, next(steps)))
+                     for name, pr in protos.items()]
                 times: dict[str, list[float]] = {name: [] for name, _ in runners}
                 for rep in range(args.warmup + args.reps):
                     order = runners[rep % len(runners):] + runners[:rep % len(runners)]
@@ -303,16 +331,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                              "ratio_raw": med["tcp"] / med["mqtt-raw"],
                              "ratio_relay": med["tcp"] / med["tcp-relay"],
                              "ratio_vs_relay": med["tcp-relay"] / med["mqtt"],
-                             "ratio": med["tcp"] / med["mqtt"]})
+                             "ratio": med["tcp"] / med["mqtt"],
+                             **{f"ratio_{k}": med["tcp"] / med[k] for k in chunk_names[1:]}})
                 console.print(f"{size_mb:g} MB done", style="dim")
         finally:
-            proto.close()
+            for pr in protos.values():
+                pr.close()
             raw.close()
             relay.close()
             tcp.close()
     table = Table(title="Round trip through Mosquitto vs plain TCP (loopback, median)")
     for col in ("size", "tcp ms", "tcp MB/s", "relay ms", "mqtt-raw ms", "mqtt ms",
-                "mqtt MB/s", "relay/tcp", "raw/tcp", "mqtt/tcp", "mqtt/relay", "target"):
+                "mqtt MB/s", "relay/tcp", "raw/tcp", "mqtt/tcp", "mqtt/relay", "target",
+                *(f"{k} ms" for k in chunk_names[1:]), *(f"{k}/tcp" for k in chunk_names[1:])):
         table.add_column(col, justify="right")
     ok_all = True
     for r in rows:
@@ -324,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                       f"{1e3 * r['tcp-relay_s']:.1f}", f"{1e3 * r['mqtt-raw_s']:.1f}",
                       f"{1e3 * r['mqtt_s']:.1f}", f"{mbs(r['mqtt_s']):.0f}",
                       f"{r['ratio_relay']:.2f}", f"{r['ratio_raw']:.2f}", f"{r['ratio']:.2f}",
-                      f"{r['ratio_vs_relay']:.2f}", ("ok" if ok else "MISS") if needs else "-")
+                      f"{r['ratio_vs_relay']:.2f}", ("ok" if ok else "MISS") if needs else "-",
+                      *(f"{1e3 * r[f'{k}_s']:.1f}" for k in chunk_names[1:]),
+                      *(f"{r[f'ratio_{k}']:.2f}" for k in chunk_names[1:]))
     console.print(table)
     eligible = any(r["size_mb"] >= 4 for r in rows)
     verdict = ("met" if ok_all else "NOT met") if eligible else "not measured (no size >= 4 MB)"
@@ -335,12 +368,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     load = os.getloadavg()
     console.print(f"load average {load[0]:.2f} on {os.cpu_count()} cores; "
                   f"torch threads {torch.get_num_threads()}; reps {args.reps} "
-                  f"(+{args.warmup} warm-up); protocol chunk {args.chunk_mb:g} MB")
+                  f"(+{args.warmup} warm-up); protocol chunk {args.chunk_mb[0]:g} MB; "
+                  f"CRC-32 by {P.CRC32_IMPL}")
     result = {"rows": rows, "target": TARGET, "target_met": ok_all if eligible else None,
               "loadavg": load,
               "cpus": os.cpu_count(), "python": platform.python_version(),
               "torch": torch.__version__, "reps": args.reps, "warmup": args.warmup,
-              "chunk_mb": args.chunk_mb}
+              "chunk_mb": args.chunk_mb, "crc32": P.CRC32_IMPL}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -25,8 +25,9 @@ def up(
              "budgets and experiment come from it; the options below override its "
              "experiment")] = None,
     method: Annotated[str | None, typer.Option(
-        help="splitlora | fedlora | cenlora run distributed; with --profile also hsplitlora* "
-             "and hetlora, which run in-process (default: the profile's, else splitlora)")
+        help="splitlora | fedlora | cenlora | hsplitlora | hsplitlora-no-iwi | "
+             "hsplitlora-no-armsc run distributed; with --profile also hetlora and "
+             "hsplitlora-no-naa, which run in-process (default: the profile's, else splitlora)")
     ] = None,
     model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id "
                                             "(ignored with --profile: its stand-in)")
@@ -236,9 +237,9 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
     cfg = replace(cfg, **changes)
     cfg.validate()
     if cfg.method not in DISTRIBUTED_METHODS:
-        # Design choice: the heterogeneous methods are not carried by the distributed runtime
-        # yet (per-client split points and ranks, block hand-over on the wire); rather than
-        # refuse the profile's own method, run it in-process on the same emulated devices.
+        # Design choice: hetlora and hsplitlora-no-naa (padded aggregation over per-client
+        # ranks) are not carried by the distributed runtime; rather than refuse the profile's
+        # method, run it in-process on the same emulated devices.
         if backend == "compose":
             raise UserError(f"{cfg.method} does not run in containers yet (the distributed "
                             f"runtime carries {', '.join(DISTRIBUTED_METHODS)}); use "
