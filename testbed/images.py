@@ -208,14 +208,44 @@ class BuildResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+SOURCE_LABEL = "org.hsplitlora.source"
+
+
+def source_digest() -> str:
+    """SHA-256 of what goes into the runtime image from this tree (runner/ and images/):
+    the image carries it as a label, so ``testbed up`` sees code that changed since the
+    image was built and rebuilds rather than run stale code in the containers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted([*(ROOT / "runner").rglob("*.py"), ROOT / "images" / "Dockerfile",
+                    ROOT / "images" / "requirements-runtime.txt"])
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def image_source(client: Any, tag: str = "") -> str | None:
+    """The source digest label of an image, or None (missing image or no label)."""
+    import docker
+
+    try:
+        return (client.images.get(tag or RUNTIME_IMAGE).labels or {}).get(SOURCE_LABEL)
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def _build(client: Any, *, tag: str, dockerfile: str, buildargs: dict[str, str],
-           offline: bool, log: Log) -> None:
+           offline: bool, log: Log, labels: dict[str, str] | None = None) -> None:
     """One ``docker build`` through the SDK, streaming its log; ImageError on failure."""
     import docker
 
     kwargs: dict[str, Any] = {"path": str(ROOT), "dockerfile": dockerfile, "tag": tag,
                               "buildargs": buildargs, "rm": True, "forcerm": True,
                               "decode": True, "pull": False}
+    if labels:
+        kwargs["labels"] = labels
     if offline:
         kwargs["network_mode"] = "none"
     last = ""
@@ -263,7 +293,8 @@ def build_images(*, offline: bool = False, base_image: str | None = None,
         t1 = time.monotonic()
         log(f"building {tag} FROM {args['BASE_IMAGE']}" + (" (offline)" if offline else ""))
         _build(client, tag=tag, dockerfile=dockerfile, buildargs=args, offline=offline,
-               log=log)
+               log=log, labels={SOURCE_LABEL: source_digest()} if tag == RUNTIME_IMAGE
+               else None)
         result.images[tag] = args["BASE_IMAGE"]
         result.seconds[tag] = time.monotonic() - t1
     result.seconds["total"] = time.monotonic() - t0
@@ -271,15 +302,21 @@ def build_images(*, offline: bool = False, base_image: str | None = None,
 
 
 def ensure_images(offline: bool = True, log: Log = print) -> None:
-    """Build the images when either is missing (``testbed up`` with the compose backend)."""
+    """Build the images when either is missing or runner/ changed since the runtime image
+    was built (``testbed up`` with the compose backend; Docker's layer cache makes a rebuild
+    after a code change take seconds)."""
     client = docker_client()
     if image_exists(client, RUNTIME_IMAGE) and image_exists(client, BROKER_IMAGE):
-        return
-    log("testbed images are missing; building them (`testbed images build"
-        + (" --offline" if offline else "") + "`)")
+        if image_source(client) == source_digest():
+            return
+        log("runner/ changed since the testbed image was built; rebuilding it")
+    else:
+        log("testbed images are missing; building them (`testbed images build"
+            + (" --offline" if offline else "") + "`)")
     build_images(offline=offline, download=not any(WHEELHOUSE.glob("*.whl")), log=log)
 
 
 __all__ = ["BROKER_IMAGE", "RUNTIME_IMAGE", "BuildResult", "ImageError", "apt_mirror",
+           "image_source", "source_digest",
            "build_images", "daemon_available", "docker_client", "ensure_images",
            "write_constraints"]
