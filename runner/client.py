@@ -137,6 +137,9 @@ class Client:
         self.fresh = True  # nothing trained by this process yet
         self.synced = False  # the server has resynchronised this incarnation at least once
         self.finished = False
+        # What the main thread is computing now, (what, step): heartbeats report it so the
+        # server extends a deadline for a slow device rather than dropping a working one.
+        self.busy: tuple[str, int] | None = None
         self.snapshots: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._snapshot(-1)
         self.last_server = time.monotonic()
@@ -204,6 +207,8 @@ class Client:
             "pending_age": round(time.monotonic() - p["since"], 3) if p else 0.0,
             "global": self.global_step, "uploaded": self.uploaded, "drawn": self.drawn,
             "opt_steps": self.opt_steps, "fresh": self.fresh, "synced": self.synced}
+        if self.busy is not None:
+            out["busy"] = list(self.busy)
         if self.record is not None:
             out["record"] = self.record
         budget = self._budget()
@@ -376,6 +381,19 @@ class Client:
 
     # ------------------------------------------------------------------------- steps
     def _split_forward(self, step: int) -> None:
+        with self.working("step", step):
+            self._split_forward_now(step)
+
+    @contextlib.contextmanager
+    def working(self, what: str, step: int) -> Any:
+        """Mark the main thread busy with ``what`` of ``step`` (reported in heartbeats)."""
+        self.busy = (what, step)
+        try:
+            yield
+        finally:
+            self.busy = None
+
+    def _split_forward_now(self, step: int) -> None:
         h = self.holder
         batch = self.batches.next()
         self.drawn += 1
@@ -407,8 +425,9 @@ class Client:
             log.warning("gradient of step %d has shape %s, activations %s; ignored",
                         msg.step, tuple(grad.shape), tuple(p["acts"].shape))
             return
-        p["acts"].backward(grad.to(p["acts"].dtype))
-        self.holder.step()
+        with self.working("grad", msg.step):
+            p["acts"].backward(grad.to(p["acts"].dtype))
+            self.holder.step()
         self.opt_steps += 1
         self.pending = None
         self.done_step = msg.step
@@ -422,7 +441,8 @@ class Client:
         self.drawn += 1
         t0 = time.perf_counter()
         lr = h.lr
-        loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
+        with self.working("step", step):
+            loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
         self.opt_steps += 1
         self.done_step = step
         self.record = dict(step=step, client=self.name, loss=loss, tokens=n,

@@ -35,7 +35,7 @@ from runner import protocol as P
 from runner.client import Client
 from runner.hetero import ProbeForward, probe_backward, probe_forward
 from runner.models import load_config as load_model_config
-from runner.runtime import OP_MERGE, OP_PLAN, OP_PROBE, OP_STEP, meta_int
+from runner.runtime import OP_MERGE, OP_PLAN, OP_PROBE, OP_SET, OP_STEP, meta_int
 from runner.trainer import make_optimizer
 from runner.transport import TransportError
 
@@ -110,9 +110,11 @@ class HeteroClient(Client):
     def _load_segment(self, k: int, weights: dict[str, torch.Tensor], keep_old: bool) -> None:
         """Blocks ``[0, k)`` from disk, then (``keep_old``) this client's current weights of
         the blocks it keeps, then ``weights`` from the server (merged or handed-over)."""
-        if not 1 <= k < self.info.num_layers:
-            raise ValueError(f"split point {k} outside [1, {self.info.num_layers})")
-        new = split.load_client(self.info.path, k)
+        L = self.info.num_layers
+        if not 1 <= k <= L:
+            raise ValueError(f"split point {k} outside [1, {L}]")
+        # k = L: the whole model (hetlora clients)
+        new = split.load_unsplit(self.info.path) if k == L else split.load_client(self.info.path, k)
         target = block_state(new)
         bad = [n for n, t in weights.items()
                if n not in target or tuple(target[n].shape) != tuple(t.shape)]
@@ -130,19 +132,24 @@ class HeteroClient(Client):
     # ---------------------------------------------------------------------- messages
     def handle(self, msg: P.Message) -> None:
         meta = msg.meta
-        if msg.kind is P.Kind.CONFIG and meta.get("op") in (OP_MERGE, OP_PROBE, OP_PLAN):
+        if msg.kind is P.Kind.CONFIG and meta.get("op") in (OP_MERGE, OP_PROBE, OP_PLAN, OP_SET):
             if meta.get("epoch") != self.epoch:
                 return  # from before a server restart, or ahead of our resync
             op = meta["op"]
             try:
+                self.busy = (op, msg.step)
                 if op == OP_MERGE:
                     self.merge(msg)
                 elif op == OP_PROBE:
                     self.on_probe(msg)
+                elif op == OP_SET:
+                    self.set_adapters(msg.step, msg.tensors)
                 else:
                     self.plan(msg)
             except ValueError as e:  # a layout that does not fit our blocks: not applied
                 log.warning("%s of step %d not applied: %s", op, msg.step, e)
+            finally:
+                self.busy = None
             return
         if msg.kind is P.Kind.GRAD and meta.get("probe"):
             self.probe_grad(msg)
@@ -150,9 +157,16 @@ class HeteroClient(Client):
         if msg.kind is P.Kind.GLOBAL:
             return  # HSplitLoRA sends merges per client, never a broadcast aggregate
         super().handle(msg)
-        if (msg.kind is P.Kind.CONFIG and meta.get("op") == OP_STEP
-                and meta_int(meta, "step") == self.announced):
-            self.need_plan = max(self.need_plan, meta_int(meta, "plan"))
+        if msg.kind is P.Kind.CONFIG and meta.get("op") == OP_STEP:
+            step = meta_int(meta, "step")
+            if step == self.announced:
+                self.need_plan = max(self.need_plan, meta_int(meta, "plan"))
+            # Training at or past a probe's step means that probe round is over (we were
+            # late, or its requests arrived after a resync): drop it.
+            if self.probe_req is not None and step >= self.probe_req[0]:
+                self.probe_req = None
+            if self.probe_fwd is not None and step >= self.probe_fwd[0]:
+                self.probe_fwd = None
 
     def merge(self, msg: P.Message) -> None:
         """NAA: ``W <- W + dW`` for every adapted weight of our blocks, then fresh adapters."""
@@ -190,6 +204,22 @@ class HeteroClient(Client):
         self.global_step = step
         log.info("merged %d weights of aggregation %d", len(deltas), step)
 
+    def set_adapters(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """hetlora / hsplitlora-no-naa: this client's adapters after the aggregation (the
+        padded average truncated to its ranks)."""
+        if step <= self.global_step or self.holder.seg is None:
+            return
+        self._load_adapters(tensors)
+        self.pending = None
+        self.global_step = step
+
+    def _load_adapters(self, tensors: dict[str, torch.Tensor]) -> None:
+        mine = lora.adapter_state(self.holder.seg.model)
+        for k, v in tensors.items():
+            if k not in mine or tuple(mine[k].shape) != tuple(v.shape):
+                raise ValueError(f"adapter {k!r} {tuple(v.shape)} does not fit this client")
+        lora.load_adapter_state(self.holder.seg.model, tensors)
+
     def plan(self, msg: P.Message) -> None:
         """ARMSC: new split point and ranks (blocks taken over arrive with the message)."""
         version = meta_int(msg.meta, "version")
@@ -206,18 +236,25 @@ class HeteroClient(Client):
     def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Join, rejoin or roll back: segment at the plan's split point with the server's
         merged weights, adapters at the plan's ranks, stream at the server's position."""
+        with self.working("resync", meta_int(meta, "global")):
+            self._resync(meta, tensors)
+
+    def _resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         plan = meta.get("plan")
         if not isinstance(plan, dict):
             log.warning("resync without a plan; ignored")
             return
         g = meta_int(meta, "global")
+        adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+        weights = {k: v for k, v in tensors.items() if k not in adapters}
         try:
             ranks = _ranks(plan.get("ranks"))
-            self._load_segment(meta_int(plan, "split"), tensors, keep_old=False)
+            self._load_segment(meta_int(plan, "split"), weights, keep_old=False)
+            self._reinit(ranks, meta_int(plan, "reinit", 0))
+            self._load_adapters(adapters)  # hetlora / no-naa: the aggregate's share
         except ValueError as e:
             log.warning("resync not applied: %s", e)
             return
-        self._reinit(ranks, meta_int(plan, "reinit", 0))
         self.plan_version = self.need_plan = meta_int(plan, "version")
         drawn = meta_int(meta, "drawn", 0)
         if meta.get("mode") == "rollback":
@@ -255,6 +292,10 @@ class HeteroClient(Client):
         super().advance()
 
     def _probe_forward(self, step: int) -> None:
+        with self.working("probe", step):
+            self._probe_forward_now(step)
+
+    def _probe_forward_now(self, step: int) -> None:
         seg = self.holder.seg
         batch = self.batches.next()
         self.drawn += 1
@@ -289,7 +330,8 @@ class HeteroClient(Client):
             log.warning("probe gradient of step %d has shape %s, activations %s; ignored",
                         step, tuple(grad.shape), tuple(fwd.acts.shape))
             return
-        nums = probe_backward(fwd, grad)
+        with self.working("probe", step):
+            nums = probe_backward(fwd, grad)
         self.probe_fwd = None
         self.probe_done = (step, {n: v for n, v in nums.items() if math.isfinite(v)},
                            self.drawn)

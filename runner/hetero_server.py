@@ -1,4 +1,5 @@
-"""The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA").
+"""The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA"), its
+ablations and HetLoRA.
 
 :class:`HeteroServer` is the SplitLoRA server (:class:`runner.server.Server`) whose training
 maths is the in-process :class:`runner.hetero.HeteroTrainer`, unchanged: the trainer's
@@ -37,10 +38,12 @@ from runner import lora, split
 from runner import protocol as P
 from runner.hetero import HeteroTrainer, Probe, _linear, probe_server
 from runner.runtime import (
+    NAA_METHODS,
     OP_MERGE,
     OP_PLAN,
     OP_PROBE,
     OP_RESYNC,
+    OP_SET,
     OP_STEP,
     RuntimeConfig,
     meta_int,
@@ -85,7 +88,7 @@ class ShadowTrainer(HeteroTrainer):
 
 
 class HeteroServer(Server):
-    """Server of hsplitlora, hsplitlora-no-iwi and hsplitlora-no-armsc."""
+    """Server of hsplitlora (and its ablations) and hetlora."""
 
     def __init__(self, rt: RuntimeConfig):
         self.outbox: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]] = []
@@ -105,6 +108,12 @@ class HeteroServer(Server):
         self.build_violations = list(self.htr.violations)
         self.by_name = {p.name: p for p in self.peers.values()}
         self._refresh_shapes()
+
+    @property
+    def naa(self) -> bool:
+        """NAA methods merge and re-plan after every aggregation; hetlora and
+        hsplitlora-no-naa send each client its share of a padded average instead."""
+        return self.cfg.method in NAA_METHODS
 
     def _make_trainer(self) -> Trainer:
         return ShadowTrainer(self.cfg, self, self.prep)
@@ -147,9 +156,10 @@ class HeteroServer(Server):
         for v in self.build_violations:  # found before the run directory was open
             self.event("budget_violation", step=0, detail=v)
         tr.deferred = False
-        self._sync_offline()
-        self.probe_at = 0
-        tr.initial_plan()
+        if tr.server is not None:  # hetlora has no server segment and plans nothing
+            self._sync_offline()
+            self.probe_at = 0
+            tr.initial_plan()
         self.publish_plan(0)
 
     def _sync_offline(self) -> None:
@@ -209,7 +219,7 @@ class HeteroServer(Server):
 
     def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
         """A client that missed a plan (lost message, pause) is resynchronised."""
-        return (meta_int(status, "plan") < self.plan_version
+        return (status.get("busy") is None and meta_int(status, "plan") < self.plan_version
                 and now - max(self.plan_sent_at, self.awake_at) > self.global_grace())
 
     def announce(self, step: int, to: str | None = None) -> None:
@@ -221,6 +231,7 @@ class HeteroServer(Server):
         """Pump until ``done()`` or ``step_timeout``; re-ask the missing every repair
         interval (``resend(peer)``); the silent ones go offline at the deadline."""
         deadline = time.monotonic() + self.o.step_timeout
+        hard = time.monotonic() + 10 * self.o.step_timeout
         asked = time.monotonic()
         while True:
             missing = done()
@@ -228,6 +239,9 @@ class HeteroServer(Server):
                 return
             now = time.monotonic()
             if now > deadline:
+                if now < hard and all(self.working(p, self.probe_at) for p in missing):
+                    self.pump(0.1)  # alive and computing: a slow device
+                    continue
                 for p in missing:
                     self.set_offline(p, f"{what}-timeout")
                 return
@@ -300,6 +314,8 @@ class HeteroServer(Server):
         self.outbox = []
         bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
         self.global_step = step
+        if not self.naa:
+            return self._aggregate_padded(step, got, bytes_)
         # Online clients that did not take part (they joined or were skipped this round)
         # still hold blocks that changed: their shadows take the server's merged weights,
         # and they get the same merge message.
@@ -318,6 +334,25 @@ class HeteroServer(Server):
         self.publish_plan(step + 1)
         self._sync_offline()
         return {k: bytes_.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
+
+    def _aggregate_padded(self, step: int, got: list[Peer],
+                          bytes_: dict[str, int]) -> dict[str, int]:
+        """hetlora / hsplitlora-no-naa: every participant gets its shadow's adapters (the
+        aggregate truncated to its ranks); an online client that did not take part is
+        resynchronised (the in-process returning client's rule)."""
+        for p in got:
+            state = {k: v.detach() for k, v in
+                     lora.adapter_state(self.shadow(p).seg.model).items()}
+            self.send(P.Kind.CONFIG, step, state,
+                      {"op": OP_SET, "step": step, "epoch": self.epoch}, to=p.cid)
+        self.global_sent_at = time.monotonic()
+        for p in self.peers.values():
+            if p.online and p not in got:
+                self.send_resync(p)
+            p.agg_drawn, p.agg_opt_steps = p.drawn, p.opt_steps
+        self.htr.after_aggregate(step)  # nothing to re-plan for these rules
+        self._sync_offline()
+        return bytes_
 
     def _send_merges(self, step: int, got: list[Peer]) -> None:
         """Each participant gets the NAA result of the weights in its blocks (method.md: the
@@ -346,8 +381,9 @@ class HeteroServer(Server):
         """The server's current weights of blocks ``[first, end)`` keyed as a client's
         unwrapped model names them (``only``: just these weight names, without ``.weight``)."""
         srv = self.tr.server
-        assert srv is not None
-        out = {}
+        out: dict[str, torch.Tensor] = {}
+        if srv is None:
+            return out
         for name, t in split.base_model(srv.seg.model).named_parameters():
             key = name.replace(".base_layer", "")
             if ".layers." not in key or "lora_" in key:
@@ -387,15 +423,16 @@ class HeteroServer(Server):
         """
         mode = "rollback" if self.resumed and p.status.get("epoch") != self.epoch else "rejoin"
         h = self.shadow(p)
-        if mode == "rejoin" and self.plan_version > 0:
+        if mode == "rejoin" and self.plan_version > 0 and self.closed_step >= 0:
             self.tr.resync(h, self.closed_step + 1)
             self._refresh_shapes()
             plan = {**self._plan_meta(h), "reinit": self.closed_step + 1}
         else:
             plan = self._plan_meta(h)
         drawn = p.agg_drawn if mode == "rollback" else p.drawn
-        self.send(P.Kind.CONFIG, max(self.global_step, 0),
-                  self.block_weights(0, h.seg.end, self.merged_names),
+        tensors = self.block_weights(0, h.seg.end, self.merged_names) if self.naa else {
+            k: v.detach() for k, v in lora.adapter_state(h.seg.model).items()}
+        self.send(P.Kind.CONFIG, max(self.global_step, 0), tensors,
                   {"op": OP_RESYNC, "mode": mode, "global": self.global_step, "drawn": drawn,
                    "opt_steps": 0, "epoch": self.epoch, "plan": plan}, to=p.cid)
         p.last_repair = time.monotonic()
@@ -406,12 +443,21 @@ class HeteroServer(Server):
         aggregation every adapter is fresh (seeded by the plan's step), so this is all."""
         tr = self.htr
         srv = tr.server
-        assert srv is not None
+        clone = lora.adapter_state
         return {
             "weights": {n: _linear(srv.seg.model, n).weight.detach().clone()
-                        for n in sorted(self.merged_names)},
+                        for n in sorted(self.merged_names)} if srv is not None else {},
+            # hetlora / no-naa: adapters and the server's optimizer live across aggregations
+            "adapters": None if self.naa else [
+                {k: v.detach().clone() for k, v in clone(h.seg.model).items()}
+                for h in tr.all_holders()],
+            "server_opt": (srv.opt.state_dict() if srv is not None and srv.opt is not None
+                           and not self.naa else None),
+            "server_sched": (srv.sched.state_dict() if srv is not None and srv.sched is not None
+                             and not self.naa else None),
             "splits": [h.seg.end for h in tr.clients], "ranks": [dict(h.ranks) for h in tr.clients],
-            "server_ranks": dict(srv.ranks), "plan_version": self.plan_version,
+            "server_ranks": dict(srv.ranks) if srv is not None else {},
+            "plan_version": self.plan_version,
             "plan_reinit": self.plan_reinit, "tracker": tr.tracker, "trigger": tr.trigger,
             "plan": tr.plan if hasattr(tr, "plan") else None,
             "reconfigurations": tr.reconfigurations, "violations": list(tr.violations),
@@ -420,9 +466,9 @@ class HeteroServer(Server):
     def _load_model_state(self, state: dict[str, Any]) -> None:
         tr = self.htr
         srv = tr.server
-        assert srv is not None
         with torch.no_grad():
             for n, w in state["weights"].items():
+                assert srv is not None
                 _linear(srv.seg.model, n).weight.copy_(w)
         self.merged_names = set(state["weights"])
         self.plan_version, self.plan_reinit = state["plan_version"], state["plan_reinit"]
@@ -432,9 +478,17 @@ class HeteroServer(Server):
                 h.seg = split.load_client(tr.info.path, k)
             if hasattr(h.seg.model, "peft_config"):
                 h.seg.model = h.seg.model.unload()
-            tr._sync_blocks(h.seg, 0)
+            if srv is not None:
+                tr._sync_blocks(h.seg, 0)
             tr._reinit(h, ranks, self.plan_reinit)
-        tr._reinit(srv, state["server_ranks"], self.plan_reinit)
+        if srv is not None:
+            tr._reinit(srv, state["server_ranks"], self.plan_reinit)
+        if state["adapters"] is not None:
+            for h, adapters in zip(tr.all_holders(), state["adapters"], strict=True):
+                lora.load_adapter_state(h.seg.model, adapters)
+            if srv is not None and srv.opt is not None and state["server_opt"] is not None:
+                srv.opt.load_state_dict(state["server_opt"])
+                srv.sched.load_state_dict(state["server_sched"])
         tr.tracker, tr.trigger = state["tracker"], state["trigger"]
         if state["plan"] is not None:
             tr.plan = state["plan"]

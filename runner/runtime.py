@@ -31,12 +31,12 @@ from runner.broker import BrokerAddress, Credentials, parse_broker_url
 from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
 from runner.errors import ConfigError
 
-# Methods the distributed runtime runs. HSplitLoRA and the ablations that keep NAA run with
-# per-client split points and ranks, NAA factors, IWI probes and block hand-over on the wire
-# (runner/hetero_server.py, runner/hetero_client.py). Design choice (docs/architecture.md):
-# ``ft`` would move whole models; hetlora and hsplitlora-no-naa (padded-FedAvg aggregation
-# rules over per-client ranks) run in-process only.
-HETERO_DISTRIBUTED = ("hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc")
+# Methods the distributed runtime runs. The heterogeneous ones run with per-client split
+# points and ranks, NAA factors (or per-client aggregated adapters), IWI probes and block
+# hand-over on the wire (runner/hetero_server.py, runner/hetero_client.py). Design choice
+# (docs/architecture.md): ``ft`` would move whole models; it runs in-process only.
+NAA_METHODS = ("hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc")
+HETERO_DISTRIBUTED = (*NAA_METHODS, "hsplitlora-no-naa", "hetlora")
 DISTRIBUTED_METHODS = ("splitlora", "fedlora", "cenlora", *HETERO_DISTRIBUTED)
 
 # Operations carried in ``meta["op"]`` of ``config`` messages (server -> clients).
@@ -50,6 +50,7 @@ OP_DONE = "done"  # broadcast: the run is over, exit
 OP_MERGE = "merge"  # to one client: NAA factors of its blocks; merge, re-initialise adapters
 OP_PROBE = "probe"  # to one client: run an importance probe batch (IWI)
 OP_PLAN = "plan"  # to one client: split point + ranks (ARMSC), moved blocks' weights
+OP_SET = "set"  # to one client: its adapters after a per-client aggregation (hetlora, no-naa)
 
 log = logging.getLogger("runner.runtime")
 

@@ -506,7 +506,7 @@ class Server:
         if (not s.get("synced") or s.get("epoch") != self.epoch or stale_global
                 or self.stale(p, s, now)):
             action = "resync"
-        elif isinstance(pending, int) and (
+        elif isinstance(pending, int) and s.get("busy") != ["grad", pending] and (
                 pending < self.closed_step or pending == self.closed_step
                 and now - self.closed_at > self.o.repair_interval):
             action = "answer"
@@ -536,6 +536,16 @@ class Server:
         elif action == "upload":
             assert self.agg_step is not None
             self.control(OP_UPLOAD, self.agg_step, to=p.cid)
+
+    def working(self, p: Peer, step: int) -> bool:
+        """Whether ``p`` is alive and computing for ``step`` (its last heartbeat says so):
+        past ``step_timeout`` the server waits on for it, up to ten times that."""
+        s = p.status
+        busy = s.get("busy")
+        fresh = time.monotonic() - p.last_seen < max(3 * self.o.heartbeat, 1.0)
+        return p.online and fresh and (
+            isinstance(busy, list) and len(busy) == 2 and busy[1] == step
+            or s.get("pending") == step)
 
     def global_grace(self) -> float:
         """Seconds after the last aggregate went out before a client still behind it gets
@@ -606,6 +616,7 @@ class Server:
         self.expected = {p.cid for p in participants}
         self.announce(step)
         deadline = time.monotonic() + self.o.step_timeout
+        hard = time.monotonic() + 10 * self.o.step_timeout
         try:
             while True:
                 waiting = [c for c in self.expected
@@ -614,6 +625,10 @@ class Server:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    silent = [c for c in waiting if not self.working(self.peers[c], step)]
+                    if not silent and time.monotonic() < hard:
+                        self.pump(0.1)  # every one left is computing: a slow device
+                        continue
                     for c in waiting:
                         self.set_offline(self.peers[c], "step-timeout")
                     break
@@ -671,6 +686,7 @@ class Server:
         self.step_started = time.monotonic()
         self.agg_expected = set(participants)
         deadline = time.monotonic() + self.o.step_timeout
+        hard = time.monotonic() + 10 * self.o.step_timeout
         try:
             while True:
                 waiting = [c for c in self.agg_expected
@@ -679,6 +695,10 @@ class Server:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    silent = [c for c in waiting if not self.working(self.peers[c], step)]
+                    if not silent and time.monotonic() < hard:
+                        self.pump(0.1)
+                        continue
                     for c in waiting:
                         self.set_offline(self.peers[c], "aggregate-timeout")
                     break

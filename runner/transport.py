@@ -177,8 +177,8 @@ class FastClient(mqtt.Client):
         # (paho knows it by now) and receive into it where the bytes belong.
         ip = self._in_packet
         packet = ip["packet"]
-        if not self.ENABLED or self._sock is None:
-            return super()._sock_recv(bufsize)
+        if not self.ENABLED or not isinstance(self._sock, socket.socket):  # websockets: no
+            return super()._sock_recv(bufsize)  # recv_into; None: paho reports it
         if (bufsize > _LARGE and type(packet) is bytearray and not packet
                 and ip["have_remaining"] and bufsize == ip["remaining_length"] == ip["to_process"]):
             packet = ip["packet"] = _InPacket(bufsize)

@@ -26,8 +26,9 @@ def up(
              "experiment")] = None,
     method: Annotated[str | None, typer.Option(
         help="splitlora | fedlora | cenlora | hsplitlora | hsplitlora-no-iwi | "
-             "hsplitlora-no-armsc run distributed; with --profile also hetlora and "
-             "hsplitlora-no-naa, which run in-process (default: the profile's, else splitlora)")
+             "hsplitlora-no-armsc | hsplitlora-no-naa | hetlora run distributed; with "
+             "--profile also ft, which runs in-process (default: the profile's, else "
+             "splitlora)")
     ] = None,
     model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id "
                                             "(ignored with --profile: its stand-in)")
@@ -237,9 +238,9 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
     cfg = replace(cfg, **changes)
     cfg.validate()
     if cfg.method not in DISTRIBUTED_METHODS:
-        # Design choice: hetlora and hsplitlora-no-naa (padded aggregation over per-client
-        # ranks) are not carried by the distributed runtime; rather than refuse the profile's
-        # method, run it in-process on the same emulated devices.
+        # Design choice: ft (whole models on the wire) is not carried by the distributed
+        # runtime; rather than refuse the profile's method, run it in-process on the same
+        # emulated devices.
         if backend == "compose":
             raise UserError(f"{cfg.method} does not run in containers yet (the distributed "
                             f"runtime carries {', '.join(DISTRIBUTED_METHODS)}); use "

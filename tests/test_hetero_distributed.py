@@ -38,7 +38,7 @@ pytestmark = [
 
 
 def hcfg(**kw: Any):  # type: ignore[no-untyped-def]
-    return _cfg(method="hsplitlora", split=None, **kw)
+    return _cfg(**{"method": "hsplitlora", "split": None, **kw})
 
 
 def in_process(cfg) -> tuple[dict[tuple[int, str], float], HeteroTrainer]:  # type: ignore[no-untyped-def]
@@ -94,6 +94,31 @@ def test_hsplitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     ev = Counter(e["event"] for e in events(run.run_dir))
     assert ev["probe"] == 4 and ev["aggregate"] == 3
     assert ev["client_offline"] == 0 and ev["message_rejected"] == 0
+
+
+@pytest.mark.parametrize("method", ["hetlora", "hsplitlora-no-naa"])
+def test_padded_aggregation_methods_over_mosquitto_equal_in_process(
+        tmp_path: Path, method: str) -> None:
+    """HetLoRA (whole-model clients at per-client ranks) and the no-NAA ablation (split
+    clients, padded FedAvg): each client receives its share of the aggregate; the per-step
+    losses, evaluations and byte counts equal the in-process trainer's."""
+    cfg = hcfg(method=method, steps=6, agg_interval=2)
+    with LocalRun(cfg, tmp_path / "run", _options()) as run:
+        run.start()
+        finish(run)
+    dist = train_losses(run.run_dir)
+    ref, _ = in_process(cfg)
+    assert set(dist) == set(ref)
+    assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
+    summary = HeteroTrainer(cfg).fit()
+    s = json.loads((run.run_dir / "summary.json").read_text())
+    assert abs(s["final_val_ppl"] - summary["final_val_ppl"]) <= 1e-3
+    assert (s["bytes_sent"], s["bytes_received"]) == (summary["bytes_sent"],
+                                                      summary["bytes_received"])
+    assert s["client_rank_sums"] == summary["client_rank_sums"]
+    assert len(set(s["client_rank_sums"])) > 1, "ranks should differ across clients"
+    rules = {e.get("rule") for e in events(run.run_dir) if e["event"] == "aggregate"}
+    assert rules == {"hetlora" if method == "hetlora" else "padded-fedavg"}
 
 
 def _devices(path: Path, small: int = 369_000_000) -> Path:
