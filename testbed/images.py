@@ -313,7 +313,9 @@ def ensure_images(offline: bool = True, log: Log = print) -> None:
     else:
         log("testbed images are missing; building them (`testbed images build"
             + (" --offline" if offline else "") + "`)")
-    build_images(offline=offline, download=not any(WHEELHOUSE.glob("*.whl")), log=log)
+    # pip download skips wheels already in the wheelhouse and fetches what a changed
+    # requirements file added
+    build_images(offline=offline, download=True, log=log)
 
 
 __all__ = ["BROKER_IMAGE", "RUNTIME_IMAGE", "BuildResult", "ImageError", "apt_mirror",
