@@ -480,7 +480,10 @@ def inject_budget(
     from testbed.profiles import parse_bytes
 
     try:
-        budget = parse_bytes(memory)
+        try:
+            budget = parse_bytes(memory)
+        except ValueError as exc:
+            raise UserError(f"--memory: {exc}") from exc
         if _backend(run) == "compose":
             from testbed.compose_run import inject_budget as compose_budget
 

@@ -355,3 +355,30 @@ def test_up_unknown_profile_and_bad_mem_limit(tmp_path: Path) -> None:
                               "--mem-limit", "client9=1GB", "--out", str(tmp_path / "y"),
                               cwd=tmp_path), "client9")
     assert_user_error(run_cli("up", "--backend", "compose", cwd=tmp_path), "--profile")
+
+
+def test_inject_budget_writes_what_the_client_reads_and_refuses_bad_input(tmp_path: Path) -> None:
+    """`testbed inject budget`: the budget file a client reads (runner/client.py) holds the
+    parsed size; an unknown client, a size that is not one, or a directory without a run
+    give one error line each and change nothing. (The end-to-end effect, a re-plan by
+    ARMSC, is tests/test_hetero_distributed.py.)"""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "testbed-state.json").write_text(json.dumps(
+        {"backend": "local", "clients": ["client0", "client1"], "processes": {}}))
+    ok = run_cli("inject", "budget", "--client", "client1", "--memory", "600MiB", "--run",
+                 str(run), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (run / "inject" / "client1.budget").read_text().strip() == str(600 * 2**20)
+    for args, words in ((["--client", "client7", "--memory", "1GB"], "unknown client"),
+                        (["--client", "client0", "--memory", "lots"], "lots"),
+                        (["--client", "client0", "--memory", "0"], "> 0")):
+        bad = run_cli("inject", "budget", *args, "--run", str(run), cwd=tmp_path)
+        assert bad.returncode != 0
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert not (run / "inject" / "client0.budget").exists()
+    nothing = run_cli("inject", "budget", "--client", "client0", "--memory", "1GB", "--run",
+                      str(tmp_path / "none"), cwd=tmp_path)
+    assert nothing.returncode != 0 and "testbed up" in nothing.stderr
