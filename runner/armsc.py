@@ -162,25 +162,30 @@ def plan(costs: ModelCosts, devices: Sequence[DeviceSpec], server: DeviceSpec,
          importance: Mapping[str, float], candidates: Sequence[str], *, batch: int, seq: int,
          rank_set: Sequence[int] = DEFAULT_RANKS, bounds: tuple[int, int] | None = None,
          reference_targets: Sequence[str] = (), reserve: int = DEFAULT_RESERVE,
-         fixed_splits: Sequence[int] | None = None) -> Plan:
-    """Full ARMSC decision: split points (unless fixed), client ranks, server ranks."""
+         fixed_splits: Sequence[int] | None = None, mem_seq: int | None = None) -> Plan:
+    """Full ARMSC decision: split points (unless fixed), client ranks, server ranks.
+
+    ``seq``: the sequence length step *times* are estimated for (a typical batch);
+    ``mem_seq`` (default ``seq``): the one memory is planned for. A budget is a hard limit,
+    so callers pass the longest padded batch a client can draw."""
     tokens = batch * seq
+    mseq = mem_seq or seq
     bounds = bounds or (1, costs.num_layers - 1)
     base_names = [n for n in candidates if any(n.endswith(t) for t in reference_targets)]
     base = minimal_ranks(base_names, rank_set) if base_names else {}
     if fixed_splits is None:
         splits, violations = choose_splits(costs, devices, server, tokens, base, bounds, batch,
-                                           seq, reserve)
+                                           mseq, reserve)
     else:
         splits, violations = list(fixed_splits), []
     client_ranks, used = [], []
     for dev, k in zip(devices, splits, strict=True):
         mine = [n for n in candidates if block_of(n) < k]
         start = {n: r for n, r in base.items() if block_of(n) < k}
-        fixed = client_memory(costs, k, start, batch, seq, reserve).total
+        fixed = client_memory(costs, k, start, batch, mseq, reserve).total
         ranks = allocate_ranks(costs, mine, importance, dev.memory_bytes - fixed, rank_set,
-                               tokens, start=start)
-        total = client_memory(costs, k, ranks, batch, seq, reserve).total
+                               batch * mseq, start=start)
+        total = client_memory(costs, k, ranks, batch, mseq, reserve).total
         if total > dev.memory_bytes:
             violations.append(f"{dev.name}: predicted {total / 2**20:.0f} MiB exceeds budget "
                               f"{dev.memory_bytes / 2**20:.0f} MiB")

@@ -123,8 +123,13 @@ class HeteroTrainer(Trainer):
                              for n in self.candidates}
         shards = self.prep.shards
         total = sum(len(s) for s in shards)
-        for i, shard in enumerate(shards):
-            examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
+        encoded = [data_mod.encode_frame(self.prep.tokenizer, s, cfg.max_len) for s in shards]
+        # Memory is planned for the longest batch any client can draw (a budget is a hard
+        # limit: a client container planned for the average length was OOM-killed by a long
+        # batch); step times for the typical one (plan_seq).
+        self.mem_seq = max([cfg.plan_seq] + [len(ex["input_ids"]) for ex_list in encoded
+                                             for ex in ex_list])
+        for i, (shard, examples) in enumerate(zip(shards, encoded, strict=True)):
             self.clients.append(Holder(
                 name=f"client{i}", seg=None,  # type: ignore[arg-type]  # set just below
                 ranks={}, weight=len(shard) / total, n_examples=len(shard),
@@ -147,7 +152,7 @@ class HeteroTrainer(Trainer):
         for h, dev in zip(self.clients, self.devices, strict=True):
             fits = [r for r in sorted(cfg.rank_set) if r > 0 and client_memory(
                 self.costs, self.info.num_layers, {n: r for n in names}, cfg.batch_size,
-                cfg.plan_seq).total <= dev.memory_bytes]
+                self.mem_seq).total <= dev.memory_bytes]
             rank = max(fits) if fits else min(r for r in cfg.rank_set if r > 0)
             if not fits:
                 self._budget_violation(0, f"{h.name}: full model at rank {rank} exceeds budget "
@@ -169,7 +174,7 @@ class HeteroTrainer(Trainer):
         else:
             splits, violations = armsc.choose_splits(
                 self.costs, self.devices, self.server_dev, cfg.batch_size * cfg.plan_seq,
-                base, self.bounds, cfg.batch_size, cfg.plan_seq)
+                base, self.bounds, cfg.batch_size, self.mem_seq)
             for v in violations:
                 self._budget_violation(0, v)
         for h, k in zip(self.clients, splits, strict=True):
@@ -194,7 +199,7 @@ class HeteroTrainer(Trainer):
         cfg = self.cfg
         if self.method == "hsplitlora-no-armsc":
             ranks = {n: cfg.rank for n in self.candidates if n.endswith(self.ref_suffixes)}
-            used = [client_memory(self.costs, k, ranks, cfg.batch_size, cfg.plan_seq).total
+            used = [client_memory(self.costs, k, ranks, cfg.batch_size, self.mem_seq).total
                     for k in splits]
             return armsc.Plan(
                 splits=splits, client_ranks=[{n: r for n, r in ranks.items()
@@ -208,7 +213,8 @@ class HeteroTrainer(Trainer):
                             for d, m in zip(self.devices, used, strict=True)
                             if m > d.memory_bytes])
         return armsc.plan(self.costs, self.devices, self.server_dev, imp, self.candidates,
-                          batch=cfg.batch_size, seq=cfg.plan_seq, rank_set=cfg.rank_set,
+                          batch=cfg.batch_size, seq=cfg.plan_seq, mem_seq=self.mem_seq,
+                          rank_set=cfg.rank_set,
                           bounds=self.bounds, reference_targets=self.ref_suffixes,
                           fixed_splits=splits)
 
@@ -291,7 +297,7 @@ class HeteroTrainer(Trainer):
             clients[h.name] = {
                 "split": k, "rank_sum": sum(h.ranks.values()), "adapted": len(h.ranks),
                 "memory_bytes": plan.client_memory[i] if plan else client_memory(
-                    self.costs, k, h.ranks, self.cfg.batch_size, self.cfg.plan_seq).total,
+                    self.costs, k, h.ranks, self.cfg.batch_size, self.mem_seq).total,
                 "budget_bytes": self.devices[i].memory_bytes,
             }
         server = ({"rank_sum": sum(self.server.ranks.values()), "adapted": len(self.server.ranks)}
@@ -497,7 +503,7 @@ class HeteroTrainer(Trainer):
                 [n for n in self.candidates if n.endswith(self.ref_suffixes)], cfg.rank_set)
             candidate, _ = armsc.choose_splits(
                 self.costs, self.devices, self.server_dev, cfg.batch_size * cfg.plan_seq, base,
-                self.bounds, cfg.batch_size, cfg.plan_seq)
+                self.bounds, cfg.batch_size, self.mem_seq)
             old = armsc.makespan(self.costs, self.devices, self.server_dev, splits,
                                  cfg.batch_size * cfg.plan_seq)
             new = armsc.makespan(self.costs, self.devices, self.server_dev, candidate,
@@ -505,7 +511,7 @@ class HeteroTrainer(Trainer):
             # Hysteresis only between feasible configurations: a split point that no longer
             # fits its (changed) budget moves whatever the makespan says.
             unfit = any(k != c and client_memory(self.costs, k, base, cfg.batch_size,
-                                                 cfg.plan_seq).total > d.memory_bytes
+                                                 self.mem_seq).total > d.memory_bytes
                         for k, c, d in zip(splits, candidate, self.devices, strict=True))
             if unfit or self.trigger.apply_new_splits(old, new):
                 splits = candidate

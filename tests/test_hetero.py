@@ -93,9 +93,19 @@ def test_hetlora_ranks_follow_budgets(tmp_path):
     config = split.load_unsplit(info.path).config
     costs = ModelCosts.from_config(config)
 
+    # Memory is planned for the longest batch a client can draw (HeteroTrainer.mem_seq).
+    seq = HeteroTrainer(_cfg(method="hetlora")).mem_seq
+    from runner import data as data_mod
+    from runner.trainer import prepare
+
+    prep = prepare(_cfg(method="hetlora"))
+    longest = max(len(ex["input_ids"]) for shard in prep.shards
+                  for ex in data_mod.encode_frame(prep.tokenizer, shard, 256))
+    assert seq == max(64, longest)
+
     def need(r):
         ranks = lora.uniform_ranks(config, r)
-        return client_memory(costs, info.num_layers, ranks, 4, 64).total
+        return client_memory(costs, info.num_layers, ranks, 4, seq).total
 
     devices = {"clients": [
         {"name": "small", "memory_bytes": need(2) + 1, "flops": 1e12},
