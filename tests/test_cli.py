@@ -320,31 +320,35 @@ def test_eval_with_missing_data_file(evaluated_run) -> None:
 
 
 # --------------------------------------------------------------- testbed up --profile
-def test_up_profile_runs_a_heterogeneous_method_in_process(tmp_path: Path) -> None:
-    """`testbed up --profile smoke --method hsplitlora`: the mapping is printed, the method
-    (not carried by the distributed runtime) runs in-process on the profile's emulated
-    devices, whose budgets reach ARMSC through the devices file."""
+def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path: Path) -> None:
+    """`testbed up --profile smoke --method hsplitlora --backend local`: the mapping is
+    printed, broker + server + 3 client processes run HSplitLoRA, and the profile's mapped
+    budgets are the ones ARMSC planned for (the reconfigure event's budgets)."""
     out = tmp_path / "hs"
     proc = run_cli("up", "--profile", "smoke", "--method", "hsplitlora", "--backend", "local",
                    "--steps", "2", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "emulating meta-llama/Llama-2-7b-hf" in proc.stdout
-    assert "hsplitlora runs in-process" in proc.stdout
     devices = json.loads((out / "devices.json").read_text())
     assert [c["name"] for c in devices["clients"]] == ["client0", "client1", "client2"]
     budgets = [c["memory_bytes"] for c in devices["clients"]]
     assert budgets == sorted(budgets) and budgets[0] < budgets[-1]  # 5 < 12.5 < 20 GB, mapped
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["method"] == "hsplitlora"
-    assert config["train"]["devices"] == str(out / "devices.json")
-    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["runtime"] == "mqtt"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    plan = next(e for e in events if e["event"] == "reconfigure")
+    assert [plan["clients"][c]["budget_bytes"] for c in ("client0", "client1", "client2")] \
+        == budgets
+    assert any(e["event"] == "probe" for e in events)
 
 
 def test_up_profile_compose_refuses_a_method_it_cannot_distribute(tmp_path: Path) -> None:
-    proc = run_cli("up", "--profile", "smoke", "--method", "hetlora", "--backend", "compose",
+    proc = run_cli("up", "--profile", "smoke", "--method", "ft", "--backend", "compose",
                    "--out", str(tmp_path / "x"), cwd=tmp_path)
     # the emulation table goes to stdout; stderr holds only the one error line
-    assert_user_error(proc, "hetlora", "containers")
+    assert_user_error(proc, "ft", "containers")
     assert_no_run_written(tmp_path / "x")
 
 
