@@ -106,6 +106,7 @@ class Client:
         # client. The in-process trainer draws all clients' masks from one shared stream, so
         # runs match step for step only with lora_dropout = 0 (docs/protocol.md).
         torch.manual_seed(cfg.seed * 1000 + 7919 * (self.index + 1))
+        self.full = cfg.method == "ft"  # full fine-tuning: whole weights travel, not adapters
         seg, ranks = self._load_model()
         shards = prep.shards
         shard = shards[self.index]
@@ -121,8 +122,8 @@ class Client:
         self.adapter_shapes: dict[str, list[int]] = {}
         if seg is not None:
             seg.model.train()
-            self.adapter_shapes = {k: list(v.shape)
-                                   for k, v in lora.adapter_state(seg.model).items()}
+            self.adapter_shapes = {k: list(v.shape) for k, v in
+                                   lora.trained_state(seg.model, self.full).items()}
         # progress state (reported in every heartbeat)
         self.incarnation = uuid.uuid4().hex[:12]
         self._budget_at, self._budget_cache = -1e9, None
@@ -152,6 +153,10 @@ class Client:
         fedlora/cenlora: the whole model)."""
         cfg, info = self.cfg, self.info
         seg = split.load_client(info.path, self.k) if self.split else split.load_unsplit(info.path)
+        if self.full:  # Trainer._adapt for ft: every weight trains
+            for p in seg.model.parameters():
+                p.requires_grad_(True)
+            return seg, {}
         ranks = lora.attach_lora(seg, lora.uniform_ranks(seg.config, cfg.rank, cfg.targets),
                                  alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
         return seg, ranks
@@ -177,6 +182,8 @@ class Client:
         """Keep adapters, optimizer and stream position as of aggregation ``step`` (the
         server's checkpoint points), for an exact roll-back after a server restart."""
         h = self.holder
+        if self.full:
+            return  # a whole model per snapshot is too much memory: roll-backs are approximate
         self.snapshots[step] = {
             "adapters": {k: v.detach().clone()
                          for k, v in lora.adapter_state(h.seg.model).items()},
@@ -252,6 +259,8 @@ class Client:
         def shapes(h: P.Header) -> dict[str, list[int | None]] | None:
             if h.kind is P.Kind.GRAD:
                 return {P.GRAD: [b, None, self.hidden]}
+            if h.kind is P.Kind.GLOBAL and self.full:
+                return {}  # ft: the server does not send our own weights back
             if h.kind is P.Kind.GLOBAL or (h.kind is P.Kind.CONFIG and h.tensors):
                 return dict(self.adapter_shapes)  # type: ignore[arg-type]
             return None
@@ -362,7 +371,7 @@ class Client:
         elif msg.kind is P.Kind.GRAD:
             self.apply_grad(msg)
         elif msg.kind is P.Kind.GLOBAL and msg.step > self.global_step:
-            lora.load_adapter_state(self.holder.seg.model, msg.tensors)
+            lora.load_trained_state(self.holder.seg.model, msg.tensors, self.full)
             self.global_step = msg.step
             self._snapshot(msg.step)
 
@@ -459,7 +468,8 @@ class Client:
 
     def upload(self, step: int) -> None:
         assert self.t is not None
-        state = {k: v.detach() for k, v in lora.adapter_state(self.holder.seg.model).items()}
+        state = {k: v.detach() for k, v in
+                 lora.trained_state(self.holder.seg.model, self.full).items()}
         try:
             self.t.send(P.Kind.ADAPT, step, state,
                         {"drawn": self.drawn, "opt_steps": self.opt_steps,
@@ -481,7 +491,7 @@ class Client:
                 how = "exact"
             else:
                 if tensors:
-                    lora.load_adapter_state(self.holder.seg.model, tensors)
+                    lora.load_trained_state(self.holder.seg.model, tensors, self.full)
                 elif g < 0:
                     lora.load_adapter_state(self.holder.seg.model, self.snapshots[-1]["adapters"]
                                             if -1 in self.snapshots else {})
@@ -495,7 +505,7 @@ class Client:
             log.info("rolled back to aggregation %d (%s)", g, how)
         else:
             if tensors:
-                lora.load_adapter_state(self.holder.seg.model, tensors)
+                lora.load_trained_state(self.holder.seg.model, tensors, self.full)
             if self.fresh:
                 self._reset_stream(drawn)
                 self._reset_optimizer(opt_steps)

@@ -179,6 +179,27 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def trained_state(model: nn.Module, full: bool = False) -> dict[str, torch.Tensor]:
+    """What a client trains and uploads: its LoRA tensors (:func:`adapter_state`), or, for
+    full fine-tuning (``ft``), every floating-point weight of the base model."""
+    if not full:
+        return adapter_state(model)
+    from runner.split import base_model
+
+    return {k: v for k, v in base_model(model).state_dict(keep_vars=True).items()
+            if v.is_floating_point()}
+
+
+def load_trained_state(model: nn.Module, state: Mapping[str, torch.Tensor],
+                       full: bool = False) -> None:
+    """Copy :func:`trained_state`-style tensors into the model (unknown keys are skipped)."""
+    mine = trained_state(model, full)
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in mine:
+                mine[k].copy_(v)
+
+
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy tensors from :func:`adapter_state`-style keys into the model's adapters."""
     mine = adapter_state(model)

@@ -139,8 +139,9 @@ class Server:
         central = self.cfg.method in CENTRAL_METHODS
         self.peers = {cid: Peer(cid, i, "central" if central else cid, len(shards[i]) / total)
                       for i, cid in enumerate(rt.clients)}
-        self.adapter_shapes = {k: list(v.shape) for k, v in
-                               lora.adapter_state(self.tr.clients[0].seg.model).items()}
+        self.full = self.cfg.method == "ft"  # whole weights travel instead of adapters
+        self.adapter_shapes = {k: list(v.shape) for k, v in lora.trained_state(
+            self.tr.clients[0].seg.model, self.full).items()}
         self.epoch = uuid.uuid4().hex[:12]
         self.resumed = False
         self.start_step = 0
@@ -255,7 +256,8 @@ class Server:
                 srv.sched.load_state_dict(state["server_sched"])
         if state["global_state"] is not None:
             self.tr.global_state = state["global_state"]
-            lora.load_adapter_state(self.tr.clients[0].seg.model, state["global_state"])
+            lora.load_trained_state(self.tr.clients[0].seg.model, state["global_state"],
+                                    self.cfg.method == "ft")
 
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
@@ -725,9 +727,10 @@ class Server:
             p.agg_drawn = meta_int(meta, "drawn", p.drawn)
             p.agg_opt_steps = meta_int(meta, "opt_steps", p.opt_steps)
         self.tr.global_state = avg
-        lora.load_adapter_state(self.tr.shadow.seg.model, avg)
+        lora.load_trained_state(self.tr.shadow.seg.model, avg, self.full)
         self.global_step = step
-        self.send(P.Kind.GLOBAL, step, avg, {"epoch": self.epoch})
+        # ft: the one client holds these weights already; a whole model is not sent back
+        self.send(P.Kind.GLOBAL, step, {} if self.full else avg, {"epoch": self.epoch})
         self.global_sent_at = time.monotonic()
         size = tensor_bytes(*avg.values())
         up = down = size * len(got)

@@ -25,10 +25,9 @@ def up(
              "budgets and experiment come from it; the options below override its "
              "experiment")] = None,
     method: Annotated[str | None, typer.Option(
-        help="splitlora | fedlora | cenlora | hsplitlora | hsplitlora-no-iwi | "
-             "hsplitlora-no-armsc | hsplitlora-no-naa | hetlora run distributed; with "
-             "--profile also ft, which runs in-process (default: the profile's, else "
-             "splitlora)")
+        help="Any method: splitlora | fedlora | cenlora | ft | hsplitlora | hsplitlora-no-iwi "
+             "| hsplitlora-no-armsc | hsplitlora-no-naa | hetlora (default: the profile's, "
+             "else splitlora)")
     ] = None,
     model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id "
                                             "(ignored with --profile: its stand-in)")
@@ -96,7 +95,7 @@ def up(
     terminal: `testbed status`, `testbed logs`, `testbed inject dropout`, `testbed down`
     (all take --run DIR)."""
     from runner.errors import UserError
-    from runner.runtime import DISTRIBUTED_METHODS, RuntimeOptions
+    from runner.runtime import RuntimeOptions
     from testbed.cli import _fail, _quiet_libraries, train_config
 
     _quiet_libraries()
@@ -131,9 +130,6 @@ def up(
             eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
             seed=seed)
         cfg.validate()
-        if cfg.method not in DISTRIBUTED_METHODS:
-            raise UserError(f"method {cfg.method!r} is not distributed yet; `testbed up` runs "
-                            f"{', '.join(DISTRIBUTED_METHODS)} (use `testbed train`)")
         _up_local(cfg, out, opts, detach, console, external)
     except UserError as exc:
         _fail(str(exc))
@@ -218,8 +214,6 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
 
-    from runner.errors import UserError
-    from runner.runtime import DISTRIBUTED_METHODS
     from testbed import profiles as P
 
     prof = P.load_profile(name)
@@ -237,27 +231,6 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         changes["seed"] = seed
     cfg = replace(cfg, **changes)
     cfg.validate()
-    if cfg.method not in DISTRIBUTED_METHODS:
-        # Design choice: ft (whole models on the wire) is not carried by the distributed
-        # runtime; rather than refuse the profile's method, run it in-process on the same
-        # emulated devices.
-        if backend == "compose":
-            raise UserError(f"{cfg.method} does not run in containers yet (the distributed "
-                            f"runtime carries {', '.join(DISTRIBUTED_METHODS)}); use "
-                            "--backend auto/local to run it in-process, or --method splitlora")
-        from testbed.cli import run_training
-
-        out.mkdir(parents=True, exist_ok=True)
-        devices = P.write_devices_file(mapping, out / "devices.json",
-                                       [d.availability for d in prof.devices])
-        cfg = replace(cfg, devices=str(devices))
-        console.print(f"{cfg.method} runs in-process on the profile's {prof.clients} emulated "
-                      f"devices (the distributed runtime carries "
-                      f"{', '.join(DISTRIBUTED_METHODS)})", highlight=False)
-        summary = run_training(cfg, out, overwrite)
-        console.print(f"pretrained val PPL {summary['pretrained_val_ppl']:.3f} -> final "
-                      f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
-        return
     if backend == "auto":
         from testbed.compose import compose_command
         from testbed.images import daemon_available

@@ -344,14 +344,6 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     assert any(e["event"] == "probe" for e in events)
 
 
-def test_up_profile_compose_refuses_a_method_it_cannot_distribute(tmp_path: Path) -> None:
-    proc = run_cli("up", "--profile", "smoke", "--method", "ft", "--backend", "compose",
-                   "--out", str(tmp_path / "x"), cwd=tmp_path)
-    # the emulation table goes to stdout; stderr holds only the one error line
-    assert_user_error(proc, "ft", "containers")
-    assert_no_run_written(tmp_path / "x")
-
-
 def test_up_unknown_profile_and_bad_mem_limit(tmp_path: Path) -> None:
     assert_user_error(run_cli("up", "--profile", "no-such-profile", cwd=tmp_path),
                       "no-such-profile")

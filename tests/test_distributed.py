@@ -150,6 +150,35 @@ def test_fedlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
 
 
+def test_full_fine_tuning_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
+    """ft: one client trains every weight; at evaluation points it uploads its whole model
+    (validated tensor by tensor against the server's layout), the server evaluates it and
+    saves it; losses, evaluations and the saved weights equal the in-process trainer's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = _cfg(method="ft", steps=4, eval_every=2, lr=1e-4)
+    with LocalRun(cfg, tmp_path / "run", _options()) as run:
+        run.start()
+        assert run.wait(150) == 0, run.log_tail("server")
+    dist, ref = train_losses(run.run_dir), in_process(cfg)
+    assert set(dist) == set(ref) and {c for _, c in ref} == {"central"}
+    assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
+    tr = Trainer(cfg, run=None)
+    summary = tr.fit()
+    got = json.loads((run.run_dir / "summary.json").read_text())
+    assert abs(got["final_val_ppl"] - summary["final_val_ppl"]) <= 1e-3
+    saved = load_file(str(run.run_dir / "model" / "model.safetensors"))
+    mine = {k: v for k, v in tr.clients[0].seg.model.state_dict().items()
+            if v.is_floating_point()}
+    common = set(saved) & set(mine)
+    assert len(common) >= len(mine) - 1  # tied embeddings may be saved once
+    assert max(float((saved[k] - mine[k]).abs().max()) for k in common) <= 1e-5
+    ev = Counter(e["event"] for e in events(run.run_dir))
+    assert ev["message_rejected"] == 0 and ev["run_finished"] == 1
+
+
 # ------------------------------------------------------------------------------ fuzzing
 def _forge(buf: bytes, change: Any) -> bytes:
     """Re-seal an envelope after ``change(header)``: valid checksums around a bad header
