@@ -227,30 +227,6 @@ class HeteroServer(Server):
                      plan=self.plan_version, **{"global": self.global_step})
 
     # ------------------------------------------------------------------------ probe
-    def _wait(self, done: Any, resend: Any, what: str) -> None:
-        """Pump until ``done()`` or ``step_timeout``; re-ask the missing every repair
-        interval (``resend(peer)``); the silent ones go offline at the deadline."""
-        deadline = time.monotonic() + self.o.step_timeout
-        hard = time.monotonic() + 10 * self.o.step_timeout
-        asked = time.monotonic()
-        while True:
-            missing = done()
-            if not missing:
-                return
-            now = time.monotonic()
-            if now > deadline:
-                if now < hard and all(self.working(p, self.probe_at) for p in missing):
-                    self.pump(0.1)  # alive and computing: a slow device
-                    continue
-                for p in missing:
-                    self.set_offline(p, f"{what}-timeout")
-                return
-            if now - asked > self.o.repair_interval:
-                for p in missing:
-                    resend(p)
-                asked = now
-            self.pump(min(0.1, deadline - now))
-
     def probe_round(self, holders: list[Holder]) -> Probe:
         """IWI over the wire for the online clients among ``holders`` (one batch each)."""
         tr = self.htr
@@ -264,8 +240,8 @@ class HeteroServer(Server):
 
         for p in peers:
             ask(p)
-        self._wait(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
-                   ask, "probe")
+        self.wait_for(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
+                      step, "probe", ask)
         answered = [p for p in peers if p.cid in self.probe_acts]
         server_nums: dict[str, float] = {}
         if answered:
@@ -288,8 +264,9 @@ class HeteroServer(Server):
 
             for p in answered:
                 give(p)
-            self._wait(lambda: [p for p in answered if p.online and p.cid not in self.probe_nums],
-                       give, "probe")
+            self.wait_for(lambda: [p for p in answered
+                                   if p.online and p.cid not in self.probe_nums],
+                          step, "probe", give)
             self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
                 s.nbytes for s in sent.values() if s is not None)
         done = [p for p in answered if p.cid in self.probe_nums]

@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -539,6 +540,30 @@ class Server:
             assert self.agg_step is not None
             self.control(OP_UPLOAD, self.agg_step, to=p.cid)
 
+    def wait_for(self, missing: Callable[[], list[Peer]], step: int, what: str,
+                 resend: Callable[[Peer], None] | None = None) -> None:
+        """Handle messages until ``missing()`` is empty or ``step_timeout`` has passed; past
+        it, wait on (up to ten times ``step_timeout``) while every missing client is alive
+        and computing for ``step``; then the missing go offline (reason ``<what>-timeout``).
+        ``resend``: asked again every ``repair_interval`` (the heartbeat repairs cover the
+        training step and uploads; the IWI probe has its own)."""
+        start = time.monotonic()
+        deadline, hard, asked = start + self.o.step_timeout, start + 10 * self.o.step_timeout, start
+        while waiting := missing():
+            now = time.monotonic()
+            if now >= deadline:
+                if now < hard and all(self.working(p, step) for p in waiting):
+                    self.pump(0.1)  # alive and computing: a slow device
+                    continue
+                for p in waiting:
+                    self.set_offline(p, f"{what}-timeout")
+                return
+            if resend is not None and now - asked > self.o.repair_interval:
+                for p in waiting:
+                    resend(p)
+                asked = now
+            self.pump(min(0.1, deadline - now))
+
     def working(self, p: Peer, step: int) -> bool:
         """Whether ``p`` is alive and computing for ``step`` (its last heartbeat says so):
         past ``step_timeout`` the server waits on for it, up to ten times that."""
@@ -617,24 +642,9 @@ class Server:
         participants = [p for p in self.peers.values() if p.online]
         self.expected = {p.cid for p in participants}
         self.announce(step)
-        deadline = time.monotonic() + self.o.step_timeout
-        hard = time.monotonic() + 10 * self.o.step_timeout
         try:
-            while True:
-                waiting = [c for c in self.expected
-                           if self.peers[c].online and c not in self.answers]
-                if not waiting:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    silent = [c for c in waiting if not self.working(self.peers[c], step)]
-                    if not silent and time.monotonic() < hard:
-                        self.pump(0.1)  # every one left is computing: a slow device
-                        continue
-                    for c in waiting:
-                        self.set_offline(self.peers[c], "step-timeout")
-                    break
-                self.pump(min(0.1, left))
+            self.wait_for(lambda: [p for p in participants
+                                   if p.online and p.cid not in self.answers], step, "step")
         finally:
             self.collecting = False
         answered = [p for p in participants if p.cid in self.answers]
@@ -687,24 +697,10 @@ class Server:
         self.agg_step, self.adapts = step, {}
         self.step_started = time.monotonic()
         self.agg_expected = set(participants)
-        deadline = time.monotonic() + self.o.step_timeout
-        hard = time.monotonic() + 10 * self.o.step_timeout
+        expected = [self.peers[c] for c in participants]
         try:
-            while True:
-                waiting = [c for c in self.agg_expected
-                           if self.peers[c].online and c not in self.adapts]
-                if not waiting:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    silent = [c for c in waiting if not self.working(self.peers[c], step)]
-                    if not silent and time.monotonic() < hard:
-                        self.pump(0.1)
-                        continue
-                    for c in waiting:
-                        self.set_offline(self.peers[c], "aggregate-timeout")
-                    break
-                self.pump(min(0.1, left))
+            self.wait_for(lambda: [p for p in expected if p.online and p.cid not in self.adapts],
+                          step, "aggregate")
         finally:
             self.agg_step = None
         return [p for p in self.peers.values() if p.cid in self.adapts]
