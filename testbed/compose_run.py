@@ -434,18 +434,24 @@ def logs(run_dir: Path, service: str | None = None, tail: int = 50) -> str:
     return "\n".join(parts)
 
 
-def inject_budget(run_dir: Path, client: str, budget: int) -> str:
-    """A new memory budget for a client container: its memory limit through the Docker API
-    (the device really has less or more memory now; below what it uses, the kernel's OOM
-    killer ends it, as on a device) and the injected-budget file it reports to the server."""
-    from testbed.local import write_budget
-
+def _client_container(run_dir: Path, client: str) -> Any:
+    """The running (or paused) container of ``client``, or UserError."""
     run = attach(run_dir)
     if client not in run.clients:
         raise UserError(f"unknown client {client!r}; clients: {', '.join(run.clients)}")
     c = run.containers().get(client)
     if c is None or c.status not in ("running", "paused"):
         raise UserError(f"{client}'s container is not running")
+    return c
+
+
+def inject_budget(run_dir: Path, client: str, budget: int) -> str:
+    """A new memory budget for a client container: its memory limit through the Docker API
+    (the device really has less or more memory now; below what it uses, the kernel's OOM
+    killer ends it, as on a device) and the injected-budget file it reports to the server."""
+    from testbed.local import write_budget
+
+    c = _client_container(run_dir, client)
     limit = container_limit(budget)
     write_budget(run_dir, client, budget)
     c.update(mem_limit=limit, memswap_limit=limit)
@@ -457,12 +463,7 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
                    seconds: float | None = None) -> str:
     """Take a client container away and (after ``seconds``) bring it back; see the module
     docstring for the modes. Blocks for ``seconds``; returns what was done."""
-    run = attach(run_dir)
-    if client not in run.clients:
-        raise UserError(f"unknown client {client!r}; clients: {', '.join(run.clients)}")
-    c = run.containers().get(client)
-    if c is None or c.status not in ("running", "paused"):
-        raise UserError(f"{client}'s container is not running")
+    c = _client_container(run_dir, client)
     if mode == "kill":
         c.kill()
         append_event(run_dir, "inject", client=client, mode="kill", seconds=seconds)

@@ -56,15 +56,21 @@ def _options(**kw: Any) -> RuntimeOptions:
     return RuntimeOptions(**base)
 
 
-def in_process(cfg: TrainConfig) -> dict[tuple[int, str], float]:
-    """Per-(step, client) training losses of the in-process trainer (fit's loop)."""
-    tr = Trainer(cfg)
+def in_process(cfg: TrainConfig, tr: Trainer | None = None,
+               before_replan: Any = None) -> dict[tuple[int, str], float]:
+    """Per-(step, client) training losses of the in-process trainer (fit's loop): ``tr``
+    (default a new Trainer; a HeteroTrainer for the heterogeneous methods);
+    ``before_replan(tr, step)`` runs between an aggregation and its re-plan."""
+    tr = tr or Trainer(cfg)
     out = {}
     for step in range(cfg.steps):
         for r in tr.train_step(step):
             out[(step, r["client"])] = r["loss"]
         if tr.should_aggregate(step):
             tr.aggregate(step)
+            if before_replan is not None:
+                before_replan(tr, step)
+            tr.after_aggregate(step)
     return out
 
 

@@ -26,6 +26,7 @@ from tests.test_distributed import (
     done_steps,
     events,
     finish,
+    in_process,
     train_losses,
     wait_until,
 )
@@ -39,19 +40,6 @@ pytestmark = [
 
 def hcfg(**kw: Any):  # type: ignore[no-untyped-def]
     return _cfg(**{"method": "hsplitlora", "split": None, **kw})
-
-
-def in_process(cfg) -> tuple[dict[tuple[int, str], float], HeteroTrainer]:  # type: ignore[no-untyped-def]
-    """Per-(step, client) losses of HeteroTrainer.fit's loop, and the trainer."""
-    tr = HeteroTrainer(cfg)
-    out = {}
-    for step in range(cfg.steps):
-        for r in tr.train_step(step):
-            out[(step, r["client"])] = r["loss"]
-        if tr.should_aggregate(step):
-            tr.aggregate(step)
-            tr.after_aggregate(step)
-    return out, tr
 
 
 def plans(run_dir: Path) -> list[tuple[int, dict[str, tuple[int, int]]]]:
@@ -69,7 +57,7 @@ def test_hsplitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
         run.start()
         finish(run)
     dist = train_losses(run.run_dir)
-    ref, _ = in_process(cfg)
+    ref = in_process(cfg, HeteroTrainer(cfg))
     assert set(dist) == set(ref)
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
 
@@ -107,7 +95,7 @@ def test_padded_aggregation_methods_over_mosquitto_equal_in_process(
         run.start()
         finish(run)
     dist = train_losses(run.run_dir)
-    ref, _ = in_process(cfg)
+    ref = in_process(cfg, HeteroTrainer(cfg))
     assert set(dist) == set(ref)
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
     summary = HeteroTrainer(cfg).fit()
@@ -163,16 +151,12 @@ def test_budget_change_moves_a_split_point_with_block_handover(tmp_path: Path) -
     assert budget_reconf and budget_reconf[0]["reason"] == "budget"
 
     # The same change, at the same aggregation, in-process.
+    def change(tr: HeteroTrainer, step: int) -> None:
+        if step + 1 == at:
+            tr.set_budget(2, 450_000_000)
+
     tr = HeteroTrainer(cfg)
-    ref = {}
-    for step in range(cfg.steps):
-        for r in tr.train_step(step):
-            ref[(step, r["client"])] = r["loss"]
-        if tr.should_aggregate(step):
-            tr.aggregate(step)
-            if step + 1 == at:
-                tr.set_budget(2, 450_000_000)
-            tr.after_aggregate(step)
+    ref = in_process(cfg, tr, change)
     dist = train_losses(run.run_dir)
     assert set(dist) == set(ref)
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
