@@ -5,7 +5,7 @@ are still being written or were killed mid-way, and the user must be *told* when
 dropped (a silently shorter curve looks like a real result). So a truncated last line is
 skipped with a :class:`TruncatedRecordWarning`; anything else that is not JSON is a
 :class:`~runner.errors.UserError` naming the file and line. ``analysis`` only reads files: it
-imports ``runner.errors`` (torch-free) and nothing that loads torch.
+imports ``runner.errors`` and ``runner.rundir`` (both torch-free) and nothing that loads torch.
 
 Frames (one row per ...):
 
@@ -116,6 +116,16 @@ def _runs_below(path: Path) -> list[Path]:
         return []
 
 
+def _host_config(path: Path) -> dict[str, Any]:
+    """config.json with a container run's paths mapped to the host (runner.rundir)."""
+    from runner.rundir import read_config
+
+    try:
+        return read_config(path)
+    except (OSError, ValueError):
+        return _read_json(path / CONFIG) or {}
+
+
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """Read one run directory; only ``config.json`` is required.
 
@@ -132,7 +142,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         hint = (f"; it holds runs, pass them instead: {' '.join(str(p) for p in below[:6])}"
                 if below else "; pass a directory written by `testbed train --out DIR`")
         raise UserError(f"{path} is not a run directory (no {CONFIG}){hint}")
-    config = _read_json(path / CONFIG) or {}
+    config = _host_config(path)
     scores = _read_json(path / SCORES)
     return Run(
         path=path,

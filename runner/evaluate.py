@@ -38,16 +38,33 @@ def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
     info = model_info(cfg.model)
     tokenizer = load_tokenizer(info.path)
     if cfg.method == "ft":
+        if not (run.path / "model" / "config.json").is_file():
+            raise UserError(f"{run.path} has no trained model (model/config.json): "
+                            f"{unfinished(run, cfg)}")
         model = load_full_model(run.path / "model")
     else:
         adapter = run.adapters("final")
         if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{run.path} has no final adapter (did the run finish?)")
+            raise UserError(f"{run.path} has no final adapter (adapters/final/"
+                            f"adapter_config.json): {unfinished(run, cfg)}")
         # Loaded the standard PEFT way, then merged: generation runs on plain weights (the
         # exported HSplitLoRA adapters have large ranks; merging keeps beam search fast).
         model = lora.load_peft_adapter(load_full_model(info.path), adapter).merge_and_unload()
     model.eval()
     return model, tokenizer, cfg
+
+
+def unfinished(run: RunDir, cfg: TrainConfig) -> str:
+    """Why a run has nothing to evaluate, in words a user can act on: how far it got."""
+    from runner.rundir import METRICS, SUMMARY, read_jsonl
+
+    steps = [r.get("step") for r in read_jsonl(run.path / METRICS) if r.get("kind") == "train"]
+    done = max((s for s in steps if isinstance(s, int)), default=-1) + 1
+    if (run.path / SUMMARY).is_file():
+        return "the run finished but saved no model; train it again"
+    return (f"the run did not finish ({done} of {cfg.steps} steps recorded, no summary.json); "
+            "it may still be running (`testbed status --run DIR`), or was stopped: resume or "
+            "train it again")
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ EVENTS = "events.jsonl"
 ADAPTERS = "adapters"
 EVAL = "eval"
 SUMMARY = "summary.json"
+HOST_PATHS = "host-paths.json"
+# The run directory's own path inside a container (testbed/compose.py mounts it there).
+RUN_MOUNT = "/run/testbed"
 
 
 def _clean(value: Any) -> Any:
@@ -35,6 +38,52 @@ def _clean(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def to_host(value: Any, mounts: dict[str, str]) -> Any:
+    """``value`` with every path under a container mount point rewritten to its host path.
+
+    Why: a run made in containers records the paths its server saw (``/data/devset.csv``,
+    ``/cache/models/...``, ``/run/testbed``); read from the host, those paths do not exist.
+    Strings are matched by whole path components, longest mount first, so ``/database`` is
+    not taken for ``/data``.
+    """
+    if isinstance(value, dict):
+        return {k: to_host(v, mounts) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_host(v, mounts) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        for inside in sorted(mounts, key=len, reverse=True):
+            if value == inside or value.startswith(inside.rstrip("/") + "/"):
+                return mounts[inside] + value[len(inside.rstrip("/")):]
+    return value
+
+
+def host_mounts(path: Path) -> dict[str, str]:
+    """Container mount point -> host path for the run in ``path`` ({} for a run made on the
+    host). The run directory maps to wherever it is now, so a moved run still resolves."""
+    try:
+        doc = json.loads((Path(path) / HOST_PATHS).read_text())
+    except (OSError, ValueError):
+        return {}
+    mounts = {str(k): str(v) for k, v in (doc.get("mounts") or {}).items()}
+    mounts[str(doc.get("run_mount", RUN_MOUNT))] = str(Path(path).resolve())
+    return mounts
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of the run in ``path`` with container paths mapped to host paths
+    (``host-paths.json``, written by the compose backend); the paths as the containers saw
+    them stay under ``container_paths``."""
+    raw = json.loads((Path(path) / CONFIG).read_text())
+    mounts = host_mounts(path)
+    if not mounts:
+        return raw
+    mapped = to_host(raw, mounts)
+    mapped["container_paths"] = {k: raw[k] for k in ("model_path", "data_source") if k in raw}
+    mapped["container_paths"]["train"] = {
+        k: raw.get("train", {}).get(k) for k in ("data", "devices")}
+    return mapped
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -76,7 +125,8 @@ class RunDir:
         return cls(path)
 
     def config(self) -> dict[str, Any]:
-        return json.loads((self.path / CONFIG).read_text())
+        """The config snapshot, with paths as the host sees them (:func:`read_config`)."""
+        return read_config(self.path)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0

@@ -85,6 +85,12 @@ def up(
              "fault land mid-run in a short run)")] = 0.0,
     detach: Annotated[bool, typer.Option(help="Start and return; stop with `testbed down`")
                       ] = False,
+    cpu_steps: Annotated[int | None, typer.Option(
+        help="With --profile and no --steps: when no CUDA GPU is visible, train this many "
+             "steps instead of the profile's (validation points spread over them); printed "
+             "in one line and recorded in config.json. `make run` uses 40")] = None,
+    cpu_eval_examples: Annotated[int | None, typer.Option(
+        help="With --cpu-steps: cap the validation examples of such a CPU run")] = None,
 ) -> None:
     """Start a distributed run: broker, server and clients (containers or processes), with
     live progress.
@@ -117,8 +123,12 @@ def up(
             _up_profile(profile, method=method, steps=steps, data=data, seed=seed, out=out,
                         overwrite=overwrite, backend=backend, host_network=host_network,
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
-                        external=external, offline_given=offline_after is not None)
+                        external=external, offline_given=offline_after is not None,
+                        cpu=(cpu_steps, cpu_eval_examples))
             return
+        if cpu_steps is not None:
+            raise UserError("--cpu-steps shortens a profile's experiment; use it with "
+                            "--profile (without a profile, --steps sets the length)")
         if backend == "compose":
             raise UserError("--backend compose needs --profile (the containers' memory caps "
                             "come from a profile's devices); see `testbed profiles list`")
@@ -210,11 +220,14 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
                 seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
                 external: tuple[str, dict[str, str] | None] | None = None,
-                offline_given: bool = False) -> None:
+                offline_given: bool = False,
+                cpu: tuple[int | None, int | None] = (None, None)) -> None:
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
 
+    from runner.errors import UserError
     from testbed import profiles as P
+    from testbed.reduction import gpu_visible, reduce_for_cpu
 
     prof = P.load_profile(name)
     mapping = P.emulation_map(prof)
@@ -230,15 +243,21 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
     if seed != 0:
         changes["seed"] = seed
     cfg = replace(cfg, **changes)
+    cpu_steps, cpu_examples = cpu
+    if cpu_steps is None and cpu_examples is not None:
+        raise UserError("--cpu-eval-examples goes with --cpu-steps")
+    if cpu_steps is not None and steps is None:
+        if gpu_visible():
+            console.print(f"GPU visible: the profile's {cfg.steps} steps run whole",
+                          highlight=False)
+        else:
+            cfg, reduction = reduce_for_cpu(cfg, cpu_steps, cpu_examples)
+            if reduction is not None:
+                console.print(reduction.line(), highlight=False, soft_wrap=True)
+                cfg = replace(cfg, extra={**cfg.extra, "cpu_reduction": reduction.to_dict()})
     cfg.validate()
     if backend == "auto":
-        from testbed.compose import compose_command
-        from testbed.images import daemon_available
-
-        backend = ("compose" if external is None and daemon_available() and compose_command()
-                   else "local")
-        console.print(f"backend: {backend}" + ("" if backend == "compose" else
-                      " (no Docker daemon / Compose answers)"), highlight=False)
+        backend = _auto_backend(external, console)
     if backend == "local":
         out.mkdir(parents=True, exist_ok=True)
         devices = P.write_devices_file(mapping, out / "devices.json",
@@ -248,6 +267,27 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
     if not offline_given:
         opts = replace(opts, offline_after=30.0)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
+
+
+def _auto_backend(external: Any, console: Console) -> str:
+    """compose when a Docker daemon and Compose answer, else local, saying why in one line
+    (the local backend runs the same fleet without memory caps)."""
+    from testbed.compose import compose_command
+    from testbed.images import daemon_available
+
+    if external is not None:
+        console.print("backend: local (--broker given)", highlight=False)
+        return "local"
+    why = ("no Docker daemon answers" if not daemon_available() else
+           "neither `docker compose` nor `docker-compose` is installed"
+           if not compose_command() else "")
+    if not why:
+        console.print("backend: compose (memory-capped containers)", highlight=False)
+        return "compose"
+    console.print(f"backend: local processes, not containers: {why} (start Docker, or "
+                  "`make run` as root sets it up); clients get no memory caps",
+                  highlight=False)
+    return "local"
 
 
 def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_network: bool,

@@ -39,11 +39,11 @@ from typing import Any
 import yaml
 
 from runner.errors import ConfigError
+from runner.rundir import RUN_MOUNT  # where the run directory is mounted in every container
 from testbed.profiles import EmulationMap, Profile
 
 BASE_COMPOSE = Path(__file__).resolve().parents[1] / "compose.yaml"
 TEMPLATE_KEY = "x-client-template"
-RUN_MOUNT = "/run/testbed"  # where the run directory is mounted in every container
 DEFAULT_BROKER_PORT = 1883
 LABEL = "org.hsplitlora"
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from runner.config import TrainConfig
 from runner.errors import UserError
-from runner.rundir import EVENTS, write_json
+from runner.rundir import EVENTS, HOST_PATHS, write_json
 from runner.runtime import RuntimeOptions, write_config
 from testbed.compose import (
     BASE_COMPOSE,
@@ -172,6 +172,10 @@ class ComposeRun:
             with os.fdopen(fd, "w") as f:
                 f.write(c.password + "\n")
         cfg, self.mounts = self._container_train()
+        # container paths -> host paths, so eval / report work from the host afterwards
+        write_json(self.run_dir / HOST_PATHS, {
+            "run_mount": RUN_MOUNT,
+            "mounts": {inside.split(":")[0]: host for host, inside in self.mounts.items()}})
         write_config(self.run_dir / "runtime.json", cfg, Path(RUN_MOUNT),
                      run_id=str(self.run_id), clients=self.clients, broker=opts.broker_url(),
                      options=self.options)

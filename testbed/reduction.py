@@ -1,0 +1,76 @@
+"""The explicit reduction of a profile's experiment on a machine without a GPU.
+
+Why: the paper's profiles train for hundreds of steps; on a 2-core CPU the hetero-llama2
+fleet needs hours for that, and a newcomer's first `make run` must end, with a real result,
+in minutes. So ``testbed up --cpu-steps N`` shortens the run when no CUDA device is visible,
+and only then, and says so in one line: the profile itself stays intact, and the full
+experiment is one flag away (``--steps``, or ``make run STEPS=200``). Validation is kept to
+a few points of the curve: the same number of evaluations the profile makes, spread over the
+shorter run on aggregation boundaries (the trainer evaluates at aggregation steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from runner.config import TrainConfig
+from runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a CPU run changed (``None`` fields: unchanged)."""
+
+    steps: int
+    profile_steps: int
+    eval_every: int
+    profile_eval_every: int
+    eval_max_examples: int | None
+    profile_eval_max_examples: int | None
+
+    def line(self) -> str:
+        """The one line `testbed up` prints (and the run's config records)."""
+        parts = [f"{self.steps} of the profile's {self.profile_steps} steps",
+                 f"validation every {self.eval_every} steps"]
+        if self.eval_max_examples != self.profile_eval_max_examples:
+            parts.append(f"on {self.eval_max_examples} examples")
+        return (f"no GPU here: a CPU run of {', '.join(parts)}; the full profile: "
+                f"--steps {self.profile_steps} (make run STEPS={self.profile_steps})")
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"steps": self.steps, "profile_steps": self.profile_steps,
+                "eval_every": self.eval_every, "profile_eval_every": self.profile_eval_every,
+                "eval_max_examples": self.eval_max_examples,
+                "profile_eval_max_examples": self.profile_eval_max_examples}
+
+
+def gpu_visible() -> bool:
+    """Whether torch sees a CUDA device (the full profile runs there)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def reduce_for_cpu(cfg: TrainConfig, cpu_steps: int, eval_examples: int | None = None
+                   ) -> tuple[TrainConfig, Reduction | None]:
+    """``cfg`` shortened to ``cpu_steps`` (no-op when the profile is already that short).
+
+    The number of evaluations stays what the profile makes (at least 2 after step 0), at
+    multiples of the aggregation interval; ``eval_examples`` caps the validation set.
+    """
+    if cpu_steps < 1:
+        raise UserError(f"--cpu-steps must be >= 1, got {cpu_steps}")
+    if eval_examples is not None and eval_examples < 1:
+        raise UserError(f"--cpu-eval-examples must be >= 1, got {eval_examples}")
+    if cpu_steps >= cfg.steps:
+        return cfg, None
+    evals = max(2, math.ceil(cfg.steps / cfg.eval_every))
+    interval = cfg.agg_interval
+    every = max(interval, math.ceil(cpu_steps / evals / interval) * interval)
+    examples = cfg.eval_max_examples
+    if eval_examples is not None and (examples is None or eval_examples < examples):
+        examples = eval_examples
+    reduced = replace(cfg, steps=cpu_steps, eval_every=every, eval_max_examples=examples)
+    return reduced, Reduction(cpu_steps, cfg.steps, every, cfg.eval_every, examples,
+                              cfg.eval_max_examples)
