@@ -22,6 +22,9 @@ Usage::
 
     .venv/bin/python bench/distributed_overhead.py --model smollm2-135m --steps 30 \\
         --clients 3 --batch 8 --max-len 64 [--wire float16] [--threads 1] [--json PATH]
+
+A quick check (tests/test_bench.py): ``--model tiny-llama --steps 2 --warmup 0 --clients 2
+--batch 2 --max-len 16``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.warmup < 0 or args.steps < args.warmup + 2:
+        ap.error("need --steps >= --warmup + 2 (a distributed step time is the gap between "
+                 "two consecutive steps)")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch

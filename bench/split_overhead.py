@@ -33,6 +33,9 @@ Usage::
 
     .venv/bin/python bench/split_overhead.py --model smollm2-135m --split 8 --rank 8 \\
         --batch 8 --seq 64 --steps 10 --warmup 2 [--json PATH]
+
+A quick check (tests/test_bench.py): ``--model tiny-llama --split 2 --steps 1 --warmup 0
+--batch 2 --seq 16``.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class StepRunner(Trainer):
         self.server = server
         self.offline: set[str] = set()
         self.global_state = None
+        self.vclock = None  # no virtual clock: wall time only
 
 
 def make_holder(name: str, seg: split.Segment, ranks: lora.RankMap, cfg: TrainConfig,

@@ -35,6 +35,8 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/transport.py [--sizes 1 4 16 64] [--reps 5]
         [--warmup 1] [--chunk-mb 1 [4 ...]] [--broker-env KEY=VALUE ...] [--json PATH]
+
+A quick check (tests/test_bench.py): ``--sizes 0.25 --reps 1 --warmup 0``.
 """
 
 from __future__ import annotations
@@ -359,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                       *(f"{1e3 * r[f'{k}_s']:.1f}" for k in chunk_names[1:]),
                       *(f"{r[f'ratio_{k}']:.2f}" for k in chunk_names[1:]))
     console.print(table)
+    for r in rows:  # one plain line per size, for logs and scripts
+        print(f"mqtt/tcp throughput ratio at {r['size_mb']:g} MB: {r['ratio']:.3f} "
+              f"(relay/tcp {r['ratio_relay']:.3f}, mqtt/relay {r['ratio_vs_relay']:.3f})")
     eligible = any(r["size_mb"] >= 4 for r in rows)
     verdict = ("met" if ok_all else "NOT met") if eligible else "not measured (no size >= 4 MB)"
     console.print(f"ratio = TCP time / MQTT time (throughput relative to TCP). Target: mqtt/tcp "

@@ -1,0 +1,89 @@
+"""Every script in bench/ runs, on the tiny model for one step (or one small message), and
+prints its ratio line: a benchmark nobody runs rots (``make bench`` once failed with
+``AttributeError: 'StepRunner' object has no attribute 'vclock'``).
+
+Each script runs as a subprocess whose stdout is a pipe, as a user's ``| tee log`` would.
+What is checked is that it exits 0 and that its figure of merit parses as a positive number,
+not the figure itself (timings on a shared 2-core machine mean nothing at this size).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.broker import find_mosquitto
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
+                                     reason="mosquitto not installed (apt-get install -y "
+                                            "mosquitto)")
+
+
+def _bench(script: str, *args: str, timeout: float = 300) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (f"{script} exited {proc.returncode}\n--- stdout\n"
+                                  f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def _number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"no line matching {pattern!r} in:\n{text}"
+    value = float(m.group(1))
+    assert value > 0
+    return value
+
+
+def test_bench_scripts_are_all_covered() -> None:
+    assert sorted(p.name for p in BENCH.glob("*.py")) == [
+        "distributed_overhead.py", "memory_model.py", "split_overhead.py", "transport.py"]
+
+
+def test_split_overhead_one_step() -> None:
+    out = _bench("split_overhead.py", "--model", "tiny-llama", "--split", "2", "--steps", "1",
+                 "--warmup", "0", "--batch", "2", "--seq", "16", "--threads", "1")
+    _number(rf"split/unsplit step time ratio \(median\): {NUMBER}", out)
+    # both variants did the same arithmetic
+    assert re.search(r"max \|loss\(split\) - loss\(unsplit\)\| over all steps = 0\.00e\+00",
+                     out), out
+
+
+def test_memory_model_one_config() -> None:
+    out = _bench("memory_model.py", "--model", "tiny-llama", "--configs", "2:4", "--batch",
+                 "2", "--seq", "16", "--steps", "1", "--allocators", "fixed")
+    _number(rf"runtime reserve \(fresh process after imports\): {NUMBER} MiB", out)
+    row = re.search(rf"^\s+2\s+4\s+{NUMBER}\s+{NUMBER}\s+([-+][0-9.]+)%", out, re.MULTILINE)
+    assert row, out
+    predicted, measured = float(row.group(1)), float(row.group(2))
+    assert predicted > 0 and measured > 0
+    assert re.search(rf"max \|error\| \(testbed allocator setting\) = {NUMBER}%", out), out
+
+
+@needs_mosquitto
+def test_transport_one_small_message() -> None:
+    out = _bench("transport.py", "--sizes", "0.25", "--reps", "1", "--warmup", "0")
+    _number(rf"mqtt/tcp throughput ratio at 0\.25 MB: {NUMBER}", out)
+
+
+@needs_mosquitto
+def test_distributed_overhead_two_steps() -> None:
+    # two steps: the distributed step time is the gap between consecutive steps
+    out = _bench("distributed_overhead.py", "--model", "tiny-llama", "--steps", "2",
+                 "--warmup", "0", "--clients", "2", "--batch", "2", "--max-len", "16",
+                 "--threads", "1")
+    _number(rf"in-process\s+median step\s+{NUMBER} ms", out)
+    _number(rf"distributed median step\s+{NUMBER} ms", out)
+    _number(rf"ratio distributed / in-process: {NUMBER}", out)
