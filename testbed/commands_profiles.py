@@ -7,7 +7,9 @@ can grow without touching the training commands. Errors follow the CLI's rule: o
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,17 +24,43 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _profile_record(path: Path) -> dict[str, Any]:
+    """What ``profiles list --json`` says of one profile file."""
+    from runner.errors import UserError
+    from testbed.profiles import load_profile
+
+    try:
+        p = load_profile(str(path))
+    except UserError as exc:
+        return {"name": path.stem, "path": str(path), "valid": False, "error": str(exc)}
+    exp = p.experiment
+    mems = [d.memory for d in p.devices]
+    return {"name": p.name, "path": str(path), "valid": True, "clients": p.clients,
+            "reference_model": exp.reference_model, "standin_model": exp.standin_model,
+            "method": exp.method, "steps": exp.steps, "memory_min": min(mems),
+            "memory_max": max(mems), "gpus": p.uses_gpus, "description": p.description.strip(),
+            "devices": [d.name for d in p.devices]}
+
+
 @app.command("list")
-def list_() -> None:
+def list_(
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Machine-readable: a JSON list, one object per profile (an invalid "
+                       "one has valid: false and its error)")] = False,
+) -> None:
     """One row per profile: clients, reference and stand-in models, method, budgets."""
     from rich.table import Table
 
     from runner.errors import UserError
     from testbed.profiles import available_profiles, fmt_bytes, load_profile, profiles_dir
+    from testbed.tables import print_table
 
     paths = available_profiles()
     if not paths:
         _fail(f"no profiles in {profiles_dir()} (set $TESTBED_PROFILES or add a .yaml file)")
+        return
+    if as_json:
+        typer.echo(json.dumps([_profile_record(path) for path in paths], indent=1))
         return
     table = Table(title=f"profiles in {profiles_dir()}", title_justify="left")
     for col in ("name", "clients", "reference", "stand-in", "method", "budgets", "gpus"):
@@ -52,7 +80,7 @@ def list_() -> None:
         table.add_row(p.name, str(p.clients), p.experiment.reference_model,
                       p.experiment.standin_model, p.experiment.method, budgets,
                       "yes" if p.uses_gpus else "no", p.description.strip())
-    Console().print(table)
+    print_table(Console(), table)
     for line in broken:
         err.print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
 

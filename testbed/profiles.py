@@ -775,8 +775,11 @@ def fmt_seconds(s: float) -> str:
 
 
 def print_emulation(mapping: EmulationMap, console: Console) -> None:
-    """The mapping as a rich table (printed before a profile run starts)."""
+    """The mapping as a rich table (printed before a profile run starts); whole values when
+    the output is not a terminal (testbed/tables.py)."""
     from rich.table import Table
+
+    from testbed.tables import print_table
 
     if mapping.emulated:
         title = (f"emulating {mapping.reference} ({mapping.reference_dtype}, training "
@@ -794,7 +797,7 @@ def print_emulation(mapping: EmulationMap, console: Console) -> None:
         table.add_row(name, fmt_bytes(d.reference_bytes), f"{d.fraction:.3f}",
                       fmt_bytes(d.standin_bytes), fmt_bytes(d.memory_bytes),
                       fmt_flops(d.flops), fmt_rate(d.bandwidth))
-    console.print(table)
+    print_table(console, table)
     console.print(f"why: {mapping.reason}. Budgets cover the same fraction of the model's "
                   f"training footprint; the runtime reserve ({fmt_bytes(mapping.reserve)}) "
                   "comes on top (container/ARMSC column)."
@@ -806,8 +809,11 @@ def print_emulation(mapping: EmulationMap, console: Console) -> None:
 
 
 def print_profile(profile: Profile, console: Console) -> None:
-    """A validated profile, pretty: experiment, then one row per device and the server."""
+    """A validated profile, pretty: experiment, then one row per device and the server (whole
+    values when the output is not a terminal)."""
     from rich.table import Table
+
+    from testbed.tables import print_table
 
     exp = profile.experiment
     head = Table.grid(padding=(0, 2))
@@ -825,7 +831,7 @@ def print_profile(profile: Profile, console: Console) -> None:
     head.add_row("rank set", ",".join(str(r) for r in exp.rank_set))
     head.add_row("aggregation", f"every {exp.agg_interval} steps")
     head.add_row("clients / seed", f"{profile.clients} / {exp.seed}")
-    console.print(head)
+    print_table(console, head)
     table = Table(title="devices", title_justify="left")
     for col in ("name", "memory", "compute", "bandwidth", "latency", "availability", "gpu",
                 "label"):
@@ -839,4 +845,4 @@ def print_profile(profile: Profile, console: Console) -> None:
     table.add_row(f"{s.name} (server)", fmt_bytes(s.memory), fmt_flops(s.compute),
                   fmt_rate(s.bandwidth), fmt_seconds(s.latency), "always",
                   "-" if s.gpu is None else str(s.gpu), s.label, style="dim")
-    console.print(table)
+    print_table(console, table)
