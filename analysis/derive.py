@@ -369,48 +369,98 @@ def budget_violations(rs: RunSet) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def memory(rs: RunSet) -> pd.DataFrame:
-    """Per run and client: peak memory and the budget in force at that peak.
+BUDGET_EVENTS = ("client_budget", "budget_changed")
 
-    Source per run: ``memory_bytes`` on metrics records (measured), else the per-client
-    ``memory_bytes`` of ``reconfigure`` events (planned by the memory model; ``source``
-    says which). ``over_budget`` counts records whose memory exceeded their own budget
-    (method.md: a method that does not fit is still run and the violation must be shown).
+
+def _measured_memory(rs: RunSet, run: str) -> pd.DataFrame:
+    """Metrics records of ``run`` that carry a measured ``memory_bytes`` (train and
+    resources records of a distributed run: docs/run-format.md "Measured resources")."""
+    m = rs.metrics
+    if m.empty or "memory_bytes" not in m.columns:
+        return pd.DataFrame()
+    rec = m[(m["run"] == run) & m["memory_bytes"].notna()].copy()
+    rec["memory_bytes"] = pd.to_numeric(rec["memory_bytes"], errors="coerce").astype(float)
+    rec["budget_bytes"] = pd.to_numeric(_column(rec, "budget_bytes"),
+                                        errors="coerce").astype(float)
+    return rec.dropna(subset=["memory_bytes"])
+
+
+def _reported_budgets(rs: RunSet, run: str) -> dict[str, float]:
+    """Per client, the last budget it reported (``client_budget`` / ``budget_changed``)."""
+    e = rs.events
+    if e.empty or "budget_bytes" not in e.columns or "client" not in e.columns:
+        return {}
+    ev = e[(e["run"] == run) & e["event"].isin(BUDGET_EVENTS) & e["budget_bytes"].notna()]
+    return {str(c): float(b) for c, b in zip(ev["client"], ev["budget_bytes"], strict=True)
+            if isinstance(c, str)}
+
+
+def memory(rs: RunSet) -> pd.DataFrame:
+    """Per run and participant (clients, and the server when it measured itself): measured
+    peak, planned peak and the budget, side by side.
+
+    * ``measured_bytes``: the largest ``memory_bytes`` on the run's metrics records (what
+      the processes measured: cgroup, RSS or GPU, ``memory_source`` says which), NaN when
+      none was measured; ``measured_budget_bytes``: the budget on the record of that peak.
+    * ``planned_bytes``: the largest per-client ``memory_bytes`` of ``reconfigure`` events
+      (predicted by the memory model), NaN without them; ``planned_budget_bytes`` likewise.
+    * ``peak_bytes`` / ``source``: measured when measured, else planned; ``budget_bytes``:
+      the budget in force at that peak (else the last one the records, then the
+      ``client_budget`` / ``budget_changed`` events, name); ``over_budget`` counts the
+      records (or reconfigurations) above their own budget (method.md: a method that does
+      not fit is still run and the violation must be shown).
+
     Empty when no run carries memory figures.
     """
-    m = rs.metrics
     cols = ["run", "method", "label", "client", "peak_bytes", "budget_bytes", "over_budget",
-            "source"]
+            "source", "measured_bytes", "measured_budget_bytes", "measured_over_budget",
+            "memory_source", "planned_bytes", "planned_budget_bytes", "planned_over_budget"]
     rows = []
     for run in rs.names:
-        rec = pd.DataFrame()
-        source = "measured"
-        if not m.empty and "memory_bytes" in m.columns:
-            rec = m[(m["run"] == run) & m["memory_bytes"].notna()]
-            rec = rec[["client", "memory_bytes", *(["budget_bytes"] if "budget_bytes"
-                                                   in rec.columns else [])]]
-        if rec.empty:
-            rec = reconfigurations(rs, run)
-            source = "planned"
-            if rec.empty or "memory_bytes" not in rec.columns:
-                continue
-            rec = rec[rec["memory_bytes"].notna()]
-        rec = rec.copy()
-        rec["memory_bytes"] = pd.to_numeric(rec["memory_bytes"], errors="coerce").astype(float)
-        rec["budget_bytes"] = pd.to_numeric(_column(rec, "budget_bytes"),
-                                            errors="coerce").astype(float)
-        for client in sorted(rec["client"].unique(), key=natural):
-            part = rec[rec["client"] == client]
-            peak = part.loc[part["memory_bytes"].idxmax()]
-            budget = peak["budget_bytes"]
+        measured = _measured_memory(rs, run)
+        planned = reconfigurations(rs, run)
+        if not planned.empty and "memory_bytes" in planned.columns:
+            planned = planned[planned["memory_bytes"].notna()].copy()
+            planned["memory_bytes"] = pd.to_numeric(planned["memory_bytes"],
+                                                    errors="coerce").astype(float)
+            planned["budget_bytes"] = pd.to_numeric(_column(planned, "budget_bytes"),
+                                                    errors="coerce").astype(float)
+        else:
+            planned = pd.DataFrame()
+        reported = _reported_budgets(rs, run)
+        names = set(measured["client"].dropna()) if not measured.empty else set()
+        names |= set(planned["client"].dropna()) if not planned.empty else set()
+        for client in sorted(names, key=natural):
+            row: dict[str, Any] = {"run": run, "method": rs.run(run).method,
+                                   "label": rs.labels[run], "client": client}
+            for what, frame in (("measured", measured), ("planned", planned)):
+                part = frame[frame["client"] == client] if not frame.empty else frame
+                if part.empty:
+                    row.update({f"{what}_bytes": np.nan, f"{what}_budget_bytes": np.nan,
+                                f"{what}_over_budget": 0})
+                    continue
+                peak = part.loc[part["memory_bytes"].idxmax()]
+                budget = peak["budget_bytes"]
+                if not finite(budget):
+                    known = part["budget_bytes"].dropna()
+                    budget = known.iloc[-1] if not known.empty else np.nan
+                row.update({f"{what}_bytes": float(peak["memory_bytes"]),
+                            f"{what}_budget_bytes": float(budget),
+                            f"{what}_over_budget": int(
+                                (part["memory_bytes"] > part["budget_bytes"]).sum())})
+                if what == "measured":
+                    src = part["memory_source"].dropna() if "memory_source" in part else []
+                    row["memory_source"] = str(src.iloc[-1]) if len(src) else ""
+            row.setdefault("memory_source", "")
+            source = "measured" if finite(row["measured_bytes"]) else "planned"
+            budget = row[f"{source}_budget_bytes"]
             if not finite(budget):
-                known = part["budget_bytes"].dropna()
-                budget = known.iloc[-1] if not known.empty else np.nan
-            over = int((part["memory_bytes"] > part["budget_bytes"]).sum())
-            rows.append({"run": run, "method": rs.run(run).method, "label": rs.labels[run],
-                         "client": client, "peak_bytes": float(peak["memory_bytes"]),
-                         "budget_bytes": float(budget), "over_budget": over,
-                         "source": source})
+                other = row["planned_budget_bytes" if source == "measured"
+                            else "measured_budget_bytes"]
+                budget = other if finite(other) else reported.get(client, np.nan)
+            row.update(peak_bytes=row[f"{source}_bytes"], budget_bytes=float(budget),
+                       over_budget=row[f"{source}_over_budget"], source=source)
+            rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -441,7 +491,9 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
     Columns: final val PPL, val PPL at equal wall time (:func:`equal_time`), the five
     scores (NaN if not evaluated), whether the target was
     reached, steps and wall time to target, speed-up (wall time) vs ``baseline``,
-    client-side trainable parameters (summary.json; NaN for a killed run), bytes moved (MB).
+    client-side trainable parameters (summary.json; NaN for a killed run), bytes moved (MB),
+    the largest measured peak memory of any client (MiB, :func:`memory`; NaN when not
+    measured).
     """
     sp = speedups(rs, target, baseline).set_index("run")
     finals = final_ppl(rs)
@@ -449,6 +501,9 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
     summary = rs.summary.set_index("run") if not rs.summary.empty else pd.DataFrame()
     moved = bytes_moved(rs).set_index("run")
     at_equal = ppl_at_time(rs, equal_time(rs))
+    mem = memory(rs)
+    mem = mem[mem["client"] != "server"]
+    client_peak = mem.groupby("run")["measured_bytes"].max() / MIB
     rows = []
     for r in rs.runs:
         n = r.name
@@ -464,6 +519,7 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
                                             if n in summary.index
                                             and "client_trainable_params" in summary.columns
                                             else np.nan),
-                   bytes_mb=moved.at[n, "total_mb"])
+                   bytes_mb=moved.at[n, "total_mb"],
+                   client_peak_mib=client_peak.get(n, np.nan))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -42,6 +42,7 @@ AGG_COLOR = "#1F3A93"
 VIOLATION_COLOR = "#C00000"
 FIT_COLOR = "#0072B2"
 OVER_COLOR = "#D55E00"
+PLANNED_COLOR = "#56B4E9"
 STYLE: dict[str, Any] = {
     "font.size": 11,
     "axes.labelsize": 12,
@@ -334,45 +335,88 @@ def _timeline_title(rs: RunSet, run: str, k: int | None, layers: Any) -> str:
     return f"{who}: client activity{where}"
 
 
-def fig_memory(rs: RunSet) -> Figure | None:
-    """Peak memory per client against its budget (MiB), one panel per run that records
-    memory (measured on records, or planned in ``reconfigure`` events); bars over budget
-    are vermilion and cross-hatched, and every bar is labelled "used / budget" because a
-    1 % overrun is invisible as a height. None when no run records memory."""
+def memory_bars(rs: RunSet) -> list[dict[str, Any]]:
+    """What :func:`fig_memory` draws, per run panel: participants in order and, per
+    participant, measured peak, planned peak and budget in MiB (NaN = none), whether the
+    measured (else planned) peak is over its budget (``over``) and whether the plan is over
+    the budget it was made for (``planned_over``). Kept apart so tests check the figure's
+    data without reading pixels."""
     mem = derive.memory(rs)
-    if mem.empty:
+    panels = []
+    for run in dict.fromkeys(mem["run"]):
+        part = mem[mem["run"] == run]
+        mib = {k: part[f"{k}_bytes"].to_numpy(dtype=float) / derive.MIB
+               for k in ("measured", "planned", "budget")}
+        over = part["peak_bytes"].to_numpy(dtype=float) / derive.MIB > mib["budget"]
+        planned_over = (part["planned_bytes"].to_numpy(dtype=float)
+                        > part["planned_budget_bytes"].to_numpy(dtype=float))
+        panels.append({"run": run, "label": rs.labels[run], "clients": list(part["client"]),
+                       **mib, "over": over, "planned_over": planned_over,
+                       "sources": sorted({s for s in part["memory_source"] if s})})
+    return panels
+
+
+def fig_memory(rs: RunSet) -> Figure | None:
+    """Measured peak, planned peak and budget per client (MiB), side by side, one panel per
+    run that records memory: the measured peak (docs/run-format.md "Measured resources") and
+    the memory model's plan (``reconfigure`` events) as paired bars, the budget as a black
+    line across the pair. A peak over budget is vermilion and cross-hatched, and the
+    measured (else planned) bar is labelled "used / budget" because a 1 % overrun is
+    invisible as a height. None when no run records memory."""
+    panels = memory_bars(rs)
+    if not panels:
         return None
-    runs = list(dict.fromkeys(mem["run"]))
     with style():
-        width = max(6.4, 1.0 + sum(0.5 + 0.9 * (mem["run"] == r).sum() for r in runs))
-        fig, axes = new_figure(width, 4.2, ncols=len(runs), sharey=True, squeeze=False)
-        top = np.nanmax(np.r_[mem["peak_bytes"], mem["budget_bytes"]]) / derive.MIB
-        for ax, run in zip(axes[0], runs, strict=True):
-            part = mem[mem["run"] == run]
-            xs = np.arange(len(part))
-            used = part["peak_bytes"].to_numpy(dtype=float) / derive.MIB
-            budget = part["budget_bytes"].to_numpy(dtype=float) / derive.MIB
-            over = used > budget
-            ax.bar(xs, used, 0.6, color=[OVER_COLOR if o else FIT_COLOR for o in over],
-                   hatch=["xx" if o else "" for o in over], edgecolor="white", linewidth=0)
-            ax.hlines(budget, xs - 0.4, xs + 0.4, colors="black", linewidth=2.2)
-            many = len(part) > 5
-            for xv, u, b in zip(xs, used, budget, strict=True):
-                text = f"{u:.0f} / {b:.0f}" if finite(b) else f"{u:.0f}"
-                ax.text(xv, max(u, b if finite(b) else 0) + top * 0.02, text, ha="center",
-                        va="bottom", fontsize=8 if many else 9, rotation=90 if many else 0)
-            _bar_labels(ax, list(part["client"]))
-            planned = (part["source"] == "planned").all()
-            ax.set_title(rs.labels[run] + ("\n(planned by the memory model)" if planned
-                                           else "\n(measured)"), fontsize=11)
-            ax.set_ylim(0, top * (1.3 if many else 1.15))
+        n = sum(len(p["clients"]) for p in panels)
+        width = max(6.4, 1.0 + 0.6 * len(panels) + 1.1 * n)
+        fig, axes = new_figure(width, 4.4, ncols=len(panels), sharey=True, squeeze=False)
+        top = max(float(np.nanmax(np.r_[p["measured"], p["planned"], p["budget"], 0.0]))
+                  for p in panels)
+        for ax, p in zip(axes[0], panels, strict=True):
+            xs = np.arange(len(p["clients"]))
+            both = np.isfinite(p["measured"]).any() and np.isfinite(p["planned"]).any()
+            w = 0.36 if both else 0.6
+            dx = w / 2 if both else 0.0
+            measured_over = p["over"] & np.isfinite(p["measured"])
+            planned_over = p["planned_over"]
+            if np.isfinite(p["measured"]).any():
+                ax.bar(xs - dx, np.nan_to_num(p["measured"]), w,
+                       color=[OVER_COLOR if o else FIT_COLOR for o in measured_over],
+                       hatch=["xx" if o else "" for o in measured_over], edgecolor="white",
+                       linewidth=0)
+            if np.isfinite(p["planned"]).any():
+                ax.bar(xs + dx, np.nan_to_num(p["planned"]), w, color=PLANNED_COLOR,
+                       hatch=["xx" if o else "//" for o in planned_over],
+                       edgecolor=[OVER_COLOR if o else "white" for o in planned_over],
+                       linewidth=0)
+            half = (2 * w if both else w) / 2 + 0.05
+            ax.hlines(p["budget"], xs - half, xs + half, colors="black", linewidth=2.2)
+            many = len(xs) > 5
+            for xv, u, pl, b in zip(xs, p["measured"], p["planned"], p["budget"], strict=True):
+                used = u if finite(u) else pl
+                if not finite(used):
+                    continue
+                text = f"{used:.0f} / {b:.0f}" if finite(b) else f"{used:.0f}"
+                height = max(v for v in (u, pl, b, 0.0) if finite(v))
+                ax.text(xv, height + top * 0.02, text, ha="center", va="bottom",
+                        fontsize=8 if many else 9, rotation=90 if many else 0)
+            _bar_labels(ax, p["clients"])
+            how = []
+            if np.isfinite(p["measured"]).any():
+                how.append("measured" + (f": {', '.join(p['sources'])}" if p["sources"]
+                                         else ""))
+            if np.isfinite(p["planned"]).any():
+                how.append("planned by the memory model")
+            ax.set_title(f"{p['label']}\n({'; '.join(how)})", fontsize=11)
+            ax.set_ylim(0, top * (1.3 if many else 1.18))
         axes[0][0].set_ylabel("peak memory (MiB)")
         fig.legend(handles=[
-            Patch(facecolor=FIT_COLOR, label="peak, within budget"),
-            Patch(facecolor=OVER_COLOR, hatch="xx", edgecolor="white", label="peak, over budget"),
+            Patch(facecolor=FIT_COLOR, label="measured peak"),
+            Patch(facecolor=PLANNED_COLOR, hatch="//", edgecolor="white", label="planned"),
+            Patch(facecolor=OVER_COLOR, hatch="xx", edgecolor="white", label="over budget"),
             Line2D([], [], color="black", linewidth=2.2, label="budget"),
-            Patch(facecolor="none", edgecolor="none", label="labels: used / budget (MiB)")],
-            frameon=False, loc="outside lower center", ncols=4, fontsize=9)
+            Patch(facecolor="none", edgecolor="none", label="labels: peak / budget (MiB)")],
+            frameon=False, loc="outside lower center", ncols=5, fontsize=9)
     return fig
 
 
@@ -439,7 +483,8 @@ def plot_all(rs: RunSet, out_dir: Path, target: float | None = None,
         keep(f"timeline_{_slug(name)}", fig_timeline(rs, name),
              f"Client activity of {rs.labels[name]}: training, offline periods, rejoins.",
              f"run {name} has no client records")
-    keep("memory", fig_memory(rs), "Peak memory per client against its budget.",
+    keep("memory", fig_memory(rs),
+         "Peak memory per client: measured, planned and budget.",
          "no record or reconfigure event carries memory_bytes")
     keep("bytes_moved", fig_bytes(rs), "Data moved per run, training and aggregation.",
          "no run")

@@ -34,6 +34,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Speed-up (wall)", "speedup_wall", "x"),
     ("Client trainable params", "client_trainable_params", ","),
     ("Bytes moved (MB)", "bytes_mb", ".2f"),
+    ("Peak client memory (MiB, measured)", "client_peak_mib", ".0f"),
 )
 
 
@@ -62,6 +63,28 @@ def markdown_table(table: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(_cell(row[c], f, bool(row["reached"]))
                                        for _, c, f in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def _mib(value: Any) -> str:
+    return f"{float(value) / derive.MIB:.0f}" if finite(value) else ""
+
+
+def memory_table(rs: RunSet) -> list[str]:
+    """Per run and client: measured peak, how it was measured, the memory model's planned
+    peak and the budget (MiB), as markdown lines; [] when no run carries memory figures."""
+    mem = derive.memory(rs)
+    if mem.empty:
+        return []
+    lines = ["| Method | Client | Measured peak (MiB) | Measured by | Planned (MiB) "
+             "| Budget (MiB) | Over budget |",
+             "|:---|:---|---:|:---|---:|---:|---:|"]
+    for _, row in mem.iterrows():
+        unit = "reconfiguration" if row["source"] == "planned" else "record"
+        over = f"{row['over_budget']} {unit}(s)" if row["over_budget"] else ""
+        lines.append(f"| {row['label']} | {row['client']} | {_mib(row['measured_bytes'])} "
+                     f"| {row['memory_source']} | {_mib(row['planned_bytes'])} "
+                     f"| {_mib(row['budget_bytes'])} | {over} |")
+    return lines
 
 
 def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
@@ -145,6 +168,13 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
         lines.append(f"| {rs.labels[r.name]} | {r.name} | `{r.path}` | {t.get('clients', '')} "
                      f"| {k_text} | {rank_text} "
                      f"| {derive.run_steps(rs, r.name)} |")
+    memory = memory_table(rs)
+    if memory:
+        lines += ["", "## Memory per client", "",
+                  "Measured: the peak the process or its container measured (cgroup = the "
+                  "container's memory cgroup, rss = the process's resident set, nvml / cuda = "
+                  "GPU memory); planned: the memory model's prediction in reconfigurations; "
+                  "budget: the budget in force at the peak.", "", *memory]
     caveats = _caveats(rs, warned or [])
     if caveats:
         lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats]

@@ -153,6 +153,31 @@ def _mps_limit(env: Mapping[str, str], index: int | None) -> int | None:
     return None
 
 
+def nvml_device(nvml: Any, selected: str | None) -> tuple[Any, int | None, str] | None:
+    """The NVML handle of the device this process uses (an initialised ``nvml``;
+    ``selected`` from :func:`visible_device`): (handle, GPU index when named by index,
+    detail), or None when no device exists. NVML errors propagate.
+
+    Shared by the budget (total memory) and runner/resources.py (this process's use)."""
+    index: int | None = None
+    if selected is None:
+        leaves = _leaf_devices(nvml)
+        if not leaves:
+            return None
+        detail = "first visible device" + (f" of {len(leaves)}" if len(leaves) > 1 else "")
+        return leaves[0], None, detail
+    if selected.isdigit():
+        index = int(selected)
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        mig = _mig_instances(nvml, handle)
+        detail = f"GPU {index}"
+        if mig:  # a MIG-enabled GPU named by index: its first instance is what CUDA uses
+            handle = mig[0]
+            detail += " (first MIG instance)"
+        return handle, index, detail
+    return _by_uuid(nvml, selected), None, selected
+
+
 def nvml_budget(env: Mapping[str, str] | None = None, nvml: Any = None) -> Budget | None:
     """Total memory of the GPU / MIG instance this process sees, or None (no GPU, no NVML,
     devices hidden, or any NVML error)."""
@@ -168,24 +193,10 @@ def nvml_budget(env: Mapping[str, str] | None = None, nvml: Any = None) -> Budge
     except Exception:  # noqa: BLE001 - no driver / no GPU: the normal CPU-only case
         return None
     try:
-        index: int | None = None
-        if selected is None:
-            leaves = _leaf_devices(nvml)
-            if not leaves:
-                return None
-            handle = leaves[0]
-            detail = "first visible device" + (f" of {len(leaves)}" if len(leaves) > 1 else "")
-        elif selected.isdigit():
-            index = int(selected)
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            mig = _mig_instances(nvml, handle)
-            detail = f"GPU {index}"
-            if mig:  # a MIG-enabled GPU named by index: its first instance is what CUDA uses
-                handle = mig[0]
-                detail += " (first MIG instance)"
-        else:
-            handle = _by_uuid(nvml, selected)
-            detail = selected
+        found = nvml_device(nvml, selected)
+        if found is None:
+            return None
+        handle, index, detail = found
         total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
         with contextlib.suppress(Exception):  # the name is decoration only
             detail += f" {_text(nvml.nvmlDeviceGetName(handle))}"

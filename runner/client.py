@@ -49,6 +49,7 @@ from runner import protocol as P
 from runner.config import CENTRAL_METHODS
 from runner.errors import UserError
 from runner.models import load_config as load_model_config
+from runner.resources import Meter
 from runner.runtime import (
     HETERO_DISTRIBUTED,
     OP_DONE,
@@ -127,6 +128,10 @@ class Client:
         # progress state (reported in every heartbeat)
         self.incarnation = uuid.uuid4().hex[:12]
         self._budget_at, self._budget_cache = -1e9, None
+        self.meter = Meter()  # measured memory (runner/resources.py), in heartbeats and acts
+        # compute time of the last finished step: {"step", "forward_s", "backward_s",
+        # "compute_s"} (heartbeats; the server turns each new one into a resources record)
+        self.compute: dict[str, Any] | None = None
         self.epoch: str | None = None
         self.done_step = -1  # last step whose update was applied (or that was skipped)
         self.announced = -1  # latest step the server announced
@@ -221,7 +226,19 @@ class Client:
         budget = self._budget()
         if budget is not None:
             out["budget"], out["budget_source"] = budget.bytes, budget.source
+        out.update(self.memory())
+        if self.compute is not None:
+            out["compute"] = self.compute
         return out
+
+    def memory(self) -> dict[str, Any]:
+        """Measured memory now and at its peak (runner/resources.py): the fields
+        ``memory_current_bytes``, ``memory_peak_bytes``, ``memory_source`` (cgroup | rss |
+        nvml | cuda) and the extra figures; {} if measuring fails."""
+        try:
+            return self.meter.sample().fields()
+        except Exception:  # noqa: BLE001 - a measurement must never stop training
+            return {}
 
     def _budget(self) -> Any:
         """This device's memory budget (runner/budget.py: NVML, cgroup, profile), re-read at
@@ -413,7 +430,7 @@ class Client:
                                P.LABELS: batch["labels"]},
                    "meta": {"drawn": self.drawn, "opt_steps": self.opt_steps, "lr": h.lr,
                             "compute_s": time.perf_counter() - t0, "inc": self.incarnation,
-                            "epoch": self.epoch}}
+                            "epoch": self.epoch, **self.memory()}}
         self.pending = pending
         self._send_act(pending)
 
@@ -434,9 +451,14 @@ class Client:
             log.warning("gradient of step %d has shape %s, activations %s; ignored",
                         msg.step, tuple(grad.shape), tuple(p["acts"].shape))
             return
+        t0 = time.perf_counter()
         with self.working("grad", msg.step):
             p["acts"].backward(grad.to(p["acts"].dtype))
             self.holder.step()
+        backward = time.perf_counter() - t0
+        forward = p["meta"].get("compute_s")
+        self.compute = {"step": msg.step, "forward_s": forward, "backward_s": backward,
+                        "compute_s": backward + (forward if isinstance(forward, float) else 0.0)}
         self.opt_steps += 1
         self.pending = None
         self.done_step = msg.step
@@ -454,10 +476,11 @@ class Client:
             loss, n = local_train_step(h, batch, self.cfg.label_smoothing)
         self.opt_steps += 1
         self.done_step = step
+        compute = time.perf_counter() - t0  # the whole step: it is in the record itself
         self.record = dict(step=step, client=self.name, loss=loss, tokens=n,
                            seq_tokens=int(batch["attention_mask"].numel()), bytes_sent=0,
-                           bytes_received=0, lr=lr, compute_s=time.perf_counter() - t0,
-                           drawn=self.drawn)
+                           bytes_received=0, lr=lr, compute_s=compute, drawn=self.drawn,
+                           **self.memory())
         if self.t is not None:  # report at once rather than at the next heartbeat
             try:
                 self.t.heartbeat(step, **self.status())
@@ -499,6 +522,7 @@ class Client:
                 self._reset_optimizer(opt_steps)
                 how = "approximate"
             self.pending = None
+            self.compute = None  # its steps after g are undone: no resources record for them
             self.done_step = self.announced = self.uploaded = g
             self.need_global = g
             self.global_step = g

@@ -260,6 +260,7 @@ class HeteroClient(Client):
         if meta.get("mode") == "rollback":
             self._reset_stream(drawn)
             self.done_step = self.announced = self.uploaded = self.need_global = g
+            self.compute = None  # its steps after g are undone: no resources record for them
         elif self.fresh:
             self._reset_stream(drawn)
         self.pending = None

@@ -52,6 +52,7 @@ from runner.config import CENTRAL_METHODS
 from runner.errors import UserError
 from runner.memory import ModelCosts
 from runner.models import load_config as load_model_config
+from runner.resources import Meter, usage_fields
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.runtime import (
     HETERO_DISTRIBUTED,
@@ -169,6 +170,9 @@ class Server:
         self.t: Transport | None = None
         self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
         self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
+        self.meter = Meter()  # the server's own measured memory (runner/resources.py)
+        self.own_budget: int | None = None  # its budget (runner/budget.py), read at the start
+        self.compute_seen: dict[str, int] = {}  # client -> last step with a resources record
         self._connects = 1
         self.reconnected_at = 0.0
         self.awake_at = self.last_pump = 0.0  # see pump
@@ -429,6 +433,7 @@ class Server:
         if msg.kind is P.Kind.HB:
             p.status = msg.meta
             self.on_budget(p, msg.meta)
+            self.on_resources(p, msg.meta)
             self.on_status(p)
         elif msg.kind is P.Kind.ACT:
             self.on_act(p, msg)
@@ -449,6 +454,59 @@ class Server:
                        step=max(self.current, 0), client=p.name, budget_bytes=budget,
                        source=str(meta.get("budget_source", "?")),
                        **({} if old is None else {"previous_bytes": old}))
+
+    def measured(self, p: Peer, meta: dict[str, Any]) -> dict[str, Any]:
+        """A client's measured memory from a message's meta (runner/resources.py
+        ``usage_fields``: ``memory_bytes`` = its peak so far) and its last reported budget
+        (``budget_bytes``): the fields its records carry."""
+        out = usage_fields(meta)
+        if p.cid in self.budgets:
+            out["budget_bytes"] = self.budgets[p.cid]
+        return out
+
+    def on_resources(self, p: Peer, meta: dict[str, Any]) -> None:
+        """A heartbeat that reports a step this client finished since its last one: one
+        ``resources`` record (its compute time of that step: forward, backward + optimizer;
+        its memory as measured at the heartbeat). Steps before this server's first (a
+        resumed run) are not recorded again."""
+        c = meta.get("compute")
+        if not isinstance(c, dict) or self.run is None:
+            return
+        step = c.get("step")
+        if (not isinstance(step, int) or isinstance(step, bool) or step < self.start_step
+                or step <= self.compute_seen.get(p.cid, -1)):
+            return
+        self.compute_seen[p.cid] = step
+        times = {k: float(c[k]) for k in ("forward_s", "backward_s", "compute_s")
+                 if isinstance(c.get(k), int | float) and not isinstance(c.get(k), bool)}
+        self.run.metric(kind="resources", step=step, client=p.name, **times,
+                        **self.measured(p, meta))
+
+    def server_resources(self, step: int, server_s: float | None) -> None:
+        """The server's own ``resources`` record (client ``server``) after each step: its
+        measured memory (evaluation included when the step had one), its budget when one
+        is known, its compute time for the step."""
+        assert self.run is not None
+        if self.own_budget is None:
+            from runner.budget import discover_budget
+            from runner.errors import ConfigError
+
+            env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
+            try:
+                self.own_budget = discover_budget(int(env_bytes) if env_bytes.isdigit()
+                                                  else None).bytes
+            except (ConfigError, OSError, ValueError):
+                self.own_budget = 0  # none: do not look again
+        try:
+            fields = self.meter.sample().fields()
+        except Exception:  # noqa: BLE001 - a measurement must never stop training
+            return
+        fields = usage_fields(fields)
+        if self.own_budget:
+            fields["budget_bytes"] = self.own_budget
+        if server_s is not None:
+            fields["compute_s"] = server_s
+        self.run.metric(kind="resources", step=step, client="server", **fields)
 
     def set_offline(self, p: Peer, reason: str) -> None:
         p.online = False
@@ -660,6 +718,9 @@ class Server:
     def _local_record(self, p: Peer) -> dict[str, Any]:
         rec = dict(self.answers[p.cid])
         rec.pop("drawn", None)
+        for key in [k for k in rec if k.startswith(("memory_", "cuda_", "host_memory_"))]:
+            rec.pop(key)  # re-added validated
+        rec.update(self.measured(p, self.answers[p.cid]))
         rec["client"] = p.name
         return rec
 
@@ -688,7 +749,8 @@ class Server:
                 lr=float(lr) if isinstance(lr, int | float) else None,
                 compute_s=float(compute) if isinstance(compute, int | float) else None,
                 server_s=server_s, wire_bytes_sent=m.nbytes,
-                wire_bytes_received=sent.nbytes if sent is not None else None))
+                wire_bytes_received=sent.nbytes if sent is not None else None,
+                **self.measured(p, m.meta)))
         return records
 
     def collect_uploads(self, step: int, participants: list[str]) -> list[Peer]:
@@ -784,6 +846,7 @@ class Server:
                 self.last = self.tr.evaluate()
                 self.tr._log_eval(done, self.last)
                 line += f" val_ppl {self.last['val_ppl']:.3f}"
+            self.server_resources(step, records[0].get("server_s") if records else None)
             log.info("%s (%d/%d clients)", line, len(records), len(self.peers))
             while (left := self.o.min_step_time - (time.monotonic() - t_step)) > 0:
                 self.pump(min(left, 0.1))

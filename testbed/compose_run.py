@@ -16,7 +16,10 @@
 5. while the server container runs, the host watches the containers through the Docker SDK:
    a client container that exits with ``OOMKilled`` is recorded in ``events.jsonl`` as
    ``budget_exceeded`` (its limit and the profile budget), not as a testbed crash; the
-   server has already gone on without it (offline detection, docs/protocol.md).
+   server has already gone on without it (offline detection, docs/protocol.md). The host
+   also samples every container's memory through the Docker API (``container.stats``:
+   the cgroup's usage, peak and limit) into ``RUN/resources.jsonl`` and keeps the last
+   reading, so an OOM-killed client's ``budget_exceeded`` carries what it last used.
 
 Faults are injected into the containers (``testbed inject dropout``): ``kill`` (SIGKILL, and
 ``docker start`` after ``--for``), ``pause`` (cgroup freezer), ``stop`` (SIGTERM then start),
@@ -58,6 +61,7 @@ from testbed.local import STATE
 from testbed.profiles import EmulationMap, Profile
 
 OVERRIDE = "compose.override.yaml"
+RESOURCES = "resources.jsonl"  # the host's container memory samples (docs/run-format.md)
 CACHE_MOUNT = "/cache"
 DATA_MOUNT = "/data"
 PROJECT_LABEL = "com.docker.compose.project"
@@ -101,6 +105,8 @@ class ComposeRun:
     compose: list[str] | None = None
     recorded_oom: set[str] = field(default_factory=set)
     trace_down: set[str] = field(default_factory=set)  # taken down by an availability trace
+    last_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # service -> reading
+    stats_written: dict[str, float] = field(default_factory=dict)  # service -> when written
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -277,12 +283,76 @@ class ComposeRun:
                 newly.append(name)
                 limit = int(c.attrs.get("HostConfig", {}).get("Memory") or 0)
                 row = self.mapping.clients[self.clients.index(name)]
+                last = self.last_stats.get(name)
+                measured: dict[str, Any] = {}
+                if last is not None:  # the host's last reading before the kill
+                    measured = {"memory_bytes": last["usage_bytes"],
+                                "memory_peak_bytes": last["peak_bytes"],
+                                "memory_sampled_at": last["time"]}
+                    self._write_stats({**last, "oom_killed": True})
                 append_event(self.run_dir, "budget_exceeded", client=name,
                              container=c.name, limit_bytes=limit,
                              budget_bytes=row.memory_bytes, exit_code=state.get("ExitCode"),
+                             **measured,
                              detail="the kernel OOM-killed the client container: its "
                                     "configuration needs more memory than its limit")
         return newly
+
+    def _write_stats(self, record: dict[str, Any]) -> None:
+        """One line of ``resources.jsonl`` (one ``write`` with O_APPEND, like events)."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.run_dir / RESOURCES, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def sample_stats(self, every: float = 5.0) -> dict[str, dict[str, Any]]:
+        """Read every running container's memory through the Docker API and keep the last
+        reading per service; a reading goes to ``resources.jsonl`` at most every ``every``
+        seconds per service. Returns the readings taken now.
+
+        A record: ``time`` (Unix s), ``service``, ``container``, ``usage_bytes`` (what the
+        cgroup charges now, page cache included, as the kernel compares with the limit),
+        ``max_usage_bytes`` (the cgroup's own peak: cgroup v1 only, else absent),
+        ``peak_bytes`` (the largest usage the host has seen for that service, the cgroup's
+        peak included, across restarts), ``limit_bytes`` (absent when unlimited) and
+        ``working_set_bytes`` (usage less inactive file pages, what ``docker stats`` shows).
+        """
+        now = time.time()
+        taken = {}
+        for name, c in self.containers().items():
+            if c.status != "running":
+                continue
+            try:
+                stats = c.stats(stream=False, one_shot=True)
+            except Exception:  # noqa: BLE001 - API < 1.41 has no one_shot (2 s per call)
+                try:
+                    stats = c.stats(stream=False)
+                except Exception:  # noqa: BLE001 - gone meanwhile: keep the last reading
+                    continue
+            mem = stats.get("memory_stats") or {}
+            usage = mem.get("usage")
+            if not isinstance(usage, int):
+                continue  # exited between the listing and the call: no cgroup left
+            inner = mem.get("stats") or {}
+            inactive = inner.get("total_inactive_file", inner.get("inactive_file", 0))
+            prev = self.last_stats.get(name, {})
+            record = {"time": round(now, 3), "service": name, "container": c.name,
+                      "usage_bytes": usage,
+                      "peak_bytes": max(usage, int(mem.get("max_usage") or 0),
+                                        int(prev.get("peak_bytes") or 0)),
+                      "working_set_bytes": max(0, usage - int(inactive or 0))}
+            if isinstance(mem.get("max_usage"), int):
+                record["max_usage_bytes"] = mem["max_usage"]
+            limit = mem.get("limit")
+            if isinstance(limit, int) and 0 < limit < 2**60:
+                record["limit_bytes"] = limit
+            self.last_stats[name] = taken[name] = record
+            if now - self.stats_written.get(name, -1e18) >= every:
+                self.stats_written[name] = now
+                self._write_stats(record)
+        return taken
 
     def traces(self) -> dict[str, tuple[tuple[float, float], ...]]:
         """Clients whose profile availability is a trace of online windows."""
@@ -319,11 +389,14 @@ class ComposeRun:
 
     def watch(self, stop: threading.Event, period: float = 1.0) -> None:
         """Poll the containers until ``stop`` is set (run in a thread by ``testbed up``):
-        OOM kills, and the profile's availability traces."""
+        memory readings (every poll, written every 5 s), OOM kills, and the profile's
+        availability traces."""
         t0 = time.monotonic()
         traced = bool(self.traces())
         while not stop.is_set():
             # a transient daemon error must not end the run
+            with contextlib.suppress(Exception):
+                self.sample_stats()
             with contextlib.suppress(Exception):
                 self.check_oom()
             if traced:

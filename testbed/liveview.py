@@ -3,6 +3,8 @@
 The view is a pure fold of the run directory's records (``metrics.jsonl``) and events
 (``events.jsonl``, docs/run-format.md) into a :class:`LiveState`, so it is tested on the
 files of a real run and shows the same thing whether the run is in-process or distributed.
+It shows each client's measured peak memory against its budget (the memory model's plan
+where nothing was measured) and an ETA from the steps done and their wall time.
 :class:`JsonlTail` reads the files incrementally (it keeps its offset and leaves a partial
 last line for the next read); :func:`render` turns a state into a rich renderable;
 :func:`follow` drives both: ``rich.live.Live`` on a terminal, plain log lines (one per
@@ -25,8 +27,9 @@ from rich.text import Text
 
 # events worth one plain line (aggregations and the rest are visible in the table)
 LOGGED_EVENTS = ("client_joined", "client_offline", "client_online", "reconfigure",
-                 "budget_violation", "split_moved", "step_skipped", "server_resumed",
-                 "message_rejected", "run_finished")
+                 "budget_violation", "budget_exceeded", "split_moved", "step_skipped",
+                 "server_resumed", "message_rejected", "run_finished")
+BUDGET_EVENTS = ("client_budget", "budget_changed", "armsc_budget")
 
 
 @dataclass
@@ -40,7 +43,9 @@ class ClientView:
     rank_sum: int | None = None  # from reconfigure events (heterogeneous methods)
     last_step: int | None = None
     loss: float | None = None
-    memory_bytes: int | None = None
+    memory_bytes: int | None = None  # measured peak (records: docs/run-format.md)
+    memory_source: str | None = None  # cgroup | rss | nvml | cuda
+    planned_bytes: int | None = None  # the memory model's plan (reconfigure events)
     budget_bytes: int | None = None
     bytes_moved: int = 0  # sent + received (wire bytes when the records carry them)
 
@@ -61,6 +66,8 @@ class LiveState:
     clients: dict[str, ClientView] = field(default_factory=dict)
     logged_step: int = -1  # highest step that has its plain line
     step_losses: dict[int, list[float]] = field(default_factory=dict)
+    first_step: tuple[int, float] | None = None  # (step, wall_time) of the first train record
+    last_step: tuple[int, float] | None = None  # ... and of the latest step's
 
     def client(self, name: str) -> ClientView:
         if name not in self.clients:
@@ -87,6 +94,30 @@ def _fmt_ppl(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def eta(state: LiveState) -> float | None:
+    """Seconds until the last step is done, at the mean wall time per step so far
+    (evaluations and aggregations included, as they recur); None before two steps were
+    seen, without a step count, or once finished."""
+    if state.finished or not state.steps or state.first_step is None \
+            or state.last_step is None:
+        return None
+    (k0, t0), (k1, t1) = state.first_step, state.last_step
+    if k1 <= k0:
+        return None
+    return max(0.0, (t1 - t0) / (k1 - k0) * (state.steps - (k1 + 1)))
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _step_line(state: LiveState, step: int) -> str:
     losses = state.step_losses.pop(step, [])
     total = f"/{state.steps}" if state.steps else ""
@@ -95,6 +126,9 @@ def _step_line(state: LiveState, step: int) -> str:
         line += f": loss {sum(losses) / len(losses):.4f} ({len(losses)} clients)"
     if state.val_ppl is not None:
         line += f", val PPL {state.val_ppl:.2f}"
+    left = eta(state)
+    if left is not None and step + 1 < (state.steps or 0):
+        line += f", ETA {_fmt_duration(left)}"
     return line
 
 
@@ -147,9 +181,19 @@ def fold(state: LiveState, records: Iterable[dict[str, Any]] = (),
             for cname, info in (e.get("clients") or {}).items():
                 c = s.client(str(cname))
                 c.split = _int(info.get("split")) if info.get("split") is not None else c.split
-                for key in ("rank_sum", "memory_bytes", "budget_bytes"):
+                for key, attr in (("rank_sum", "rank_sum"), ("memory_bytes", "planned_bytes"),
+                                  ("budget_bytes", "budget_bytes")):
                     if info.get(key) is not None:
-                        setattr(c, key, _int(info[key]))
+                        setattr(c, attr, _int(info[key]))
+        elif name in BUDGET_EVENTS and e.get("client") and e.get("budget_bytes") is not None:
+            s.client(str(e["client"])).budget_bytes = _int(e["budget_bytes"])
+        elif name == "budget_exceeded" and e.get("client"):
+            c = s.client(str(e["client"]))
+            c.state = "OOM-killed"
+            for key in ("memory_peak_bytes", "memory_bytes"):  # the host's last reading
+                if e.get(key) is not None:
+                    c.memory_bytes, c.memory_source = _int(e[key]), "cgroup"
+                    break
         elif name == "split_moved" and e.get("client"):
             s.client(str(e["client"])).split = _int(e.get("new"))
         elif name == "run_finished":
@@ -175,9 +219,15 @@ def fold(state: LiveState, records: Iterable[dict[str, Any]] = (),
             c.bytes_moved += moved
             s.bytes_moved += moved
             s.step = max(s.step, step + 1)
-            for key in ("memory_bytes", "budget_bytes"):
-                if r.get(key) is not None:
-                    setattr(c, key, _int(r[key]))
+            if isinstance(r.get("wall_time"), int | float):
+                t = float(r["wall_time"])
+                if s.first_step is None:
+                    s.first_step = (step, t)
+                if s.last_step is None or step >= s.last_step[0]:
+                    s.last_step = (step, t)
+            _measured(c, r)
+        elif kind == "resources" and r.get("client") not in (None, "server", "global"):
+            _measured(s.client(str(r["client"])), r)
         elif kind == "eval":
             if isinstance(r.get("val_ppl"), int | float):
                 s.val_ppl = float(r["val_ppl"])
@@ -193,6 +243,36 @@ def fold(state: LiveState, records: Iterable[dict[str, Any]] = (),
     return s, lines
 
 
+def _measured(c: ClientView, r: dict[str, Any]) -> None:
+    """A record's measured memory (its peak so far) and budget onto a client's row."""
+    if r.get("memory_bytes") is not None:
+        c.memory_bytes = _int(r["memory_bytes"])
+        if isinstance(r.get("memory_source"), str):
+            c.memory_source = r["memory_source"]
+    if r.get("budget_bytes") is not None:
+        c.budget_bytes = _int(r["budget_bytes"])
+
+
+def memory_cell(c: ClientView) -> str:
+    """``612/900 MiB`` (measured peak / budget, one unit), ``~600/900 MiB (plan)`` where
+    only the memory model's plan is known, ``-/900 MiB`` with a budget alone, ``-``."""
+    used, planned = c.memory_bytes, c.memory_bytes is None and c.planned_bytes is not None
+    if planned:
+        used = c.planned_bytes
+    if used is None and c.budget_bytes is None:
+        return "-"
+    top = max(v for v in (used, c.budget_bytes) if v is not None)
+    unit, div = ("GiB", 2**30) if top >= 10 * 2**30 else ("MiB", 2**20)
+
+    def num(v: int | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v / div:.1f}" if unit == "GiB" else f"{v / div:.0f}"
+
+    text = num(used) if c.budget_bytes is None else f"{num(used)}/{num(c.budget_bytes)}"
+    return f"~{text} {unit} (plan)" if planned else f"{text} {unit}"
+
+
 def _bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -205,10 +285,10 @@ def _bytes(n: int | None) -> str:
 
 
 def header(state: LiveState, elapsed: float | None = None) -> str:
-    """``method  step n/N  val PPL x  elapsed t``."""
+    """``method  step n/N  val PPL x  moved b  elapsed t  ETA e`` (``finished`` at the end)."""
     total = f"/{state.steps}" if state.steps else ""
     seconds = state.wall_time if elapsed is None else elapsed
-    done = "  finished" if state.finished else ""
+    done = "  finished" if state.finished else f"  ETA {_fmt_duration(eta(state))}"
     return (f"{state.method or '?'}  step {state.step}{total}  val PPL {_fmt_ppl(state.val_ppl)}"
             f"  moved {_bytes(state.bytes_moved)}  elapsed {seconds:.1f} s{done}")
 
@@ -218,14 +298,13 @@ def render(state: LiveState, elapsed: float | None = None) -> RenderableType:
     table = Table(expand=False)
     for col, justify in (("client", "left"), ("state", "left"), ("split", "right"),
                          ("ranks (sum)", "right"), ("last step", "right"), ("loss", "right"),
-                         ("memory / budget", "right"), ("bytes moved", "right")):
+                         ("peak memory / budget", "right"), ("bytes moved", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in sorted(state.clients.values(), key=lambda c: (len(c.name), c.name)):
         ranks = (str(c.rank_sum) if c.rank_sum is not None
                  else f"r={c.rank}" if c.rank is not None else "-")
-        memory = "-"
-        if c.memory_bytes is not None or c.budget_bytes is not None:
-            memory = f"{_bytes(c.memory_bytes)} / {_bytes(c.budget_bytes)}"
+        memory = Text(memory_cell(c), style="red" if c.memory_bytes is not None
+                      and c.budget_bytes is not None and c.memory_bytes > c.budget_bytes else "")
         style = "green" if c.state == "online" else "red"
         table.add_row(c.name, Text(c.state, style=style),
                       "-" if c.split is None else str(c.split), ranks,
@@ -321,5 +400,5 @@ def follow(run_dir: Path, poll: Callable[[], int | None], console: Console | Non
             time.sleep(interval)
 
 
-__all__ = ["ClientView", "JsonlTail", "LiveState", "fold", "follow", "header",
-           "initial_state", "render"]
+__all__ = ["ClientView", "JsonlTail", "LiveState", "eta", "fold", "follow", "header",
+           "initial_state", "memory_cell", "render"]

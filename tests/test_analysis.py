@@ -7,6 +7,11 @@ numbers and figures are tied to the run format (docs/run-format.md), not to fixt
 by hand. Fields the trainer does not write yet (``virtual_time``, ``memory_bytes``,
 ``reconfigure`` events) are added to copies to check the figures that use them.
 
+Measured memory comes from a third real run, distributed (``testbed up --backend local``:
+Mosquitto, a server and two client processes, 4 steps): its records carry what the processes
+measured, and the memory figure's data, the report's memory column and its per-client table
+are checked against its metrics file.
+
 Kept light for a busy 2-core machine: ``tiny-llama``, synthetic data, 6 steps, one thread.
 """
 
@@ -21,10 +26,12 @@ import warnings
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 
 from analysis import derive
-from analysis.figures import plot_all
+from analysis.figures import fig_memory, memory_bars, plot_all
 from analysis.load import TruncatedRecordWarning, load_runs, read_jsonl
 from analysis.report import write_report
 from runner.errors import UserError
@@ -103,6 +110,33 @@ def killed(runs: dict[str, Path], tmp_path: Path) -> Path:
     last = text.rstrip("\n").rsplit("\n", 1)[1]
     (run / "metrics.jsonl").write_text(text[: len(text) - 1 - len(last) // 2])
     (run / "summary.json").unlink()
+    return run
+
+
+DIST_BUDGET = 64 * 2**20  # below what any process uses: every record is over budget
+DIST_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real distributed SplitLoRA run (``testbed up --backend local``) whose clients and
+    server measure their memory (runner/resources.py). The budget comes from
+    TESTBED_BUDGET_BYTES (the profile value runner/budget.py falls back to here, where no
+    cgroup limit exists; a limited CI cgroup would win, which the checks allow)."""
+    from runner.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
+    run = tmp_path_factory.mktemp("analysis-distributed") / "distributed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "testbed.cli", "up", "--method", "splitlora", "--model",
+         "tiny-llama", "--data", "synthetic", "--clients", "2", "--split", "2", "--steps",
+         str(DIST_STEPS), "--eval-every", "2", "--agg-interval", "2", "--eval-max-examples",
+         "8", "--max-len", "256", "--batch-size", "4", "--heartbeat", "0.25", "--backend",
+         "local", "--out", str(run)],
+        cwd=REPO, env={**_env(), "TESTBED_BUDGET_BYTES": str(DIST_BUDGET)},
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 
 
@@ -272,6 +306,13 @@ def test_optional_figures_when_the_fields_exist(runs: dict[str, Path], tmp_path:
     assert mem.at[("splitlora", "client0"), "peak_bytes"] == 500 * 2**20
     assert mem.at[("fedlora", "client1"), "source"] == "planned"
     assert mem.at[("fedlora", "client1"), "over_budget"] == 2
+    assert mem.at[("fedlora", "client1"), "planned_bytes"] == 360 * 2**20
+    assert np.isnan(mem.at[("fedlora", "client1"), "measured_bytes"])
+    bars = {p["run"]: p for p in memory_bars(rs)}
+    assert list(bars["fedlora"]["planned"]) == [350, 360]
+    assert list(bars["fedlora"]["planned_over"]) == [False, True]
+    assert list(bars["splitlora"]["measured"]) == [500, 500]
+    assert list(bars["splitlora"]["over"]) == [True, False]  # budgets 400 and 600 MiB
     splits = derive.split_points(rs, "splitlora")
     assert splits[splits["client"] == "client0"][["step", "split"]].values.tolist() == [
         [0, 2], [4, 3]]
@@ -321,6 +362,96 @@ def test_report_cli(runs: dict[str, Path], tmp_path: Path) -> None:
         assert not Path(rel).is_absolute()
         assert (report.parent / rel).stat().st_size > 0
     assert f"{report}" in proc.stdout.splitlines()[0]
+
+
+# ------------------------------------------------------------------- measured memory
+
+
+def test_measured_memory_records(distributed: Path) -> None:
+    """Every train record of the distributed run carries the client's measured memory and
+    budget; resources records carry per-step compute times (clients) and the server's own
+    memory after every step (docs/run-format.md "Measured resources")."""
+    records = jsonl(distributed / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    assert {r["client"] for r in train} == {"client0", "client1"}
+    budgets = {e["client"]: e["budget_bytes"] for e in jsonl(distributed / "events.jsonl")
+               if e["event"] == "client_budget"}
+    for r in train:
+        assert r["memory_source"] in ("rss", "cgroup"), r
+        assert r["memory_bytes"] == r["memory_peak_bytes"] >= r["memory_current_bytes"] > 0
+        assert r["budget_bytes"] == budgets[r["client"]]
+    res = [r for r in records if r["kind"] == "resources"]
+    server = [r for r in res if r["client"] == "server"]
+    assert [r["step"] for r in server] == list(range(DIST_STEPS))
+    assert all(r["memory_bytes"] > 0 and r["compute_s"] > 0 for r in server)
+    for client in ("client0", "client1"):
+        mine = [r for r in res if r["client"] == client]
+        steps = [r["step"] for r in mine]
+        assert mine and steps == sorted(set(steps)) and set(steps) <= set(range(DIST_STEPS))
+        for r in mine:
+            assert r["compute_s"] == pytest.approx(r["forward_s"] + r["backward_s"])
+            assert r["memory_bytes"] >= r["memory_current_bytes"] > 0
+        peaks = [r["memory_bytes"] for r in records if r.get("client") == client
+                 and "memory_bytes" in r]
+        assert peaks == sorted(peaks)  # a peak so far never goes down
+
+
+def test_memory_figure_and_report_column_match_the_files(distributed: Path,
+                                                         runs: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    records = jsonl(distributed / "metrics.jsonl")
+    measured = {}
+    for who in ("client0", "client1", "server"):
+        mine = [r for r in records if r.get("client") == who and "memory_bytes" in r]
+        peak = max(mine, key=lambda r: r["memory_bytes"])
+        measured[who] = {
+            "peak": peak["memory_bytes"], "budget": peak.get("budget_bytes"),
+            "source": mine[-1]["memory_source"],
+            "over": sum(1 for r in mine if "budget_bytes" in r
+                        and r["memory_bytes"] > r["budget_bytes"])}
+    rs = load_runs([distributed, runs["fedlora"]])
+    mem = derive.memory(rs).set_index(["run", "client"])
+    assert [c for r, c in mem.index] == ["client0", "client1", "server"]  # fedlora: none
+    for who, want in measured.items():
+        row = mem.loc[("distributed", who)]
+        assert row["measured_bytes"] == row["peak_bytes"] == want["peak"]
+        assert row["source"] == "measured" and row["memory_source"] == want["source"]
+        assert row["over_budget"] == want["over"]
+        assert pd.isna(row["planned_bytes"])  # SplitLoRA plans nothing
+        if want["budget"] is not None:
+            assert row["budget_bytes"] == want["budget"]
+    # the figure draws exactly these numbers: measured, planned, budget per client
+    (panel,) = memory_bars(rs)
+    assert panel["clients"] == ["client0", "client1", "server"]
+    assert list(panel["measured"]) == [measured[c]["peak"] / 2**20 for c in panel["clients"]]
+    assert np.isnan(panel["planned"]).all()
+    assert list(panel["budget"][:2]) == [measured[c]["budget"] / 2**20
+                                         for c in ("client0", "client1")]
+    assert list(panel["over"][:2]) == [measured[c]["over"] > 0 for c in ("client0", "client1")]
+    assert fig_memory(rs) is not None
+    # the report: the comparison table's column and the per-client memory table
+    report, plotted = write_report(rs, tmp_path / "report.md")
+    assert "memory" in plotted.figures
+    text = report.read_text()
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| Method | Final"))
+    cols = [c.strip() for c in header.split("|")[1:-1]]
+    col = cols.index("Peak client memory (MiB, measured)")
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]]
+            for ln in lines[lines.index(header) + 2:] if ln.startswith("| ")
+            and ln.count("|") == len(cols) + 1}
+    client_peak = max(measured["client0"]["peak"], measured["client1"]["peak"])
+    assert rows["splitlora"][col] == f"{client_peak / 2**20:.0f}"
+    assert rows["fedlora"][col] == ""  # in-process: nothing measured
+    assert "## Memory per client" in text
+    for who, want in measured.items():
+        budget = f"{want['budget'] / 2**20:.0f}" if want["budget"] is not None else ""
+        over = f"{want['over']} record(s)" if want["over"] else ""
+        assert (f"| splitlora | {who} | {want['peak'] / 2**20:.0f} | {want['source']} |  "
+                f"| {budget} | {over} |") in lines, who
+        if want["over"]:
+            assert (f"`distributed` {who}: measured memory over budget in {want['over']} "
+                    "record(s)") in text
 
 
 # ---------------------------------------------------------------------- killed runs

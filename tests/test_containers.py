@@ -157,6 +157,19 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     assert {m["client"] for m in train} == {"client0", "client1", "client2"}
     # the server runs the devices' virtual clock: emulated time in every record
     assert all(m["virtual_time"] > 0 for m in train)
+    # measured resources: each client measured its own container's cgroup, within its limit
+    for m in train:
+        assert m["memory_source"] == "cgroup", m
+        assert m["memory_limit_bytes"] == want[m["client"]], m
+        assert 0 < m["memory_current_bytes"] <= m["memory_bytes"] <= want[m["client"]], m
+        assert m["budget_bytes"] == want[m["client"]], m
+    # ... and the host sampled every container through the Docker API
+    samples = read_jsonl(run / "resources.jsonl")
+    assert {s["service"] for s in samples} >= {*want, "server", "broker"}
+    for s in samples:
+        assert 0 < s["usage_bytes"] <= s["peak_bytes"], s
+        if s["service"] in want:
+            assert s["limit_bytes"] == want[s["service"]] and s["peak_bytes"] <= s["limit_bytes"]
     assert summary["virtual_time_s"] >= max(m["virtual_time"] for m in train)
     # the containers are gone, their logs kept
     assert (run / "logs" / "server.log").stat().st_size > 0
@@ -187,6 +200,14 @@ def test_client_over_its_limit_is_budget_exceeded_and_traces_apply(images: float
     assert len(over) == 1 and over[0]["client"] == "client2"
     assert over[0]["limit_bytes"] == container_limit(120_000_000)
     assert over[0]["budget_bytes"] > over[0]["limit_bytes"]  # the profile's budget was larger
+    # the host's last reading of client2 before the kill, when one was taken (the kill can
+    # come within the first second), is kept in the event and in resources.jsonl
+    last = [s for s in read_jsonl(run / "resources.jsonl") if s["service"] == "client2"]
+    if "memory_peak_bytes" in over[0]:
+        assert 0 < over[0]["memory_bytes"] <= over[0]["memory_peak_bytes"] \
+            <= over[0]["limit_bytes"]
+        assert last[-1]["oom_killed"] and last[-1]["peak_bytes"] == over[0]["memory_peak_bytes"]
+    print(f"\nclient2's last reading before the OOM kill: {over[0].get('memory_peak_bytes')}")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4
     train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]

@@ -107,6 +107,26 @@ def done_steps(run_dir: Path) -> int:
     return max((r["step"] for r in rows), default=-1) + 1
 
 
+def assert_measured(run_dir: Path, clients: set[str], split: bool = True) -> None:
+    """Measured resources (docs/run-format.md): every train record carries its client's
+    measured memory; split runs also write per-client resources records (compute of a step
+    as forward + backward), each (step, client) once, and the server's after every step."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {r["client"] for r in train} == clients
+    for r in train:
+        assert r["memory_source"] in ("rss", "cgroup"), r
+        assert r["memory_bytes"] == r["memory_peak_bytes"] >= r["memory_current_bytes"] > 0
+    res = [r for r in rows if r["kind"] == "resources"]
+    keys = [(r["step"], r["client"]) for r in res]
+    assert len(keys) == len(set(keys)), "a (step, client) resources record appears twice"
+    assert {c for _, c in keys} == (clients | {"server"} if split else {"server"})
+    for r in res:
+        assert r["memory_bytes"] > 0
+        if r["client"] != "server":
+            assert r["compute_s"] == pytest.approx(r["forward_s"] + r["backward_s"])
+
+
 def finish(run: LocalRun, timeout: float = 150.0) -> None:
     rc = run.wait(timeout)
     assert rc == 0, run.log_tail("server")
@@ -154,6 +174,7 @@ def test_fedlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     dist, ref = train_losses(run.run_dir), in_process(cfg)
     assert set(dist) == set(ref)
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
+    assert_measured(run.run_dir, {"client0", "client1"}, split=False)
 
 
 def test_full_fine_tuning_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
@@ -410,6 +431,7 @@ def test_server_killed_and_resumed(tmp_path: Path) -> None:
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
     evals = [r["step"] for r in read_jsonl(run.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals == sorted(set(evals))
+    assert_measured(run.run_dir, {"client0", "client1", "client2"})
 
 
 def test_local_backend_state_status_inject_and_down(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from testbed.local import LocalRun
 from tests.test_distributed import (
     _cfg,
     _options,
+    assert_measured,
     done_steps,
     events,
     finish,
@@ -82,6 +83,7 @@ def test_hsplitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     ev = Counter(e["event"] for e in events(run.run_dir))
     assert ev["probe"] == 4 and ev["aggregate"] == 3
     assert ev["client_offline"] == 0 and ev["message_rejected"] == 0
+    assert_measured(run.run_dir, {"client0", "client1", "client2"})
 
 
 @pytest.mark.parametrize("method", ["hetlora", "hsplitlora-no-naa"])

@@ -18,7 +18,18 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from testbed.liveview import JsonlTail, LiveState, fold, follow, initial_state, render
+from testbed.liveview import (
+    ClientView,
+    JsonlTail,
+    LiveState,
+    eta,
+    fold,
+    follow,
+    header,
+    initial_state,
+    memory_cell,
+    render,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["train", "--method", "splitlora", "--model", "tiny-llama", "--data", "synthetic",
@@ -92,17 +103,63 @@ def test_offline_online_transitions(run: Path) -> None:
 
 
 def test_memory_from_reconfigure_and_records() -> None:
+    """Measured memory (train and resources records) against the budget; the memory model's
+    plan (reconfigure events) only where nothing was measured; budgets from events."""
     state, lines = fold(LiveState(), records=[
         {"kind": "train", "step": 0, "client": "client0", "loss": 1.5, "bytes_sent": 10,
-         "bytes_received": 5, "memory_bytes": 3 << 20, "budget_bytes": 4 << 20}],
+         "bytes_received": 5, "memory_bytes": 612 << 20, "memory_source": "cgroup",
+         "budget_bytes": 900 << 20},
+        {"kind": "resources", "step": 0, "client": "client2", "memory_bytes": 950 << 20,
+         "memory_source": "rss"},
+        {"kind": "resources", "step": 0, "client": "server", "memory_bytes": 1 << 30}],
         events=[{"event": "reconfigure", "step": 0, "reason": "initial",
                  "clients": {"client1": {"split": 3, "rank_sum": 48,
-                                         "memory_bytes": 1 << 30, "budget_bytes": 2 << 30}}}])
-    assert state.clients["client1"].split == 3 and state.clients["client1"].rank_sum == 48
-    assert state.clients["client0"].memory_bytes == 3 << 20
+                                         "memory_bytes": 1 << 30, "budget_bytes": 2 << 30},
+                             "client0": {"memory_bytes": 500 << 20}}},
+                {"event": "client_budget", "step": 0, "client": "client2",
+                 "budget_bytes": 900 << 20, "source": "cgroup-v1"}])
+    c0, c1, c2 = (state.clients[f"client{i}"] for i in range(3))
+    assert c1.split == 3 and c1.rank_sum == 48 and c1.memory_bytes is None
+    assert (c0.memory_bytes, c0.memory_source, c0.planned_bytes) == (612 << 20, "cgroup",
+                                                                    500 << 20)
+    assert (c2.memory_bytes, c2.budget_bytes) == (950 << 20, 900 << 20)
+    assert "server" not in state.clients  # the server's own record is not a client row
+    assert memory_cell(c0) == "612/900 MiB"
+    assert memory_cell(c1) == "~1024/2048 MiB (plan)"
+    assert memory_cell(c2) == "950/900 MiB"
+    assert memory_cell(ClientView("x", budget_bytes=16 << 30)) == "-/16.0 GiB"
+    assert memory_cell(ClientView("x")) == "-"
     text = _text(state)
-    assert "1.0 GiB / 2.0 GiB" in text and "3.0 MiB / 4.0 MiB" in text and "48" in text
+    assert "612/900 MiB" in text and "~1024/2048 MiB (plan)" in text and "48" in text
     assert any("reconfigure" in ln for ln in lines)
+    oom, lines = fold(state, events=[{"event": "budget_exceeded", "client": "client2",
+                                      "memory_bytes": 100 << 20,
+                                      "memory_peak_bytes": 901 << 20}])
+    assert oom.clients["client2"].state == "OOM-killed"
+    assert memory_cell(oom.clients["client2"]) == "901/900 MiB"
+    assert any("budget_exceeded client2" in ln for ln in lines)
+
+
+def test_eta_from_the_files(run: Path) -> None:
+    """ETA = mean wall time per step so far x steps left, in the header and the plain step
+    lines; none before two steps, and none once finished."""
+    records = jsonl(run / "metrics.jsonl")
+    config = json.loads((run / "config.json").read_text())
+    train = [r for r in records if r["kind"] == "train"]
+    first = train[0]
+    upto = [r for r in records if r["kind"] != "train" or r["step"] <= 1]
+    last = [r for r in train if r["step"] == 1][-1]
+    state, _ = fold(initial_state(config), [r for r in records
+                                            if r["kind"] == "train" and r["step"] == 0])
+    assert eta(state) is None and "ETA -" in header(state)
+    state, lines = fold(initial_state(config), upto)  # the eval after step 1 ends it
+    expected = (last["wall_time"] - first["wall_time"]) / (1 - first["step"]) * (4 - 2)
+    assert eta(state) == pytest.approx(expected)
+    assert f"ETA {round(expected)} s" in header(state)
+    assert [ln for ln in lines if ln.startswith("step 1 done")][0].endswith(
+        f"ETA {round(expected)} s")
+    done, _ = fold(initial_state(config), records, jsonl(run / "events.jsonl"))
+    assert eta(done) is None and "ETA" not in header(done) and "finished" in header(done)
 
 
 def _text(state: LiveState) -> str:
