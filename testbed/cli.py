@@ -37,6 +37,8 @@ err = Console(stderr=True)
 def _quiet_libraries() -> None:
     """Keep transformers' own progress bars and warnings out of our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the GGUF conversion draws a tqdm bar of its own: carriage returns in a piped log
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import warnings
 
     from transformers.utils import logging as hf_logging

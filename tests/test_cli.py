@@ -325,16 +325,22 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     printed, broker + server + 3 client processes run HSplitLoRA, and the profile's mapped
     budgets are the ones ARMSC planned for (the reconfigure event's budgets)."""
     out = tmp_path / "hs"
+    # --cpu-steps (what `make run` passes): no GPU here, so the profile's 6 steps become 2,
+    # said in one line and recorded in config.json
     proc = run_cli("up", "--profile", "smoke", "--method", "hsplitlora", "--backend", "local",
-                   "--steps", "2", "--out", str(out), cwd=tmp_path)
+                   "--cpu-steps", "2", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "emulating meta-llama/Llama-2-7b-hf" in proc.stdout
+    assert "no GPU here: a CPU run of 2 of the profile's 6 steps" in proc.stdout
+    assert "--steps 6" in proc.stdout
     devices = json.loads((out / "devices.json").read_text())
     assert [c["name"] for c in devices["clients"]] == ["client0", "client1", "client2"]
     budgets = [c["memory_bytes"] for c in devices["clients"]]
     assert budgets == sorted(budgets) and budgets[0] < budgets[-1]  # 5 < 12.5 < 20 GB, mapped
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["method"] == "hsplitlora"
+    assert config["train"]["steps"] == 2
+    assert config["train"]["extra"]["cpu_reduction"]["profile_steps"] == 6
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["runtime"] == "mqtt"
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
@@ -351,6 +357,28 @@ def test_up_unknown_profile_and_bad_mem_limit(tmp_path: Path) -> None:
                               "--mem-limit", "client9=1GB", "--out", str(tmp_path / "y"),
                               cwd=tmp_path), "client9")
     assert_user_error(run_cli("up", "--backend", "compose", cwd=tmp_path), "--profile")
+    assert_user_error(run_cli("up", "--cpu-steps", "5", "--out", str(tmp_path / "z"),
+                              cwd=tmp_path), "--cpu-steps", "--profile")
+    for args, words in ((["--cpu-steps", "0"], ("--cpu-steps", ">= 1")),
+                        (["--cpu-eval-examples", "8"], ("--cpu-eval-examples", "--cpu-steps"))):
+        assert_user_error(run_cli("up", "--profile", "smoke", "--backend", "local", *args,
+                                  "--out", str(tmp_path / "w"), cwd=tmp_path), *words)
+        assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_eval_of_an_unfinished_run_says_how_far_it_got(trained_run: Path, tmp_path: Path
+                                                       ) -> None:
+    """A run killed after 2 of 6 steps has no adapter: eval says so in one line (what is
+    missing, how far the run got), not a traceback."""
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "config.json").write_text((trained_run / "config.json").read_text())
+    train = [line for line in (trained_run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train" and json.loads(line)["step"] < 2]
+    (run / "metrics.jsonl").write_text("\n".join(train) + "\n")
+    proc = run_cli("eval", str(run), "--max-mrs", "1", "--beams", "1", cwd=tmp_path)
+    assert_user_error(proc, "no final adapter", "did not finish", f"2 of {TRAIN_STEPS} steps")
+    assert not (run / "eval" / "scores.json").exists()
 
 
 def test_inject_budget_writes_what_the_client_reads_and_refuses_bad_input(tmp_path: Path) -> None:
