@@ -552,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         if rt.me == "server":
             raise UserError("TESTBED_CLIENT_ID (or --client-id) must name a client")
         setup_logging(rt.me)
+        from runner.cpu import fit_threads
+
+        threads, quota = fit_threads()  # a 0.12-CPU device must not run 2 torch threads
+        log.info("torch threads %d (CPU quota %s)", threads,
+                 "none" if quota is None else f"{quota:.2f}")
         if rt.train.method in HETERO_DISTRIBUTED:
             from runner.hetero_client import HeteroClient
 

@@ -173,6 +173,8 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     assert summary["virtual_time_s"] >= max(m["virtual_time"] for m in train)
     # the containers are gone, their logs kept
     assert (run / "logs" / "server.log").stat().st_size > 0
+    # a client under a CPU quota below one CPU runs one torch thread (runner/cpu.py)
+    assert "torch threads 1 (CPU quota 0." in (run / "logs" / "client0.log").read_text()
     assert "stopped" in cli("down", "--run", str(run)).stdout
     assert "finished: val PPL" in cli("logs", "server", "--run", str(run)).stdout
 
@@ -217,3 +219,30 @@ def test_client_over_its_limit_is_budget_exceeded_and_traces_apply(images: float
     assert trace[:2] == [("client1", "offline"), ("client1", "online")], trace
     times = [e["elapsed_s"] for e in events if e["event"] == "availability"]
     assert 20 <= times[0] < 25 and 30 <= times[1] < 35
+
+
+def test_container_run_is_evaluated_and_reported_from_the_host(images: float,
+                                                               tmp_path: Path) -> None:
+    """A run made in containers records the paths its server saw (/data/devset.csv,
+    /cache/...); `testbed eval` and `testbed report`, run on the host with no --data, must
+    find the data and the model through host-paths.json (issue: `make run` failed here)."""
+    devset = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+    run = tmp_path / "hosted"
+    cli("up", "--profile", "smoke", "--backend", "compose", "--host-network", "--steps", "2",
+        "--data", str(devset), "--out", str(run))
+    raw = json.loads((run / "config.json").read_text())
+    assert raw["train"]["data"] == "/data/devset.csv"  # what the server saw
+    mounts = json.loads((run / "host-paths.json").read_text())["mounts"]
+    assert mounts["/data"] == str(devset.resolve().parent)
+
+    out = cli("eval", str(run), "--max-mrs", "3", "--beams", "2", "--max-new-tokens", "8")
+    assert "BLEU" in out.stdout
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    assert scores["extra"]["data"] == str(devset.resolve())
+    assert scores["extra"]["test_mrs"] == 3
+    report = run / "report.md"
+    cli("report", str(run), "-o", str(report))
+    text = report.read_text()
+    assert "BLEU" in text
+    figures = list((run / "report_figures").glob("*.png"))
+    assert any(f.name.startswith("ppl_vs_step") for f in figures), figures
