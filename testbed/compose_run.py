@@ -345,8 +345,10 @@ class ComposeRun:
                       "working_set_bytes": max(0, usage - int(inactive or 0))}
             if isinstance(mem.get("max_usage"), int):
                 record["max_usage_bytes"] = mem["max_usage"]
-            limit = mem.get("limit")
-            if isinstance(limit, int) and 0 < limit < 2**60:
+            # Docker reports the host's memory as the limit of an unlimited container: the
+            # container's own setting (0 = none; `testbed inject budget` changes it) decides
+            limit = int((c.attrs.get("HostConfig") or {}).get("Memory") or 0)
+            if limit > 0:
                 record["limit_bytes"] = limit
             self.last_stats[name] = taken[name] = record
             if now - self.stats_written.get(name, -1e18) >= every:

@@ -7,8 +7,9 @@ the cgroup must NOT be used (no limit, other processes in it). RSS is read for r
 There is NO GPU on the machines these tests run on: the NVML and CUDA paths are exercised
 with FAKES (:class:`FakeNVML` standing in for ``pynvml``, :class:`FakeCuda` for
 ``torch.cuda``); one test runs the real ``pynvml`` here to show that a machine without a GPU
-falls back cleanly. The real paths (a container's cgroup) are checked end to end in
-tests/test_containers.py.
+falls back cleanly. The host's sampling of containers (testbed/compose_run.py) runs on
+FAKE Docker SDK containers (:class:`FakeContainer`). The real paths (a container's cgroup,
+the Docker API) are checked end to end in tests/test_containers.py.
 """
 
 from __future__ import annotations
@@ -213,3 +214,64 @@ def test_usage_fields_from_the_wire() -> None:
     assert usage_fields({"memory_peak_bytes": -1, "memory_current_bytes": True,
                          "memory_source": "rss", "host_memory_peak_bytes": "9"}) == {}
     assert usage_fields({"inc": "x"}) == {}
+
+
+# ------------------------------------------------------------------ host-side sampling
+class FakeContainer:
+    """A FAKE Docker SDK container (no daemon here; tests/test_containers.py runs the real
+    one): ``stats(stream=False, one_shot=True)`` answers cgroup v1-shaped memory stats."""
+
+    def __init__(self, name: str, usage: int, max_usage: int, limit: int) -> None:
+        self.name, self.status = f"hsl-x_{name}_1", "running"
+        self.usage, self.max_usage, self.limit = usage, max_usage, limit
+        self.attrs: dict = {"HostConfig": {"Memory": limit}, "State": {}}
+
+    def stats(self, stream: bool, one_shot: bool = False) -> dict:
+        assert not stream
+        if self.status != "running":
+            return {"memory_stats": {}}  # what Docker answers for an exited container
+        return {"memory_stats": {"usage": self.usage, "max_usage": self.max_usage,
+                                 "limit": self.limit or 25 * 2**30,
+                                 "stats": {"total_inactive_file": 10 * MIB}}}
+
+    def reload(self) -> None:
+        pass
+
+
+def test_host_samples_containers_and_an_oom_killed_client_keeps_its_last_reading(
+        tmp_path: Path) -> None:
+    from runner.config import TrainConfig
+    from runner.rundir import read_jsonl
+    from testbed.compose_run import ComposeRun
+    from testbed.profiles import emulation_map, load_profile
+
+    profile = load_profile("smoke")
+    run = ComposeRun(profile, emulation_map(profile), TrainConfig(model="tiny-llama"),
+                     tmp_path / "run")
+    run.run_dir.mkdir()
+    conts = {"server": FakeContainer("server", 300 * MIB, 310 * MIB, 0),
+             "client0": FakeContainer("client0", 200 * MIB, 250 * MIB, 400 * MIB)}
+    run.containers = lambda: conts  # type: ignore[method-assign]
+    taken = run.sample_stats(every=5.0)
+    assert taken["client0"] == {
+        "time": taken["client0"]["time"], "service": "client0", "container": "hsl-x_client0_1",
+        "usage_bytes": 200 * MIB, "max_usage_bytes": 250 * MIB, "peak_bytes": 250 * MIB,
+        "limit_bytes": 400 * MIB, "working_set_bytes": 190 * MIB}
+    assert "limit_bytes" not in taken["server"]  # unlimited: not the host's memory
+    conts["client0"].usage = 390 * MIB
+    conts["client0"].max_usage = 395 * MIB
+    run.sample_stats(every=5.0)  # kept as the last reading, not written (5 s throttle)
+    assert [r["service"] for r in read_jsonl(run.run_dir / "resources.jsonl")] == [
+        "server", "client0"]
+    # the kernel kills client0: no stats any more, the event keeps the last reading
+    conts["client0"].status = "exited"
+    conts["client0"].attrs["State"] = {"OOMKilled": True, "ExitCode": 137}
+    assert set(run.sample_stats()) == {"server"}  # nothing to read from an exited one
+    assert run.check_oom() == ["client0"]
+    (event,) = [e for e in read_jsonl(run.run_dir / "events.jsonl")
+                if e["event"] == "budget_exceeded"]
+    assert (event["client"], event["memory_bytes"], event["memory_peak_bytes"]) == (
+        "client0", 390 * MIB, 395 * MIB)
+    last = read_jsonl(run.run_dir / "resources.jsonl")[-1]
+    assert last["oom_killed"] and last["service"] == "client0"
+    assert last["peak_bytes"] == 395 * MIB
