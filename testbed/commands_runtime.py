@@ -71,8 +71,10 @@ def up(
     ] = None,
     wire: Annotated[str, typer.Option(help="Activations/gradients on the wire: float32 | "
                                            "float16 | bfloat16")] = "float32",
-    step_timeout: Annotated[float, typer.Option(help="Seconds a step waits for clients")
-                            ] = 30.0,
+    step_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a step waits for clients (default 30 s; 120 s on the compose backend, "
+             "where CPU quotas make slow devices slow; a crashed client is seen at once "
+             "through the broker's last will either way)")] = None,
     join_timeout: Annotated[float, typer.Option(
         help="Seconds the server waits for clients to join at the start")] = 120.0,
     heartbeat: Annotated[float, typer.Option(help="Client heartbeat period (s)")] = 0.5,
@@ -107,9 +109,10 @@ def up(
     _quiet_libraries()
     if backend not in ("auto", "compose", "local"):
         _fail(f"--backend must be auto, compose or local, not {backend!r}")
-    console = Console()
+    console = Console(soft_wrap=True)  # whole lines in a piped log
     try:
-        opts = RuntimeOptions(step_timeout=step_timeout, heartbeat=heartbeat,
+        opts = RuntimeOptions(step_timeout=30.0 if step_timeout is None else step_timeout,
+                              heartbeat=heartbeat,
                               offline_after=5.0 if offline_after is None else offline_after,
                               overwrite=overwrite,
                               join_timeout=join_timeout, min_step_time=min_step_time,
@@ -124,6 +127,7 @@ def up(
                         overwrite=overwrite, backend=backend, host_network=host_network,
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
                         external=external, offline_given=offline_after is not None,
+                        step_timeout_given=step_timeout is not None,
                         cpu=(cpu_steps, cpu_eval_examples))
             return
         if cpu_steps is not None:
@@ -220,7 +224,7 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
                 seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
                 external: tuple[str, dict[str, str] | None] | None = None,
-                offline_given: bool = False,
+                offline_given: bool = False, step_timeout_given: bool = False,
                 cpu: tuple[int | None, int | None] = (None, None)) -> None:
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
@@ -266,6 +270,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         return
     if not offline_given:
         opts = replace(opts, offline_after=30.0)
+    if not step_timeout_given:
+        opts = replace(opts, step_timeout=120.0)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
 
 
