@@ -17,6 +17,10 @@ DATA   ?= $(if $(wildcard $(SHARED_E2E)),$(SHARED_E2E),synthetic)
 RUN    ?= runs/hetero-llama2
 PROFILE ?= hetero-llama2
 STEPS  ?=
+# Without a GPU, `make run` trains CPU_STEPS of the profile's steps (printed; STEPS=200
+# runs the whole profile), validating on CPU_EVAL examples at each point.
+CPU_STEPS ?= 40
+CPU_EVAL ?= 128
 BACKEND ?= auto
 PYTEST_ARGS ?=
 
@@ -70,10 +74,25 @@ system-deps:
 	  fi; \
 	fi
 
+# The main job: Docker set up as for `make test` (the fleet runs as memory-capped
+# containers); where that cannot be done (not root, no Docker), one line says why and the
+# fleet runs as local processes. Then the trained adapter is evaluated and reported; the
+# last line names the report.
 run: $(STAMP)
-	$(BIN)/testbed up --profile $(PROFILE) --backend $(BACKEND) --data $(DATA) \
-	  $(if $(STEPS),--steps $(STEPS)) --out $(RUN) --overwrite
-	$(BIN)/testbed eval $(RUN)
+	@backend="$(BACKEND)"; \
+	if [ "$$backend" != local ]; then \
+	  echo "setting up Docker for the client containers (as make test does)"; \
+	  if why=$$($(MAKE) --no-print-directory -s docker-daemon 2>&1); then backend=compose; \
+	  elif [ "$$backend" = compose ]; then echo "$$why"; exit 2; \
+	  else echo "no containers here ($$(echo "$$why" | tail -n 1 | sed 's/^error: //')): running the fleet as local processes"; \
+	    backend=local; fi; \
+	fi; \
+	$(BIN)/testbed up --profile $(PROFILE) --backend $$backend --data $(DATA) \
+	  $(if $(STEPS),--steps $(STEPS),--cpu-steps $(CPU_STEPS) --cpu-eval-examples $(CPU_EVAL)) \
+	  --out $(RUN) --overwrite
+	@$(BIN)/testbed eval $(RUN)
+	@$(BIN)/testbed report $(RUN) -o $(RUN)/report.md >/dev/null
+	@echo "report: $(RUN)/report.md (figures in $(RUN)/report_figures/)"
 
 # A Docker daemon for the container tests (tests/test_containers.py). --iptables=false: the
 # tests use host networking only, and some sandboxes forbid iptables.
@@ -85,7 +104,7 @@ docker-daemon: system-deps
 	    for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
 	    docker info >/dev/null 2>&1 || { echo "error: dockerd did not start; see /tmp/testbed-dockerd.log"; exit 2; }; \
 	  else \
-	    echo "error: no Docker daemon answers; start one (the container tests need it)"; exit 2; \
+	    echo "error: no Docker daemon answers and only root can start one here; start Docker (the containers need it)"; exit 2; \
 	  fi; \
 	fi
 
