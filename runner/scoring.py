@@ -2,45 +2,51 @@
 
 The papers (method.md, "Reference numbers") report BLEU, NIST, METEOR, ROUGE-L and CIDEr on
 the E2E test set, with every MR's human references grouped together ("multi-reference"
-scoring, as the E2E challenge's ``measure_scores.py`` does). We compute the same five metrics
-with maintained libraries rather than hand-written metric code, so a bug in our scoring cannot
-silently move the numbers we compare against the papers:
+scoring), as the E2E challenge's official scorer (``measure_scores.py`` of e2e-metrics)
+computes them. We reproduce that scorer's values: tests/test_scoring.py checks all five
+metrics against its figures on the two reference cases of
+``../shared/data/e2e/scorer-example/README.md`` (within BLEU 0.1, NIST 0.05, METEOR 0.005,
+ROUGE-L 0.3, CIDEr 0.02; we agree to 0.001 or better). Maintained libraries compute every
+metric the official scorer's way except NIST, which no library does:
 
-========  =====================================================  ==========================
-metric    implementation                                         scale (paper example)
-========  =====================================================  ==========================
-BLEU      ``sacrebleu`` corpus BLEU, variable #refs per MR        0..100 (68.79)
-NIST      ``nltk.translate.nist_score.corpus_nist``, n=5          ~0..10 (8.83)
-METEOR    ``pycocoevalcap`` METEOR 1.5 jar (java), ``-norm``      0..1 (0.4664)
-ROUGE_L   ``rouge-score`` ``RougeScorer(["rougeL"])``, x100       0..100 (71.73)
-CIDEr     ``pycocoevalcap`` ``Cider`` (CIDEr-D: clipping and      ~0..10 (2.53)
-          Gaussian length penalty, x10)
-========  =====================================================  ==========================
+========  ======================================================  =========================
+metric    implementation (official scorer)                        scale (paper example)
+========  ======================================================  =========================
+BLEU      ``sacrebleu`` corpus BLEU, 13a on lowercased text,       0..100 (68.79)
+          variable #refs per MR (mteval-v13a BLEU)
+NIST      :mod:`runner.nist`: mteval-v13a NIST, n=5, references    ~0..10 (8.83)
+          pooled (definition cited there; mteval-v13a NIST)
+METEOR    ``pycocoevalcap`` METEOR 1.5 jar (java), ``-norm``,      0..1 (0.4664)
+          on PTB tokens (coco-caption METEOR)
+ROUGE_L   ``pycocoevalcap`` ``Rouge`` (LCS, best precision and     0..100 (71.73)
+          best recall over refs, beta 1.2), PTB tokens, x100
+CIDEr     ``pycocoevalcap`` ``Cider`` (CIDEr-D: clipping and       ~0..10 (2.53)
+          Gaussian length penalty, x10), PTB tokens
+========  ======================================================  =========================
 
-Design choices (where we cannot be byte-identical to the E2E script):
+Tokenisation, as the official scorer does it:
 
-* Tokenisation. The E2E script lowercases and tokenises with the mteval-v13a rules for
-  BLEU/NIST, and runs the Stanford PTB tokenizer (lowercase, punctuation tokens removed)
-  before METEOR/ROUGE-L/CIDEr. We use sacrebleu's mteval-v13a tokenizer on lowercased text
-  for *all* metrics (:func:`tokenize`), keep punctuation for BLEU/NIST, and for METEOR and
-  CIDEr drop the same punctuation tokens the coco-caption PTB wrapper drops
-  (``pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS``). We do not run the PTB tokenizer
-  itself: it starts a second JVM and writes temporary files into the installed package
-  directory, which may be read-only.
-* NIST comes from nltk, which picks the best single reference per segment; mteval-v13a
-  pools n-gram counts over references, so NIST can differ slightly from the E2E script.
-* ROUGE_L uses ``rouge-score`` (best reference by F-measure, F1, averaged over MRs, x100).
-  The E2E script uses pycocoevalcap's ``Rouge`` (LCS F-measure with beta=1.2); the two are
-  close but not identical.
-* CIDEr's IDF is computed over the MRs being scored (that is the metric's definition), so it
-  needs a corpus: with a single MR every n-gram has IDF 0 and CIDEr is 0. References for MRs
-  that are not in ``outputs`` are ignored.
+* BLEU and NIST: mteval-v13a's own tokenisation of lowercased text, i.e. sacrebleu's ``13a``
+  tokenizer after ``str.lower()`` (:func:`tokenize`); punctuation stays.
+* METEOR, ROUGE_L and CIDEr: coco-caption's ``PTBTokenizer`` step (:func:`ptb_tokenize`):
+  Stanford CoreNLP 3.4.1's PTB tokenizer with ``-preserveLines -lowerCase``, then
+  coco-caption's punctuation tokens removed. We run the jar that ships in the pycocoevalcap
+  wheel, on stdin (pycocoevalcap's wrapper writes a temporary file into its package
+  directory, which may be read-only): one extra JVM start per :func:`score_e2e` call.
 
-METEOR needs ``java`` on PATH; the METEOR 1.5 jar and its English paraphrase table
-(``data/paraphrase-en.gz``) ship inside the ``pycocoevalcap`` wheel, so it runs offline.
-Starting the JVM and loading the paraphrase table takes a few seconds: pass one
-:class:`MeteorScorer` to several :func:`score_e2e` calls to pay that once. We never import
-``pycocoevalcap.spice`` (it downloads Stanford models at import/run time).
+Where we differ from the E2E script on purpose: blank references are dropped (and an MR with
+none is an error) instead of being scored as empty strings, and whitespace inside a text is
+collapsed before the PTB tokenizer (the script only replaces newlines; the tokenizer splits
+on whitespace either way, so the tokens are the same). CIDEr's IDF is computed over the MRs
+being scored (that is the metric's definition), so it needs a corpus: with a single MR every
+n-gram has IDF 0 and CIDEr is 0. References for MRs that are not in ``outputs`` are ignored.
+
+METEOR and the PTB tokenizer need ``java`` on PATH; the METEOR 1.5 jar, its English
+paraphrase table (``data/paraphrase-en.gz``) and the CoreNLP jar ship inside the
+``pycocoevalcap`` wheel, so everything runs offline. Starting the METEOR JVM and loading the
+paraphrase table takes seconds: pass one :class:`MeteorScorer` to several :func:`score_e2e`
+calls to pay that once. We never import ``pycocoevalcap.spice`` (it downloads Stanford models
+at import/run time).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -55,45 +62,115 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
-from nltk.translate.nist_score import corpus_nist
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as _coco_meteor
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
-from rouge_score.rouge_scorer import RougeScorer
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer as _coco_ptb
 from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-__all__ = ["METRICS", "MeteorScorer", "score_e2e", "tokenize", "write_scores"]
+from runner.nist import NIST_ORDER, corpus_nist
+
+__all__ = [
+    "METRICS",
+    "NIST_ORDER",
+    "MeteorScorer",
+    "ptb_tokenize",
+    "score_e2e",
+    "tokenize",
+    "write_scores",
+]
 
 METRICS: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
-#: Highest n-gram order for NIST, as in mteval and the E2E script.
-NIST_ORDER = 5
-
 _TOKENIZER_13A = Tokenizer13a()
-_PUNCTUATION = frozenset(PUNCTUATIONS)
+_PUNCTUATION = frozenset(_coco_ptb.PUNCTUATIONS)
+_PTB_JAR = Path(_coco_ptb.__file__).resolve().parent / _coco_ptb.STANFORD_CORENLP_3_4_1_JAR
+#: Seconds one PTB tokenizer run may take (a JVM start plus a test set: seconds in practice).
+PTB_TIMEOUT_S = 600.0
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "METEOR and the PTB tokenizer need a Java runtime: 'java' is not on PATH "
+            "(install e.g. openjdk-17-jre)"
+        )
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase and split ``text`` with the mteval-v13a rules.
+    """Lowercase and split ``text`` with the mteval-v13a rules (BLEU and NIST tokens).
 
-    This is exactly what sacrebleu does inside ``BLEU(lowercase=True, tokenize="13a")``
-    (lowercase, strip trailing whitespace, 13a), so BLEU and NIST see the same tokens and an
-    independent BLEU implementation fed these tokens must agree with ours.
+    The E2E script hands mteval-v13a lowercased text, and mteval tokenises it with its
+    default rules (``tokenization``: SGML entities, punctuation and symbols split off, "."
+    and "," kept inside numbers). sacrebleu's ``13a`` tokenizer is a port of exactly those
+    rules, and this is what sacrebleu does inside ``BLEU(lowercase=True, tokenize="13a")``,
+    so BLEU and NIST see the same tokens.
     """
     return _TOKENIZER_13A(text.lower().rstrip()).split()
 
 
-def _coco_text(text: str) -> str:
-    """Tokens for METEOR/CIDEr: :func:`tokenize` minus the coco-caption punctuation tokens.
+def ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """coco-caption's tokenisation before METEOR, ROUGE-L and CIDEr, with its own jar.
 
-    Mirrors the E2E script's PTB step (lowercase, punctuation removed). Joining with single
-    spaces also removes newlines, which would desynchronise METEOR's line protocol, and the
-    ``|||`` field separator cannot survive 13a (it splits ``|``), but we strip it anyway.
+    Mirrors ``pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer.tokenize``, which the E2E
+    script runs on references and outputs: Stanford CoreNLP 3.4.1's ``PTBTokenizer``
+    (``-preserveLines -lowerCase``: one output line per input line, lowercased, PTB
+    normalisations such as ``can't`` -> ``ca n't`` and ``£`` -> ``#``), then the tokens in
+    ``PUNCTUATIONS`` dropped and the rest joined by single spaces. The same jar (shipped in
+    the pycocoevalcap wheel) runs on stdin instead of a temporary file in the package
+    directory, which may be read-only. The wrapper replaces newlines by spaces; we collapse
+    every whitespace run (the tokenizer splits on whitespace anyway), so no character that
+    the JVM might read as a line break can shift the lines.
+
+    Returns one space-joined token string per input text (empty when nothing is left).
     """
-    words = [w for w in tokenize(text) if w not in _PUNCTUATION]
-    return " ".join(words).replace("|||", " ").strip()
+    if not texts:
+        return []
+    _require_java()
+    if not _PTB_JAR.is_file():
+        raise RuntimeError(f"PTB tokenizer jar {_PTB_JAR} is missing: reinstall pycocoevalcap")
+    lines = [" ".join(text.split()) for text in texts]
+    cmd = [
+        "java",
+        "-cp",
+        str(_PTB_JAR),
+        "edu.stanford.nlp.process.PTBTokenizer",
+        "-preserveLines",
+        "-lowerCase",
+        "-encoding",
+        "utf-8",
+    ]
+    proc = subprocess.run(
+        cmd,
+        input=("\n".join(lines) + "\n").encode("utf-8"),
+        capture_output=True,
+        timeout=PTB_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-20:]
+        raise RuntimeError(
+            f"PTB tokenizer exited with {proc.returncode}; its stderr ends with:\n"
+            + "\n".join(tail)
+        )
+    out = proc.stdout.decode("utf-8").split("\n")
+    if out and out[-1] == "":
+        out.pop()
+    if len(out) != len(lines):
+        raise RuntimeError(f"PTB tokenizer returned {len(out)} lines for {len(lines)} texts")
+    return [
+        " ".join(w for w in line.rstrip().split(" ") if w and w not in _PUNCTUATION) for line in out
+    ]
+
+
+def _meteor_text(tokens: str) -> str:
+    """PTB tokens for the METEOR jar's line protocol: no ``|||`` (its field separator).
+
+    pycocoevalcap's wrapper does this to the hypothesis (``replace('|||', '')``); doing it to
+    references as well only matters where the jar would otherwise misread the line.
+    """
+    return " ".join(tokens.replace("|||", " ").split())
 
 
 class MeteorScorer:
@@ -107,10 +184,7 @@ class MeteorScorer:
     """
 
     def __init__(self) -> None:
-        if shutil.which("java") is None:
-            raise RuntimeError(
-                "METEOR needs a Java runtime: 'java' is not on PATH (install e.g. openjdk-17-jre)"
-            )
+        _require_java()
         jar_dir = Path(_coco_meteor.__file__).resolve().parent
         for needed in (jar_dir / _coco_meteor.METEOR_JAR, jar_dir / "data" / "paraphrase-en.gz"):
             if not needed.is_file():
@@ -137,7 +211,8 @@ class MeteorScorer:
     def score(self, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
         """Corpus METEOR (0..1) from the jar's aggregated statistics, as the E2E script reports.
 
-        Texts should already be normalised (see :func:`_coco_text`): one line each.
+        Texts should already be tokenised as the E2E script does (:func:`ptb_tokenize`), one
+        line each, without ``|||``.
         """
         if not self.process_alive:
             raise RuntimeError("the METEOR JVM is not running (closed, or it crashed)")
@@ -221,38 +296,28 @@ def _bleu(hypotheses: list[str], grouped: list[list[str]]) -> float:
 
 
 def _nist(hypotheses: list[str], grouped: list[list[str]]) -> float:
-    """nltk corpus NIST (n=5) on :func:`tokenize` tokens.
-
-    nltk divides by the number of hypothesis n-grams of each order and so crashes when no
-    output has NIST_ORDER tokens; mteval counts such an order as 0. Orders above the longest
-    output have no n-grams and contribute 0, and lower orders' information weights do not
-    depend on the maximum order, so capping ``n`` at the longest output is exact.
-    """
+    """mteval-v13a NIST (n=5) over all references (:mod:`runner.nist`), :func:`tokenize` tokens."""
     hyp_tokens = [tokenize(h) for h in hypotheses]
     ref_tokens = [[tokenize(r) for r in refs] for refs in grouped]
-    order = min(NIST_ORDER, max(len(t) for t in hyp_tokens))
-    if order == 0:
-        return 0.0
-    return float(corpus_nist(ref_tokens, hyp_tokens, n=order))
+    return float(corpus_nist(hyp_tokens, ref_tokens, max_n=NIST_ORDER))
 
 
-def _rouge_l(hypotheses: list[str], grouped: list[list[str]]) -> float:
-    """Mean over MRs of rouge-score's best-reference ROUGE-L F1, x100.
+def _rouge_l(coco_hyps: list[str], coco_refs: list[list[str]]) -> float:
+    """pycocoevalcap's ``Rouge`` (the E2E script's ROUGE_L) on PTB tokens, x100.
 
-    rouge-score tokenises itself (lowercase, non-alphanumerics removed), so raw text goes in.
+    Per MR: LCS of the output with each reference, the best precision and the best recall
+    over references (each maximised separately), F-measure with beta = 1.2; mean over MRs.
     """
-    scorer = RougeScorer(["rougeL"], use_stemmer=False)
-    values = [
-        scorer.score_multi(refs, hyp)["rougeL"].fmeasure
-        for hyp, refs in zip(hypotheses, grouped, strict=True)
-    ]
-    return float(np.mean(values) * 100.0)
+    gts = {i: refs for i, refs in enumerate(coco_refs)}
+    res = {i: [hyp] for i, hyp in enumerate(coco_hyps)}
+    value, _ = Rouge().compute_score(gts, res)
+    return float(value) * 100.0
 
 
-def _cider(hypotheses: list[str], grouped: list[list[str]]) -> float:
-    """pycocoevalcap CIDEr (CIDEr-D variant), IDF over the MRs scored here."""
-    gts = {i: [_coco_text(r) for r in refs] for i, refs in enumerate(grouped)}
-    res = {i: [_coco_text(h)] for i, h in enumerate(hypotheses)}
+def _cider(coco_hyps: list[str], coco_refs: list[list[str]]) -> float:
+    """pycocoevalcap CIDEr (CIDEr-D variant) on PTB tokens, IDF over the MRs scored here."""
+    gts = {i: refs for i, refs in enumerate(coco_refs)}
+    res = {i: [hyp] for i, hyp in enumerate(coco_hyps)}
     value, _ = Cider().compute_score(gts, res)
     return float(value)
 
@@ -281,19 +346,24 @@ def score_e2e(
             the message names the MR.
     """
     hypotheses, grouped = _grouped_references(outputs, references)
-    coco_hyps = [_coco_text(h) for h in hypotheses]
-    coco_refs = [[_coco_text(r) for r in refs] for refs in grouped]
+    # One PTB tokenizer run for outputs and references (the E2E script runs it twice, on
+    # each set; -preserveLines tokenises every line on its own, so the tokens are the same).
+    tokens = iter(ptb_tokenize([*hypotheses, *(r for refs in grouped for r in refs)]))
+    coco_hyps = [next(tokens) for _ in hypotheses]
+    coco_refs = [[next(tokens) for _ in refs] for refs in grouped]
+    meteor_hyps = [_meteor_text(h) for h in coco_hyps]
+    meteor_refs = [[_meteor_text(r) for r in refs] for refs in coco_refs]
     if meteor is None:
         with MeteorScorer() as own:
-            meteor_value = own.score(coco_hyps, coco_refs)
+            meteor_value = own.score(meteor_hyps, meteor_refs)
     else:
-        meteor_value = meteor.score(coco_hyps, coco_refs)
+        meteor_value = meteor.score(meteor_hyps, meteor_refs)
     scores = {
         "BLEU": _bleu(hypotheses, grouped),
         "NIST": _nist(hypotheses, grouped),
         "METEOR": meteor_value,
-        "ROUGE_L": _rouge_l(hypotheses, grouped),
-        "CIDEr": _cider(hypotheses, grouped),
+        "ROUGE_L": _rouge_l(coco_hyps, coco_refs),
+        "CIDEr": _cider(coco_hyps, coco_refs),
     }
     return {name: scores[name] for name in METRICS}
 
