@@ -30,13 +30,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from runner.errors import ConfigError
+
+T = TypeVar("T")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
@@ -178,9 +180,13 @@ def nvml_device(nvml: Any, selected: str | None) -> tuple[Any, int | None, str] 
     return _by_uuid(nvml, selected), None, selected
 
 
-def nvml_budget(env: Mapping[str, str] | None = None, nvml: Any = None) -> Budget | None:
-    """Total memory of the GPU / MIG instance this process sees, or None (no GPU, no NVML,
-    devices hidden, or any NVML error)."""
+def with_nvml_device(env: Mapping[str, str] | None, nvml: Any,
+                     use: Callable[[Any, tuple[Any, int | None, str], Mapping[str, str]], T]
+                     ) -> T | None:
+    """``use(nvml, (handle, index, detail), env)`` on the GPU / MIG instance this process
+    sees, inside one NVML session; None when there is no GPU, no NVML, the devices are
+    hidden, or NVML fails in any way (the normal CPU-only case). One place for the session
+    so the budget (here) and the measured use (runner/resources.py) see the same device."""
     env = os.environ if env is None else env
     selected = visible_device(env)
     if selected == "":
@@ -194,21 +200,30 @@ def nvml_budget(env: Mapping[str, str] | None = None, nvml: Any = None) -> Budge
         return None
     try:
         found = nvml_device(nvml, selected)
-        if found is None:
-            return None
-        handle, index, detail = found
-        total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
-        with contextlib.suppress(Exception):  # the name is decoration only
-            detail += f" {_text(nvml.nvmlDeviceGetName(handle))}"
-        mps = _mps_limit(env, index)
-        if mps is not None and mps < total:
-            return Budget(mps, "nvml", f"{detail}; MPS pinned limit")
-        return Budget(total, "nvml", detail.strip())
+        return None if found is None else use(nvml, found, env)
     except Exception:  # noqa: BLE001 - any NVML failure means "no answer from NVML"
         return None
     finally:
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
+
+
+def _device_budget(nvml: Any, found: tuple[Any, int | None, str],
+                   env: Mapping[str, str]) -> Budget:
+    handle, index, detail = found
+    total = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
+    with contextlib.suppress(Exception):  # the name is decoration only
+        detail += f" {_text(nvml.nvmlDeviceGetName(handle))}"
+    mps = _mps_limit(env, index)
+    if mps is not None and mps < total:
+        return Budget(mps, "nvml", f"{detail}; MPS pinned limit")
+    return Budget(total, "nvml", detail.strip())
+
+
+def nvml_budget(env: Mapping[str, str] | None = None, nvml: Any = None) -> Budget | None:
+    """Total memory of the GPU / MIG instance this process sees, or None (no GPU, no NVML,
+    devices hidden, or any NVML error)."""
+    return with_nvml_device(env, nvml, _device_budget)
 
 
 # ------------------------------------------------------------------------------- cgroups

@@ -42,11 +42,9 @@ from typing import Any
 from runner.budget import (
     CGROUP_ROOT,
     PROC_SELF_CGROUP,
-    _load_nvml,
     _own_path,
     _parse_limit,
-    nvml_device,
-    visible_device,
+    with_nvml_device,
 )
 
 PROC_SELF_STATUS = Path("/proc/self/status")
@@ -179,31 +177,15 @@ def nvml_process_bytes(pid: int, env: Mapping[str, str] | None = None,
                        nvml: Any = None) -> int | None:
     """GPU memory NVML says process ``pid`` uses on the device this process sees (the same
     device runner/budget.py measures), or None (no NVML, no GPU, not listed)."""
-    env = os.environ if env is None else env
-    selected = visible_device(env)
-    if selected == "":
-        return None
-    nvml = nvml if nvml is not None else _load_nvml()
-    if nvml is None:
-        return None
-    try:
-        nvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver / no GPU
-        return None
-    try:
-        found = nvml_device(nvml, selected)
-        if found is None:
-            return None
+
+    def used_by(nvml: Any, found: tuple[Any, int | None, str], _env: Any) -> int | None:
         for proc in nvml.nvmlDeviceGetComputeRunningProcesses(found[0]):
             used = getattr(proc, "usedGpuMemory", None)
             if int(getattr(proc, "pid", -1)) == pid and isinstance(used, int):
                 return used  # None when the driver cannot tell (e.g. without permission)
         return None
-    except Exception:  # noqa: BLE001 - any NVML failure means "no answer"
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
+
+    return with_nvml_device(env, nvml, used_by)
 
 
 # ------------------------------------------------------------------------ from the wire
