@@ -19,8 +19,8 @@ PROFILE ?= hetero-llama2
 STEPS  ?=
 # Without a GPU, `make run` trains CPU_STEPS of the profile's steps (printed; STEPS=200
 # runs the whole profile), validating on CPU_EVAL examples at each point.
-CPU_STEPS ?= 30
-CPU_EVAL ?= 128
+CPU_STEPS ?= 15
+CPU_EVAL ?= 64
 BACKEND ?= auto
 PYTEST_ARGS ?=
 
