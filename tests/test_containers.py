@@ -194,7 +194,7 @@ def test_client_over_its_limit_is_budget_exceeded_and_traces_apply(images: float
     profile.write_text(yaml.safe_dump(doc))
     run = tmp_path / "oom"
     proc = cli("up", "--profile", str(profile), "--backend", "compose", "--host-network",
-               "--steps", "4", "--mem-limit", "client2=120MB", "--join-timeout", "45",
+               "--steps", "4", "--mem-limit", "client2=120MB", "--join-timeout", "90",
                "--out", str(run))
     assert "client2: budget exceeded" in proc.stdout
     events = _events(run)
