@@ -257,7 +257,7 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         else:
             cfg, reduction = reduce_for_cpu(cfg, cpu_steps, cpu_examples)
             if reduction is not None:
-                console.print(reduction.line(), highlight=False, soft_wrap=True)
+                console.print(reduction.line(), highlight=False)
                 cfg = replace(cfg, extra={**cfg.extra, "cpu_reduction": reduction.to_dict()})
     cfg.validate()
     if backend == "auto":
