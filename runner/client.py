@@ -157,7 +157,8 @@ class Client:
         """The client's segment with uniform adapters (SplitLoRA: split point L/4 or --split;
         fedlora/cenlora: the whole model)."""
         cfg, info = self.cfg, self.info
-        seg = split.load_client(info.path, self.k) if self.split else split.load_unsplit(info.path)
+        seg = split.load_client(info.path, self.k, self.cfg.precision) if self.split \
+            else split.load_unsplit(info.path, self.cfg.precision)
         if self.full:  # Trainer._adapt for ft: every weight trains
             for p in seg.model.parameters():
                 p.requires_grad_(True)

@@ -17,6 +17,7 @@ SPLIT_METHODS = ("splitlora", *HSPLIT_METHODS)
 FEDERATED_METHODS = ("splitlora", "fedlora", "hetlora", *HSPLIT_METHODS)
 CENTRAL_METHODS = ("cenlora", "ft")
 HETERO_METHODS = ("hetlora", *HSPLIT_METHODS)
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class TrainConfig:
     eval_every: int = 50
     eval_max_examples: int | None = 256
     seed: int = 0
+    # "fp32", or "bf16": forwards under torch.autocast (runner.split.autocast). Exactness
+    # tests and the default stay fp32.
+    precision: str = "fp32"
     # Scheduled dropouts for in-process runs: (client index, first step, end step), the
     # client is offline for steps [first, end). The distributed runtime injects real ones.
     dropouts: tuple[tuple[int, int, int], ...] = ()
@@ -77,6 +81,8 @@ class TrainConfig:
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (bool(self.targets), "--targets must name at least one projection"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

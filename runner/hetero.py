@@ -157,7 +157,7 @@ class HeteroTrainer(Trainer):
             if not fits:
                 self._budget_violation(0, f"{h.name}: full model at rank {rank} exceeds budget "
                                           f"{dev.memory_bytes / 2**20:.0f} MiB")
-            h.seg = split.load_unsplit(self.info.path)
+            h.seg = split.load_unsplit(self.info.path, cfg.precision)
             h.ranks = lora.attach_lora(h.seg, {n: rank for n in names}, alpha=cfg.lora_alpha,
                                        dropout=cfg.lora_dropout, seed=cfg.seed)
             h.opt, h.sched = make_optimizer(h.seg.model, cfg)
@@ -178,9 +178,9 @@ class HeteroTrainer(Trainer):
             for v in violations:
                 self._budget_violation(0, v)
         for h, k in zip(self.clients, splits, strict=True):
-            h.seg = split.load_client(self.info.path, k)
+            h.seg = split.load_client(self.info.path, k, cfg.precision)
         self.server = Holder(name="server", seg=split.load_segment(
-            self.info.path, 0, L, embed=False, head=True), ranks={})
+            self.info.path, 0, L, embed=False, head=True, precision=cfg.precision), ranks={})
         self.initial_plan()
 
     def initial_plan(self) -> None:
@@ -259,7 +259,7 @@ class HeteroTrainer(Trainer):
     def _move_split(self, h: Holder, k: int, step: int) -> None:
         """Reload a client at a new split point with the server's current merged weights."""
         old = h.seg.end
-        seg = split.load_client(self.info.path, k)
+        seg = split.load_client(self.info.path, k, self.cfg.precision)
         moved = self._sync_blocks(seg, old)
         h.seg = seg
         self.moved_bytes += moved

@@ -114,7 +114,9 @@ class HeteroClient(Client):
         if not 1 <= k <= L:
             raise ValueError(f"split point {k} outside [1, {L}]")
         # k = L: the whole model (hetlora clients)
-        new = split.load_unsplit(self.info.path) if k == L else split.load_client(self.info.path, k)
+        p = self.cfg.precision
+        new = (split.load_unsplit(self.info.path, p) if k == L
+               else split.load_client(self.info.path, k, p))
         target = block_state(new)
         bad = [n for n, t in weights.items()
                if n not in target or tuple(target[n].shape) != tuple(t.shape)]

@@ -94,7 +94,8 @@ class ServerTrainer(Trainer):
 
     def _build(self) -> None:
         path, L = self.info.path, self.info.num_layers
-        seg = split.load_client(path, self.k) if self.k < L else split.load_unsplit(path)
+        p = self.cfg.precision
+        seg = split.load_client(path, self.k, p) if self.k < L else split.load_unsplit(path, p)
         ranks = self._adapt(seg, self._ranks(seg.config))
         self.clients = [Holder(name="global", seg=seg, ranks=ranks)]
         if self.k < L:
@@ -193,7 +194,7 @@ class Server:
         import transformers
 
         p = self.prep
-        return {"train": self.cfg.to_dict(), "model_path": str(p.info.path),
+        return {"train": p.train_record(self.cfg), "model_path": str(p.info.path),
                 "model_family": p.info.family, "num_layers": p.info.num_layers,
                 "data_source": p.source, "data_sizes": {k: len(v) for k, v in p.frames.items()},
                 "client_sizes": [len(s) for s in p.shards],

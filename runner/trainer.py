@@ -38,6 +38,7 @@ from runner.devices import DeviceSpec
 from runner.memory import ModelCosts
 from runner.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
+from runner.splits import DataProtocol
 from runner.vtime import StepClock, availability_from, clock_devices
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
@@ -117,10 +118,19 @@ class Prepared:
     frames: dict[str, Any]
     shards: list[Any]
     source: str
+    protocol: DataProtocol | None = None  # which files train / validate / test (splits.py)
+
+    def train_record(self, cfg: TrainConfig) -> dict[str, Any]:
+        """config.json's ``train`` section: the TrainConfig plus the data protocol it used."""
+        record = cfg.to_dict()
+        if self.protocol is not None:
+            record["data_protocol"] = self.protocol.to_dict()
+        return record
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    """Validate the config, resolve model and data, split by MR and partition over clients."""
+    """Validate the config, resolve model and data, split them (official release files or by
+    MR, runner/splits.py) and partition the training rows over clients."""
     cfg.validate()
     info = model_info(cfg.model)
     if cfg.method in SPLIT_METHODS:
@@ -128,13 +138,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg.method != "ft":  # bad --targets must fail before the run directory is written
         lora.weight_names(load_config(info.path), range(1), cfg.targets)
     tokenizer = load_tokenizer(info.path)
-    spec = data_mod.resolve_data(cfg.data)
-    df = data_mod.load_e2e(spec, seed=cfg.seed)
-    frames = data_mod.split_by_mr(df, cfg.split_fractions, seed=cfg.seed)
+    protocol = DataProtocol.for_config(cfg)
+    frames = protocol.training_frames()
     n_shards = 1 if cfg.method in CENTRAL_METHODS else cfg.clients
     shards = data_mod.partition(frames["train"], n_shards, cfg.partition, cfg.dirichlet_alpha,
                                 cfg.partition_attribute, seed=cfg.seed)
-    return Prepared(info, tokenizer, frames, shards, str(spec))
+    return Prepared(info, tokenizer, frames, shards, protocol.source, protocol)
 
 
 def split_point(cfg: TrainConfig, info: ModelInfo) -> int:
@@ -188,9 +197,9 @@ class Trainer:
         total = sum(len(s) for s in shards)
         for i, shard in enumerate(shards):
             if cfg.method in SPLIT_METHODS:
-                seg = split.load_client(path, self.k)
+                seg = split.load_client(path, self.k, cfg.precision)
             else:
-                seg = split.load_unsplit(path)
+                seg = split.load_unsplit(path, cfg.precision)
             ranks = self._adapt(seg, self._ranks(seg.config))
             examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
             holder = Holder(
@@ -210,7 +219,8 @@ class Trainer:
 
     def _server_holder(self) -> Holder:
         """The server segment (blocks [k, L) + head) with its adapters and optimizer."""
-        seg = split.load_server(self.info.path, self.k, self.info.num_layers)
+        seg = split.load_server(self.info.path, self.k, self.info.num_layers,
+                               self.cfg.precision)
         holder = Holder(name="server", seg=seg, ranks=self._adapt(seg, self._ranks(seg.config)))
         opt = make_optimizer(seg.model, self.cfg)
         if opt is not None:

@@ -124,6 +124,9 @@ def train(
              "latency; optional server) for hsplitlora*/hetlora; default: the paper's "
              "5-20 GB spread emulated on the model")] = None,
     rank_set: Annotated[str, typer.Option(help="Rank set Q for ARMSC / HetLoRA")] = "0,2,4,8,16",
+    precision: Annotated[str, typer.Option(
+        help="fp32 | bf16 (forwards under autocast; weights and optimizer stay fp32) | auto "
+             "(bf16 where the GPU or CPU has bf16 arithmetic)")] = "fp32",
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
 ) -> None:
@@ -138,6 +141,14 @@ def train(
     except ValueError:
         _fail(f"--dropout takes CLIENT:FIRST:END (e.g. 1:20:40), got {dropout}")
         return
+    from testbed.precision import resolve
+
+    try:
+        precision, precision_line = resolve(precision)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    Console().print(precision_line, highlight=False)
     cfg = train_config(
         method=method, model=model, data=data, clients=clients, split=split, rank=rank,
         targets=targets, steps=steps, batch_size=batch_size, lr=lr, agg_interval=agg_interval,
@@ -145,6 +156,7 @@ def train(
         eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
         seed=seed, dropouts=dropouts, devices=str(devices) if devices else None,
         rank_set=tuple(int(r) for r in rank_set.split(",") if r.strip()),
+        precision=precision,
     )
     try:
         summary = run_training(cfg, out, overwrite)
@@ -176,8 +188,11 @@ def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
     from runner.trainer import prepare
 
     prepared = prepare(cfg)
+    if prepared.protocol is not None:  # which files train, validate and test this run
+        Console(soft_wrap=True).print(prepared.protocol.line(len(prepared.frames["train"])),
+                                      highlight=False, markup=False)
     snapshot = {
-        "train": cfg.to_dict(),
+        "train": prepared.train_record(cfg),
         "model_path": str(prepared.info.path),
         "model_family": prepared.info.family,
         "num_layers": prepared.info.num_layers,
@@ -207,25 +222,35 @@ def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `testbed train`")],
+    test_data: Annotated[Path | None, typer.Option(
+        help="E2E CSV (columns mr,ref) to score on whole: every MR of the file, against all "
+             "its references (e.g. testset_w_refs.csv). Default: the run's own test split "
+             "(the official testset_w_refs.csv whole, or the test fraction of its CSV split "
+             "by MR)")] = None,
     data: Annotated[str | None, typer.Option(
-        help="E2E CSV for the test split (default: the run's own data)")] = None,
+        help="Other data, split as training would split it: its test split only (a release "
+             "directory: testset_w_refs.csv; one CSV: its 10% test fraction by MR with the "
+             "run's seed). Use --test-data to score a whole file")] = None,
     max_mrs: Annotated[int, typer.Option(help="Score only the first N test MRs (0 = all)")] = 0,
     beams: Annotated[int, typer.Option(help="Beam width")] = 10,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length cap")] = 64,
 ) -> None:
-    """Generate on the test split (beam search) and write outputs CSV + BLEU/NIST/METEOR/
-    ROUGE-L/CIDEr scores JSON into RUN/eval/."""
+    """Generate for the test MRs (beam search) and score them against all their references:
+    RUN/eval/ gets outputs.csv, outputs.txt + references.txt (the official E2E scorer's
+    measure_scores.py inputs) and scores.json (BLEU/NIST/METEOR/ROUGE-L/CIDEr)."""
     from runner.errors import UserError
     from runner.evaluate import DecodeConfig, evaluate_run
     from runner.rundir import RunDir
 
     _quiet_libraries()
+    if max_mrs < 0:
+        _fail(f"--max-mrs must be >= 0 (0 = every MR), got {max_mrs}")
     try:
         run = RunDir.open(run_dir)
         with _progress() as bar:
             task = bar.add_task("generate", total=None, info="")
             result = evaluate_run(
-                run, data, max_mrs=max_mrs or None,
+                run, data, test_data=test_data, max_mrs=max_mrs or None,
                 decode=DecodeConfig(num_beams=beams, max_new_tokens=max_new_tokens),
                 progress=lambda n: bar.advance(task, n),
                 on_total=lambda n: bar.update(task, total=n),
@@ -235,7 +260,17 @@ def eval_(
         return
     scores = result["scores"]
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)
-    Console().print(f"outputs and scores written to {run_dir / 'eval'}", highlight=False)
+    out = Console(soft_wrap=True)
+    n, of = result["test_mrs"], result["file_test_mrs"]
+    where = (f"split by MR from {result['test_file']}" if result["protocol"] == "split-by-mr"
+             else f"of {result['test_file']}")
+    count = f"{n:,} MRs" if n == of else f"{n:,} of {of:,} MRs"
+    tail = ", the whole file" if result["whole_file"] else ""
+    out.print(f"test: {count} {where}{tail}", highlight=False, markup=False)
+    out.print(f"outputs and scores written to {run_dir / 'eval'}", highlight=False, markup=False)
+    out.print(f"official scorer inputs: {run_dir / 'eval' / 'outputs.txt'} and "
+              f"{run_dir / 'eval' / 'references.txt'} (measure_scores.py REFS OUTPUTS)",
+              highlight=False, markup=False)
 
 
 @contextmanager

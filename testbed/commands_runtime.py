@@ -93,6 +93,10 @@ def up(
              "in one line and recorded in config.json. `make run` uses 15")] = None,
     cpu_eval_examples: Annotated[int | None, typer.Option(
         help="With --cpu-steps: cap the validation examples of such a CPU run")] = None,
+    precision: Annotated[str, typer.Option(
+        help="fp32 | bf16 (forwards under autocast; weights, optimizer and wire stay fp32) "
+             "| auto (bf16 where the GPU or CPU has bf16 arithmetic, else fp32). `make run` "
+             "uses auto")] = "fp32",
 ) -> None:
     """Start a distributed run: broker, server and clients (containers or processes), with
     live progress.
@@ -128,7 +132,7 @@ def up(
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
                         external=external, offline_given=offline_after is not None,
                         step_timeout_given=step_timeout is not None,
-                        cpu=(cpu_steps, cpu_eval_examples))
+                        cpu=(cpu_steps, cpu_eval_examples), precision=precision)
             return
         if cpu_steps is not None:
             raise UserError("--cpu-steps shortens a profile's experiment; use it with "
@@ -142,7 +146,7 @@ def up(
             batch_size=batch_size, lr=lr, agg_interval=agg_interval, partition=partition,
             dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
             eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
-            seed=seed)
+            seed=seed, precision=_precision(precision, console))
         cfg.validate()
         _up_local(cfg, out, opts, detach, console, external)
     except UserError as exc:
@@ -178,6 +182,7 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
     from testbed.cli import _fail
     from testbed.local import LocalRun
 
+    _print_data(cfg, console)
     run = LocalRun(cfg, out, opts)
     if external is not None:
         url, passwords = external
@@ -214,6 +219,17 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
     _print_summary(out, console)
 
 
+def _print_data(cfg: Any, console: Console) -> None:
+    """Print which files train, validate and test the run (runner/splits.py), resolved here
+    before anything starts, so a bad --data fails at once and in one line."""
+    from runner.data import load_e2e
+    from runner.splits import DataProtocol
+
+    proto = DataProtocol.for_config(cfg)
+    rows = len(load_e2e(proto.train)) if proto.official else None
+    console.print(proto.line(rows), highlight=False, markup=False)
+
+
 def _print_summary(out: Path, console: Console) -> None:
     summary = json.loads((Path(out) / "summary.json").read_text())
     console.print(f"pretrained val PPL {summary['pretrained_val_ppl']:.3f} -> final "
@@ -225,7 +241,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
                 external: tuple[str, dict[str, str] | None] | None = None,
                 offline_given: bool = False, step_timeout_given: bool = False,
-                cpu: tuple[int | None, int | None] = (None, None)) -> None:
+                cpu: tuple[int | None, int | None] = (None, None),
+                precision: str = "fp32") -> None:
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
 
@@ -246,6 +263,7 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         changes["data"] = data
     if seed != 0:
         changes["seed"] = seed
+    changes["precision"] = _precision(precision, console)
     cfg = replace(cfg, **changes)
     cpu_steps, cpu_examples = cpu
     if cpu_steps is None and cpu_examples is not None:
@@ -273,6 +291,15 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
     if not step_timeout_given:
         opts = replace(opts, step_timeout=120.0)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
+
+
+def _precision(choice: str, console: Console) -> str:
+    """``--precision`` resolved (auto -> fp32 or bf16) and printed in one line."""
+    from testbed.precision import resolve
+
+    chosen, line = resolve(choice)
+    console.print(line, highlight=False)
+    return chosen
 
 
 def _auto_backend(external: Any, console: Console) -> str:
@@ -305,6 +332,7 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
     from testbed.compose_run import ComposeRun, parse_mem_limits
     from testbed.images import ensure_images
 
+    _print_data(cfg, console)
     run = ComposeRun(prof, mapping, cfg, out, opts, host_network=host_network,
                      mem_limits=parse_mem_limits(mem_limit))
     ensure_images(log=lambda m: console.print(m, highlight=False))
