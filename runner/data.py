@@ -11,7 +11,9 @@ share an MR, so train/validation/test are split by MR, never by row; clients get
 Dirichlet(alpha) non-IID split over an MR attribute such as ``eatType``.
 
 Where the data comes from (:func:`resolve_data`): an explicit ``--data`` spec, then
-``$TESTBED_DATA``, then a cached copy, then a one-off download of the official release. A
+``$TESTBED_DATA``, then a cached copy, then a one-off download of the official release; a
+directory holding the whole release is kept whole (:func:`resolve_source`), and
+runner/splits.py decides which of its files train, validate and test a run. A
 deterministic synthetic E2E-like generator (:func:`synthetic_e2e`) lets everything run with no
 data and no network; runs label it so its numbers are never mistaken for real E2E results.
 """
@@ -52,8 +54,10 @@ __all__ = [
     "partition",
     "partition_dirichlet",
     "partition_iid",
+    "is_release_dir",
     "references_by_mr",
     "resolve_data",
+    "resolve_source",
     "split_by_mr",
     "synthetic_e2e",
 ]
@@ -82,6 +86,9 @@ DOWNLOAD_TIMEOUT_S = 20.0
 
 E2E_FILES = ("trainset.csv", "devset.csv", "testset_w_refs.csv")
 """CSV files taken out of the release zip; anything else in the archive is ignored."""
+
+RELEASE_FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
+"""The official E2E split: which release file feeds which split (runner/splits.py)."""
 
 PREFERRED_CSV = ("trainset.csv", "devset.csv")
 """Which cached CSV :func:`resolve_data` returns, best first (the biggest one we have)."""
@@ -150,6 +157,31 @@ def _existing_csv(path: Path, origin: str, hint: str) -> Path:
     return path
 
 
+def is_release_dir(path: Path, *, nonempty: bool = False) -> bool:
+    """Whether ``path`` is a directory holding all three official E2E CSVs.
+
+    Why all three: only then can the official protocol (train on trainset, validate on devset,
+    test on testset_w_refs) run; a directory lacking one keeps the single-CSV behaviour, so an
+    old partial cache or a user's folder with just devset.csv works as before. ``nonempty``
+    also rejects zero-byte files (what an interrupted copy into the cache can leave).
+    """
+    if not path.is_dir():
+        return False
+    files = [path / name for name in RELEASE_FILES.values()]
+    return all(f.is_file() and (not nonempty or f.stat().st_size > 0) for f in files)
+
+
+def _existing_source(path: Path, origin: str, hint: str) -> Path:
+    """A complete release directory as itself, anything else as :func:`_existing_csv`."""
+    return path if is_release_dir(path) else _existing_csv(path, origin, hint)
+
+
+def _cached_source() -> Path | None:
+    """The cached release directory when it is complete, else the best cached CSV."""
+    root = _e2e_cache()
+    return root if is_release_dir(root, nonempty=True) else _cached_csv()
+
+
 def _cached_csv() -> Path | None:
     """The best E2E CSV already in the cache, if any."""
     root = _e2e_cache()
@@ -205,29 +237,46 @@ def resolve_data(spec: str | Path | None) -> Path | str:
     Why this order: what the user typed wins; an environment variable lets a cluster point every
     run at a shared copy; the cache makes the download a one-off. Nothing here silently falls
     back to synthetic data, because a run on synthetic data must be something the user asked for.
+
+    This always names *one* CSV (a directory means the CSV inside it); :func:`resolve_source`
+    is the same search that keeps a complete release directory whole (the official split).
     """
+    return _resolve(spec, release=False)
+
+
+def resolve_source(spec: str | Path | None) -> Path | str:
+    """:func:`resolve_data`, except that a directory holding the whole official release
+    (:func:`is_release_dir`) is returned as the directory, so that the run can use the
+    official train/dev/test split (runner/splits.py) rather than one CSV split by MR."""
+    return _resolve(spec, release=True)
+
+
+def _resolve(spec: str | Path | None, *, release: bool) -> Path | str:
+    """The search behind :func:`resolve_data` / :func:`resolve_source`."""
+    existing = _existing_source if release else _existing_csv
     if spec is not None and str(spec).strip():
         if str(spec).strip() == SYNTHETIC:
             return SYNTHETIC
-        return _existing_csv(Path(spec).expanduser(), "", _USE_DATA_HINT)
+        return existing(Path(spec).expanduser(), "", _USE_DATA_HINT)
 
     env = os.environ.get(DATA_ENV, "").strip()
     if env:
         if env == SYNTHETIC:
             return SYNTHETIC
-        return _existing_csv(
+        return existing(
             Path(env).expanduser(),
             f" (from ${DATA_ENV})",
             f"set {DATA_ENV} to an E2E CSV with columns mr,ref, or pass --data synthetic",
         )
 
-    cached = _cached_csv()
+    cached = _cached_source() if release else _cached_csv()
     if cached is not None:
         return cached
 
     url = os.environ.get(E2E_URL_ENV, "").strip() or DEFAULT_E2E_URL
     try:
-        return _download_e2e(url)
+        found = _download_e2e(url)
+        return (_cached_source() or found) if release else found
     except (
         OSError,
         ValueError,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from runner import data as data_mod
-from runner import lora, scoring
+from runner import lora, scoring, splits
 from runner.config import TrainConfig
 from runner.errors import UserError
 from runner.models import load_full_model, load_tokenizer, model_info
@@ -100,21 +101,50 @@ def generate(model: torch.nn.Module, tokenizer: Any, mrs: list[str], decode: Dec
     return outputs
 
 
-def evaluate_run(run: RunDir, data: str | None = None, *, max_mrs: int | None = None,
-                 decode: DecodeConfig | None = None,
+def write_measure_scores_inputs(out_dir: Path, outputs: list[str],
+                                references: list[list[str]]) -> tuple[Path, Path]:
+    """Write ``outputs.txt`` and ``references.txt`` in the plain-text layout the official E2E
+    scorer (e2e-metrics ``measure_scores.py``) reads, so anyone can score our outputs with it:
+    one output per line in MR order; the references of each MR one per line, MRs separated by
+    a blank line, in the same order. Newlines inside a text become spaces and surrounding
+    whitespace goes (a line is a text there). Each file is written to a temporary name and
+    renamed, so a failed evaluation never leaves half a file."""
+    def flat(text: str) -> str:
+        return " ".join(text.split())
+
+    texts = {
+        "outputs.txt": "".join(flat(o) + "\n" for o in outputs),
+        "references.txt": "\n".join("".join(flat(r) + "\n" for r in group)
+                                    for group in references),
+    }
+    for name, text in texts.items():
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out_dir / name)
+    return out_dir / "outputs.txt", out_dir / "references.txt"
+
+
+def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path | None = None,
+                 max_mrs: int | None = None, decode: DecodeConfig | None = None,
                  progress: Callable[[int], None] | None = None,
                  on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Generate for the test MRs, score them, write ``eval/outputs.csv`` and ``eval/scores.json``.
+    """Generate for the test MRs, score them against all their references, and write
+    ``eval/outputs.csv``, ``eval/outputs.txt`` + ``eval/references.txt`` (the official
+    scorer's inputs, :func:`write_measure_scores_inputs`) and ``eval/scores.json``.
 
-    ``data`` defaults to the run's own data; the test split is recomputed with the run's seed
-    and fractions, so it is the same MRs the run never trained on.
+    Which MRs (runner/splits.py :func:`~runner.splits.eval_set`): ``test_data``: every MR of
+    that CSV; ``data``: that data's test split as a run trained on it would have it; neither:
+    the run's own test split (the whole official testset, or the test fraction by MR recomputed
+    with the run's seed and fractions: the MRs it never trained on). ``max_mrs`` keeps the
+    first N (None or 0: all). Bad input fails before the model loads and before anything is
+    written.
     """
+    if max_mrs is not None and max_mrs < 0:
+        raise UserError(f"--max-mrs must be >= 0 (0 = every MR), got {max_mrs}")
     decode = decode or DecodeConfig()
+    chosen = splits.eval_set(run.config(), data=data, test_data=test_data)
     model, tokenizer, cfg = load_run_model(run)
-    spec = data_mod.resolve_data(data if data is not None else cfg.data)
-    df = data_mod.load_e2e(spec, seed=cfg.seed)
-    test = data_mod.split_by_mr(df, cfg.split_fractions, seed=cfg.seed)["test"]
-    refs = data_mod.references_by_mr(test)
+    refs = data_mod.references_by_mr(chosen.frame)
     mrs = list(refs)[:max_mrs] if max_mrs else list(refs)
     if on_total is not None:
         on_total(len(mrs))
@@ -128,8 +158,12 @@ def evaluate_run(run: RunDir, data: str | None = None, *, max_mrs: int | None = 
         w.writerow(["mr", "output"])
         w.writerows(outputs.items())
     tmp.replace(out_dir / "outputs.csv")
-    extra = {"data": str(spec), "test_mrs": len(mrs), "decode": decode.__dict__,
-             "method": cfg.method, "model": cfg.model}
+    write_measure_scores_inputs(out_dir, texts, [refs[m] for m in mrs])
+    # "data" is the file the test MRs came from (kept under its old name for old readers)
+    extra = {"data": chosen.file, "test_file": chosen.file, "protocol": chosen.protocol,
+             "test_mrs": len(mrs), "file_test_mrs": len(refs),
+             "whole_file": chosen.whole_file and len(mrs) == len(refs),
+             "decode": decode.__dict__, "method": cfg.method, "model": cfg.model}
     scoring.write_scores(out_dir / "scores.json", scores, extra)
     run.event("evaluated", **scores, test_mrs=len(mrs))
     return {"scores": scores, **extra}

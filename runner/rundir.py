@@ -74,15 +74,21 @@ def host_mounts(path: Path) -> dict[str, str]:
 def read_config(path: Path) -> dict[str, Any]:
     """``config.json`` of the run in ``path`` with container paths mapped to host paths
     (``host-paths.json``, written by the compose backend); the paths as the containers saw
-    them stay under ``container_paths``."""
+    them stay under ``container_paths``.
+
+    Every string under a mount point is mapped, wherever it sits, so the data protocol's file
+    paths (``train.data_protocol``: source, train, validation, test; runner/splits.py) resolve
+    on the host like ``train.data`` does."""
     raw = json.loads((Path(path) / CONFIG).read_text())
     mounts = host_mounts(path)
     if not mounts:
         return raw
     mapped = to_host(raw, mounts)
     mapped["container_paths"] = {k: raw[k] for k in ("model_path", "data_source") if k in raw}
-    mapped["container_paths"]["train"] = {
-        k: raw.get("train", {}).get(k) for k in ("data", "devices")}
+    train = raw.get("train", {})
+    seen = mapped["container_paths"]["train"] = {k: train.get(k) for k in ("data", "devices")}
+    if "data_protocol" in train:  # runs made before issue 12 have none
+        seen["data_protocol"] = train["data_protocol"]
     return mapped
 
 

@@ -136,18 +136,20 @@ class ComposeRun:
         materialise(self.train.model)  # convert / create on the host, once
         cache = cache_dir()
         mounts[str(cache.resolve())] = CACHE_MOUNT
-        from runner.data import resolve_data
+        from runner.data import SYNTHETIC, resolve_source
 
         cfg = replace(self.train, devices=f"{RUN_MOUNT}/devices.json")
-        # resolved on the host ($TESTBED_DATA, the cache, a download), then mounted
-        data = str(self.train.data or resolve_data(None))
-        if data and data != "synthetic" and Path(data).expanduser().is_file():
+        # resolved on the host ($TESTBED_DATA, the cache, a download), then mounted: a CSV's
+        # folder, or a whole official release directory (runner/splits.py) as /data itself
+        data = resolve_source(self.train.data)
+        if data != SYNTHETIC:
             path = Path(data).expanduser().resolve()
-            mounts[str(path.parent)] = f"{DATA_MOUNT}:ro"
-            cfg = replace(cfg, data=f"{DATA_MOUNT}/{path.name}")
-        elif data and data != "synthetic":
-            raise UserError(f"data file {data} not found; pass an E2E CSV (e.g. "
-                            "../shared/data/e2e/devset.csv) or 'synthetic'")
+            if path.is_dir():
+                mounts[str(path)] = f"{DATA_MOUNT}:ro"
+                cfg = replace(cfg, data=DATA_MOUNT)
+            else:
+                mounts[str(path.parent)] = f"{DATA_MOUNT}:ro"
+                cfg = replace(cfg, data=f"{DATA_MOUNT}/{path.name}")
         return cfg, mounts
 
     def prepare(self) -> ComposeOptions:

@@ -240,6 +240,27 @@ def test_container_run_is_evaluated_and_reported_from_the_host(images: float,
     scores = json.loads((run / "eval" / "scores.json").read_text())
     assert scores["extra"]["data"] == str(devset.resolve())
     assert scores["extra"]["test_mrs"] == 3
+    # the protocol the server recorded (container paths) resolves on the host too
+    assert raw["train"]["data_protocol"]["test"] == "/data/devset.csv"
+    assert scores["extra"]["protocol"] == "split-by-mr" and not scores["extra"]["whole_file"]
+
+    # --test-data: every MR of a host file the containers never saw, all its references
+    import pandas as pd
+
+    rows = pd.read_csv(devset, dtype=str, keep_default_na=False)
+    mrs = list(pd.unique(rows["mr"]))[:4]
+    test_file = tmp_path / "held-out.csv"
+    rows[rows["mr"].isin(mrs)].to_csv(test_file, index=False)
+    out = cli("eval", str(run), "--test-data", str(test_file), "--beams", "2",
+              "--max-new-tokens", "8")
+    assert f"test: 4 MRs of {test_file.resolve()}, the whole file" in out.stdout
+    extra = json.loads((run / "eval" / "scores.json").read_text())["extra"]
+    assert (extra["test_file"], extra["test_mrs"], extra["whole_file"]) == (
+        str(test_file.resolve()), 4, True)
+    assert len((run / "eval" / "outputs.txt").read_text().splitlines()) == 4
+    groups = (run / "eval" / "references.txt").read_text().rstrip("\n").split("\n\n")
+    assert [len(g.splitlines()) for g in groups] == [
+        int((rows["mr"] == m).sum()) for m in mrs]
     report = run / "report.md"
     cli("report", str(run), "-o", str(report))
     text = report.read_text()
