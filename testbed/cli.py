@@ -94,8 +94,10 @@ def train(
         help="Alias (smollm2-135m, tiny-llama, tiny-gpt2), local HF directory, .gguf file, "
              "or Hugging Face hub id")] = "smollm2-135m",
     data: Annotated[str | None, typer.Option(
-        help="E2E CSV (columns mr,ref) or 'synthetic'. Default: $TESTBED_DATA, the cache, "
-             "then a download of the official E2E release")] = None,
+        help="E2E CSV (columns mr,ref; split by MR 80/10/10), a directory holding the "
+             "official release (trainset.csv, devset.csv, testset_w_refs.csv: used as the "
+             "official split), or 'synthetic'. Default: $TESTBED_DATA, the cache, then a "
+             "download of the official E2E release")] = None,
     clients: Annotated[int, typer.Option(help="Number of clients")] = 3,
     split: Annotated[int | None, typer.Option(
         "--split", help="Split point k: clients hold blocks [0,k) (default L/4)")] = None,

@@ -32,7 +32,9 @@ def up(
     model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id "
                                             "(ignored with --profile: its stand-in)")
                      ] = "smollm2-135m",
-    data: Annotated[str | None, typer.Option(help="E2E CSV or 'synthetic'")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="E2E CSV (split by MR), official release directory (its official split) or "
+             "'synthetic'")] = None,
     clients: Annotated[int, typer.Option(help="Number of clients (without --profile)")] = 3,
     split: Annotated[int | None, typer.Option("--split", help="Split point k")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
