@@ -58,6 +58,8 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("TESTBED_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TESTBED_DATA", raising=False)
     monkeypatch.setenv(D.E2E_URL_ENV, "http://127.0.0.1:9/e2e-dataset.zip")
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # loopback only, never through a proxy
     return tmp_path
 
 
@@ -125,6 +127,41 @@ def test_the_cache_holding_the_whole_release_gives_the_official_split(isolated: 
     assert D.resolve_data(None) == cache / "trainset.csv"  # unchanged for one-CSV callers
     (cache / "testset_w_refs.csv").write_text("")  # a broken copy: not a release any more
     assert S.DataProtocol.resolve(None).protocol == S.BY_MR
+
+
+def test_a_downloaded_release_gives_the_official_split(isolated: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download (runner/data.py, a zip served on loopback here) extracts all three files
+    into the cache, and the run then uses them as the official split."""
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    frames = write_release(isolated / "files")
+    srv = isolated / "srv"
+    srv.mkdir()
+    with zipfile.ZipFile(srv / "e2e-dataset.zip", "w") as zf:
+        for name in frames:
+            zf.write(isolated / "files" / name, f"e2e-dataset/{name}")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(srv))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv(D.E2E_URL_ENV,
+                           f"http://127.0.0.1:{server.server_address[1]}/e2e-dataset.zip")
+        proto = S.DataProtocol.resolve(None)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert proto.official and proto.source == str((D.cache_dir() / "data" / "e2e").resolve())
+    assert _rows(proto.test_frame()) == _rows(frames["testset_w_refs.csv"])
 
 
 def test_test_data_errors_are_one_line(tmp_path: Path) -> None:
