@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from runner import data as data_mod
-from runner.errors import DataError
+from runner.errors import ConfigError, DataError
 
 OFFICIAL = "official"
 BY_MR = "split-by-mr"
@@ -40,8 +40,11 @@ RECORD_KEY = "data_protocol"
 
 def _fractions(values: Any) -> tuple[float, float, float]:
     """Three split fractions from a config value (a list in JSON); the default when absent."""
-    a, b, c = (float(f) for f in (values or (0.8, 0.1, 0.1)))
-    return a, b, c
+    found = tuple(float(f) for f in (values or (0.8, 0.1, 0.1)))
+    if len(found) != 3:
+        raise ConfigError(f"split fractions {found} must be three numbers (train, validation, "
+                          "test), e.g. 0.8,0.1,0.1")
+    return found[0], found[1], found[2]
 
 
 def _absolute(path: str | Path) -> str:
@@ -122,6 +125,7 @@ class DataProtocol:
     # ----------------------------------------------------------------------- reading
     @property
     def official(self) -> bool:
+        """The official E2E split (three files), as opposed to one file split by MR."""
         return self.protocol == OFFICIAL
 
     def _split_source(self) -> dict[str, pd.DataFrame]:

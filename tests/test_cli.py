@@ -333,6 +333,7 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     assert "emulating meta-llama/Llama-2-7b-hf" in proc.stdout
     assert "no GPU here: a CPU run of 2 of the profile's 6 steps" in proc.stdout
     assert "--steps 6" in proc.stdout
+    assert "data: synthetic split by MR 80/10/10 (seed 0)" in proc.stdout  # the protocol
     devices = json.loads((out / "devices.json").read_text())
     assert [c["name"] for c in devices["clients"]] == ["client0", "client1", "client2"]
     budgets = [c["memory_bytes"] for c in devices["clients"]]
