@@ -63,6 +63,13 @@ class TrainConfig:
     split_bounds: tuple[int, int] | None = None
     plan_seq: int = 64
     iwi_batches: int = 1
+    # Stopping rules (runner/stopping.py): ``steps`` is the cap; a budget of virtual seconds
+    # (the run's virtual clock) and early stopping on validation PPL (``patience``
+    # evaluations without an improvement of more than ``min_delta`` PPL) may end it sooner.
+    # In-process runs only (the distributed server runs to ``steps``).
+    stop_virtual_time: float | None = None
+    early_stop_patience: int | None = None
+    early_stop_min_delta: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -83,6 +90,12 @@ class TrainConfig:
             (bool(self.targets), "--targets must name at least one projection"),
             (self.precision in PRECISIONS,
              f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.stop_virtual_time is None or self.stop_virtual_time > 0,
+             f"--stop-virtual-time must be > 0 seconds, got {self.stop_virtual_time}"),
+            (self.early_stop_patience is None or self.early_stop_patience >= 1,
+             f"--early-stop-patience must be >= 1 evaluations, got {self.early_stop_patience}"),
+            (self.early_stop_min_delta >= 0,
+             f"--early-stop-min-delta must be >= 0, got {self.early_stop_min_delta}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -39,6 +39,7 @@ from runner.memory import ModelCosts
 from runner.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
 from runner.splits import DataProtocol
+from runner.stopping import Stopper
 from runner.vtime import StepClock, availability_from, clock_devices
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
@@ -447,13 +448,18 @@ class Trainer:
             (step + 1) % self.cfg.agg_interval == 0 or step + 1 == self.cfg.steps)
 
     def fit(self) -> dict[str, Any]:
-        """Train for ``cfg.steps`` steps, evaluating and logging; returns the summary."""
+        """Train for ``cfg.steps`` steps (or until a stopping rule fires, runner/stopping.py),
+        evaluating and logging; returns the summary."""
         cfg, run = self.cfg, self.run
         if run is not None:
             run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
         self.vclock = self.make_clock()
+        stopper = Stopper.from_config(cfg)
+        self._event("stop_rule", **stopper.describe(self.vclock is not None))
         first = self.evaluate()
         self._log_eval(0, first)
+        stopper.after_eval(0, first["val_ppl"])
+        done = 0
         t_start = time.perf_counter()
         totals = {"bytes_sent": 0, "bytes_received": 0}
         eval_every = math.ceil(cfg.eval_every / cfg.agg_interval) * cfg.agg_interval \
@@ -468,7 +474,12 @@ class Trainer:
                 totals["bytes_received"] += r["bytes_received"]
                 if run is not None:
                     run.metric(kind="train", **r)
-            if self.should_aggregate(step):
+            # A spent virtual-time budget ends the run after this step: aggregate (so the last
+            # evaluation is of the global model) and evaluate now.
+            out_of_time = stopper.after_step(self.vclock.now if self.vclock is not None
+                                             else None)
+            if self.should_aggregate(step) or (
+                    out_of_time and cfg.method not in CENTRAL_METHODS):
                 agg = self.aggregate(step)
                 extra = self.after_aggregate(step)  # bytes of a reconfiguration, on top
                 agg = {k: agg.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
@@ -481,12 +492,21 @@ class Trainer:
             done = step + 1
             info: dict[str, Any] = {
                 "loss": sum(r["loss"] for r in records) / max(len(records), 1)}
-            if done % eval_every == 0 or done == cfg.steps:
+            early = False
+            if done % eval_every == 0 or done == cfg.steps or out_of_time:
                 last = self.evaluate()
                 self._log_eval(done, last)
                 info.update(last)
+                early = stopper.after_eval(done, last["val_ppl"])
             if self.progress is not None:
                 self.progress(done, info)
+            if out_of_time or early:
+                self._event("stopped", step=done, reason=stopper.reason,
+                            val_ppl=last["val_ppl"], best_val_ppl=stopper.best_ppl,
+                            best_step=stopper.best_step, stale_evaluations=stopper.stale,
+                            **({"virtual_time": round(self.vclock.now, 6)}
+                               if self.vclock is not None else {}))
+                break
         summary = {
             "method": cfg.method,
             "steps": cfg.steps,
@@ -500,6 +520,7 @@ class Trainer:
                                         if self.server is not None else 0),
             **totals,
             **({"virtual_time_s": self.vclock.now} if self.vclock is not None else {}),
+            **stopper.summary(done),
             **self.summary_extra(),
         }
         if run is not None:

@@ -129,6 +129,14 @@ def train(
     precision: Annotated[str, typer.Option(
         help="fp32 | bf16 (forwards under autocast; weights and optimizer stay fp32) | auto "
              "(bf16 where the GPU or CPU has bf16 arithmetic)")] = "fp32",
+    stop_virtual_time: Annotated[float | None, typer.Option(
+        help="Stop once the run's virtual clock reaches this many seconds (needs devices: "
+             "hsplitlora*/hetlora, or --devices); --steps stays the cap")] = None,
+    early_stop_patience: Annotated[int | None, typer.Option(
+        help="Stop after this many evaluations in a row without a validation PPL "
+             "improvement of more than --early-stop-min-delta")] = None,
+    early_stop_min_delta: Annotated[float, typer.Option(
+        help="PPL improvement an evaluation must make to count (early stopping)")] = 0.0,
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
 ) -> None:
@@ -158,7 +166,8 @@ def train(
         eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
         seed=seed, dropouts=dropouts, devices=str(devices) if devices else None,
         rank_set=tuple(int(r) for r in rank_set.split(",") if r.strip()),
-        precision=precision,
+        precision=precision, stop_virtual_time=stop_virtual_time,
+        early_stop_patience=early_stop_patience, early_stop_min_delta=early_stop_min_delta,
     )
     try:
         summary = run_training(cfg, out, overwrite)
@@ -178,8 +187,11 @@ def train_config(*, targets: str, eval_max_examples: int, **options):
                        eval_max_examples=eval_max_examples or None, **options)
 
 
-def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
-    """Build the trainer, open the run directory and train with a progress bar."""
+def run_training(cfg, out_dir: Path, overwrite: bool, on_run=None) -> dict:
+    """Build the trainer, open the run directory and train with a progress bar.
+
+    ``on_run(run)`` is called once the run directory exists, before training (experiments
+    record their fairness decisions there: testbed/experiment_cell.py)."""
     import platform
 
     import torch
@@ -206,6 +218,8 @@ def run_training(cfg, out_dir: Path, overwrite: bool) -> dict:
         "argv": sys.argv,
     }
     run = RunDir.create(out_dir, snapshot, overwrite=overwrite)
+    if on_run is not None:
+        on_run(run)
     with _progress() as bar:
         task = bar.add_task(cfg.method, total=cfg.steps, info="loading")
 
@@ -374,6 +388,11 @@ app.add_typer(_profiles_app, name="profiles")
 from testbed.commands_images import app as _images_app  # noqa: E402
 
 app.add_typer(_images_app, name="images")
+
+# `testbed experiment run|report|pack` (testbed/commands_experiment.py).
+from testbed.commands_experiment import app as _experiment_app  # noqa: E402
+
+app.add_typer(_experiment_app, name="experiment")
 
 
 def main() -> None:

@@ -1,0 +1,338 @@
+"""An experiment directory (``testbed experiment run``) as tables: per cell and per method
+over seeds (mean and 95 % Student-t interval, analysis/seeds.py), curves with bands.
+
+Reads only the compact per-cell files (:data:`COMPACT_FILES`: the manifest, and each cell's
+config, metrics, events, summary and scores), never adapters or weights, so a committed
+copy of them (``testbed experiment pack``) regenerates every table and figure on a fresh
+clone. Like the rest of ``analysis``, it imports nothing that loads torch.
+
+Definitions (docs/experiments.md):
+
+* a *setting* is a (profile, override) pair; seeds of one method in one setting are
+  aggregated, methods are compared within a setting;
+* final / best val PPL: the last / lowest evaluation of a cell;
+* time to target: the first evaluation at or below the target PPL (no interpolation, the
+  evaluation cadence is the resolution), in steps, virtual seconds (the emulated devices'
+  clock) and wall seconds since training began; the default target of a setting is the
+  largest final PPL of its cells, so every cell reaches it;
+* speed-ups are paired by seed: baseline time / method time for the same seed, then mean
+  and interval over seeds (seeds share data partitions and initialisation).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import derive
+from analysis.load import RunSet, finite, load_run
+from analysis.seeds import mean_ci
+from runner.errors import UserError
+
+MANIFEST = "experiment.json"
+SOURCE = "experiment.yaml"
+# What the report reads, relative to a cell directory (and the experiment's own files).
+COMPACT_FILES = ("config.json", "metrics.jsonl", "events.jsonl", "summary.json",
+                 "eval/scores.json", "cell.json", "result.json")
+EXPERIMENT_FILES = (MANIFEST, SOURCE)
+SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+# Per-cell numbers aggregated over seeds (column of cell_table, formatter).
+AGGREGATED = ("final_val_ppl", "best_val_ppl", "steps_done", "virtual_time_s", "wall_time_s",
+              "ttt_steps", "ttt_virtual_s", "ttt_wall_s", "speedup_virtual", "speedup_wall",
+              "client_trainable_params", "server_trainable_params", "bytes_mb",
+              "budget_violations", *SCORES)
+
+
+@dataclass
+class ExperimentDir:
+    """An experiment directory as read from disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+    cells: pd.DataFrame  # the manifest's grid: id, method, profile, override, seed, dir
+    runs: RunSet | None  # cells that have a config.json (started at least once)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.manifest.get("methods") or self.cells["method"].unique())
+
+
+def load_experiment_dir(path: str | Path) -> ExperimentDir:
+    """Read the manifest and every cell that started.
+
+    Raises:
+        UserError: not an experiment directory, or no cell has started yet.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{path} is not an experiment directory (no {MANIFEST}); pass the "
+                        "--out of `testbed experiment run`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{manifest_path} is not valid JSON ({exc})") from None
+    cells = pd.DataFrame(manifest.get("cells") or [],
+                         columns=["id", "method", "profile", "override", "seed", "dir"])
+    if cells.empty:
+        raise UserError(f"{manifest_path} lists no cells")
+    cells["profile"] = cells["profile"].fillna("-")
+    started = [r for r in cells.itertuples() if (path / r.dir / "config.json").is_file()]
+    runs = RunSet([load_run(path / r.dir, r.id) for r in started]) if started else None
+    return ExperimentDir(path, manifest, cells, runs)
+
+
+def setting_name(profile: str, override: str, exp: ExperimentDir) -> str:
+    """A setting's name in tables and figure files: the profile and/or the override, the
+    parts that vary in this experiment (``all`` when neither does)."""
+    parts = []
+    if exp.manifest.get("profiles"):
+        parts.append(profile)
+    if len(exp.manifest.get("overrides") or []) > 1:
+        parts.append(override)
+    return "/".join(parts) or "all"
+
+
+def _evals(exp: ExperimentDir) -> pd.DataFrame:
+    if exp.runs is None:
+        return pd.DataFrame(columns=["run", "step", "val_ppl", "train_time_s", "virtual_time"])
+    return derive.evals(exp.runs)
+
+
+def cell_table(exp: ExperimentDir, target: float | None = None,
+               baseline: str | None = None) -> pd.DataFrame:
+    """One row per cell of the grid (unstarted cells too, with NaNs): identity, whether it
+    finished, its numbers, time to the setting's target and speed-ups vs ``baseline``."""
+    rows = []
+    ev = _evals(exp)
+    rs = exp.runs
+    moved = derive.bytes_moved(rs).set_index("run") if rs is not None else pd.DataFrame()
+    violations = derive.budget_violations(rs) if rs is not None else pd.DataFrame()
+    for c in exp.cells.itertuples():
+        row: dict[str, Any] = {"id": c.id, "method": c.method, "profile": c.profile,
+                               "override": c.override, "seed": int(c.seed),
+                               "setting": setting_name(c.profile, c.override, exp)}
+        run = next((r for r in rs.runs if r.name == c.id), None) if rs is not None else None
+        row["started"] = run is not None
+        row["finished"] = bool(run is not None and run.summary is not None)
+        mine = ev[ev["run"] == c.id].dropna(subset=["val_ppl"]) if not ev.empty else ev
+        row["final_val_ppl"] = float(mine["val_ppl"].iloc[-1]) if len(mine) else np.nan
+        row["best_val_ppl"] = float(mine["val_ppl"].min()) if len(mine) else np.nan
+        row["steps_done"] = float(mine["step"].iloc[-1]) if len(mine) else np.nan
+        vt = mine["virtual_time"].dropna() if len(mine) else pd.Series(dtype=float)
+        row["virtual_time_s"] = float(vt.iloc[-1]) if len(vt) else np.nan
+        row["wall_time_s"] = float(mine["train_time_s"].iloc[-1]) if len(mine) else np.nan
+        summary = run.summary if run is not None and run.summary else {}
+        row["stop_reason"] = summary.get("stop_reason", "steps" if summary else "")
+        for key in ("client_trainable_params", "server_trainable_params"):
+            row[key] = float(summary[key]) if finite(summary.get(key)) else np.nan
+        row["bytes_mb"] = (float(moved.at[c.id, "total_mb"]) if c.id in moved.index
+                           else np.nan)
+        row["budget_violations"] = (float((violations["run"] == c.id).sum())
+                                    if run is not None and not violations.empty
+                                    else (0.0 if run is not None else np.nan))
+        scores = ((run.scores or {}).get("scores") or {}) if run is not None else {}
+        for s in SCORES:
+            row[s] = float(scores[s]) if finite(scores.get(s)) else np.nan
+        fair = ((run.config.get("train") or {}).get("extra") or {}).get("fairness") \
+            if run is not None else None
+        t = (run.config.get("train") or {}) if run is not None else {}
+        row["split"] = (fair or {}).get("split", t.get("split"))
+        row["rank"] = (fair or {}).get("rank", t.get("rank"))
+        row["fairness"] = (fair or {}).get("rule", "")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    targets = setting_targets(table, target)
+    table["target_ppl"] = table["setting"].map(targets)
+    for col in ("ttt_steps", "ttt_virtual_s", "ttt_wall_s"):
+        table[col] = np.nan
+    table["reached"] = False
+    for i, c in table.iterrows():
+        mine = ev[(ev["run"] == c["id"]) & (ev["val_ppl"] <= c["target_ppl"])] \
+            if not ev.empty and finite(c["target_ppl"]) else pd.DataFrame()
+        if len(mine):
+            hit = mine.iloc[0]
+            table.loc[i, ["ttt_steps", "ttt_virtual_s", "ttt_wall_s"]] = [
+                float(hit["step"]), float(hit["virtual_time"]), float(hit["train_time_s"])]
+            table.loc[i, "reached"] = True
+    base = resolve_baseline(exp, baseline)
+    for kind in ("virtual", "wall"):
+        col = f"ttt_{kind}_s"
+        ref = table[table["method"] == base].set_index(["setting", "seed"])[col]
+        own = table[col].where(table[col] > 0)
+        keys = list(zip(table["setting"], table["seed"], strict=True))
+        table[f"speedup_{kind}"] = [ref.get(k, np.nan) / o if finite(o) else np.nan
+                                    for k, o in zip(keys, own, strict=True)]
+    return table
+
+
+def setting_targets(table: pd.DataFrame, target: float | None) -> dict[str, float]:
+    """Target PPL per setting: ``target`` for all, else the largest final PPL of the
+    setting's cells (every cell reaches it)."""
+    out = {}
+    for setting, part in table.groupby("setting", sort=False):
+        finals = part["final_val_ppl"].dropna()
+        out[str(setting)] = float(target) if target is not None else (
+            float(finals.max()) if len(finals) else np.nan)
+    return out
+
+
+def resolve_baseline(exp: ExperimentDir, baseline: str | None) -> str:
+    """``baseline`` (checked), else the experiment file's report.baseline, else the first
+    method."""
+    methods = exp.methods
+    chosen = baseline or (exp.manifest.get("report") or {}).get("baseline") or methods[0]
+    if chosen not in methods:
+        raise UserError(f"--baseline {chosen} is not a method of this experiment; choose one "
+                        f"of {', '.join(methods)}")
+    return chosen
+
+
+def resolve_target(exp: ExperimentDir, target: float | None) -> float | None:
+    """``target`` (checked), else the file's report.target_ppl, else None (per setting)."""
+    if target is None:
+        target = (exp.manifest.get("report") or {}).get("target_ppl")
+    if target is not None and (not finite(target) or float(target) <= 0):
+        raise UserError(f"--target-ppl must be a positive number, got {target}")
+    return None if target is None else float(target)
+
+
+def group_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, method): number of seeds, finished seeds, and for every aggregated
+    number its mean, interval half-width (``_ci``) and count (``_n``) over the seeds that
+    have it, over finished cells only; ``reached`` counts the finished seeds that reached
+    the target."""
+    rows = []
+    for (setting, method), part in cells.groupby(["setting", "method"], sort=False):
+        row: dict[str, Any] = {"setting": setting, "method": method, "seeds": len(part),
+                               "finished": int(part["finished"].sum()),
+                               "reached": int((part["reached"] & part["finished"]).sum()),
+                               "target_ppl": float(part["target_ppl"].iloc[0])}
+        done = part[part["finished"]]  # a killed or running cell is not a result yet
+        for col in AGGREGATED:
+            ci = mean_ci(done[col].tolist())
+            row[f"{col}_mean"], row[f"{col}_ci"], row[f"{col}_n"] = ci.mean, ci.half, ci.n
+        for col in ("split", "rank", "fairness"):
+            values = [v for v in part[col].tolist() if v is not None and v == v and v != ""]
+            row[col] = ", ".join(dict.fromkeys(
+                str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+                for v in values))
+        reasons = [r for r in part["stop_reason"].tolist() if isinstance(r, str) and r]
+        row["stop_reasons"] = ", ".join(f"{k.replace('_', ' ')} ({reasons.count(k)})"
+                                        for k in dict.fromkeys(reasons))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def contrast_table(cells: pd.DataFrame, exp: ExperimentDir) -> pd.DataFrame:
+    """report.contrast [from, to]: per method and override, final PPL(to) - PPL(from) paired
+    by seed, with mean and interval (e.g. the PPL rise from homogeneous to heterogeneous)."""
+    pair = (exp.manifest.get("report") or {}).get("contrast")
+    if not pair:
+        return pd.DataFrame()
+    src, dst = pair
+    rows = []
+    for (method, override), part in cells.groupby(["method", "override"], sort=False):
+        a = part[part["profile"] == src].set_index("seed")["final_val_ppl"]
+        b = part[part["profile"] == dst].set_index("seed")["final_val_ppl"]
+        diffs = [b[s] - a[s] for s in a.index if s in b.index and finite(a[s])
+                 and finite(b[s])]
+        ci = mean_ci(diffs)
+        rows.append({"method": method, "override": override, "from": src, "to": dst,
+                     "from_mean": mean_ci(a.tolist()).mean, "to_mean": mean_ci(b.tolist()).mean,
+                     "rise_mean": ci.mean, "rise_ci": ci.half, "rise_n": ci.n})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- curves
+@dataclass
+class Band:
+    """One method's curve in one setting: x grid, mean, interval half-width (NaN where
+    fewer than two seeds), and each seed's own points."""
+
+    method: str
+    x: np.ndarray
+    mean: np.ndarray
+    half: np.ndarray
+    seeds: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def bands(exp: ExperimentDir, cells: pd.DataFrame, setting: str, x: str,
+          points: int = 80) -> list[Band]:
+    """Curves of ``setting`` against ``x`` (``step``, ``virtual_time`` or ``train_time_s``).
+
+    On the step axis seeds share their evaluation steps: mean and interval per step over
+    the seeds evaluated there. On a time axis the seeds' evaluations fall at different
+    times: each seed is interpolated linearly onto a common grid from 0 to the shortest
+    seed's last time, and the band is taken point by point (beyond it a seed's curve is
+    still drawn, thin).
+    """
+    ev = _evals(exp)
+    out = []
+    part = cells[cells["setting"] == setting]
+    for method in dict.fromkeys(part["method"]):
+        seeds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for c in part[part["method"] == method].itertuples():
+            mine = ev[ev["run"] == c.id].dropna(subset=["val_ppl", x]) if not ev.empty else ev
+            if len(mine):
+                seeds[int(c.seed)] = (mine[x].to_numpy(float), mine["val_ppl"].to_numpy(float))
+        if not seeds:
+            continue
+        if x == "step":
+            grid = np.array(sorted({float(s) for xs, _ in seeds.values() for s in xs}))
+            stats = []
+            for s in grid:
+                values = [ys[xs == s][0] for xs, ys in seeds.values() if (xs == s).any()]
+                stats.append(mean_ci(values))
+        else:
+            end = min(float(xs[-1]) for xs, _ in seeds.values())
+            grid = np.linspace(0.0, end, points) if end > 0 else np.array([0.0])
+            curves = [np.interp(grid, xs, ys) for xs, ys in seeds.values()]
+            stats = [mean_ci(col) for col in zip(*curves, strict=True)]
+        out.append(Band(method, grid, np.array([s.mean for s in stats]),
+                        np.array([s.half for s in stats]), seeds))
+    return out
+
+
+# ------------------------------------------------------------------------------ packing
+def pack_experiment(src: str | Path, dest: str | Path) -> tuple[int, int]:
+    """Copy the compact files of an experiment (:data:`EXPERIMENT_FILES`, the device files
+    and each cell's :data:`COMPACT_FILES`) to ``dest``; returns (files, bytes).
+
+    Raises:
+        UserError: ``src`` is not an experiment directory, or ``dest`` holds other files.
+    """
+    src, dest = Path(src), Path(dest)
+    if not (src / MANIFEST).is_file():
+        raise UserError(f"{src} is not an experiment directory (no {MANIFEST})")
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"{dest} is not empty; pack into a new directory")
+    manifest = json.loads((src / MANIFEST).read_text())
+    names: list[Path] = [Path(n) for n in EXPERIMENT_FILES]
+    names += sorted(p.relative_to(src) for p in (src / "devices").glob("*.json"))
+    for cell in manifest.get("cells") or []:
+        names += [Path(cell["dir"]) / n for n in COMPACT_FILES]
+    files = size = 0
+    for rel in names:
+        if (src / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dest / rel)
+            files += 1
+            size += (src / rel).stat().st_size
+    return files, size
+
+
+__all__ = ["COMPACT_FILES", "Band", "ExperimentDir", "bands", "cell_table", "contrast_table",
+           "group_table", "load_experiment_dir", "pack_experiment", "resolve_baseline",
+           "resolve_target", "setting_name"]

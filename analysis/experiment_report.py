@@ -1,0 +1,200 @@
+"""The markdown report of an experiment: per setting, one row per method with the mean and
+95 % interval over seeds of PPL, time to target, speed-ups, trainable parameters, bytes
+moved, budget violations and scores; the configuration each method got (fairness); the
+contrast between profiles; every cell; the band figures.
+
+Tables are also written as CSV (``<stem>_tables/cells.csv``, ``methods.csv``,
+``contrast.csv``) with the raw numbers (``*_mean``, ``*_ci``, ``*_n``), so a reader or a test
+can check a figure without parsing markdown.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.experiment import (
+    ExperimentDir,
+    cell_table,
+    contrast_table,
+    group_table,
+    resolve_baseline,
+    resolve_target,
+)
+from analysis.experiment_figures import plot_experiment
+from analysis.load import finite
+from analysis.seeds import MeanCI, fmt_ci
+
+# Column title, group_table stem, number format; a column is left out when no row has it.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("Final val PPL", "final_val_ppl", ".3f"),
+    ("Best val PPL", "best_val_ppl", ".3f"),
+    ("Steps", "steps_done", ".0f"),
+    ("Virtual time to target (s)", "ttt_virtual_s", ".4g"),
+    ("Wall time to target (s)", "ttt_wall_s", ".1f"),
+    ("Speed-up (virtual)", "speedup_virtual", ".2f"),
+    ("Speed-up (wall)", "speedup_wall", ".2f"),
+    ("Client trainable params", "client_trainable_params", ",.0f"),
+    ("Server trainable params", "server_trainable_params", ",.0f"),
+    ("MB moved", "bytes_mb", ".1f"),
+    ("Budget violations", "budget_violations", ".1f"),
+    ("BLEU", "BLEU", ".2f"),
+    ("NIST", "NIST", ".3f"),
+    ("METEOR", "METEOR", ".4f"),
+    ("ROUGE-L", "ROUGE_L", ".2f"),
+    ("CIDEr", "CIDEr", ".3f"),
+)
+
+
+def _ci(row: pd.Series, stem: str, fmt: str) -> str:
+    ci = MeanCI(float(row[f"{stem}_mean"]), float(row[f"{stem}_ci"]), math.nan,
+                int(row[f"{stem}_n"]))
+    text = fmt_ci(ci, fmt)
+    if text and ci.n < int(row["seeds"]):  # some seeds lack it (target not reached, killed)
+        text += f" (n={ci.n})"
+    return text
+
+
+def methods_markdown(groups: pd.DataFrame) -> list[str]:
+    """The per-method table of one setting."""
+    cols = [(t, s, f) for t, s, f in COLUMNS if groups[f"{s}_n"].sum() > 0]
+    head = "| Method | Seeds | " + " | ".join(t for t, _, _ in cols) + " |"
+    rule = "|:---|---:|" + "|".join("---:" for _ in cols) + "|"
+    lines = [head, rule]
+    for _, row in groups.iterrows():
+        seeds = f"{row['finished']}/{row['seeds']}"
+        cells = [_ci(row, s, f) for _, s, f in cols]
+        lines.append(f"| {row['method']} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def config_markdown(groups: pd.DataFrame) -> list[str]:
+    """What each method was configured with under the budgets (testbed/fairness.py)."""
+    lines = ["| Method | Split | Rank | How it meets the budgets | Stopped by |",
+             "|:---|---:|---:|:---|:---|"]
+    for _, row in groups.iterrows():
+        lines.append(f"| {row['method']} | {row['split']} | {row['rank']} | {row['fairness']} "
+                     f"| {row['stop_reasons']} |")
+    return lines
+
+
+def _num(value: Any, fmt: str) -> str:
+    return format(float(value), fmt) if finite(value) else ""
+
+
+def cells_markdown(cells: pd.DataFrame) -> list[str]:
+    """Every cell, one line (state, final PPL, steps, virtual time, time to target)."""
+    lines = ["| Cell | Setting | Seed | State | Final val PPL | Steps | Virtual time (s) "
+             "| Time to target (virtual s / wall s) | Stop | Violations |",
+             "|:---|:---|---:|:---|---:|---:|---:|---:|:---|---:|"]
+    for _, c in cells.iterrows():
+        state = "finished" if c["finished"] else ("killed / running" if c["started"]
+                                                  else "not started")
+        ttt = (f"{_num(c['ttt_virtual_s'], '.4g') or '-'} / {_num(c['ttt_wall_s'], '.1f')}"
+               if c["reached"] else "not reached")
+        lines.append(f"| {c['id']} | {c['setting']} | {c['seed']} | {state} "
+                     f"| {_num(c['final_val_ppl'], '.3f')} | {_num(c['steps_done'], '.0f')} "
+                     f"| {_num(c['virtual_time_s'], '.4g')} | {ttt} | {c['stop_reason']} "
+                     f"| {_num(c['budget_violations'], '.0f')} |")
+    return lines
+
+
+def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None = None,
+                            baseline: str | None = None, warned: list[str] | None = None
+                            ) -> tuple[Path, list[Path]]:
+    """Write the report, its CSV tables and figures; returns (report, files written)."""
+    out = Path(out)
+    if out.is_dir():
+        out = out / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target = resolve_target(exp, target)
+    base = resolve_baseline(exp, baseline)
+    cells = cell_table(exp, target, base)
+    groups = group_table(cells)
+    contrast = contrast_table(cells, exp)
+    tables = out.parent / f"{out.stem}_tables"
+    tables.mkdir(exist_ok=True)
+    written = []
+    for name, frame in (("cells", cells), ("methods", groups), ("contrast", contrast)):
+        if not frame.empty:
+            frame.to_csv(tables / f"{name}.csv", index=False)
+            written.append(tables / f"{name}.csv")
+    pngs, figures, skipped = plot_experiment(exp, cells, out.parent / f"{out.stem}_figures")
+    m = exp.manifest
+    stop = m.get("stop") or {}
+    rules = ["at most the configured steps"]
+    if stop.get("virtual_time"):
+        rules.append(f"a virtual-time budget of {stop['virtual_time']:g} s")
+    if stop.get("patience"):
+        rules.append(f"early stopping after {stop['patience']} evaluations without a PPL "
+                     f"improvement of more than {stop.get('min_delta', 0):g}")
+    finished = int(cells["finished"].sum())
+    lines = [
+        f"# Experiment {exp.name}", "",
+        f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by `testbed experiment "
+        f"report` from `{exp.path}` ({finished} of {len(cells)} cells finished).", "",
+    ]
+    if m.get("description"):
+        lines += [str(m["description"]).strip(), ""]
+    lines += [
+        f"- Grid: methods {', '.join(m.get('methods') or [])}; profiles "
+        f"{', '.join(m.get('profiles') or []) or 'none (plain settings)'}; seeds "
+        f"{', '.join(str(s) for s in m.get('seeds') or [])}; overrides "
+        f"{', '.join(m.get('overrides') or [])}.",
+        f"- Stopping: {'; '.join(rules)}.",
+        "- Numbers are mean ± half-width of the 95 % Student-t confidence interval over the "
+        "seeds that have the number (n shown when fewer than all); one seed: the value alone.",
+        "- Target PPL per setting: " + (f"{target:.4g} (given)" if target is not None else
+                                        "the largest final PPL of its cells (every cell "
+                                        "reaches it)") + "; time to target is the first "
+        "evaluation at or below it. Speed-ups are paired by seed: "
+        f"{base}'s time / the method's time (> 1 is faster).",
+        "- Trainable parameters: per client (mean over clients) and on the server, from "
+        "summary.json; MB moved: activations, gradients, adapters and handed-over blocks "
+        "(10^6 bytes); budget violations: `budget_violation` events per cell (a "
+        "configuration the memory model predicts above a device's budget).",
+        "",
+    ]
+    for setting in dict.fromkeys(cells["setting"]):
+        g = groups[groups["setting"] == setting]
+        tgt = g["target_ppl"].iloc[0]
+        lines += [f"## Setting {setting}", "",
+                  f"Target PPL {tgt:.4g}." if finite(tgt) else "No evaluation yet.", "",
+                  *methods_markdown(g), "", "Configuration under the budgets:", "",
+                  *config_markdown(g), ""]
+    if not contrast.empty:
+        c0 = contrast.iloc[0]
+        lines += [f"## PPL rise from {c0['from']} to {c0['to']}", "",
+                  "Final PPL on the second profile minus the first, paired by seed.", "",
+                  "| Method | Override | PPL " + str(c0["from"]) + " | PPL " + str(c0["to"])
+                  + " | Rise |", "|:---|:---|---:|---:|---:|"]
+        for _, r in contrast.iterrows():
+            rise = fmt_ci(MeanCI(r["rise_mean"], r["rise_ci"], math.nan, int(r["rise_n"])),
+                          "+.3f")
+            lines.append(f"| {r['method']} | {r['override']} | {_num(r['from_mean'], '.3f')} "
+                         f"| {_num(r['to_mean'], '.3f')} | {rise} |")
+        lines.append("")
+    lines += ["## Cells", "", *cells_markdown(cells), ""]
+    notes = list(warned or [])
+    notes += [f"`{c['id']}` has not finished (killed, failed or running): its numbers are "
+              "left out of the means." for _, c in cells.iterrows()
+              if c["started"] and not c["finished"]]
+    if notes:
+        lines += ["## Caveats", "", *[f"- {n}" for n in notes], ""]
+    lines += ["## Figures", ""]
+    for stem, png in pngs.items():
+        rel = png.relative_to(out.parent).as_posix()
+        lines += [f"![{stem}]({rel})", "", f"[PDF]({Path(rel).with_suffix('.pdf').as_posix()})",
+                  ""]
+    if skipped:
+        lines += ["Not drawn: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + ".", ""]
+    lines += [f"Tables as CSV: `{tables.relative_to(out.parent).as_posix()}/`.", ""]
+    out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return out, [*written, *figures]
+
+
+__all__ = ["cells_markdown", "config_markdown", "methods_markdown", "write_experiment_report"]
