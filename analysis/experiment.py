@@ -41,7 +41,7 @@ SOURCE = "experiment.yaml"
 COMPACT_FILES = ("config.json", "metrics.jsonl", "events.jsonl", "summary.json",
                  "eval/scores.json", "cell.json", "result.json")
 EXPERIMENT_FILES = (MANIFEST, SOURCE)
-SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER")  # SER: slot error rate, %
 # Per-cell numbers aggregated over seeds (column of cell_table, formatter).
 AGGREGATED = ("final_val_ppl", "best_val_ppl", "steps_done", "virtual_time_s", "wall_time_s",
               "ttt_steps", "ttt_virtual_s", "ttt_wall_s", "speedup_virtual", "speedup_wall",

@@ -47,6 +47,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("METEOR", "METEOR", ".4f"),
     ("ROUGE-L", "ROUGE_L", ".2f"),
     ("CIDEr", "CIDEr", ".3f"),
+    ("SER (%)", "SER", ".2f"),
 )
 
 
