@@ -104,6 +104,31 @@ def cells_markdown(cells: pd.DataFrame) -> list[str]:
     return lines
 
 
+def violations_markdown(exp: ExperimentDir, cells: pd.DataFrame) -> list[str]:
+    """Per setting and method: which clients ran over their budget, with one detail each
+    (hetlora's full-model clients, a fixed configuration nothing fits, an ARMSC plan above a
+    budget); [] when no cell recorded a violation."""
+    if exp.runs is None:
+        return []
+    from analysis.derive import budget_violations
+
+    found = budget_violations(exp.runs)
+    if found.empty:
+        return []
+    where = cells.set_index("id")[["setting", "method"]]
+    found = found[found["run"].isin(where.index)]
+    lines = ["| Setting | Method | Cells | Clients over budget | Example |",
+             "|:---|:---|---:|:---|:---|"]
+    found = found.assign(setting=found["run"].map(where["setting"]),
+                         method=found["run"].map(where["method"]))
+    for (setting, method), part in found.groupby(["setting", "method"], sort=False):
+        clients = ", ".join(sorted({str(c) for c in part["client"].dropna()}))
+        example = str(part["detail"].iloc[0]).replace("|", "\\|")
+        lines.append(f"| {setting} | {method} | {part['run'].nunique()} | {clients} "
+                     f"| {example} |")
+    return lines
+
+
 def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None = None,
                             baseline: str | None = None, warned: list[str] | None = None
                             ) -> tuple[Path, list[Path]]:
@@ -179,6 +204,12 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
             lines.append(f"| {r['method']} | {r['override']} | {_num(r['from_mean'], '.3f')} "
                          f"| {_num(r['to_mean'], '.3f')} | {rise} |")
         lines.append("")
+    over = violations_markdown(exp, cells)
+    if over:
+        lines += ["## Budget violations", "",
+                  "Configurations the memory model predicts above a device's budget; the "
+                  "run goes on (an emulation) and the violation is reported here.", "",
+                  *over, ""]
     lines += ["## Cells", "", *cells_markdown(cells), ""]
     notes = list(warned or [])
     notes += [f"`{c['id']}` has not finished (killed, failed or running): its numbers are "

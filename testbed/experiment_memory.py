@@ -6,8 +6,11 @@ ARMSC plans with) plus one runtime. The experiment runner checks the estimate ag
 memory the cells may use before it starts one (testbed/experiment_run.py): a cell that
 cannot fit even alone is refused with one line, one that fits only once others finish
 waits. The estimate is an upper bound by design: memory is counted for batches padded to
-``max_len`` (the longest a batch can be) and logits at every position; each cell records
-its measured peak RSS next to the estimate (``cell.json``), so the bound can be checked.
+``max_len`` (E2E has examples that long, so the longest example would not lower it),
+HSplitLoRA's server for the shallowest split of every client, and logits at every
+position; each cell records its measured peak RSS next to the estimate (``result.json``),
+so the bound can be checked (docs/experiments.md quotes both), and ``--memory`` raises the
+limit when the bound is known to be loose.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ def _names(costs: ModelCosts, targets: Sequence[str]) -> list[str]:
 
 
 def estimate_cell(cfg: TrainConfig, costs: ModelCosts,
-                  devices: Sequence[DeviceSpec] | None = None) -> MemoryEstimate:
-    """Predicted peak host memory of one in-process training run of ``cfg``.
+                  devices: Sequence[DeviceSpec] | None = None,
+                  seq: int | None = None) -> MemoryEstimate:
+    """Predicted peak host memory of one in-process training run of ``cfg`` with batches of
+    ``seq`` tokens (default ``max_len``).
 
     Parts: one runtime reserve; each client's training memory (whole model for fedlora /
     hetlora, ``[0, k)`` for split methods; HSplitLoRA's clients at most their budget or the
@@ -49,7 +54,7 @@ def estimate_cell(cfg: TrainConfig, costs: ModelCosts,
     (value + gradient) for holders that compute the loss themselves.
     """
     L, n = costs.num_layers, (1 if cfg.method in CENTRAL_METHODS else cfg.clients)
-    batch, seq = cfg.batch_size, cfg.max_len
+    batch, seq = cfg.batch_size, min(seq or cfg.max_len, cfg.max_len)
     tokens = batch * seq
     top = max([r for r in cfg.rank_set if r > 0] + [cfg.rank])
     rank = top if cfg.method in HETERO_METHODS else cfg.rank

@@ -81,6 +81,7 @@ class Planned:
     note: str = ""
     waited: bool = False
     reset: str | None = None  # "train" / "eval": results of another configuration to drop
+    log: Any = None  # the open log file of the running process
 
     @property
     def id(self) -> str:
@@ -255,13 +256,12 @@ def _start(p: Planned) -> None:
 
     env = {**os.environ, **ALLOCATOR_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    log = open(p.dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in _reap
-    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start (pid {os.getpid()} runner)\n")
-    log.flush()
+    p.log = open(p.dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in _reap
+    p.log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start (runner pid {os.getpid()})\n")
+    p.log.flush()
     p.proc = subprocess.Popen([sys.executable, "-m", "testbed.experiment_cell", str(p.dir)],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              stdout=p.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               env=env, cwd=os.getcwd())
-    p.proc._log = log  # type: ignore[attr-defined]
     p.started = time.monotonic()
     p.status = "running"
 
@@ -278,8 +278,9 @@ def _last_line(path: Path) -> str:
 
 def _reap(p: Planned, rc: int, wants_eval: bool) -> None:
     p.duration = time.monotonic() - p.started
-    p.proc._log.close()  # type: ignore[union-attr]
-    p.proc = None
+    if p.log is not None:
+        p.log.close()
+    p.proc, p.log = None, None
     if rc == 0 and cell_finished(p.dir, wants_eval):
         p.status = "finished"
         return
