@@ -16,7 +16,9 @@ Definitions (docs/experiments.md):
   clock) and wall seconds since training began; the default target of a setting is the
   largest final PPL of its cells, so every cell reaches it;
 * speed-ups are paired by seed: baseline time / method time for the same seed, then mean
-  and interval over seeds (seeds share data partitions and initialisation).
+  and interval over seeds (seeds share data partitions and initialisation); ``relative_*``
+  is the inverse pairing, method time / baseline time (a mean of ratios is not the inverse
+  of the mean of the inverse ratios, so both are computed).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER")  # SER: slot erro
 # Per-cell numbers aggregated over seeds (column of cell_table, formatter).
 AGGREGATED = ("final_val_ppl", "best_val_ppl", "steps_done", "virtual_time_s", "wall_time_s",
               "ttt_steps", "ttt_virtual_s", "ttt_wall_s", "speedup_virtual", "speedup_wall",
+              "relative_virtual", "relative_wall",
               "client_trainable_params", "server_trainable_params", "bytes_mb",
               "budget_violations", *SCORES)
 
@@ -174,6 +177,12 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
         keys = list(zip(table["setting"], table["seed"], strict=True))
         table[f"speedup_{kind}"] = [ref.get(k, np.nan) / o if finite(o) else np.nan
                                     for k, o in zip(keys, own, strict=True)]
+        # The other way round: the method's time over the baseline's (how much longer each
+        # method needs than the baseline, e.g. the paper's "1.3-1.7x faster than ...").
+        table[f"relative_{kind}"] = [o / ref.get(k, np.nan)
+                                     if finite(o) and finite(ref.get(k, np.nan))
+                                     and ref.get(k, np.nan) > 0 else np.nan
+                                     for k, o in zip(keys, table[col], strict=True)]
     return table
 
 

@@ -73,6 +73,20 @@ def methods_markdown(groups: pd.DataFrame) -> list[str]:
     return lines
 
 
+def relative_markdown(groups: pd.DataFrame, base: str) -> list[str]:
+    """Each method's time to target over the baseline's, paired by seed: how much faster
+    the baseline converges than each method (the form of the paper's speed-up claims)."""
+    rows = groups[groups["method"] != base]
+    if rows.empty or (rows["relative_virtual_n"].sum() + rows["relative_wall_n"].sum()) == 0:
+        return []
+    lines = [f"| Method | its time / {base}'s (virtual) | its time / {base}'s (wall) |",
+             "|:---|---:|---:|"]
+    for _, row in rows.iterrows():
+        lines.append(f"| {row['method']} | {_ci(row, 'relative_virtual', '.2f')} "
+                     f"| {_ci(row, 'relative_wall', '.2f')} |")
+    return lines
+
+
 def config_markdown(groups: pd.DataFrame) -> list[str]:
     """What each method was configured with under the budgets (testbed/fairness.py)."""
     lines = ["| Method | Split | Rank | How it meets the budgets | Stopped by |",
@@ -190,8 +204,12 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
         tgt = g["target_ppl"].iloc[0]
         lines += [f"## Setting {setting}", "",
                   f"Target PPL {tgt:.4g}." if finite(tgt) else "No evaluation yet.", "",
-                  *methods_markdown(g), "", "Configuration under the budgets:", "",
-                  *config_markdown(g), ""]
+                  *methods_markdown(g), ""]
+        relative = relative_markdown(g, base)
+        if relative:
+            lines += [f"Time to target relative to {base} (paired by seed; > 1: {base} "
+                      "reaches the target sooner):", "", *relative, ""]
+        lines += ["Configuration under the budgets:", "", *config_markdown(g), ""]
     if not contrast.empty:
         c0 = contrast.iloc[0]
         lines += [f"## PPL rise from {c0['from']} to {c0['to']}", "",

@@ -77,7 +77,7 @@ def run_(
 
             with tempfile.TemporaryDirectory() as tmp:
                 planned = ER.plan(exp, target, threads=max(1, cpu_count() // parallel),
-                                  rerun_changed=True, devices_dir=Path(tmp))
+                                  rerun_changed=True, devices_dir=Path(tmp), dry_run=True)
             table = Table(title=f"experiment {exp.name}: {len(planned)} cells in {target}",
                           title_justify="left")
             for col in ("cell", "method", "profile", "override", "seed", "state",

@@ -82,6 +82,7 @@ class Planned:
     waited: bool = False
     reset: str | None = None  # "train" / "eval": results of another configuration to drop
     log: Any = None  # the open log file of the running process
+    reused: bool = False  # copied from a ``reuse`` experiment
 
     @property
     def id(self) -> str:
@@ -137,12 +138,48 @@ def _devices_file(exp: Experiment, cfg: TrainConfig, profile: str | None, out: P
 
 
 # ------------------------------------------------------------------------------ plan
-def plan(exp: Experiment, out: Path, *, threads: int, rerun_changed: bool = False,
-         devices_dir: Path | None = None) -> list[Planned]:
-    """Every cell with its request and estimate; finished cells are marked ``done``.
+def signature(request: dict[str, Any]) -> dict[str, Any]:
+    """What decides a cell's training: its TrainConfig, with the device file's content in
+    place of its path (an experiment's device files live in its own directory), and the
+    fairness rule. Equal signatures train identically."""
+    train = dict(request.get("train") or {})
+    devices = train.get("devices")
+    if isinstance(devices, str):
+        train["devices"] = _read(Path(devices)) or devices
+    return {"train": train, "fairness": request.get("fairness")}
 
-    ``devices_dir``: where the device files go (default ``out``; a dry run writes nothing
-    under ``out``).
+
+def _reuse(exp: Experiment, cell_id: str, request: dict[str, Any],
+           cell_dir: Path) -> dict[str, Any] | None:
+    """Copy a trained cell with the same id and signature from one of the file's ``reuse``
+    experiment directories (so experiments that share cells train them once); returns its
+    request, or None when none matches. The copy is a whole run directory (adapters too, so
+    it can still be scored)."""
+    import shutil
+
+    for other in exp.spec.reuse:
+        src = Path(other) / CELLS / cell_id
+        old = _read(src / CELL)
+        if old is None or not (src / "summary.json").is_file() \
+                or signature(old) != signature(request):
+            continue
+        shutil.copytree(src, cell_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(LOG))
+        if old.get("eval") not in (None, request.get("eval")):  # scored differently
+            shutil.rmtree(cell_dir / "eval", ignore_errors=True)
+            old = {**old, "eval": None}
+        write_json(cell_dir / CELL, {**request, "eval": old.get("eval"),
+                                     "reused_from": str(src)})
+        return old
+    return None
+
+
+def plan(exp: Experiment, out: Path, *, threads: int, rerun_changed: bool = False,
+         devices_dir: Path | None = None, dry_run: bool = False) -> list[Planned]:
+    """Every cell with its request and estimate; finished cells are marked ``done``, and
+    cells another experiment (the file's ``reuse``) trained identically are copied first.
+
+    ``devices_dir``: where the device files go (default ``out``); ``dry_run``: copy nothing.
 
     Raises:
         UserError: a finished cell was run with another configuration (and not
@@ -176,8 +213,10 @@ def plan(exp: Experiment, out: Path, *, threads: int, rerun_changed: bool = Fals
         cell_dir = out / CELLS / cell.id
         p = Planned(cell, cell_dir, request, estimate)
         old = _read(cell_dir / CELL)
-        train_same = old is None or (old.get("train") == request["train"]
-                                     and old.get("fairness") == request["fairness"])
+        if old is None and not dry_run:
+            old = _reuse(exp, cell.id, request, cell_dir)
+            p.reused = old is not None
+        train_same = old is None or signature(old) == signature(request)
         eval_same = old is None or not wants_eval or old.get("eval") in (None, request["eval"])
         if (cell_dir / "summary.json").is_file() and not train_same:
             changed.append(cell.id)
@@ -403,6 +442,10 @@ def run(exp: Experiment, out: Path, *, parallel: int = 1, console: Console | Non
                       f"{len(todo)} to run; {parallel} at a time, {threads} thread(s) each; "
                       f"memory for cells {fmt_mib(budget) if budget else 'unknown'}",
                       highlight=False, markup=False, soft_wrap=True)
+        reused = [p.id for p in planned if p.reused]
+        if reused:
+            console.print(f"reused from {', '.join(exp.spec.reuse)}: {', '.join(reused)}",
+                          highlight=False, markup=False, soft_wrap=True)
         if done:
             console.print(f"skipping finished cells: {', '.join(done)}", highlight=False,
                           markup=False, soft_wrap=True)

@@ -178,6 +178,9 @@ class ExperimentSpec(_Strict):
     eval: EvalSpec | None = None
     report: ReportSpec = ReportSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    # Experiment directories whose finished cells with the same id and the same training
+    # configuration are copied instead of trained again (experiments sharing cells).
+    reuse: list[str] = Field(default_factory=list)
     path: str = Field(default="", exclude=True)
 
     @field_validator("methods")

@@ -324,3 +324,31 @@ def test_cell_module_usage_line() -> None:
     result = subprocess.run([sys.executable, "-m", "testbed.experiment_cell"],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_reuse_copies_identical_finished_cells(tmp_path: Path) -> None:
+    """A cell another experiment trained with the same configuration is copied, not trained
+    again; one with a different configuration is not."""
+    from testbed.experiment_run import CELL, plan, signature, write_manifest
+
+    src_exp = parse_experiment(_spec(seeds=[0]), "a.yaml", "a")
+    src = tmp_path / "a"
+    planned = plan(src_exp, src, threads=1)
+    write_manifest(src_exp, src, planned)
+    for p in planned:  # pretend both cells finished
+        p.dir.mkdir(parents=True)
+        (p.dir / CELL).write_text(json.dumps(p.request))
+        (p.dir / "summary.json").write_text("{}")
+        (p.dir / "adapters").mkdir()
+    spec = _spec(seeds=[0, 1], reuse=[str(src)])
+    spec["method_settings"] = {"fedlora": {"rank": 4}}  # fedlora differs: trained anew
+    mine = plan(parse_experiment(spec, "b.yaml", "b"), tmp_path / "b", threads=1)
+    state = {p.id: (p.status, p.reused) for p in mine}
+    assert state == {"splitlora.seed0": ("done", True), "fedlora.seed0": ("pending", False),
+                     "splitlora.seed1": ("pending", False),
+                     "fedlora.seed1": ("pending", False)}
+    copied = tmp_path / "b" / "cells" / "splitlora.seed0"
+    assert (copied / "adapters").is_dir() and (copied / "summary.json").is_file()
+    record = json.loads((copied / CELL).read_text())
+    assert record["reused_from"].endswith("cells/splitlora.seed0")
+    assert signature(record) == signature(mine[0].request)  # device files differ by path only
