@@ -154,6 +154,9 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
         row["split"] = (fair or {}).get("split", t.get("split"))
         row["rank"] = (fair or {}).get("rank", t.get("rank"))
         row["fairness"] = (fair or {}).get("rule", "")
+        result = _read_result(exp.path / c.dir)  # cost of the cell (result.json)
+        for key in ("cpu_s", "peak_rss_bytes", "estimate_bytes"):
+            row[key] = float(result[key]) if finite(result.get(key)) else np.nan
         rows.append(row)
     table = pd.DataFrame(rows)
     targets = setting_targets(table, target)
@@ -184,6 +187,15 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
                                      and ref.get(k, np.nan) > 0 else np.nan
                                      for k, o in zip(keys, table[col], strict=True)]
     return table
+
+
+def _read_result(cell_dir: Path) -> dict[str, Any]:
+    """A cell's result.json (state, times, CPU seconds, peak RSS), {} when absent."""
+    try:
+        data = json.loads((cell_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def setting_targets(table: pd.DataFrame, target: float | None) -> dict[str, float]:

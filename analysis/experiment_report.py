@@ -104,8 +104,9 @@ def _num(value: Any, fmt: str) -> str:
 def cells_markdown(cells: pd.DataFrame) -> list[str]:
     """Every cell, one line (state, final PPL, steps, virtual time, time to target)."""
     lines = ["| Cell | Setting | Seed | State | Final val PPL | Steps | Virtual time (s) "
-             "| Time to target (virtual s / wall s) | Stop | Violations |",
-             "|:---|:---|---:|:---|---:|---:|---:|---:|:---|---:|"]
+             "| Time to target (virtual s / wall s) | Stop | Violations | CPU (s) "
+             "| Peak RSS / estimate (MiB) |",
+             "|:---|:---|---:|:---|---:|---:|---:|---:|:---|---:|---:|---:|"]
     for _, c in cells.iterrows():
         state = "finished" if c["finished"] else ("killed / running" if c["started"]
                                                   else "not started")
@@ -114,7 +115,9 @@ def cells_markdown(cells: pd.DataFrame) -> list[str]:
         lines.append(f"| {c['id']} | {c['setting']} | {c['seed']} | {state} "
                      f"| {_num(c['final_val_ppl'], '.3f')} | {_num(c['steps_done'], '.0f')} "
                      f"| {_num(c['virtual_time_s'], '.4g')} | {ttt} | {c['stop_reason']} "
-                     f"| {_num(c['budget_violations'], '.0f')} |")
+                     f"| {_num(c['budget_violations'], '.0f')} | {_num(c['cpu_s'], '.0f')} "
+                     f"| {_num(c['peak_rss_bytes'] / 2**20, '.0f')} / "
+                     f"{_num(c['estimate_bytes'] / 2**20, '.0f')} |")
     return lines
 
 

@@ -107,6 +107,15 @@ def evaluate(cell_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
     return result["scores"]
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used: the cost of a cell independent of
+    what else the machine runs (wall time is not, on a shared host)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_cell(cell_dir: Path) -> int:
     """Train and/or evaluate what the cell still lacks; write result.json. Exit code."""
     from runner.errors import UserError
@@ -127,13 +136,15 @@ def run_cell(cell_dir: Path) -> int:
         previous = json.loads((cell_dir / RESULT).read_text())
     except (OSError, ValueError):
         previous = {}
+    trained = False
     result: dict[str, Any] = {**{k: v for k, v in previous.items() if k == "train_s"},
                               "id": spec.get("id"), "started": started,
                               "estimate_bytes": spec.get("estimate_bytes"),
                               "threads": threads}
     try:
         t0 = time.perf_counter()
-        if not (cell_dir / "summary.json").is_file():
+        trained = not (cell_dir / "summary.json").is_file()
+        if trained:
             train(cell_dir, spec)
             result["train_s"] = time.perf_counter() - t0
         if spec.get("eval") and spec["eval"].get("enabled", True) \
@@ -144,11 +155,13 @@ def run_cell(cell_dir: Path) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         result.update(state="failed", error=str(exc), finished=time.time(),
-                      peak_rss_bytes=peak_rss_bytes())
+                      peak_rss_bytes=peak_rss_bytes(), cpu_s=cpu_seconds())
         write_json(cell_dir / RESULT, result)
         return 2
     config = json.loads((cell_dir / "config.json").read_text())
     result.update(state="finished", finished=time.time(), peak_rss_bytes=peak_rss_bytes(),
+                  # an evaluation-only restart adds to what the training attempt used
+                  cpu_s=cpu_seconds() + (0.0 if trained else float(previous.get("cpu_s") or 0)),
                   fairness=config.get("train", {}).get("extra", {}).get("fairness"))
     write_json(cell_dir / RESULT, result)
     return 0

@@ -32,6 +32,10 @@ from runner.memory import (
 )
 
 MEMINFO = Path("/proc/meminfo")
+# One cell process's runtime: a client's (runner.memory.DEFAULT_RESERVE) plus the CLI, the
+# data pipeline and the scorer it also imports. Measured: a tiny-llama cell peaks at
+# 480-490 MiB, nearly all of it runtime.
+CELL_RESERVE = max(DEFAULT_RESERVE, 512 * 2**20)
 
 
 def _names(costs: ModelCosts, targets: Sequence[str]) -> list[str]:
@@ -47,11 +51,11 @@ def estimate_cell(cfg: TrainConfig, costs: ModelCosts,
     """Predicted peak host memory of one in-process training run of ``cfg`` with batches of
     ``seq`` tokens (default ``max_len``).
 
-    Parts: one runtime reserve; each client's training memory (whole model for fedlora /
-    hetlora, ``[0, k)`` for split methods; HSplitLoRA's clients at most their budget or the
-    deepest split at the top rank, whichever is smaller); the server's (blocks ``[k, L)`` +
-    head; HSplitLoRA's server holds every block); the logits of the head at every position
-    (value + gradient) for holders that compute the loss themselves.
+    Parts: one cell runtime (:data:`CELL_RESERVE`); each client's training memory (whole
+    model for fedlora / hetlora, ``[0, k)`` for split methods; HSplitLoRA's clients at most
+    their budget or the deepest split at the top rank, whichever is smaller); the server's
+    (blocks ``[k, L)`` + head; HSplitLoRA's server holds every block); the logits of the
+    head at every position (value + gradient) for holders that compute the loss themselves.
     """
     L, n = costs.num_layers, (1 if cfg.method in CENTRAL_METHODS else cfg.clients)
     batch, seq = cfg.batch_size, min(seq or cfg.max_len, cfg.max_len)
@@ -64,7 +68,7 @@ def estimate_cell(cfg: TrainConfig, costs: ModelCosts,
     def train(k: int, r: dict[str, int]) -> int:
         return client_memory(costs, k, r, batch, seq, reserve=0).total
 
-    parts = {"runtime_reserve": DEFAULT_RESERVE}
+    parts = {"runtime_reserve": CELL_RESERVE}
     if cfg.method == "ft":  # every weight trains: value, gradient and two AdamW moments
         weights = costs.embed_bytes + L * costs.block_bytes + costs.head_bytes
         parts["model"] = 4 * weights + int(tokens * L * costs.act_bytes_per_token_block)

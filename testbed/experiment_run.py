@@ -43,7 +43,7 @@ from rich.console import Console
 from runner.config import TrainConfig
 from runner.errors import UserError
 from runner.rundir import write_json
-from testbed.experiment_cell import CELL
+from testbed.experiment_cell import CELL, RESULT
 from testbed.experiment_memory import available_memory, cpu_count, estimate_cell, fmt_mib
 from testbed.experiment_spec import Cell, Experiment
 
@@ -374,6 +374,9 @@ def _final_ppl(p: Planned) -> str:
     scores = (_read(p.dir / "eval" / "scores.json") or {}).get("scores") or {}
     if "BLEU" in scores:
         text += f", BLEU {scores['BLEU']:.2f}"
+    cpu = (_read(p.dir / RESULT) or {}).get("cpu_s")
+    if isinstance(cpu, int | float):
+        text += f"; CPU {_fmt_duration(cpu)}"
     return text
 
 
