@@ -21,6 +21,10 @@ STEPS  ?=
 # runs the whole profile), validating on CPU_EVAL examples at each point.
 CPU_STEPS ?= 15
 CPU_EVAL ?= 64
+# ... and scores CPU_EVAL_MRS test MRs (0, or STEPS given: all of them)
+CPU_EVAL_MRS ?= 20
+# bf16 autocast where the GPU or CPU has bf16 arithmetic, else fp32 (PRECISION=fp32: exact)
+PRECISION ?= auto
 BACKEND ?= auto
 PYTEST_ARGS ?=
 
@@ -89,8 +93,8 @@ run: $(STAMP)
 	fi; \
 	$(BIN)/testbed up --profile $(PROFILE) --backend $$backend --data $(DATA) \
 	  $(if $(STEPS),--steps $(STEPS),--cpu-steps $(CPU_STEPS) --cpu-eval-examples $(CPU_EVAL)) \
-	  --out $(RUN) --overwrite
-	@$(BIN)/testbed eval $(RUN)
+	  --precision $(PRECISION) --out $(RUN) --overwrite
+	@$(BIN)/testbed eval $(RUN) $(if $(or $(STEPS),$(filter 0,$(CPU_EVAL_MRS))),,--cpu-max-mrs $(CPU_EVAL_MRS))
 	@$(BIN)/testbed report $(RUN) -o $(RUN)/report.md >/dev/null
 	@echo "report: $(RUN)/report.md (figures in $(RUN)/report_figures/)"
 

@@ -248,12 +248,18 @@ def eval_(
              "directory: testset_w_refs.csv; one CSV: its 10% test fraction by MR with the "
              "run's seed). Use --test-data to score a whole file")] = None,
     max_mrs: Annotated[int, typer.Option(help="Score only the first N test MRs (0 = all)")] = 0,
+    cpu_max_mrs: Annotated[int | None, typer.Option(
+        help="Without --max-mrs: when no CUDA GPU is visible, score only the first N test "
+             "MRs (a random sample: the test split is shuffled by MR), printed in one line. "
+             "`make run` uses 20 (beam search on 2 CPU cores takes about 10 s per MR)")
+    ] = None,
     beams: Annotated[int, typer.Option(help="Beam width")] = 10,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length cap")] = 64,
 ) -> None:
     """Generate for the test MRs (beam search) and score them against all their references:
     RUN/eval/ gets outputs.csv, outputs.txt + references.txt (the official E2E scorer's
-    measure_scores.py inputs) and scores.json (BLEU/NIST/METEOR/ROUGE-L/CIDEr)."""
+    measure_scores.py inputs) and scores.json (BLEU/NIST/METEOR/ROUGE-L/CIDEr, and the slot
+    error rate SER overall and per attribute)."""
     from runner.errors import UserError
     from runner.evaluate import DecodeConfig, evaluate_run
     from runner.rundir import RunDir
@@ -261,6 +267,16 @@ def eval_(
     _quiet_libraries()
     if max_mrs < 0:
         _fail(f"--max-mrs must be >= 0 (0 = every MR), got {max_mrs}")
+    if cpu_max_mrs is not None and cpu_max_mrs < 1:
+        _fail(f"--cpu-max-mrs must be >= 1, got {cpu_max_mrs}")
+    if cpu_max_mrs is not None and not max_mrs:
+        from testbed.reduction import gpu_visible
+
+        if not gpu_visible():
+            max_mrs = cpu_max_mrs
+            Console(soft_wrap=True).print(
+                f"no GPU here: scoring at most {cpu_max_mrs} test MRs; every MR: "
+                f"`testbed eval {run_dir}` (make run CPU_EVAL_MRS=0)", highlight=False)
     try:
         run = RunDir.open(run_dir)
         with _progress() as bar:
@@ -277,6 +293,10 @@ def eval_(
     scores = result["scores"]
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)
     out = Console(soft_wrap=True)
+    if "slot_errors" in result:  # SER per attribute (runner/slots.py)
+        from runner.slots import describe
+
+        out.print(describe(result["slot_errors"]), highlight=False, markup=False)
     n, of = result["test_mrs"], result["file_test_mrs"]
     where = (f"split by MR from {result['test_file']}" if result["protocol"] == "split-by-mr"
              else f"of {result['test_file']}")

@@ -10,6 +10,8 @@ the run directory. :func:`register` adds them to the ``testbed`` app.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -116,6 +118,7 @@ def up(
     if backend not in ("auto", "compose", "local"):
         _fail(f"--backend must be auto, compose or local, not {backend!r}")
     console = Console(soft_wrap=True)  # whole lines in a piped log
+    previous = _terminate_as_interrupt()
     try:
         opts = RuntimeOptions(step_timeout=30.0 if step_timeout is None else step_timeout,
                               heartbeat=heartbeat,
@@ -153,6 +156,26 @@ def up(
         _up_local(cfg, out, opts, detach, console, external)
     except UserError as exc:
         _fail(str(exc))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt() -> Any:
+    """Make SIGTERM stop a foreground run as Ctrl-C does; the previous handler (None off the
+    main thread, where no handler can be set).
+
+    Why: a `kill`, a CI timeout or a stopped `make run` sends SIGTERM, whose default ends the
+    process at once and leaves the broker, server and client containers (or processes)
+    running; raised as KeyboardInterrupt it goes through the same clean-up as Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, _raise)
 
 
 def _external_broker(url: str | None, passwords: Path | None
@@ -328,7 +351,6 @@ def _auto_backend(external: Any, console: Console) -> str:
 def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_network: bool,
                 mem_limit: list[str], detach: bool, console: Console) -> None:
     """Compose backend (testbed/compose_run.py): containers, OOM watch, live view."""
-    import threading
 
     from testbed.cli import _fail
     from testbed.compose_run import ComposeRun, parse_mem_limits

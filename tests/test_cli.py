@@ -327,9 +327,15 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     out = tmp_path / "hs"
     # --cpu-steps (what `make run` passes): no GPU here, so the profile's 6 steps become 2,
     # said in one line and recorded in config.json
+    # --precision auto (what `make run` passes): bf16 autocast where this machine has bf16
+    # arithmetic (the CI machine's CPU has AMX), recorded and run by every process
     proc = run_cli("up", "--profile", "smoke", "--method", "hsplitlora", "--backend", "local",
-                   "--cpu-steps", "2", "--out", str(out), cwd=tmp_path)
+                   "--cpu-steps", "2", "--precision", "auto", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from testbed.precision import resolve
+
+    precision, line = resolve("auto")
+    assert line in proc.stdout
     assert "emulating meta-llama/Llama-2-7b-hf" in proc.stdout
     assert "no GPU here: a CPU run of 2 of the profile's 6 steps" in proc.stdout
     assert "--steps 6" in proc.stdout
@@ -342,6 +348,7 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     assert config["train"]["method"] == "hsplitlora"
     assert config["train"]["steps"] == 2
     assert config["train"]["extra"]["cpu_reduction"]["profile_steps"] == 6
+    assert config["train"]["precision"] == precision
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["runtime"] == "mqtt"
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
@@ -349,6 +356,38 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     assert [plan["clients"][c]["budget_bytes"] for c in ("client0", "client1", "client2")] \
         == budgets
     assert any(e["event"] == "probe" for e in events)
+
+
+def test_sigterm_stops_a_foreground_up_and_its_processes(tmp_path: Path) -> None:
+    """A `kill` (or a CI timeout, or a stopped `make run`) of `testbed up` takes the run's
+    broker, server and clients down with it, as Ctrl-C does, instead of leaving them running."""
+    import signal
+    import time
+
+    from testbed.local import pid_alive, read_state
+
+    out = tmp_path / "term"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed.cli", "up", "--profile", "smoke", "--backend", "local",
+         "--steps", "200", "--min-step-time", "1", "--out", str(out)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (out / "metrics.jsonl").is_file() or '"train"' not in (
+                out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+        pids = {who: info["pid"] for who, info in read_state(out)["processes"].items()}
+        assert {"server", "client0"} <= set(pids) and all(pid_alive(p) for p in pids.values())
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted; stopping the run" in output, output[-3000:]
+    assert "Traceback" not in output
+    time.sleep(1)
+    assert [who for who, pid in pids.items() if pid_alive(pid)] == []
 
 
 def test_up_unknown_profile_and_bad_mem_limit(tmp_path: Path) -> None:
