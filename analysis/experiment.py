@@ -200,10 +200,12 @@ def _read_result(cell_dir: Path) -> dict[str, Any]:
 
 def setting_targets(table: pd.DataFrame, target: float | None) -> dict[str, float]:
     """Target PPL per setting: ``target`` for all, else the largest final PPL of the
-    setting's cells (every cell reaches it)."""
+    setting's finished cells (every one reaches it; a killed cell's partial curve does not
+    set it unless nothing has finished)."""
     out = {}
     for setting, part in table.groupby("setting", sort=False):
-        finals = part["final_val_ppl"].dropna()
+        done = part[part["finished"]]
+        finals = (done if len(done) else part)["final_val_ppl"].dropna()
         out[str(setting)] = float(target) if target is not None else (
             float(finals.max()) if len(finals) else np.nan)
     return out
@@ -264,7 +266,8 @@ def contrast_table(cells: pd.DataFrame, exp: ExperimentDir) -> pd.DataFrame:
         return pd.DataFrame()
     src, dst = pair
     rows = []
-    for (method, override), part in cells.groupby(["method", "override"], sort=False):
+    finished = cells[cells["finished"]]
+    for (method, override), part in finished.groupby(["method", "override"], sort=False):
         a = part[part["profile"] == src].set_index("seed")["final_val_ppl"]
         b = part[part["profile"] == dst].set_index("seed")["final_val_ppl"]
         diffs = [b[s] - a[s] for s in a.index if s in b.index and finite(a[s])
@@ -294,7 +297,8 @@ def bands(exp: ExperimentDir, cells: pd.DataFrame, setting: str, x: str,
     """Curves of ``setting`` against ``x`` (``step``, ``virtual_time`` or ``train_time_s``).
 
     On the step axis seeds share their evaluation steps: mean and interval per step over
-    the seeds evaluated there. On a time axis the seeds' evaluations fall at different
+    the seeds evaluated there. Finished cells only, once a method has any (a killed cell's
+    partial curve would bend the band). On a time axis the seeds' evaluations fall at different
     times: each seed is interpolated linearly onto a common grid from 0 to the shortest
     seed's last time, and the band is taken point by point (beyond it a seed's curve is
     still drawn, thin).
@@ -303,8 +307,11 @@ def bands(exp: ExperimentDir, cells: pd.DataFrame, setting: str, x: str,
     out = []
     part = cells[cells["setting"] == setting]
     for method in dict.fromkeys(part["method"]):
+        mine = part[part["method"] == method]
+        if mine["finished"].any():  # finished seeds only, once there are any
+            mine = mine[mine["finished"]]
         seeds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for c in part[part["method"] == method].itertuples():
+        for c in mine.itertuples():
             mine = ev[ev["run"] == c.id].dropna(subset=["val_ppl", x]) if not ev.empty else ev
             if len(mine):
                 seeds[int(c.seed)] = (mine[x].to_numpy(float), mine["val_ppl"].to_numpy(float))
