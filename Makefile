@@ -19,7 +19,7 @@ PROFILE ?= hetero-llama2
 STEPS  ?=
 # Without a GPU, `make run` trains CPU_STEPS of the profile's steps (printed; STEPS=200
 # runs the whole profile), validating on CPU_EVAL examples at each point.
-CPU_STEPS ?= 15
+CPU_STEPS ?= 10
 CPU_EVAL ?= 64
 # ... and scores CPU_EVAL_MRS test MRs (0, or STEPS given: all of them)
 CPU_EVAL_MRS ?= 20

@@ -94,7 +94,7 @@ def up(
     cpu_steps: Annotated[int | None, typer.Option(
         help="With --profile and no --steps: when no CUDA GPU is visible, train this many "
              "steps instead of the profile's (validation points spread over them); printed "
-             "in one line and recorded in config.json. `make run` uses 15")] = None,
+             "in one line and recorded in config.json. `make run` uses 10")] = None,
     cpu_eval_examples: Annotated[int | None, typer.Option(
         help="With --cpu-steps: cap the validation examples of such a CPU run")] = None,
     precision: Annotated[str, typer.Option(
