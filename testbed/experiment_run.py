@@ -454,7 +454,7 @@ def run(exp: Experiment, out: Path, *, parallel: int = 1, console: Console | Non
                           markup=False, soft_wrap=True)
         wants_eval = exp.spec.eval is not None and exp.spec.eval.enabled
         total = len(planned)
-        with Reporter(console, total, parallel) as rep:
+        with Reporter(console, total, parallel) as rep, _terminate_as_interrupt():
             try:
                 _loop(planned, todo, parallel, budget, rep, wants_eval, total, poll_s)
             except KeyboardInterrupt:
@@ -463,6 +463,27 @@ def run(exp: Experiment, out: Path, *, parallel: int = 1, console: Console | Non
                 rep.line("interrupted: the running cells were stopped; rerun the same command "
                          "to resume")
         return outcome
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``; a background job ignores Ctrl-C's SIGINT) stops the
+    grid like Ctrl-C: running cells are terminated, the next run resumes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _loop(planned: list[Planned], todo: list[Planned], parallel: int, budget: int | None,
