@@ -19,16 +19,7 @@ from runner import lora, models, split
 from runner.config import TrainConfig
 from runner.errors import ConfigError, UserError
 from testbed import precision as P
-
-
-def _batch(tokenizer):
-    texts = ["name[The Eagle], eatType[coffee shop] || The Eagle is a coffee shop.",
-             "name[Zizzi] || Zizzi is a restaurant."]
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    labels[:, :5] = -100
-    return enc["input_ids"], enc["attention_mask"], labels
+from tests.test_split import _batch
 
 
 def _adapted(seg, ranks):
