@@ -489,7 +489,7 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
     """The report's comparison table as numbers, one row per run (given order).
 
     Columns: final val PPL, val PPL at equal wall time (:func:`equal_time`), the five
-    scores (NaN if not evaluated), whether the target was
+    scores and the slot error rate SER (NaN if not evaluated), whether the target was
     reached, steps and wall time to target, speed-up (wall time) vs ``baseline``,
     client-side trainable parameters (summary.json; NaN for a killed run), bytes moved (MB),
     the largest measured peak memory of any client (MiB, :func:`memory`; NaN when not
@@ -510,7 +510,7 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
         row: dict[str, Any] = {"run": n, "method": r.method, "label": rs.labels[n],
                                "final_val_ppl": finals.get(n, np.nan),
                                "ppl_equal_time": at_equal.get(n, np.nan)}
-        for s in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
+        for s in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER"):
             row[s] = scores.at[n, s] if n in scores.index else np.nan
         row.update(reached=bool(sp.at[n, "reached"]), steps_to_target=sp.at[n, "steps"],
                    wall_s_to_target=sp.at[n, "wall_s"],

@@ -12,7 +12,9 @@ Frames (one row per ...):
 - ``metrics``: record of ``metrics.jsonl`` (+ ``run``, ``method``, ``label``)
 - ``events``: event of ``events.jsonl`` (+ ``run``, ``method``, ``label``)
 - ``config``: run; the ``train`` config flattened, plus model, data sizes and versions
-- ``scores``: evaluated run (``eval/scores.json``): BLEU, NIST, METEOR, ROUGE_L, CIDEr
+- ``scores``: evaluated run (``eval/scores.json``): BLEU, NIST, METEOR, ROUGE_L, CIDEr, SER
+  (slot error rate, %; NaN for runs evaluated before it existed; per attribute in
+  ``Run.scores["slot_errors"]``)
 - ``summary``: run with a ``summary.json`` (killed runs have none)
 """
 
@@ -35,7 +37,7 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 SCORES = "eval/scores.json"
-SCORE_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+SCORE_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER")
 ID_COLUMNS = ("run", "method", "label")
 
 

@@ -29,6 +29,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("METEOR", "METEOR", ".4f"),
     ("ROUGE-L", "ROUGE_L", ".2f"),
     ("CIDEr", "CIDEr", ".4f"),
+    ("SER (%)", "SER", ".2f"),
     ("Steps to target", "steps_to_target", "steps"),
     ("Wall time to target (s)", "wall_s_to_target", ".1f"),
     ("Speed-up (wall)", "speedup_wall", "x"),
@@ -87,6 +88,28 @@ def memory_table(rs: RunSet) -> list[str]:
     return lines
 
 
+def slot_error_table(rs: RunSet) -> list[str]:
+    """Slot error rate per run and attribute (``eval/scores.json``'s ``slot_errors``, from
+    runner/slots.py), as markdown lines; [] when no run carries it. A cell is the SER of
+    that attribute in % of its MR slots, "-" when no MR had the attribute."""
+    evaluated = [(r, (r.scores or {}).get("slot_errors")) for r in rs.runs]
+    evaluated = [(r, s) for r, s in evaluated if isinstance(s, dict)]
+    if not evaluated:
+        return []
+    # Attributes in the order scores.json lists them (E2E order; runner.data, which imports
+    # torch, stays out of analysis).
+    attrs = list(dict.fromkeys(a for _, s in evaluated for a in s.get("per_attribute", {})))
+    lines = ["| Method | MRs | SER (%) | missing | wrong | added | " + " | ".join(attrs) + " |",
+             "|:---|" + "---:|" * (5 + len(attrs))]
+    for r, s in evaluated:
+        per = s.get("per_attribute", {})
+        cells = [_cell((per.get(a) or {}).get("SER"), ".1f", True) or "-" for a in attrs]
+        lines.append(f"| {rs.labels[r.name]} | {s.get('outputs', '')} | "
+                     f"{_cell(s.get('SER'), '.2f', True)} | {s.get('missing', '')} | "
+                     f"{s.get('wrong', '')} | {s.get('added', '')} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
     """Things a reader must know before trusting a row: killed runs, dropped records, and
     memory-budget violations (method.md: a method that does not fit is still run, and the
@@ -140,8 +163,9 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
         "run took to its last evaluation; \"Val PPL at equal time\" is each run's last "
         "evaluation at or before then.",
         "- Scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr) come from `testbed eval`; blank when "
-        "the run was not evaluated. Bytes moved: sent + received in training and "
-        "aggregation records, 1 MB = 10^6 bytes.",
+        "the run was not evaluated. SER: slot error rate, the share of MR slots an output "
+        "leaves out, gets wrong or adds to (lower is better; per attribute below). Bytes "
+        "moved: sent + received in training and aggregation records, 1 MB = 10^6 bytes.",
         "",
         "## Results",
         "",
@@ -168,6 +192,15 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
         lines.append(f"| {rs.labels[r.name]} | {r.name} | `{r.path}` | {t.get('clients', '')} "
                      f"| {k_text} | {rank_text} "
                      f"| {derive.run_steps(rs, r.name)} |")
+    slot_table = slot_error_table(rs)
+    if slot_table:
+        lines += ["", "## Slot errors", "",
+                  "SER = (missing + wrong + added) / MR slots, in %, overall and per "
+                  "attribute (runner/slots.py: a rule-based matcher of the MR's values, as in "
+                  "the E2E challenge's follow-up evaluations). missing: the output does not "
+                  "mention the attribute; wrong: it gives another value (\"family-friendly\" "
+                  "for familyFriendly[no]); added: a value the MR does not have.", "",
+                  *slot_table]
     memory = memory_table(rs)
     if memory:
         lines += ["", "## Memory per client", "",

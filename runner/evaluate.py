@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from runner import data as data_mod
-from runner import lora, scoring, splits
+from runner import lora, scoring, slots, splits
 from runner.config import TrainConfig
 from runner.errors import UserError
 from runner.models import load_full_model, load_tokenizer, model_info
@@ -26,11 +26,21 @@ from runner.rundir import RunDir
 
 @dataclass
 class DecodeConfig:
+    """Beam search as method.md's "Defaults" set it, and how MRs are batched.
+
+    ``batch_size`` and ``sort_by_length`` only change speed: outputs come back in input
+    order, and bench/generation.py measured them byte-identical to batches of 4 in MR order
+    (tests/test_generation.py checks that on dev-set MRs); docs/benchmarks.md has
+    the throughput.
+    """
+
     num_beams: int = 10
     length_penalty: float = 0.8
     no_repeat_ngram_size: int = 4
     max_new_tokens: int = 64
     batch_size: int = 4
+    #: Batch MRs of similar prompt length together (less left padding to compute).
+    sort_by_length: bool = False
 
 
 def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
@@ -68,18 +78,25 @@ def unfinished(run: RunDir, cfg: TrainConfig) -> str:
             "train it again")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: torch.nn.Module, tokenizer: Any, mrs: list[str], decode: DecodeConfig,
              progress: Callable[[int], None] | None = None) -> list[str]:
-    """Beam-search one output per MR (left-padded batches; text after ``" ||"`` only)."""
-    outputs: list[str] = []
+    """Beam-search one output per MR, in the order of ``mrs`` (left-padded batches; the text
+    after ``" ||"`` only). ``inference_mode`` rather than ``no_grad``: no autograd
+    bookkeeping at all on the cache tensors, same arithmetic."""
+    prompts = [data_mod.format_prompt(m) for m in mrs]
+    order = list(range(len(mrs)))
+    if decode.sort_by_length:  # stable: equal lengths keep MR order
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order.sort(key=lengths.__getitem__)
+    outputs: list[str] = [""] * len(mrs)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for i in range(0, len(mrs), decode.batch_size):
-            chunk = mrs[i:i + decode.batch_size]
-            enc = tokenizer([data_mod.format_prompt(m) for m in chunk], return_tensors="pt",
-                            padding=True, add_special_tokens=False)
+        for i in range(0, len(order), decode.batch_size):
+            chunk = order[i:i + decode.batch_size]
+            enc = tokenizer([prompts[j] for j in chunk], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(
                 **enc,
                 num_beams=decode.num_beams,
@@ -93,7 +110,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, mrs: list[str], decode: Dec
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = out[:, enc["input_ids"].shape[1]:]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for j, text in zip(chunk, texts, strict=True):
+                outputs[j] = text.strip()
             if progress is not None:
                 progress(len(chunk))
     finally:
@@ -151,6 +170,9 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     texts = generate(model, tokenizer, mrs, decode, progress)
     outputs = dict(zip(mrs, texts, strict=True))
     scores = scoring.score_e2e(outputs, refs)
+    # Beyond the official scorer: does each output say what its MR says (runner/slots.py)?
+    slot_report = slots.slot_errors(outputs)
+    scores["SER"] = slot_report["SER"]
     out_dir = run.eval_dir()
     tmp = out_dir / ".outputs.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -164,7 +186,7 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
              "test_mrs": len(mrs), "file_test_mrs": len(refs),
              "whole_file": chosen.whole_file and len(mrs) == len(refs),
              "decode": decode.__dict__, "method": cfg.method, "model": cfg.model}
-    scoring.write_scores(out_dir / "scores.json", scores, extra)
+    scoring.write_scores(out_dir / "scores.json", scores, extra, slot_errors=slot_report)
     run.event("evaluated", **scores, test_mrs=len(mrs))
-    return {"scores": scores, **extra}
+    return {"scores": scores, "slot_errors": slot_report, **extra}
 

@@ -368,8 +368,12 @@ def score_e2e(
     return {name: scores[name] for name in METRICS}
 
 
-def write_scores(path: Path, scores: dict[str, float], extra: dict[str, Any] | None = None) -> None:
+def write_scores(path: Path, scores: dict[str, float], extra: dict[str, Any] | None = None,
+                 *, slot_errors: dict[str, Any] | None = None) -> None:
     """Write ``{"scores": ..., "extra": ...}`` as indented JSON, atomically.
+
+    ``slot_errors`` (:func:`runner.slots.slot_errors`: counts and SER per attribute) is
+    written under its own key when given; ``scores`` holds only numbers, SER among them.
 
     Atomic (temp file + rename) so a crash mid-write never leaves a truncated score file that a
     later analysis step would read as valid. ``allow_nan=False`` because NaN is not JSON and
@@ -381,6 +385,8 @@ def write_scores(path: Path, scores: dict[str, float], extra: dict[str, Any] | N
         "scores": {name: float(value) for name, value in scores.items()},
         "extra": extra or {},
     }
+    if slot_errors is not None:
+        payload["slot_errors"] = slot_errors
     text = json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")

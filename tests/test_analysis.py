@@ -49,7 +49,16 @@ METHODS = {"splitlora": ["--split", "2"], "fedlora": []}
 # Stands in for `testbed eval` (15 s, and a random tiny model scores 0 everywhere): the
 # report must carry these exact values.
 FAKE_SCORES = {"BLEU": 12.3456, "NIST": 1.23456, "METEOR": 0.23456, "ROUGE_L": 34.5678,
-               "CIDEr": 0.45678}
+               "CIDEr": 0.45678, "SER": 7.5}
+# ``slot_errors`` of scores.json as runner.slots.slot_errors writes it (two attributes here).
+FAKE_SLOT_ERRORS = {
+    "SER": 7.5, "slots": 40, "missing": 2, "wrong": 1, "added": 0, "outputs": 4,
+    "outputs_with_errors": 2,
+    "per_attribute": {
+        "name": {"slots": 4, "missing": 0, "wrong": 0, "added": 0, "SER": 0.0},
+        "near": {"slots": 0, "missing": 0, "wrong": 0, "added": 0, "SER": None},
+    },
+}
 
 
 def _env() -> dict[str, str]:
@@ -96,7 +105,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[method] = run
     (out["splitlora"] / "eval").mkdir()
     (out["splitlora"] / "eval" / "scores.json").write_text(
-        json.dumps({"scores": FAKE_SCORES, "extra": {"test_mrs": 4}}))
+        json.dumps({"scores": FAKE_SCORES, "extra": {"test_mrs": 4},
+                    "slot_errors": FAKE_SLOT_ERRORS}))
     return out
 
 
@@ -349,12 +359,16 @@ def test_report_cli(runs: dict[str, Path], tmp_path: Path) -> None:
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in body}
     assert {"splitlora", "fedlora"} <= set(rows)
-    assert rows["splitlora"][3:8] == ["12.35", "1.2346", "0.2346", "34.57", "0.4568"]
-    assert rows["fedlora"][3:8] == [""] * 5  # not evaluated: blank
+    assert rows["splitlora"][3:9] == ["12.35", "1.2346", "0.2346", "34.57", "0.4568", "7.50"]
+    assert rows["fedlora"][3:9] == [""] * 6  # not evaluated: blank
+    assert "SER (%)" in header
+    # the slot errors per attribute, for the evaluated run only
+    assert "| Method | MRs | SER (%) | missing | wrong | added | name | near |" in text
+    assert "| splitlora | 4 | 7.50 | 2 | 1 | 0 | 0.0 | - |" in text
     assert "Val PPL at equal time" in header and float(rows["fedlora"][2]) > 0
     summary = json.loads((runs["splitlora"] / "summary.json").read_text())
     assert rows["splitlora"][1] == f"{summary['final_val_ppl']:.3f}"
-    assert rows["splitlora"][11] == f"{summary['client_trainable_params']:,.0f}"
+    assert rows["splitlora"][12] == f"{summary['client_trainable_params']:,.0f}"
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines()
               if line.startswith("![")]
     assert len(images) == len(STEMS)

