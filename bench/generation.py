@@ -3,7 +3,10 @@
 What is measured: wall-clock time to beam-search one output for each of the first ``--mrs``
 distinct MRs of the E2E dev set with method.md's decoding (beam 10, length penalty 0.8, no
 repeated 4-grams, at most 64 new tokens), on the adapter-less model (``--model``; a trained
-run's model is merged before generation, so it has the same shapes and the same speed).
+run's model is merged before generation, so it has the same shapes and the same step time)
+or on a run's trained model (``--run RUN``). The pretrained model rarely ends its text, so
+its outputs run to the 64-token cap: the most work per MR; a trained model that ends its
+sentences takes fewer steps, and a batch runs until its longest output ends.
 Variants, named on the command line (``--variants``):
 
 * ``legacyN``: the decoding loop as it was before this benchmark (batches of N in MR order
@@ -22,13 +25,15 @@ all MRs, and the median over rounds is reported. One untimed warm-up generation 
 runs first. The load average is recorded: compare absolute numbers only between quiet runs.
 Both wall time and the process's CPU time (all threads) are recorded: on a machine where
 other work competes for the cores, or where the process is paused (SIGSTOP) for a while,
-the wall time is inflated and the CPU-time ratios are the ones to read; on a quiet machine
-the two give the same speed-ups.
+the wall time is inflated and the CPU-time ratios are the ones to read (with ``--threads
+1``: with more threads, spinning intra-op threads inflate CPU time under contention too).
 
 Usage::
 
-    .venv/bin/python bench/generation.py --model smollm2-135m --mrs 32 \\
-        --variants legacy4,b4,b8,b8s,b16s,b32s --rounds 2 [--json PATH]
+    .venv/bin/python bench/generation.py --model smollm2-135m --mrs 16 \\
+        --variants legacy4,b8,b8s,b16s --rounds 2 --threads 1 [--json PATH]
+
+(the command behind docs/benchmarks.md; about 25 minutes on 2 shared cores).
 
 A quick check (tests/test_bench.py): ``--model tiny-llama --mrs 4 --variants legacy4,b2s
 --beams 2 --max-new-tokens 4 --rounds 1``.
@@ -55,8 +60,9 @@ from rich.console import Console
 from rich.table import Table
 
 from runner import data as data_mod
-from runner.evaluate import DecodeConfig, generate
+from runner.evaluate import DecodeConfig, generate, load_run_model
 from runner.models import load_full_model, load_tokenizer, model_info
+from runner.rundir import RunDir
 from testbed.tables import print_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +138,9 @@ def make_variants(spec: str, model: torch.nn.Module, tokenizer: Any,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--run", type=Path, default=None,
+                   help="a run directory: time its trained model (adapter merged, as `testbed "
+                        "eval` loads it) instead of --model's pretrained weights")
     p.add_argument("--data", default=None,
                    help="E2E CSV or 'synthetic' (default: ../shared/data/e2e/devset.csv if "
                         "present, else synthetic)")
@@ -161,9 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else data_mod.SYNTHETIC)
     df = data_mod.load_e2e(data)
     mrs = list(dict.fromkeys(df["mr"]))[:args.mrs]
-    info = model_info(args.model)
-    tokenizer = load_tokenizer(info.path)
-    model = load_full_model(info.path).to(args.device).eval()
+    if args.run is not None:  # a trained model stops its sentences: shorter outputs
+        model, tokenizer, cfg = load_run_model(RunDir.open(args.run))
+        model = model.to(args.device)
+        args.model = f"{cfg.model} ({args.run})"
+    else:
+        info = model_info(args.model)
+        tokenizer = load_tokenizer(info.path)
+        model = load_full_model(info.path).to(args.device).eval()
     variants = make_variants(args.variants, model, tokenizer, args)
     prompt_tokens = [len(ids) for ids in tokenizer(
         [data_mod.format_prompt(m) for m in mrs], add_special_tokens=False)["input_ids"]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,22 @@ DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 LEGACY = DecodeConfig(batch_size=4, sort_by_length=False)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine two threads spin against other work
+    and take several times longer; the thread count is restored for later tests."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _model(name: str) -> tuple[torch.nn.Module, object]:
     info = model_info(name)
     return load_full_model(info.path).eval(), load_tokenizer(info.path)
 
 
 def test_outputs_come_back_in_input_order_whatever_the_batching() -> None:
-    torch.set_num_threads(1)
     model, tokenizer = _model("tiny-llama")
     df = data_mod.synthetic_e2e(n_mrs=7, seed=3)
     mrs = list(dict.fromkeys(df["mr"]))
