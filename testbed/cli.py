@@ -7,23 +7,18 @@ traceback.
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+from testbed.console import err
+from testbed.console import fail as _fail
+from testbed.console import load_warnings as _load_warnings
+from testbed.console import progress as _progress
+from testbed.console import quiet_libraries as _quiet_libraries
+from testbed.training import run_training, train_config
 
 app = typer.Typer(
     help="Testbed for heterogeneous split LoRA fine-tuning (HSplitLoRA and baselines).",
@@ -31,58 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-
-
-def _quiet_libraries() -> None:
-    """Keep transformers' own progress bars and warnings out of our output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # the GGUF conversion draws a tqdm bar of its own: carriage returns in a piped log
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-@contextmanager
-def _progress() -> Iterator[Progress]:
-    """A progress bar on stderr; erased when a user error ends the command, so that the
-    one ``error:`` line is all a failed command leaves on stderr."""
-    from runner.errors import UserError
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
-    user_error = False
-    bar.start()
-    try:
-        yield bar
-    except UserError:
-        user_error = True
-        raise
-    finally:
-        if user_error:  # erase the bar, and skip the blank line Progress.stop() prints
-            bar.live.transient = True
-            bar.live.stop()
-        else:
-            bar.stop()
 
 
 @app.command()
@@ -179,62 +122,6 @@ def train(
     Console().print(out_line, highlight=False)
 
 
-def train_config(*, targets: str, eval_max_examples: int, **options):
-    """TrainConfig from CLI options shared by `train` and `up` (comma lists, 0 = all)."""
-    from runner.config import TrainConfig
-
-    return TrainConfig(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                       eval_max_examples=eval_max_examples or None, **options)
-
-
-def run_training(cfg, out_dir: Path, overwrite: bool, on_run=None) -> dict:
-    """Build the trainer, open the run directory and train with a progress bar.
-
-    ``on_run(run)`` is called once the run directory exists, before training (experiments
-    record their fairness decisions there: testbed/experiment_cell.py)."""
-    import platform
-
-    import torch
-    import transformers
-
-    from runner.hetero import build_trainer
-    from runner.rundir import RunDir
-    from runner.trainer import prepare
-
-    prepared = prepare(cfg)
-    if prepared.protocol is not None:  # which files train, validate and test this run
-        Console(soft_wrap=True).print(prepared.protocol.line(len(prepared.frames["train"])),
-                                      highlight=False, markup=False)
-    snapshot = {
-        "train": prepared.train_record(cfg),
-        "model_path": str(prepared.info.path),
-        "model_family": prepared.info.family,
-        "num_layers": prepared.info.num_layers,
-        "data_source": prepared.source,
-        "data_sizes": {k: len(v) for k, v in prepared.frames.items()},
-        "client_sizes": [len(s) for s in prepared.shards],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "argv": sys.argv,
-    }
-    run = RunDir.create(out_dir, snapshot, overwrite=overwrite)
-    if on_run is not None:
-        on_run(run)
-    with _progress() as bar:
-        task = bar.add_task(cfg.method, total=cfg.steps, info="loading")
-
-        def on_step(step: int, info: dict) -> None:
-            text = f"loss {info['loss']:.3f}"
-            if "val_ppl" in info:
-                text += f"  val PPL {info['val_ppl']:.2f}"
-            bar.update(task, completed=step, info=text)
-
-        trainer = build_trainer(cfg, run, on_step, prepared=prepared)
-        bar.update(task, info=f"val PPL {trainer.history[0]['val_ppl']:.2f}" if trainer.history
-                   else "training")
-        return trainer.fit()
-
-
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `testbed train`")],
@@ -307,30 +194,6 @@ def eval_(
     out.print(f"official scorer inputs: {run_dir / 'eval' / 'outputs.txt'} and "
               f"{run_dir / 'eval' / 'references.txt'} (measure_scores.py REFS OUTPUTS)",
               highlight=False, markup=False)
-
-
-@contextmanager
-def _load_warnings() -> Iterator[list[str]]:
-    """Collect the analysis loader's warnings (a truncated last record of a killed run).
-
-    ``_quiet_libraries`` silences UserWarning, and these must not be silenced: a curve
-    missing its last point should say so. They are printed as ``warning:`` lines on stderr
-    when the block ends (and the report repeats them).
-    """
-    import warnings
-
-    from analysis.load import TruncatedRecordWarning
-
-    messages: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TruncatedRecordWarning)
-        try:
-            yield messages
-        finally:
-            messages.extend(str(w.message) for w in caught
-                            if issubclass(w.category, TruncatedRecordWarning))
-    for message in messages:
-        err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 RunsArg = Annotated[list[Path], typer.Argument(

@@ -122,7 +122,8 @@ def report(
     each seed a thin line) from the cells' metrics, events, summaries and scores only."""
     from analysis.experiment_report import write_experiment_report
     from runner.errors import UserError
-    from testbed.cli import _load_warnings, _quiet_libraries
+    from testbed.console import load_warnings as _load_warnings
+    from testbed.console import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
     try:

@@ -112,7 +112,9 @@ def up(
     (all take --run DIR)."""
     from runner.errors import UserError
     from runner.runtime import RuntimeOptions
-    from testbed.cli import _fail, _quiet_libraries, train_config
+    from testbed.console import fail as _fail
+    from testbed.console import quiet_libraries as _quiet_libraries
+    from testbed.training import train_config
 
     _quiet_libraries()
     if backend not in ("auto", "compose", "local"):
@@ -204,7 +206,7 @@ def _external_broker(url: str | None, passwords: Path | None
 def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
               external: tuple[str, dict[str, str] | None] | None = None) -> None:
     """Local backend: broker (or ``--broker``), server and clients as processes here."""
-    from testbed.cli import _fail
+    from testbed.console import fail as _fail
     from testbed.local import LocalRun
 
     _print_data(cfg, console)
@@ -352,8 +354,8 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
                 mem_limit: list[str], detach: bool, console: Console) -> None:
     """Compose backend (testbed/compose_run.py): containers, OOM watch, live view."""
 
-    from testbed.cli import _fail
     from testbed.compose_run import ComposeRun, parse_mem_limits
+    from testbed.console import fail as _fail
     from testbed.images import ensure_images
 
     _print_data(cfg, console)
@@ -410,7 +412,7 @@ def status(run: RunOpt = Path("runs/latest"),
     """Processes or containers, broker, progress and event counts of a run started with
     `testbed up`."""
     from runner.errors import UserError
-    from testbed.cli import _fail
+    from testbed.console import fail as _fail
     from testbed.local import progress
     from testbed.local import status as local_status
 
@@ -454,7 +456,7 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
     """Stop a run: its processes and broker (SIGTERM, then SIGKILL), or its containers
     (their logs are saved into RUN/logs first)."""
     from runner.errors import UserError
-    from testbed.cli import _fail
+    from testbed.console import fail as _fail
 
     try:
         if _backend(run) == "compose":
@@ -479,7 +481,7 @@ def logs(
 ) -> None:
     """The last lines of the run's logs (container output, or RUN/logs/*.log locally)."""
     from runner.errors import UserError
-    from testbed.cli import _fail
+    from testbed.console import fail as _fail
 
     try:
         if _backend(run) == "compose":
@@ -518,7 +520,7 @@ def inject_dropout(
 ) -> None:
     """Take a client away (and bring it back after --for seconds)."""
     from runner.errors import UserError
-    from testbed.cli import _fail
+    from testbed.console import fail as _fail
 
     try:
         if _backend(run) == "compose":
@@ -547,7 +549,7 @@ def inject_budget(
     aggregation (split point, ranks; blocks handed over when a split point moves up).
     Containers also get the new limit (reserve + budget) through the Docker API."""
     from runner.errors import UserError
-    from testbed.cli import _fail
+    from testbed.console import fail as _fail
     from testbed.profiles import parse_bytes
 
     try:

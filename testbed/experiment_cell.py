@@ -75,7 +75,7 @@ def train(cell_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Train the cell from scratch (the same code path as ``testbed train``)."""
     from runner.config import TrainConfig
     from testbed import fairness
-    from testbed.cli import run_training
+    from testbed.training import run_training
 
     cfg = TrainConfig.from_dict(spec["train"])
     cfg, choice = _fair_config(cfg, spec)
@@ -128,7 +128,7 @@ def run_cell(cell_dir: Path) -> int:
 
     if threads:
         torch.set_num_threads(int(threads))
-    from testbed.cli import _quiet_libraries
+    from testbed.console import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
     started = time.time()

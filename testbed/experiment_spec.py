@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -42,6 +41,7 @@ from pydantic import (
 from runner.config import CENTRAL_METHODS, METHODS, TrainConfig
 from runner.errors import ConfigError, UserError
 from testbed.profiles import Profile, format_validation_error
+from testbed.yamlfile import read_yaml
 
 # TrainConfig fields the grid itself sets: they cannot appear under settings / overrides.
 GRID_FIELDS = {
@@ -437,16 +437,7 @@ def load_experiment(path: str | Path) -> Experiment:
     where = str(path)
     if not path.is_file():
         raise ExperimentError(f"{where}: no such experiment file (see experiments/*.yaml)")
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
-    except OSError as exc:
-        raise ExperimentError(f"{where}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ExperimentError(f"{where}: not valid YAML{at}: {problem}") from None
+    data, text = read_yaml(path, where, ExperimentError)
     return parse_experiment(data, where, path.stem, text)
 
 

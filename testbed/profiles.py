@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -48,6 +47,7 @@ from pydantic import (
 
 from runner.config import METHODS
 from runner.errors import ConfigError, UserError
+from testbed.yamlfile import read_yaml
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -482,15 +482,7 @@ def load_profile(name: str, directory: Path | None = None) -> Profile:
     """Find, read and validate a profile; every problem is one ProfileError line."""
     path = profile_path(name, directory)
     where = _display(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ProfileError(f"{where}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ProfileError(f"{where}: not valid YAML{at}: {problem}") from None
+    data, _ = read_yaml(path, where, ProfileError)
     return parse_profile(data, where, path.stem)
 
 
