@@ -500,14 +500,16 @@ def _loop(planned: list[Planned], todo: list[Planned], parallel: int, budget: in
                           f"{fmt_mib(budget)} available")
                 rep.line(f"[{_ended(planned)}/{total}] {p.id}: refused: {p.note}")
                 continue
-            in_use = sum(r.estimate for r in running)
-            if budget is not None and running and in_use + p.estimate > budget:
-                if not p.waited:
-                    p.waited = True
-                    rep.line(f"{p.id} waits for memory: needs about {fmt_mib(p.estimate)}, "
-                             f"{fmt_mib(in_use)} of {fmt_mib(budget)} held by running cells")
+            p = _first_fit(queue, running, budget)
+            if p is None:
+                head, in_use = queue[0], sum(r.estimate for r in running)
+                if not head.waited:
+                    head.waited = True
+                    rep.line(f"{head.id} waits for memory: needs about "
+                             f"{fmt_mib(head.estimate)}, {fmt_mib(in_use)} of "
+                             f"{fmt_mib(budget or 0)} held by running cells")
                 break
-            queue.pop(0)
+            queue.remove(p)
             _start(p)
             running.append(p)
         rep.update(planned)
@@ -527,6 +529,19 @@ def _loop(planned: list[Planned], todo: list[Planned], parallel: int, budget: in
                 rep.line(f"[{n}/{total}] {p.id}: failed ({p.note}); log {p.dir / LOG}; "
                          f"ETA {eta}")
             rep.update(planned)
+
+
+def _first_fit(queue: list[Planned], running: list[Planned],
+               budget: int | None) -> Planned | None:
+    """The first queued cell whose memory estimate fits beside the running ones (first fit).
+
+    Why not strictly in order: a large cell waiting for memory would otherwise idle a CPU
+    that a smaller cell further down the grid (cenlora, ft) could use; cells are independent,
+    so the order only decides which finishes first."""
+    if budget is None or not running:
+        return queue[0] if queue else None
+    free = budget - sum(r.estimate for r in running)
+    return next((q for q in queue if q.estimate <= budget and q.estimate <= free), None)
 
 
 def _ended(planned: list[Planned]) -> int:

@@ -352,3 +352,23 @@ def test_reuse_copies_identical_finished_cells(tmp_path: Path) -> None:
     record = json.loads((copied / CELL).read_text())
     assert record["reused_from"].endswith("cells/splitlora.seed0")
     assert signature(record) == signature(mine[0].request)  # device files differ by path only
+
+
+def test_a_cell_waiting_for_memory_lets_a_smaller_one_start() -> None:
+    """First fit: a large cell that does not fit beside the running one stays queued, a
+    later small one that fits starts instead (the CPU would idle otherwise); with nothing
+    running the head of the queue always starts."""
+    from types import SimpleNamespace
+
+    from testbed.experiment_run import Planned, _first_fit
+
+    def cell(name: str, gib: float) -> Planned:
+        return Planned(cell=SimpleNamespace(id=name), dir=Path(name), request={},
+                       estimate=int(gib * 2**30))
+
+    big, mid, small = cell("hsplitlora", 9), cell("splitlora", 6), cell("cenlora", 2)
+    budget = 13 * 2**30
+    assert _first_fit([mid, small], [big], budget) is small
+    assert _first_fit([mid], [big], budget) is None
+    assert _first_fit([mid, small], [], budget) is mid
+    assert _first_fit([mid, small], [big], None) is mid
