@@ -223,9 +223,22 @@ def run_files(profile: Profile, mapping: EmulationMap, options: ExportOptions, r
                                             offline_after=CONTAINER_OFFLINE_AFTER))
         data_files = {"runtime.json": (work / "runtime.json").read_text(),
                       "devices.json": (work / "devices.json").read_text(),
+                      "host-paths.json": host_paths(),
                       "mosquitto.conf": (work / "broker" / "mosquitto.conf").read_text()}
         dynsec = (work / "broker" / "dynsec.json").read_text()
     return data_files, {who: c.password for who, c in creds.items()}, dynsec, notes
+
+
+def host_paths() -> str:
+    """``host-paths.json`` for the run directory (runner/rundir.py): /cache is this host's
+    testbed cache, which the model volume is filled from, so ``testbed eval`` and
+    ``testbed report`` resolve the run's container paths once it is copied back here."""
+    import json
+
+    from runner.models import cache_dir
+
+    return json.dumps({"run_mount": RUN_MOUNT, "mounts": {CACHE_MOUNT: str(cache_dir())}},
+                      indent=2, sort_keys=True) + "\n"
 
 
 # ---------------------------------------------------------------------------- objects
@@ -246,29 +259,38 @@ def _cache_volume(options: ExportOptions) -> dict[str, Any]:
                                                        "readOnly": True}}
 
 
+RUN_FILES = ("runtime.json", "devices.json", "host-paths.json")  # ConfigMap -> run directory
+CONFIG_MOUNT = "/config"
+
+
 def _run_pod(who: str, *, names: dict[str, str], image: str, command: list[str],
              env: dict[str, Any], resources: dict[str, Any] | None, run_volume: dict[str, Any],
              options: ExportOptions, lab: dict[str, str]) -> dict[str, Any]:
-    """Pod template of the server or a client: the run directory at RUN_MOUNT with
-    runtime.json and devices.json from the ConfigMap, its own password under secrets/, the
-    cache at /cache."""
+    """Pod template of the server or a client: the run directory at RUN_MOUNT, its own
+    password under secrets/, the cache at /cache.
+
+    An init container copies :data:`RUN_FILES` from the ConfigMap into the run directory
+    (not subPath mounts: those leave empty placeholder files in the volume), so the server's
+    run directory is whole when copied back, as a Compose run's is. It gets the same
+    resources as the main container, which keeps a client pod in the Guaranteed QoS class."""
+    mounts = [{"name": "run", "mountPath": RUN_MOUNT},
+              {"name": "password", "mountPath": f"{RUN_MOUNT}/secrets", "readOnly": True},
+              {"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": True}]
     container: dict[str, Any] = {
         "name": "server" if who == "server" else "client",
         "image": image, "imagePullPolicy": "IfNotPresent", "command": command,
-        "env": _env(env),
-        "volumeMounts": [
-            {"name": "run", "mountPath": RUN_MOUNT},
-            {"name": "config", "mountPath": f"{RUN_MOUNT}/runtime.json",
-             "subPath": "runtime.json", "readOnly": True},
-            {"name": "config", "mountPath": f"{RUN_MOUNT}/devices.json",
-             "subPath": "devices.json", "readOnly": True},
-            {"name": "password", "mountPath": f"{RUN_MOUNT}/secrets", "readOnly": True},
-            {"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": True},
-        ]}
+        "env": _env(env), "volumeMounts": mounts}
+    init: dict[str, Any] = {
+        "name": "run-config", "image": image, "imagePullPolicy": "IfNotPresent",
+        "command": ["cp", *[f"{CONFIG_MOUNT}/{f}" for f in RUN_FILES], f"{RUN_MOUNT}/"],
+        "volumeMounts": [{"name": "run", "mountPath": RUN_MOUNT},
+                         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]}
     if resources:
         container["resources"] = resources
+        init["resources"] = {k: dict(v) for k, v in resources.items()}
     return {"metadata": {"labels": lab}, "spec": {
-        "restartPolicy": "Never", "enableServiceLinks": False, "containers": [container],
+        "restartPolicy": "Never", "enableServiceLinks": False, "initContainers": [init],
+        "containers": [container],
         "volumes": [
             {"name": "run", **run_volume},
             {"name": "config", "configMap": {"name": names["config"]}},
@@ -312,8 +334,8 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
     out.add("config.yaml", {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": _meta(names["config"], labels(run_id, prefix, "config")), "data": data},
-        made + "what the containers read: runtime.json, devices.json, mosquitto.conf. "
-        "No secrets.")
+        made + "what the containers read: runtime.json, devices.json and host-paths.json "
+        "(copied into each run directory by an init container), mosquitto.conf. No secrets.")
     out.add("secret-broker.yaml", {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": _meta(f"{prefix}-broker-dynsec", labels(run_id, prefix, "credentials")),

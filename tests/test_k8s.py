@@ -215,7 +215,8 @@ def test_secrets_are_secrets_and_not_in_the_configmap(smoke_export: Path) -> Non
     blob = yaml.safe_dump(config)
     for secret in [*passwords, *[line for line in dynsec.splitlines() if '"salt"' in line]]:
         assert secret.strip().rstrip(",") not in blob
-    assert set(config["data"]) == {"runtime.json", "devices.json", "mosquitto.conf"}
+    assert set(config["data"]) == {"runtime.json", "devices.json", "host-paths.json",
+                                   "mosquitto.conf"}
     for path, obj in tree.items():  # credentials on disk: owner only
         mode = (smoke_export / path).stat().st_mode & 0o777
         assert mode == (0o600 if obj.get("kind") == "Secret" else 0o644), path
@@ -278,6 +279,27 @@ def test_commands_env_and_labels_follow_the_compose_backend(gpu_export: tuple[An
     # a device name that is no DNS label still gets a valid object name
     assert "hsl-gpu-run-edge-4" in of_kind(tree, "Job")
     assert manifests.run_id == "gpu-run"
+
+
+def test_every_pod_gets_the_run_files_its_environment_names(smoke_export: Path) -> None:
+    """TESTBED_CONFIG / TESTBED_DEVICES name files the init container copies from the
+    ConfigMap into the run directory before the server or client starts."""
+    tree = load_tree(smoke_export)
+    (config,) = of_kind(tree, "ConfigMap").values()
+    for name, job in of_kind(tree, "Job").items():
+        spec = job["spec"]["template"]["spec"]
+        (init,) = spec["initContainers"]
+        copied = {f"/run/testbed/{Path(src).name}" for src in init["command"][1:-1]
+                  if src.startswith("/config/")}
+        assert init["command"][0] == "cp" and init["command"][-1] == "/run/testbed/"
+        assert {Path(p).name for p in copied} <= set(config["data"])
+        e = env(job)
+        assert {e["TESTBED_CONFIG"], e["TESTBED_DEVICES"]} <= copied, name
+        assert init.get("resources") == container(job).get("resources")
+        run_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+        assert run_mounts["run"] == "/run/testbed"
+        assert {m["mountPath"] for m in container(job)["volumeMounts"]
+                if m["name"] == "run"} == {"/run/testbed"}
 
 
 def test_the_model_volume_is_named_in_one_place(gpu_export: tuple[Any, ...],
