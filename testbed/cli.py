@@ -277,6 +277,11 @@ from testbed.commands_experiment import app as _experiment_app  # noqa: E402
 
 app.add_typer(_experiment_app, name="experiment")
 
+# `testbed export k8s` (testbed/commands_export.py).
+from testbed.commands_export import app as _export_app  # noqa: E402
+
+app.add_typer(_export_app, name="export")
+
 
 def main() -> None:
     app()

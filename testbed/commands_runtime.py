@@ -313,10 +313,12 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
                                        [d.availability for d in prof.devices])
         _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external)
         return
+    from testbed.compose import CONTAINER_OFFLINE_AFTER, CONTAINER_STEP_TIMEOUT
+
     if not offline_given:
-        opts = replace(opts, offline_after=30.0)
+        opts = replace(opts, offline_after=CONTAINER_OFFLINE_AFTER)
     if not step_timeout_given:
-        opts = replace(opts, step_timeout=120.0)
+        opts = replace(opts, step_timeout=CONTAINER_STEP_TIMEOUT)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
 
 

@@ -4,7 +4,8 @@
 this module turns a profile (after the emulation mapping, :mod:`testbed.profiles`) into an
 override file that adds one service per client:
 
-* ``mem_limit = runtime overhead + budget`` with ``memswap_limit`` equal to it (no swap: an
+* ``mem_limit = runtime overhead + budget`` (:func:`client_memory_limit`, which the
+  Kubernetes export uses too) with ``memswap_limit`` equal to it (no swap: an
   emulated device that needs more than its budget must be OOM-killed, which the runtime
   records as "budget exceeded", instead of quietly swapping). The overhead defaults to
   ``runner.memory.DEFAULT_RESERVE``, the measured resident size of the Python + torch
@@ -40,12 +41,16 @@ import yaml
 
 from runner.errors import ConfigError
 from runner.rundir import RUN_MOUNT  # where the run directory is mounted in every container
-from testbed.profiles import EmulationMap, Profile
+from testbed.profiles import EmulatedDevice, EmulationMap, Profile
 
 BASE_COMPOSE = Path(__file__).resolve().parents[1] / "compose.yaml"
 TEMPLATE_KEY = "x-client-template"
 DEFAULT_BROKER_PORT = 1883
 LABEL = "org.hsplitlora"
+# RuntimeOptions for containerised fleets (compose, Kubernetes): CPU quotas make slow devices
+# slow, so a step and a heartbeat may take longer than on the local backend
+CONTAINER_STEP_TIMEOUT = 120.0
+CONTAINER_OFFLINE_AFTER = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,10 @@ class ComposeOptions:
     overhead: int | None = None
     max_cpus: float = 1.0
     min_cpus: float = 0.05
+    broker_host: str | None = None  # None: "broker" (the Compose service) or 127.0.0.1
 
     def broker_url(self) -> str:
-        host = "127.0.0.1" if self.host_network else "broker"
+        host = self.broker_host or ("127.0.0.1" if self.host_network else "broker")
         return f"mqtt://{host}:{self.broker_port}"
 
 
@@ -90,6 +96,18 @@ def container_limit(nbytes: int) -> int:
     return -(-int(nbytes) // PAGE) * PAGE
 
 
+def client_memory_limit(row: EmulatedDevice, overhead: int | None = None) -> int:
+    """A client container's memory limit: the runtime overhead (None: ``DEFAULT_RESERVE``)
+    plus the device's stand-in budget, page-rounded. The one place this is computed: the
+    Compose override and the Kubernetes manifests (testbed/k8s.py) both call it."""
+    from runner.memory import DEFAULT_RESERVE
+
+    overhead = DEFAULT_RESERVE if overhead is None else overhead
+    if overhead < 0:
+        raise ConfigError(f"runtime overhead must be >= 0, got {overhead}")
+    return container_limit(overhead + row.standin_bytes)
+
+
 def gpu_reservation(selector: int | str) -> dict[str, Any]:
     """``deploy`` block reserving one NVIDIA GPU (index) or MIG instance / GPU (UUID)."""
     return {"resources": {"reservations": {"devices": [{
@@ -108,13 +126,10 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                       options: ComposeOptions | None = None,
                       base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The override as a dict (services: broker/server tweaks + one service per client)."""
-    from runner.memory import ALLOCATOR_ENV, DEFAULT_RESERVE
+    from runner.memory import ALLOCATOR_ENV
 
     opts = options or ComposeOptions()
     base = base if base is not None else load_base()
-    overhead = DEFAULT_RESERVE if opts.overhead is None else opts.overhead
-    if overhead < 0:
-        raise ConfigError(f"runtime overhead must be >= 0, got {overhead}")
     if len(mapping.clients) != len(profile.devices):
         raise ConfigError(f"mapping has {len(mapping.clients)} clients, profile "
                           f"{profile.name} has {len(profile.devices)}")
@@ -139,7 +154,7 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                                                 strict=True)):
         if row.name != device.name:
             raise ConfigError(f"mapping row {i} is {row.name}, profile device is {device.name}")
-        limit = container_limit(overhead + row.standin_bytes)
+        limit = client_memory_limit(row, opts.overhead)
         svc = copy.deepcopy(template)
         svc["environment"] = {
             **{k: str(v) for k, v in (svc.get("environment") or {}).items()},
@@ -166,7 +181,13 @@ def generate_override(profile: Profile, mapping: EmulationMap,
 def write_override(profile: Profile, mapping: EmulationMap, path: Path,
                    options: ComposeOptions | None = None,
                    base_path: Path = BASE_COMPOSE) -> Path:
-    """Write the override YAML (with a header saying where it came from)."""
+    """Write the override YAML (with a header saying where it came from). A MIG profile
+    without an instance UUID is refused here, not in :func:`generate_override`, which
+    testbed/k8s.py also uses: Kubernetes requests MIG by profile, Docker only by UUID."""
+    for who in [profile.server, *profile.devices]:
+        if who.mig is not None and who.gpu is None:
+            raise ConfigError(f"{who.name}: mig {who.mig} names a MIG instance's size only; "
+                              "Docker reserves an instance by its UUID: add gpu: MIG-...")
     doc = generate_override(profile, mapping, options, load_base(base_path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,24 @@ def parse_gpu(value: Any) -> int | str | None:
     raise ValueError(f"expected a GPU index, a MIG-/GPU- UUID or none, got {value!r}")
 
 
+MIG_PROFILE = re.compile(r"[1-9][0-9]?g\.[0-9]+gb")
+
+
+def parse_mig(value: Any) -> str | None:
+    """MIG profile name (``1g.10gb``, ``3g.40gb``, ...) or none.
+
+    Why a field of its own next to ``gpu``: Docker reserves a MIG instance by its UUID
+    (``gpu: MIG-...``), while Kubernetes' NVIDIA device plugin (mixed strategy) schedules by
+    the instance's profile, as the resource ``nvidia.com/mig-<profile>``, and cannot name a
+    UUID. Media-extension profiles (``+me``) are refused: ``+`` is not allowed in a
+    Kubernetes resource name."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str) and MIG_PROFILE.fullmatch(value.strip()):
+        return value.strip()
+    raise ValueError(f"expected a MIG profile such as '1g.10gb' or '3g.40gb', got {value!r}")
+
+
 def _positive(v: float) -> float:
     if not v > 0 or math.isnan(v):
         raise ValueError("must be > 0")
@@ -177,6 +195,7 @@ Flops = Annotated[float, BeforeValidator(lambda v: _positive(parse_flops(v)))]
 Bandwidth = Annotated[float, BeforeValidator(lambda v: _positive(parse_bandwidth(v)))]
 Latency = Annotated[float, BeforeValidator(lambda v: _non_negative(parse_seconds(v)))]
 GpuSelector = Annotated[int | str | None, BeforeValidator(parse_gpu)]
+MigProfile = Annotated[str | None, BeforeValidator(parse_mig)]
 
 
 # ---------------------------------------------------------------------------- the schema
@@ -184,6 +203,14 @@ class _Strict(BaseModel):
     """Unknown keys are errors: a typo (``memroy:``) must not silently become a default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_mig(gpu: int | str | None, mig: str | None) -> None:
+    """``mig`` names the size of a MIG instance; ``gpu`` may name which one (``MIG-...``) but
+    not a whole GPU at the same time."""
+    if mig is not None and gpu is not None and not str(gpu).startswith("MIG-"):
+        raise ValueError(f"mig: {mig!r} asks for a MIG instance but gpu: {gpu!r} names a whole "
+                         "GPU; give gpu a MIG-... UUID or drop one of them")
 
 
 class AvailabilitySpec(_Strict):
@@ -242,7 +269,13 @@ class DeviceModel(_Strict):
     latency: Latency = 0.02
     availability: AvailabilitySpec = AvailabilitySpec()
     gpu: GpuSelector = None
+    mig: MigProfile = None  # MIG profile, e.g. "1g.10gb" (Kubernetes: nvidia.com/mig-1g.10gb)
     label: str = ""  # free text, e.g. "Jetson TX2-class"
+
+    @model_validator(mode="after")
+    def _gpu_or_mig(self) -> DeviceModel:
+        _check_mig(self.gpu, self.mig)
+        return self
 
 
 class ServerModel(_Strict):
@@ -254,7 +287,13 @@ class ServerModel(_Strict):
     bandwidth: Bandwidth = 1.25e9  # 10 Gbit/s
     latency: Latency = 0.001
     gpu: GpuSelector = None
+    mig: MigProfile = None
     label: str = ""
+
+    @model_validator(mode="after")
+    def _gpu_or_mig(self) -> ServerModel:
+        _check_mig(self.gpu, self.mig)
+        return self
 
 
 class ArchModel(_Strict):
@@ -387,7 +426,8 @@ class Profile(_Strict):
 
     @property
     def uses_gpus(self) -> bool:
-        return self.server.gpu is not None or any(d.gpu is not None for d in self.devices)
+        return any(d.gpu is not None or d.mig is not None
+                   for d in [self.server, *self.devices])
 
     def availabilities(self) -> list[ClockAvailability]:
         """Per-client availability for :class:`runner.clock.VirtualClock`."""
@@ -800,6 +840,12 @@ def print_emulation(mapping: EmulationMap, console: Console) -> None:
                   highlight=False, soft_wrap=True)
 
 
+def _gpu_text(gpu: int | str | None, mig: str | None) -> str:
+    """The gpu column: selector and MIG profile, '-' for neither."""
+    parts = ([] if gpu is None else [str(gpu)]) + ([] if mig is None else [f"mig {mig}"])
+    return " ".join(parts) or "-"
+
+
 def print_profile(profile: Profile, console: Console) -> None:
     """A validated profile, pretty: experiment, then one row per device and the server (whole
     values when the output is not a terminal)."""
@@ -832,9 +878,9 @@ def print_profile(profile: Profile, console: Console) -> None:
     for d in profile.devices:
         table.add_row(d.name, fmt_bytes(d.memory), fmt_flops(d.compute), fmt_rate(d.bandwidth),
                       fmt_seconds(d.latency), d.availability.describe(),
-                      "-" if d.gpu is None else str(d.gpu), d.label)
+                      _gpu_text(d.gpu, d.mig), d.label)
     s = profile.server
     table.add_row(f"{s.name} (server)", fmt_bytes(s.memory), fmt_flops(s.compute),
                   fmt_rate(s.bandwidth), fmt_seconds(s.latency), "always",
-                  "-" if s.gpu is None else str(s.gpu), s.label, style="dim")
+                  _gpu_text(s.gpu, s.mig), s.label, style="dim")
     print_table(console, table)
