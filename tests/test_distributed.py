@@ -369,6 +369,11 @@ def test_client_killed_and_restarted_and_client_paused(tmp_path: Path) -> None:
         run.signal("client2", signal.SIGSTOP)
         run.spawn("client1")  # a new process: imports, loads its shard, rejoins
         time.sleep(3.5)  # > step_timeout and > offline_after
+        # resumed only once the server has noticed: on a loaded machine the server itself may
+        # need longer than the sleep to reach its timeout, and the test is about what
+        # happens after a pause the server saw, not about how fast it sees it
+        wait_until(lambda: any(e["event"] == "client_offline" and e["client"] == "client2"
+                               for e in events(run.run_dir)), 120, "client2 offline", run)
         run.signal("client2", signal.SIGCONT)
         finish(run)
     ev = events(run.run_dir)
