@@ -14,7 +14,7 @@ from runner.methods import registry
 
 # Name sets of the built-in methods, derived from their traits (runner/methods/registry.py)
 # for the control plane's choices and messages; code asks a method's traits instead.
-METHODS = registry.names()
+METHODS = registry.having()  # the built-in ones (a plug-in loads later: names())
 HSPLIT_METHODS = registry.having(hetero=True, split=True)
 SPLIT_METHODS = registry.having(split=True)
 FEDERATED_METHODS = registry.having(central=False)

@@ -9,15 +9,23 @@ record; code asks a trait (``traits(cfg).split``), never a name, so a new method
 The ablations of HSplitLoRA are traits of it (``iwi``, ``armsc``, ``naa`` switched off), not
 special cases scattered through the code.
 
-This module is pure data: it imports nothing from the project, so :mod:`runner.config` (and
+This module is data: it imports nothing from the project (a user's plug-in module, named in
+``$TESTBED_METHODS``, is imported on the first look-up), so :mod:`runner.config` (and
 everything under it) can read it without an import cycle. Which code runs a method's server
 and client side is named by dotted paths (``hooks``), resolved by :mod:`runner.methods.plugins`.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# Modules (comma-separated) that define methods of their own: imported, so that their
+# ``register`` calls run, when a process first looks a method up (docs/extending.md). Every
+# process of a run inherits it: the CLI, the distributed server and the clients.
+PLUGINS_ENV = "TESTBED_METHODS"
 
 # Aggregation rules (runner/aggregation.py): what happens to client adapters every I steps.
 FEDAVG = "fedavg"  # FedAvg of A and B weighted by p_i
@@ -119,13 +127,32 @@ class HasMethod(Protocol):
     method: str
 
 
+_loaded: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import the modules ``$TESTBED_METHODS`` names that are not imported yet."""
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if module not in _loaded:
+            _loaded.add(module)
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                _loaded.discard(module)
+                raise ImportError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from e
+
+
 def names() -> tuple[str, ...]:
-    """Every registered method, in registration order (the built-in ones first)."""
+    """Every registered method, in registration order (the built-in ones first), those of
+    ``$TESTBED_METHODS`` included."""
+    load_plugins()
     return tuple(_REGISTRY)
 
 
 def get(name: str) -> Traits:
     """The traits of method ``name``; KeyError (listing the known names) if unknown."""
+    if name not in _REGISTRY:
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -139,6 +166,7 @@ def traits(cfg: HasMethod | Any) -> Traits:
 
 
 def having(**wanted: Any) -> tuple[str, ...]:
-    """Names of the built-in and registered methods whose traits equal ``wanted``."""
+    """Names of the methods registered so far whose traits equal ``wanted`` (no plug-in is
+    loaded here: runner.config derives its name sets while it is being imported)."""
     return tuple(n for n, t in _REGISTRY.items()
                  if all(getattr(t, k) == v for k, v in wanted.items()))
