@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
+from runner import control, lora, schedule, seeds, split
 from runner import data as data_mod
-from runner import lora, schedule, seeds, split
 from runner import protocol as P
 from runner.errors import UserError
 from runner.methods import plugins, registry
@@ -52,16 +52,9 @@ from runner.methods.hooks import ClientHooks
 from runner.models import load_config as load_model_config
 from runner.resources import Meter
 from runner.runtime import (
-    OP_DONE,
-    OP_RESEND,
-    OP_RESYNC,
-    OP_SKIP,
-    OP_STEP,
-    OP_UPLOAD,
     RuntimeConfig,
     is_split,
     load_config,
-    meta_int,
     setup_logging,
 )
 from runner.trainer import (
@@ -354,39 +347,42 @@ class Client:
     def handle(self, msg: P.Message) -> None:
         """Apply one message from the server (every branch is idempotent): the method's
         handlers first, then the engine's."""
-        if self.hooks.handle(msg):
-            return
-        self._handle(msg)
-        self.hooks.after_handle(msg)
-
-    def _handle(self, msg: P.Message) -> None:
-        meta = msg.meta
+        ctrl = None
         if msg.kind is P.Kind.CONFIG:
-            op = meta.get("op")
-            step = meta_int(meta, "step")
-            if op == OP_STEP:
-                if meta.get("rollback") and meta.get("epoch") != self.epoch:
-                    return  # wait for the server's roll-back resync first
-                if self.epoch is None:
-                    self.epoch = meta.get("epoch")
-                if step > self.announced:
-                    self.announced = step
-                    self.need_global = meta_int(meta, "global")
-            elif op == OP_SKIP:
-                if self.pending is not None and self.pending["step"] == step:
-                    log.info("step %d skipped by the server (late)", step)
-                    self.pending = None
-                    self.done_step = max(self.done_step, step)
-            elif op == OP_RESYNC:
-                self.resync(meta, msg.tensors)
-            elif op == OP_UPLOAD:
-                if self.done_step == step and self.pending is None:
-                    self.upload(step)
-            elif op == OP_RESEND:
-                if self.pending is not None and self.pending["step"] == step:
-                    self._send_act(self.pending)
-            elif op == OP_DONE:
-                self.finished = True
+            try:  # decoded and validated once (runner/control.py)
+                ctrl = control.decode(msg)
+            except control.ControlError as e:
+                log.warning("%s of step %d refused: %s", msg.meta.get("op"), msg.step, e)
+                return
+        if self.hooks.handle(msg, ctrl):
+            return
+        self._handle(msg, ctrl)
+        self.hooks.after_handle(msg, ctrl)
+
+    def _handle(self, msg: P.Message, ctrl: control.Control | None) -> None:
+        if isinstance(ctrl, control.Step):
+            if ctrl.rollback and ctrl.epoch != self.epoch:
+                return  # wait for the server's roll-back resync first
+            if self.epoch is None:
+                self.epoch = ctrl.epoch
+            if ctrl.step > self.announced:
+                self.announced = ctrl.step
+                self.need_global = ctrl.global_
+        elif isinstance(ctrl, control.Skip):
+            if self.pending is not None and self.pending["step"] == ctrl.step:
+                log.info("step %d skipped by the server (late)", ctrl.step)
+                self.pending = None
+                self.done_step = max(self.done_step, ctrl.step)
+        elif isinstance(ctrl, control.Resync):
+            self.resync(ctrl, msg.tensors)
+        elif isinstance(ctrl, control.Upload):
+            if self.done_step == ctrl.step and self.pending is None:
+                self.upload(ctrl.step)
+        elif isinstance(ctrl, control.Resend):
+            if self.pending is not None and self.pending["step"] == ctrl.step:
+                self._send_act(self.pending)
+        elif isinstance(ctrl, control.Done):
+            self.finished = True
         elif msg.kind is P.Kind.GRAD:
             self.apply_grad(msg)
         elif msg.kind is P.Kind.GLOBAL and msg.step > self.global_step:
@@ -506,16 +502,14 @@ class Client:
         except TransportError as e:
             log.warning("adapters of step %d not sent: %s", step, e)
 
-    def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
         """The server's resync, as the method's hooks apply it."""
-        self.hooks.resync(meta, tensors)
+        self.hooks.resync(r, tensors)
 
-    def default_resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def default_resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
         """Rejoin (server continuous) or roll back (server resumed from its checkpoint)."""
-        g = meta_int(meta, "global")
-        drawn, opt_steps = meta_int(meta, "drawn", 0), meta_int(meta, "opt_steps", 0)
-        mode = meta.get("mode")
-        if mode == "rollback":
+        g, drawn, opt_steps = r.global_, r.drawn, r.opt_steps
+        if r.mode == "rollback":
             snap = self.snapshots.get(g)
             if snap is not None and (snap["drawn"], snap["opt_steps"]) == (drawn, opt_steps):
                 self._restore(snap)
@@ -543,7 +537,8 @@ class Client:
                 self._reset_optimizer(opt_steps)
             self.global_step = max(self.global_step, g)
             log.info("resynchronised at aggregation %d", g)
-        self.epoch = meta.get("epoch", self.epoch)
+        if r.epoch is not None:
+            self.epoch = r.epoch
         self.synced = True
         if g not in self.snapshots:
             self._snapshot(g)

@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runner import aggregation as agg
-from runner import importance, lora, seeds, split
+from runner import control, importance, lora, seeds, split
 from runner import protocol as P
 from runner.hetero import ProbeForward, probe_backward, probe_forward
 from runner.methods.hooks import ClientHooks
 from runner.models import load_config as load_model_config
-from runner.runtime import OP_MERGE, OP_PLAN, OP_PROBE, OP_SET, OP_STEP, meta_int
 from runner.trainer import make_optimizer
 from runner.transport import TransportError
 
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
     from runner.client import Client
 
 log = logging.getLogger("runner.client")
-HANDLED_OPS = (OP_MERGE, OP_PROBE, OP_PLAN, OP_SET)
+HANDLED = (control.Merge, control.Probe, control.Plan, control.SetAdapters)
 
 
 def block_state(seg: split.Segment) -> dict[str, torch.Tensor]:
@@ -126,22 +125,22 @@ class HeteroClientHooks(ClientHooks):
         c.holder.seg = new
 
     # ---------------------------------------------------------------------- messages
-    def handle(self, msg: P.Message) -> bool:
+    def handle(self, msg: P.Message, ctrl: control.Control | None) -> bool:
         c, meta = self.client, msg.meta
-        if msg.kind is P.Kind.CONFIG and meta.get("op") in HANDLED_OPS:
-            if meta.get("epoch") != c.epoch:
+        if isinstance(ctrl, HANDLED):
+            if ctrl.epoch != c.epoch:
                 return True  # from before a server restart, or ahead of our resync
             op = meta["op"]
             try:
                 c.busy = (op, msg.step)
-                if op == OP_MERGE:
-                    self.merge(msg)
-                elif op == OP_PROBE:
-                    self.on_probe(msg)
-                elif op == OP_SET:
-                    self.set_adapters(msg.step, msg.tensors)
+                if isinstance(ctrl, control.Merge):
+                    self.merge(ctrl, msg.tensors)
+                elif isinstance(ctrl, control.Probe):
+                    self.on_probe(ctrl)
+                elif isinstance(ctrl, control.SetAdapters):
+                    self.set_adapters(ctrl.step, msg.tensors)
                 else:
-                    self.plan(msg)
+                    self.plan(ctrl, msg.tensors)
             except ValueError as e:  # a layout that does not fit our blocks: not applied
                 log.warning("%s of step %d not applied: %s", op, msg.step, e)
             finally:
@@ -153,12 +152,12 @@ class HeteroClientHooks(ClientHooks):
         # HSplitLoRA sends merges per client, never a broadcast aggregate
         return msg.kind is P.Kind.GLOBAL
 
-    def after_handle(self, msg: P.Message) -> None:
-        c, meta = self.client, msg.meta
-        if msg.kind is P.Kind.CONFIG and meta.get("op") == OP_STEP:
-            step = meta_int(meta, "step")
+    def after_handle(self, msg: P.Message, ctrl: control.Control | None) -> None:
+        c = self.client
+        if isinstance(ctrl, control.Step):
+            step = ctrl.step
             if step == c.announced:
-                self.need_plan = max(self.need_plan, meta_int(meta, "plan"))
+                self.need_plan = max(self.need_plan, -1 if ctrl.plan is None else ctrl.plan)
             # Training at or past a probe's step means that probe round is over (we were
             # late, or its requests arrived after a resync): drop it.
             if self.probe_req is not None and step >= self.probe_req[0]:
@@ -166,15 +165,12 @@ class HeteroClientHooks(ClientHooks):
             if self.probe_fwd is not None and step >= self.probe_fwd[0]:
                 self.probe_fwd = None
 
-    def merge(self, msg: P.Message) -> None:
+    def merge(self, m: control.Merge, tensors: dict[str, torch.Tensor]) -> None:
         """NAA: ``W <- W + dW`` for every adapted weight of our blocks, then fresh adapters."""
         c = self.client
-        step = msg.step
+        step, forms = m.step, m.forms
         if step <= c.global_step or c.holder.seg is None:
             return
-        forms = msg.meta.get("forms")
-        if not isinstance(forms, dict):
-            raise ValueError("merge without forms")
         linears = importance.base_linears(c.holder.seg.model, list(forms))
         deltas = {}
         for name, form in forms.items():
@@ -182,15 +178,15 @@ class HeteroClientHooks(ClientHooks):
             if lin is None:
                 raise ValueError(f"{name!r} is not in blocks [0, {c.holder.seg.end})")
             parts = ([f"{name}.B", f"{name}.A"] if form == "factors" else [f"{name}.delta"])
-            if any(x not in msg.tensors for x in parts):
+            if any(x not in tensors for x in parts):
                 raise ValueError(f"{name}: missing {parts}")
             if form == "factors":
-                b, a = msg.tensors[parts[0]], msg.tensors[parts[1]]
+                b, a = tensors[parts[0]], tensors[parts[1]]
                 if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
                     raise ValueError(f"{name}: factors {tuple(b.shape)} x {tuple(a.shape)}")
                 delta = b @ a
             else:
-                delta = msg.tensors[parts[0]]
+                delta = tensors[parts[0]]
             transposed = type(lin).__name__ == "Conv1D"
             want = tuple(lin.weight.shape[::-1] if transposed else lin.weight.shape)
             if tuple(delta.shape) != want:
@@ -198,7 +194,7 @@ class HeteroClientHooks(ClientHooks):
             deltas[name] = (lin, delta, transposed)
         for lin, delta, transposed in deltas.values():
             agg.merge_into(lin.weight, delta, transposed=transposed)
-        self._reinit(c.holder.ranks, meta_int(msg.meta, "reinit", step + 1))
+        self._reinit(c.holder.ranks, m.reinit)
         c.pending = None
         c.global_step = step
         log.info("merged %d weights of aggregation %d", len(deltas), step)
@@ -221,46 +217,43 @@ class HeteroClientHooks(ClientHooks):
                 raise ValueError(f"adapter {k!r} {tuple(v.shape)} does not fit this client")
         lora.load_adapter_state(model, tensors)
 
-    def plan(self, msg: P.Message) -> None:
+    def plan(self, p: control.Plan, tensors: dict[str, torch.Tensor]) -> None:
         """ARMSC: new split point and ranks (blocks taken over arrive with the message)."""
-        c = self.client
-        version = meta_int(msg.meta, "version")
-        if version <= self.plan_version or c.holder.seg is None:
+        c, spec = self.client, p.spec
+        if spec.version <= self.plan_version or c.holder.seg is None:
             return
-        k, ranks = meta_int(msg.meta, "split"), _ranks(msg.meta.get("ranks"))
-        if k != c.holder.seg.end:
+        if spec.split != c.holder.seg.end:
             old = c.holder.seg.end
-            self._load_segment(k, msg.tensors, keep_old=True)
-            log.info("split point %d -> %d (%d tensors handed over)", old, k, len(msg.tensors))
-        self._reinit(ranks, meta_int(msg.meta, "reinit", 0))
-        self.plan_version = version
+            self._load_segment(spec.split, tensors, keep_old=True)
+            log.info("split point %d -> %d (%d tensors handed over)", old, spec.split,
+                     len(tensors))
+        self._reinit(spec.ranks, spec.reinit)
+        self.plan_version = spec.version
 
-    def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
         """Join, rejoin or roll back: segment at the plan's split point with the server's
         merged weights, adapters at the plan's ranks, stream at the server's position."""
-        with self.client.working("resync", meta_int(meta, "global")):
-            self._resync(meta, tensors)
+        with self.client.working("resync", r.global_):
+            self._resync(r, tensors)
 
-    def _resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        c = self.client
-        plan = meta.get("plan")
-        if not isinstance(plan, dict):
+    def _resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
+        c, plan = self.client, r.plan
+        if plan is None:
             log.warning("resync without a plan; ignored")
             return
-        g = meta_int(meta, "global")
+        g = r.global_
         adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
         weights = {k: v for k, v in tensors.items() if k not in adapters}
         try:
-            ranks = _ranks(plan.get("ranks"))
-            self._load_segment(meta_int(plan, "split"), weights, keep_old=False)
-            self._reinit(ranks, meta_int(plan, "reinit", 0))
+            self._load_segment(plan.split, weights, keep_old=False)
+            self._reinit(plan.ranks, plan.reinit)
             self._load_adapters(adapters)  # hetlora / no-naa: the aggregate's share
         except ValueError as e:
             log.warning("resync not applied: %s", e)
             return
-        self.plan_version = self.need_plan = meta_int(plan, "version")
-        drawn = meta_int(meta, "drawn", 0)
-        if meta.get("mode") == "rollback":
+        self.plan_version = self.need_plan = plan.version
+        drawn = r.drawn
+        if r.mode == "rollback":
             c._reset_stream(drawn)
             c.done_step = c.announced = c.uploaded = c.need_global = g
             c.compute = None  # its steps after g are undone: no resources record for them
@@ -269,20 +262,21 @@ class HeteroClientHooks(ClientHooks):
         c.pending = None
         self.probe_req = self.probe_fwd = self.probe_done = None
         c.global_step = g
-        c.epoch = meta.get("epoch", c.epoch)
+        if r.epoch is not None:
+            c.epoch = r.epoch
         c.synced = True
         log.info("resynchronised (%s) at aggregation %d: split %d, %d adapted weights",
-                 meta.get("mode"), g, c.holder.seg.end, len(c.holder.ranks))
+                 r.mode, g, c.holder.seg.end, len(c.holder.ranks))
 
     # ------------------------------------------------------------------------ probes
-    def on_probe(self, msg: P.Message) -> None:
-        step = msg.step
+    def on_probe(self, pr: control.Probe) -> None:
+        step = pr.step
         if self.probe_done is not None and self.probe_done[0] == step:
             self._send_numerators()  # our answer got lost
         elif self.probe_fwd is not None and self.probe_fwd[0] == step:
             self._send_probe_acts()  # our activations got lost
         elif self.probe_fwd is None:
-            self.probe_req = (step, meta_int(msg.meta, "global"))
+            self.probe_req = (step, pr.global_)
 
     def advance(self) -> bool:
         c = self.client
@@ -353,13 +347,3 @@ class HeteroClientHooks(ClientHooks):
                                               "epoch": c.epoch, "sent": time.time()})
         except TransportError as e:
             log.warning("importance of step %d not sent: %s", step, e)
-
-
-def _ranks(value: Any) -> lora.RankMap:
-    """A rank map from a control message (names -> non-negative ints), or ValueError."""
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in value.items()):
-        raise ValueError("ranks must map weight names to non-negative integers")
-    return dict(value)
-

@@ -30,16 +30,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from runner import aggregation as agg
-from runner import lora, split
+from runner import control, lora, split
 from runner import protocol as P
 from runner.hetero import HeteroTrainer, Probe, _linear, probe_server
 from runner.methods.hooks import ServerHooks
-from runner.runtime import OP_MERGE, OP_PLAN, OP_PROBE, OP_RESYNC, OP_SET, meta_int
+from runner.runtime import meta_int
 from runner.trainer import Holder
 from runner.vtime import StepClock
 
@@ -215,8 +216,8 @@ class HeteroServerHooks(ServerHooks):
         return (status.get("busy") is None and meta_int(status, "plan") < self.plan_version
                 and now - max(self.plan_sent_at, self.server.awake_at) > self.global_grace())
 
-    def announce_meta(self) -> dict[str, Any]:
-        return {"plan": self.plan_version}
+    def step_plan(self) -> int | None:
+        return self.plan_version
 
     # ------------------------------------------------------------------------ probe
     def probe_round(self, holders: list[Holder]) -> Probe:
@@ -228,7 +229,7 @@ class HeteroServerHooks(ServerHooks):
         self.probe_expected = {p.cid for p in peers}
 
         def ask(p: Peer) -> None:
-            s.control(OP_PROBE, step, to=p.cid, epoch=s.epoch, **{"global": s.global_step})
+            s.tell(control.Probe(step, s.global_step, s.epoch), to=p.cid)
 
         for p in peers:
             ask(p)
@@ -313,8 +314,7 @@ class HeteroServerHooks(ServerHooks):
         for p in got:
             state = {k: v.detach() for k, v in
                      lora.adapter_state(self.shadow(p).seg.model).items()}
-            s.send(P.Kind.CONFIG, step, state,
-                   {"op": OP_SET, "step": step, "epoch": s.epoch}, to=p.cid)
+            s.tell(control.SetAdapters(step, s.epoch), to=p.cid, tensors=state)
         s.global_sent_at = time.monotonic()
         for p in s.peers.values():
             if p.online and p not in got:
@@ -342,9 +342,7 @@ class HeteroServerHooks(ServerHooks):
                     tensors[f"{name}.B"], tensors[f"{name}.A"] = b_cat, a_cat
                 else:
                     tensors[f"{name}.delta"] = delta
-            s.send(P.Kind.CONFIG, step, tensors,
-                   {"op": OP_MERGE, "step": step, "reinit": step + 1, "forms": forms,
-                    "epoch": s.epoch}, to=p.cid)
+            s.tell(control.Merge(step, forms, step + 1, s.epoch), to=p.cid, tensors=tensors)
         s.global_sent_at = time.monotonic()
 
     def block_weights(self, first: int, end: int, only: set[str] | None = None
@@ -364,9 +362,8 @@ class HeteroServerHooks(ServerHooks):
                 out[key] = t.detach()
         return out
 
-    def _plan_meta(self, h: Holder) -> dict[str, Any]:
-        return {"version": self.plan_version, "split": h.seg.end, "ranks": dict(h.ranks),
-                "reinit": self.plan_reinit}
+    def _plan_spec(self, h: Holder) -> control.PlanSpec:
+        return control.PlanSpec(self.plan_version, h.seg.end, dict(h.ranks), self.plan_reinit)
 
     def publish_plan(self, reinit: int) -> None:
         """A new plan version to every online client; moved blocks travel with it."""
@@ -380,9 +377,7 @@ class HeteroServerHooks(ServerHooks):
             h = self.shadow(p)
             old = self.moved.get(p.name, h.seg.end)
             tensors = self.block_weights(old, h.seg.end) if h.seg.end > old else {}
-            s.send(P.Kind.CONFIG, reinit, tensors,
-                   {"op": OP_PLAN, "step": reinit, "epoch": s.epoch, **self._plan_meta(h)},
-                   to=p.cid)
+            s.tell(control.Plan(reinit, self._plan_spec(h), s.epoch), to=p.cid, tensors=tensors)
         self.moved = {}
         self.plan_sent_at = time.monotonic()
 
@@ -399,15 +394,14 @@ class HeteroServerHooks(ServerHooks):
         if mode == "rejoin" and self.plan_version > 0 and s.closed_step >= 0:
             s.tr.resync(h, s.closed_step + 1)
             self._refresh_shapes()
-            plan = {**self._plan_meta(h), "reinit": s.closed_step + 1}
+            plan = replace(self._plan_spec(h), reinit=s.closed_step + 1)
         else:
-            plan = self._plan_meta(h)
+            plan = self._plan_spec(h)
         drawn = p.agg_drawn if mode == "rollback" else p.drawn
         tensors = self.block_weights(0, h.seg.end, self.merged_names) if self.naa else {
             k: v.detach() for k, v in lora.adapter_state(h.seg.model).items()}
-        s.send(P.Kind.CONFIG, max(s.global_step, 0), tensors,
-               {"op": OP_RESYNC, "mode": mode, "global": s.global_step, "drawn": drawn,
-                "opt_steps": 0, "epoch": s.epoch, "plan": plan}, to=p.cid)
+        s.tell(control.Resync(mode, s.global_step, drawn, 0, s.epoch, plan), to=p.cid,
+               tensors=tensors)
         p.last_repair = time.monotonic()
 
     # ------------------------------------------------------------------ checkpoints

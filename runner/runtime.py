@@ -40,18 +40,7 @@ from runner.methods import registry
 NAA_METHODS = registry.having(hetero=True, naa=True)
 HETERO_DISTRIBUTED = registry.having(hetero=True)
 
-# Operations carried in ``meta["op"]`` of ``config`` messages (server -> clients).
-OP_STEP = "step"  # broadcast: step t begins (or, on a client's channel, a repeat for it)
-OP_SKIP = "skip"  # to one client: your activations for step t came too late; drop them
-OP_RESYNC = "resync"  # to one client: global adapters + stream/optimizer position
-OP_UPLOAD = "upload"  # to one client: (re)send your adapters for aggregation step t
-OP_RESEND = "resend"  # to one client: (re)send your activations for step t
-OP_DONE = "done"  # broadcast: the run is over, exit
-# HSplitLoRA (runner/hetero_server.py):
-OP_MERGE = "merge"  # to one client: NAA factors of its blocks; merge, re-initialise adapters
-OP_PROBE = "probe"  # to one client: run an importance probe batch (IWI)
-OP_PLAN = "plan"  # to one client: split point + ranks (ARMSC), moved blocks' weights
-OP_SET = "set"  # to one client: its adapters after a per-client aggregation (hetlora, no-naa)
+# The operations of ``config`` messages (server -> clients) are typed in runner/control.py.
 
 log = logging.getLogger("runner.runtime")
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from runner import lora, schedule, split
+from runner import control, lora, schedule, split
 from runner import protocol as P
 from runner.errors import UserError
 from runner.memory import ModelCosts
@@ -55,12 +55,6 @@ from runner.models import load_config as load_model_config
 from runner.resources import Meter, usage_fields
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.runtime import (
-    OP_DONE,
-    OP_RESEND,
-    OP_RESYNC,
-    OP_SKIP,
-    OP_STEP,
-    OP_UPLOAD,
     RuntimeConfig,
     is_split,
     load_config,
@@ -363,8 +357,11 @@ class Server:
             log.warning("%s to %s (step %d) not sent: %s", kind.value, to or "all", step, e)
             return None
 
-    def control(self, op: str, step: int, to: str | None = None, **meta: Any) -> None:
-        self.send(P.Kind.CONFIG, max(step, 0), meta={"op": op, "step": step, **meta}, to=to)
+    def tell(self, ctrl: control.Control, to: str | None = None,
+             tensors: dict[str, torch.Tensor] | None = None) -> P.Message | None:
+        """Send a typed control operation (runner/control.py) as a ``config`` message."""
+        step, meta = control.encode(ctrl)
+        return self.send(P.Kind.CONFIG, step, tensors, meta, to=to)
 
     # ---------------------------------------------------------------- message handling
     def pump(self, timeout: float) -> None:
@@ -544,9 +541,8 @@ class Server:
         tensors = dict(self.tr.global_state) if self.tr.global_state is not None else None
         drawn, steps = ((p.agg_drawn, p.agg_opt_steps) if mode == "rollback"
                         else (p.drawn, p.opt_steps))
-        self.send(P.Kind.CONFIG, max(self.global_step, 0), tensors,
-                  {"op": OP_RESYNC, "mode": mode, "global": self.global_step, "drawn": drawn,
-                   "opt_steps": steps, "epoch": self.epoch}, to=p.cid)
+        self.tell(control.Resync(mode, self.global_step, drawn, steps, self.epoch), to=p.cid,
+                  tensors=tensors)
         p.last_repair = time.monotonic()
 
     def on_status(self, p: Peer) -> None:
@@ -597,10 +593,10 @@ class Server:
         elif action == "announce":
             self.announce(self.current, to=p.cid)
         elif action == "resend":
-            self.control(OP_RESEND, self.current, to=p.cid)
+            self.tell(control.Resend(self.current), to=p.cid)
         elif action == "upload":
             assert self.agg_step is not None
-            self.control(OP_UPLOAD, self.agg_step, to=p.cid)
+            self.tell(control.Upload(self.agg_step), to=p.cid)
 
     def wait_for(self, missing: Callable[[], list[Peer]], step: int, what: str,
                  resend: Callable[[Peer], None] | None = None) -> None:
@@ -651,7 +647,7 @@ class Server:
         if p.grad is not None and p.grad[0] == step:
             self.send(P.Kind.GRAD, step, {P.GRAD: p.grad[1]}, to=p.cid, wire=self.o.wire)
         else:
-            self.control(OP_SKIP, step, to=p.cid)
+            self.tell(control.Skip(step), to=p.cid)
             self.event("step_skipped", step=step, client=p.name)
 
     def on_act(self, p: Peer, msg: P.Message) -> None:
@@ -683,8 +679,8 @@ class Server:
 
     # --------------------------------------------------------------------- the round
     def announce(self, step: int, to: str | None = None) -> None:
-        self.control(OP_STEP, step, to=to, epoch=self.epoch, rollback=self.resumed,
-                     **self.hooks.announce_meta(), **{"global": self.global_step})
+        self.tell(control.Step(step, self.global_step, self.epoch, self.resumed,
+                               self.hooks.step_plan()), to=to)
 
     def wait_online(self, what: str) -> None:
         deadline = time.monotonic() + self.o.join_timeout
@@ -902,7 +898,7 @@ class Server:
             if not live:
                 break
             if time.monotonic() - told > 1.0:
-                self.control(OP_DONE, self.cfg.steps)
+                self.tell(control.Done(self.cfg.steps))
                 told = time.monotonic()
             self.pump(0.1)
 

@@ -25,6 +25,7 @@ from runner import aggregation
 if TYPE_CHECKING:  # type names only: a method module never imports an engine at run time
     from runner import protocol as P
     from runner.client import Client
+    from runner.control import Control, Resync
     from runner.server import Peer, Server
     from runner.trainer import Trainer
     from runner.vtime import StepClock
@@ -65,9 +66,9 @@ class ServerHooks:
         """The tensors an ``adapt`` message (header ``h``) must carry: names and shapes."""
         return self.server.adapter_shapes
 
-    def announce_meta(self) -> dict[str, Any]:
-        """Extra fields of the "step t begins" announcement."""
-        return {}
+    def step_plan(self) -> int | None:
+        """The plan version a step needs, announced with it (HSplitLoRA); None: no plans."""
+        return None
 
     def on_act(self, p: Peer, msg: P.Message) -> bool:
         """An ``act`` message the method consumes itself (True), else the engine's."""
@@ -139,11 +140,13 @@ class ClientHooks:
         """The tensors a message from the server (header ``h``) must carry, or None."""
         return self.client.default_shapes(h)
 
-    def handle(self, msg: P.Message) -> bool:
-        """A message the method consumes itself (True), before the engine's handlers."""
+    def handle(self, msg: P.Message, ctrl: Control | None) -> bool:
+        """A message the method consumes itself (True), before the engine's handlers.
+        ``ctrl``: a ``config`` message's typed operation (runner/control.py), None for
+        other kinds and for an ``op`` of the method's own (read ``msg.meta``)."""
         return False
 
-    def after_handle(self, msg: P.Message) -> None:
+    def after_handle(self, msg: P.Message, ctrl: Control | None) -> None:
         """After the engine handled ``msg`` (e.g. a step announcement's extra fields)."""
 
     def advance(self) -> bool:
@@ -151,6 +154,6 @@ class ClientHooks:
         the announced step now."""
         return False
 
-    def resync(self, meta: dict[str, Any], tensors: dict[str, Any]) -> None:
+    def resync(self, r: Resync, tensors: dict[str, Any]) -> None:
         """The server's ``resync``: rejoin or roll back."""
-        self.client.default_resync(meta, tensors)
+        self.client.default_resync(r, tensors)
