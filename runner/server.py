@@ -52,6 +52,7 @@ from runner.memory import ModelCosts
 from runner.methods import plugins, registry
 from runner.methods.hooks import ServerHooks
 from runner.models import load_config as load_model_config
+from runner.repair import ClientStatus, ServerView, repair
 from runner.resources import Meter, usage_fields
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.runtime import (
@@ -560,27 +561,16 @@ class Server:
         if (now - p.last_repair < self.o.repair_interval
                 or now - self.awake_at < self.o.repair_interval):
             return
-        done, pending = meta_int(s, "done"), s.get("pending")
-        action = None
-        stale_global = (meta_int(s, "global") < self.global_step
-                        and now - max(self.global_sent_at, self.awake_at) > self.global_grace())
-        if (not s.get("synced") or s.get("epoch") != self.epoch or stale_global
-                or self.stale(p, s, now)):
-            action = "resync"
-        elif isinstance(pending, int) and s.get("busy") != ["grad", pending] and (
-                pending < self.closed_step or pending == self.closed_step
-                and now - self.closed_at > self.o.repair_interval):
-            action = "answer"
-        elif (self.collecting and p.cid in self.expected and p.cid not in self.answers
-              and now - self.step_started > self.o.repair_interval):
-            if pending is None and done < self.current:
-                action = "announce"
-            elif pending == self.current and float(s.get("pending_age", 0)) > 2 * self.o.heartbeat:
-                action = "resend"
-        elif (self.agg_step is not None and p.cid in self.agg_expected
-              and p.cid not in self.adapts and pending is None and done == self.agg_step
-              and now - self.step_started > self.o.repair_interval):
-            action = "upload"
+        status = ClientStatus.from_meta(s)
+        action = repair(status, ServerView(
+            now=now, epoch=self.epoch, global_step=self.global_step,
+            global_settled=now - max(self.global_sent_at, self.awake_at) > self.global_grace(),
+            stale=self.stale(p, s, now), closed_step=self.closed_step, closed_at=self.closed_at,
+            collecting=self.collecting, current=self.current, step_started=self.step_started,
+            awaited=p.cid in self.expected and p.cid not in self.answers,
+            agg_step=self.agg_step,
+            upload_awaited=p.cid in self.agg_expected and p.cid not in self.adapts,
+            repair_interval=self.o.repair_interval, heartbeat=self.o.heartbeat))
         if action is None:
             return
         p.last_repair = now
@@ -589,7 +579,8 @@ class Server:
         if action == "resync":
             self.send_resync(p)
         elif action == "answer":
-            self.answer_old(p, int(pending))
+            assert status.pending is not None
+            self.answer_old(p, status.pending)
         elif action == "announce":
             self.announce(self.current, to=p.cid)
         elif action == "resend":
