@@ -37,6 +37,15 @@ def test_the_example_registers_through_the_environment(monkeypatch: pytest.Monke
     assert "splitlora-median" in registry.names()
 
 
+def test_a_plugin_module_that_does_not_import_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.errors import ConfigError
+
+    monkeypatch.setenv("TESTBED_METHODS", "examples.no_such_method")
+    with pytest.raises(ConfigError, match="TESTBED_METHODS: cannot import 'examples.no_such"):
+        _cfg(method="no-such-method").validate()
+
+
 def test_the_example_trains_in_process_with_its_own_rule(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TESTBED_METHODS", EXAMPLE)

@@ -9,10 +9,11 @@ record; code asks a trait (``traits(cfg).split``), never a name, so a new method
 The ablations of HSplitLoRA are traits of it (``iwi``, ``armsc``, ``naa`` switched off), not
 special cases scattered through the code.
 
-This module is data: it imports nothing from the project (a user's plug-in module, named in
-``$TESTBED_METHODS``, is imported on the first look-up), so :mod:`runner.config` (and
-everything under it) can read it without an import cycle. Which code runs a method's server
-and client side is named by dotted paths (``hooks``), resolved by :mod:`runner.methods.plugins`.
+This module is data: it imports nothing from the project but its error type (a user's
+plug-in module, named in ``$TESTBED_METHODS``, is imported on the first look-up), so
+:mod:`runner.config` (and everything under it) can read it without an import cycle. Which
+code runs a method's server and client side is named by dotted paths (``hooks``), resolved
+by :mod:`runner.methods.plugins`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from runner.errors import ConfigError
 
 # Modules (comma-separated) that define methods of their own: imported, so that their
 # ``register`` calls run, when a process first looks a method up (docs/extending.md). Every
@@ -139,7 +142,7 @@ def load_plugins() -> None:
                 importlib.import_module(module)
             except ImportError as e:
                 _loaded.discard(module)
-                raise ImportError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from e
+                raise ConfigError(f"{PLUGINS_ENV}: cannot import {module!r}: {e}") from e
 
 
 def names() -> tuple[str, ...]:
@@ -160,7 +163,7 @@ def get(name: str) -> Traits:
             from None
 
 
-def traits(cfg: HasMethod | Any) -> Traits:
+def traits(cfg: HasMethod) -> Traits:
     """The traits of a config's method (anything with a ``method`` attribute)."""
     return get(cfg.method)
 
