@@ -1,6 +1,10 @@
-"""Adapter aggregation rules: NAA (HSplitLoRA), padded FedAvg, and HetLoRA's.
+"""Adapter aggregation rules: FedAvg, NAA (HSplitLoRA), padded FedAvg, and HetLoRA's.
 
-All three work on the LoRA factors of one adapted weight ``W`` held by several
+* FedAvg (SplitLoRA, FedLoRA): the data-weighted mean of every trained tensor, A and B
+  separately; used by the in-process trainer and the distributed server alike (one formula,
+  so their results are bit-identical).
+
+The other three work on the LoRA factors of one adapted weight ``W`` held by several
 participants ``j`` with data weights ``p_j``, ranks ``r_j`` and scalings ``s_j = alpha/r_j``.
 
 * NAA (method.md "NAA: noise-free adapter aggregation"):
@@ -45,6 +49,20 @@ def normalised(weights: Sequence[float]) -> list[float]:
     if total <= 0:
         raise ValueError("aggregation weights must have a positive sum")
     return [float(w) / total for w in weights]
+
+
+def fedavg(states: Sequence[dict[str, torch.Tensor]],
+           weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """FedAvg: ``sum_j p_j x_j`` of every tensor ``x`` the participants' ``states`` hold
+    (keys of the first), with ``p_j`` the ``weights`` normalised over these participants
+    (a round with dropped clients re-weights over those that answered). Returns the average
+    and the normalised weights. The sum runs in participant order: callers pass clients in
+    client order so that in-process and distributed runs agree to the bit."""
+    norm = normalised(weights)
+    with torch.no_grad():
+        avg = {key: sum(w * s[key].detach() for w, s in zip(norm, states, strict=True))
+               for key in states[0]}
+    return avg, norm  # type: ignore[return-value]
 
 
 def naa_concat(parts: Sequence[Factors]) -> tuple[torch.Tensor, torch.Tensor]:

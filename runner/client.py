@@ -43,25 +43,18 @@ from typing import Any
 
 import torch
 
+from runner import control, lora, schedule, seeds, split
 from runner import data as data_mod
-from runner import lora, split
 from runner import protocol as P
-from runner.config import CENTRAL_METHODS
 from runner.errors import UserError
+from runner.methods import plugins, registry
+from runner.methods.hooks import ClientHooks
 from runner.models import load_config as load_model_config
 from runner.resources import Meter
 from runner.runtime import (
-    HETERO_DISTRIBUTED,
-    OP_DONE,
-    OP_RESEND,
-    OP_RESYNC,
-    OP_SKIP,
-    OP_STEP,
-    OP_UPLOAD,
     RuntimeConfig,
     is_split,
     load_config,
-    meta_int,
     setup_logging,
 )
 from runner.trainer import (
@@ -75,20 +68,6 @@ from runner.trainer import (
 from runner.transport import Transport, TransportError
 
 log = logging.getLogger("runner.client")
-
-
-def sync_due(cfg: Any, step: int) -> bool:
-    """Whether the adapters travel to the server after ``step``.
-
-    Federated methods: at every aggregation (``Trainer.should_aggregate``). Central methods
-    have no aggregation; their single client uploads at evaluation points instead so the
-    server can evaluate (the "average" of one client is the identity, so the maths does not
-    change).
-    """
-    if cfg.method in CENTRAL_METHODS:
-        done = step + 1
-        return done % cfg.eval_every == 0 or done == cfg.steps
-    return (step + 1) % cfg.agg_interval == 0 or step + 1 == cfg.steps
 
 
 class Client:
@@ -106,12 +85,15 @@ class Client:
         # Design choice: LoRA dropout masks come from this process's own RNG, seeded per
         # client. The in-process trainer draws all clients' masks from one shared stream, so
         # runs match step for step only with lora_dropout = 0 (docs/protocol.md).
-        torch.manual_seed(cfg.seed * 1000 + 7919 * (self.index + 1))
-        self.full = cfg.method == "ft"  # full fine-tuning: whole weights travel, not adapters
-        seg, ranks = self._load_model()
+        torch.manual_seed(seeds.client_process(cfg.seed, self.index))
+        self.traits = registry.traits(cfg)
+        self.full = self.traits.full  # full fine-tuning: whole weights travel, not adapters
+        # The method's client-side hooks (runner/methods/hooks.py): they may bring the model.
+        self.hooks: ClientHooks = (plugins.hooks(cfg, "client") or ClientHooks)(self)
+        seg, ranks = self.hooks.load_model()
         shards = prep.shards
         shard = shards[self.index]
-        self.name = "central" if cfg.method in CENTRAL_METHODS else self.cid
+        self.name = "central" if self.traits.central else self.cid
         self.examples = data_mod.encode_frame(prep.tokenizer, shard, cfg.max_len)
         self.pad_id = int(prep.tokenizer.pad_token_id)
         # HSplitLoRA clients get their segment from the server's plan (seg None until then).
@@ -153,7 +135,7 @@ class Client:
         self._hb_stop = threading.Event()
         self._net_pause = 0.0  # seconds of injected network outage requested (SIGUSR1)
 
-    def _load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
+    def default_model(self) -> tuple[split.Segment | None, lora.RankMap]:
         """The client's segment with uniform adapters (SplitLoRA: split point L/4 or --split;
         fedlora/cenlora: the whole model)."""
         cfg, info = self.cfg, self.info
@@ -164,7 +146,8 @@ class Client:
                 p.requires_grad_(True)
             return seg, {}
         ranks = lora.attach_lora(seg, lora.uniform_ranks(seg.config, cfg.rank, cfg.targets),
-                                 alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+                                 alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                 seed=seeds.adapter_init(cfg.seed))
         return seg, ranks
 
     # ------------------------------------------------------------------------ state
@@ -172,7 +155,7 @@ class Client:
         """The batch stream at position ``drawn``: rebuilt from its seed (as in
         Trainer._build) and advanced, so a restarted client continues where it was."""
         self.batches = data_mod.ClientBatches(self.examples, self.cfg.batch_size, self.pad_id,
-                                              seed=self.cfg.seed * 1000 + self.index)
+                                              seed=seeds.batch_stream(self.cfg.seed, self.index))
         for _ in range(drawn):
             self.batches.next()
         self.drawn = drawn
@@ -180,7 +163,9 @@ class Client:
     def _reset_optimizer(self, opt_steps: int) -> None:
         """A fresh AdamW whose schedule continues at ``opt_steps`` (moments are lost with a
         crashed process; the learning-rate schedule is not)."""
-        opt = make_optimizer(self.holder.seg.model, self.cfg, start_step=opt_steps)
+        # A client whose segment comes from the server (HSplitLoRA) has none until then.
+        opt = (make_optimizer(self.holder.seg.model, self.cfg, start_step=opt_steps)
+               if self.holder.seg is not None else None)
         self.holder.opt, self.holder.sched = opt if opt is not None else (None, None)
         self.opt_start = self.opt_steps = opt_steps
 
@@ -188,6 +173,8 @@ class Client:
         """Keep adapters, optimizer and stream position as of aggregation ``step`` (the
         server's checkpoint points), for an exact roll-back after a server restart."""
         h = self.holder
+        if not self.hooks.snapshots:
+            return  # the method's server sends the whole state on a roll-back
         if self.full:
             return  # a whole model per snapshot is too much memory: roll-backs are approximate
         self.snapshots[step] = {
@@ -230,6 +217,7 @@ class Client:
         out.update(self.memory())
         if self.compute is not None:
             out["compute"] = self.compute
+        out.update(self.hooks.status())
         return out
 
     def memory(self) -> dict[str, Any]:
@@ -272,19 +260,18 @@ class Client:
 
     # ------------------------------------------------------------------------ network
     def _expect(self) -> P.Expect:
-        b = self.cfg.batch_size
-
-        def shapes(h: P.Header) -> dict[str, list[int | None]] | None:
-            if h.kind is P.Kind.GRAD:
-                return {P.GRAD: [b, None, self.hidden]}
-            if h.kind is P.Kind.GLOBAL and self.full:
-                return {}  # ft: the server does not send our own weights back
-            if h.kind is P.Kind.GLOBAL or (h.kind is P.Kind.CONFIG and h.tensors):
-                return dict(self.adapter_shapes)  # type: ignore[arg-type]
-            return None
-
         return P.Expect(run=self.rt.run_id, clients=frozenset({self.cid}),
-                        hidden=self.hidden if self.split else None, shapes=shapes)
+                        hidden=self.hidden if self.split else None, shapes=self.hooks.shapes)
+
+    def default_shapes(self, h: P.Header) -> dict[str, list[int | None]] | None:
+        """The tensors a message from the server must carry (SplitLoRA, FedAvg methods)."""
+        if h.kind is P.Kind.GRAD:
+            return {P.GRAD: [self.cfg.batch_size, None, self.hidden]}
+        if h.kind is P.Kind.GLOBAL and self.full:
+            return {}  # ft: the server does not send our own weights back
+        if h.kind is P.Kind.GLOBAL or (h.kind is P.Kind.CONFIG and h.tensors):
+            return dict(self.adapter_shapes)  # type: ignore[arg-type]
+        return None
 
     def connect(self) -> Transport:
         """Connect, retrying while the broker is not up yet (containers start in any order)."""
@@ -358,34 +345,44 @@ class Client:
         self.t.client.loop_start()
 
     def handle(self, msg: P.Message) -> None:
-        """Apply one message from the server (every branch is idempotent)."""
-        meta = msg.meta
+        """Apply one message from the server (every branch is idempotent): the method's
+        handlers first, then the engine's."""
+        ctrl = None
         if msg.kind is P.Kind.CONFIG:
-            op = meta.get("op")
-            step = meta_int(meta, "step")
-            if op == OP_STEP:
-                if meta.get("rollback") and meta.get("epoch") != self.epoch:
-                    return  # wait for the server's roll-back resync first
-                if self.epoch is None:
-                    self.epoch = meta.get("epoch")
-                if step > self.announced:
-                    self.announced = step
-                    self.need_global = meta_int(meta, "global")
-            elif op == OP_SKIP:
-                if self.pending is not None and self.pending["step"] == step:
-                    log.info("step %d skipped by the server (late)", step)
-                    self.pending = None
-                    self.done_step = max(self.done_step, step)
-            elif op == OP_RESYNC:
-                self.resync(meta, msg.tensors)
-            elif op == OP_UPLOAD:
-                if self.done_step == step and self.pending is None:
-                    self.upload(step)
-            elif op == OP_RESEND:
-                if self.pending is not None and self.pending["step"] == step:
-                    self._send_act(self.pending)
-            elif op == OP_DONE:
-                self.finished = True
+            try:  # decoded and validated once (runner/control.py)
+                ctrl = control.decode(msg)
+            except control.ControlError as e:
+                log.warning("%s of step %d refused: %s", msg.meta.get("op"), msg.step, e)
+                return
+        if self.hooks.handle(msg, ctrl):
+            return
+        self._handle(msg, ctrl)
+        self.hooks.after_handle(msg, ctrl)
+
+    def _handle(self, msg: P.Message, ctrl: control.Control | None) -> None:
+        if isinstance(ctrl, control.Step):
+            if ctrl.rollback and ctrl.epoch != self.epoch:
+                return  # wait for the server's roll-back resync first
+            if self.epoch is None:
+                self.epoch = ctrl.epoch
+            if ctrl.step > self.announced:
+                self.announced = ctrl.step
+                self.need_global = ctrl.global_
+        elif isinstance(ctrl, control.Skip):
+            if self.pending is not None and self.pending["step"] == ctrl.step:
+                log.info("step %d skipped by the server (late)", ctrl.step)
+                self.pending = None
+                self.done_step = max(self.done_step, ctrl.step)
+        elif isinstance(ctrl, control.Resync):
+            self.resync(ctrl, msg.tensors)
+        elif isinstance(ctrl, control.Upload):
+            if self.done_step == ctrl.step and self.pending is None:
+                self.upload(ctrl.step)
+        elif isinstance(ctrl, control.Resend):
+            if self.pending is not None and self.pending["step"] == ctrl.step:
+                self._send_act(self.pending)
+        elif isinstance(ctrl, control.Done):
+            self.finished = True
         elif msg.kind is P.Kind.GRAD:
             self.apply_grad(msg)
         elif msg.kind is P.Kind.GLOBAL and msg.step > self.global_step:
@@ -395,7 +392,9 @@ class Client:
 
     def advance(self) -> None:
         """Start the announced step when nothing is pending and the adapters it builds on
-        have arrived."""
+        have arrived (and the method's hooks have nothing to do or wait for)."""
+        if self.hooks.advance():
+            return
         if (not self.synced or self.pending is not None or self.announced <= self.done_step
                 or self.global_step < self.need_global):
             return
@@ -463,7 +462,7 @@ class Client:
         self.opt_steps += 1
         self.pending = None
         self.done_step = msg.step
-        if sync_due(self.cfg, msg.step):
+        if schedule.sync_due(self.cfg, msg.step):
             self.upload(msg.step)
 
     def _local_step(self, step: int) -> None:
@@ -487,7 +486,7 @@ class Client:
                 self.t.heartbeat(step, **self.status())
             except (TransportError, ValueError, RuntimeError) as e:
                 log.debug("record heartbeat not sent: %s", e)
-        if sync_due(self.cfg, step):
+        if schedule.sync_due(self.cfg, step):
             self.upload(step)
 
     def upload(self, step: int) -> None:
@@ -503,12 +502,14 @@ class Client:
         except TransportError as e:
             log.warning("adapters of step %d not sent: %s", step, e)
 
-    def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
+        """The server's resync, as the method's hooks apply it."""
+        self.hooks.resync(r, tensors)
+
+    def default_resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
         """Rejoin (server continuous) or roll back (server resumed from its checkpoint)."""
-        g = meta_int(meta, "global")
-        drawn, opt_steps = meta_int(meta, "drawn", 0), meta_int(meta, "opt_steps", 0)
-        mode = meta.get("mode")
-        if mode == "rollback":
+        g, drawn, opt_steps = r.global_, r.drawn, r.opt_steps
+        if r.mode == "rollback":
             snap = self.snapshots.get(g)
             if snap is not None and (snap["drawn"], snap["opt_steps"]) == (drawn, opt_steps):
                 self._restore(snap)
@@ -536,7 +537,8 @@ class Client:
                 self._reset_optimizer(opt_steps)
             self.global_step = max(self.global_step, g)
             log.info("resynchronised at aggregation %d", g)
-        self.epoch = meta.get("epoch", self.epoch)
+        if r.epoch is not None:
+            self.epoch = r.epoch
         self.synced = True
         if g not in self.snapshots:
             self._snapshot(g)
@@ -558,12 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         threads, quota = fit_threads()  # a 0.12-CPU device must not run 2 torch threads
         log.info("torch threads %d (CPU quota %s)", threads,
                  "none" if quota is None else f"{quota:.2f}")
-        if rt.train.method in HETERO_DISTRIBUTED:
-            from runner.hetero_client import HeteroClient
-
-            client: Client = HeteroClient(rt)
-        else:
-            client = Client(rt)
+        client = Client(rt)  # the method's own handlers plug in (runner/methods/plugins.py)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

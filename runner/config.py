@@ -10,13 +10,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runner.errors import ConfigError
+from runner.methods import registry
 
-HSPLIT_METHODS = ("hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc", "hsplitlora-no-naa")
-METHODS = ("splitlora", "fedlora", "cenlora", "ft", "hetlora", *HSPLIT_METHODS)
-SPLIT_METHODS = ("splitlora", *HSPLIT_METHODS)
-FEDERATED_METHODS = ("splitlora", "fedlora", "hetlora", *HSPLIT_METHODS)
-CENTRAL_METHODS = ("cenlora", "ft")
-HETERO_METHODS = ("hetlora", *HSPLIT_METHODS)
+# Name sets of the built-in methods, derived from their traits (runner/methods/registry.py)
+# for the control plane's choices and messages; code asks a method's traits instead.
+METHODS = registry.having()  # the built-in ones (a plug-in loads later: names())
+HSPLIT_METHODS = registry.having(hetero=True, split=True)
+SPLIT_METHODS = registry.having(split=True)
+FEDERATED_METHODS = registry.having(central=False)
+CENTRAL_METHODS = registry.having(central=True)
+HETERO_METHODS = registry.having(hetero=True)
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -74,8 +77,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check ranges that do not need the model; split bounds are checked once L is known."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.method not in registry.names():
+            raise ConfigError(f"unknown method '{self.method}'; choose one of "
+                              f"{', '.join(registry.names())}")
         checks = [
             (self.clients >= 1, f"--clients must be >= 1, got {self.clients}"),
             (self.rank >= 1, f"--rank must be >= 1, got {self.rank}"),
@@ -111,7 +115,7 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 5e-5 if self.method == "ft" else 2e-4
+        return registry.get(self.method).default_lr
 
     @property
     def warmup(self) -> int:

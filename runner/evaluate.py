@@ -20,6 +20,7 @@ from runner import data as data_mod
 from runner import lora, scoring, slots, splits
 from runner.config import TrainConfig
 from runner.errors import UserError
+from runner.methods import registry
 from runner.models import load_full_model, load_tokenizer, model_info
 from runner.rundir import RunDir
 
@@ -50,7 +51,7 @@ def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
     cfg = TrainConfig.from_dict(run.config()["train"])
     info = model_info(cfg.model)
     tokenizer = load_tokenizer(info.path)
-    if cfg.method == "ft":
+    if registry.traits(cfg).full:
         if not (run.path / "model" / "config.json").is_file():
             raise UserError(f"{run.path} has no trained model (model/config.json): "
                             f"{unfinished(run, cfg)}")

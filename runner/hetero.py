@@ -40,12 +40,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from runner import aggregation as agg
-from runner import armsc, importance, lora, split
+from runner import armsc, importance, lora, seeds, split
 from runner import data as data_mod
-from runner.config import HETERO_METHODS, TrainConfig
+from runner.config import TrainConfig
 from runner.devices import GB, DeviceSpec, load_availability, load_devices, paper_spread
 from runner.errors import ConfigError
 from runner.memory import DEFAULT_RESERVE, ModelCosts, client_memory
+from runner.methods import registry
 from runner.models import load_config
 from runner.rundir import RunDir
 from runner.trainer import Holder, Prepared, ProgressFn, Trainer, make_optimizer, tensor_bytes
@@ -85,11 +86,6 @@ class Probe:
 
 class HeteroTrainer(Trainer):
     """Trainer for ``hsplitlora``, its ablations and ``hetlora``."""
-
-    def __init__(self, cfg: TrainConfig, run: RunDir | None = None,
-                 progress: ProgressFn | None = None, prepared: Prepared | None = None):
-        self.method = cfg.method
-        super().__init__(cfg, run, progress, prepared)
 
     # ------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -134,8 +130,8 @@ class HeteroTrainer(Trainer):
                 name=f"client{i}", seg=None,  # type: ignore[arg-type]  # set just below
                 ranks={}, weight=len(shard) / total, n_examples=len(shard),
                 batches=data_mod.ClientBatches(examples, cfg.batch_size, self.pad_id,
-                                               seed=cfg.seed * 1000 + i)))
-        if self.method == "hetlora":
+                                               seed=seeds.batch_stream(cfg.seed, i))))
+        if not self.traits.split:  # HetLoRA: whole-model clients
             self._build_hetlora()
         else:
             self._build_hsplit()
@@ -159,13 +155,14 @@ class HeteroTrainer(Trainer):
                                           f"{dev.memory_bytes / 2**20:.0f} MiB")
             h.seg = split.load_unsplit(self.info.path, cfg.precision)
             h.ranks = lora.attach_lora(h.seg, {n: rank for n in names}, alpha=cfg.lora_alpha,
-                                       dropout=cfg.lora_dropout, seed=cfg.seed)
+                                       dropout=cfg.lora_dropout,
+                                       seed=seeds.adapter_init(cfg.seed))
             h.opt, h.sched = make_optimizer(h.seg.model, cfg)
         self._log_config(0, "initial", [self.info.num_layers] * len(self.clients))
 
     def _build_hsplit(self) -> None:
         cfg, L = self.cfg, self.info.num_layers
-        fixed = self.method == "hsplitlora-no-armsc"
+        fixed = not self.traits.armsc
         k0 = cfg.split if cfg.split is not None else max(1, L // 4)
         base = armsc.minimal_ranks(
             [n for n in self.candidates if n.endswith(self.ref_suffixes)], cfg.rank_set)
@@ -197,7 +194,7 @@ class HeteroTrainer(Trainer):
     # ------------------------------------------------------------------ configuration
     def _plan(self, imp: dict[str, float], splits: list[int]) -> armsc.Plan:
         cfg = self.cfg
-        if self.method == "hsplitlora-no-armsc":
+        if not self.traits.armsc:
             ranks = {n: cfg.rank for n in self.candidates if n.endswith(self.ref_suffixes)}
             used = [client_memory(self.costs, k, ranks, cfg.batch_size, self.mem_seq).total
                     for k in splits]
@@ -235,7 +232,7 @@ class HeteroTrainer(Trainer):
             h.seg.model = h.seg.model.unload()
         h.ranks = lora.attach_lora(h.seg, ranks, alpha=self.cfg.lora_alpha,
                                    dropout=self.cfg.lora_dropout,
-                                   seed=self.cfg.seed + 7919 * step)
+                                   seed=seeds.adapter_init(self.cfg.seed, step))
         made = make_optimizer(h.seg.model, self.cfg, start_step=step)
         h.opt, h.sched = made if made is not None else (None, None)
         h.seg.model.train()
@@ -268,7 +265,7 @@ class HeteroTrainer(Trainer):
     def resync(self, h: Holder, step: int) -> None:
         """A returning client gets the merged weights it missed and fresh adapters (NAA), or
         the largest-rank client's adapter truncated to its rank (HetLoRA, padded FedAvg)."""
-        if self.server is not None and self.method != "hsplitlora-no-naa":
+        if self.server is not None and self.traits.naa:
             if hasattr(h.seg.model, "peft_config"):
                 h.seg.model = h.seg.model.unload()
             self._sync_blocks(h.seg, h.seg.end)
@@ -338,7 +335,7 @@ class HeteroTrainer(Trainer):
 
     def _importance(self, step: int) -> dict[str, float]:
         """Smoothed global importance (uniform for the no-iwi ablation)."""
-        if self.method == "hsplitlora-no-iwi":
+        if not self.traits.iwi:
             return {n: 1.0 for n in self.candidates}
         probe = self._probe(self._online() or self.clients)
         if not probe.holders:  # nobody answered (distributed): keep the last importance
@@ -368,9 +365,10 @@ class HeteroTrainer(Trainer):
                            scale=self.cfg.lora_alpha / r, weight=weight)
 
     def aggregate(self, step: int) -> dict[str, int]:
-        if self.method == "hetlora":
+        rule = self.traits.aggregation
+        if rule == registry.HETLORA:
             return self._aggregate_hetlora(step)
-        if self.method == "hsplitlora-no-naa":
+        if rule == registry.PADDED_FEDAVG:
             return self._aggregate_padded(step)
         return self._aggregate_naa(step)
 
@@ -484,7 +482,7 @@ class HeteroTrainer(Trainer):
 
     def after_aggregate(self, step: int) -> dict[str, int]:
         """IWI + ARMSC + re-initialisation (NAA methods only)."""
-        if self.method in ("hetlora", "hsplitlora-no-naa"):
+        if not self.traits.naa:
             return {}
         done = step + 1
         moved_before = self.moved_bytes
@@ -497,7 +495,7 @@ class HeteroTrainer(Trainer):
         budgets = [d.memory_bytes for d in self.devices]
         reason = self.trigger.reason(imp, budgets, members)
         splits = [h.seg.end for h in self.clients]
-        if reason is not None and self.method != "hsplitlora-no-armsc":
+        if reason is not None and self.traits.armsc:
             cfg = self.cfg
             base = armsc.minimal_ranks(
                 [n for n in self.candidates if n.endswith(self.ref_suffixes)], cfg.rank_set)
@@ -535,13 +533,13 @@ class HeteroTrainer(Trainer):
     def save(self, run: RunDir) -> Path:
         """HSplitLoRA: exact PEFT export of the merged update; HetLoRA: client 0's adapter
         after the last aggregation (as fedlora)."""
-        if self.method == "hetlora":
+        if not self.traits.split:
             best = self.eval_holder()
             out = run.adapters("final")
             lora.save_peft_adapter(out, [best.seg], best.ranks, alpha=self.cfg.lora_alpha,
                                    dropout=self.cfg.lora_dropout, base_path=str(self.info.path))
             return out
-        if self.server is None or self.method == "hsplitlora-no-naa":
+        if self.server is None or not self.traits.naa:
             return super().save(run)
         return save_merged_delta(run.adapters("final"), self.server.seg,
                                  self.info.path, self.cfg, self.candidates)
@@ -643,7 +641,8 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
 
 def build_trainer(cfg: TrainConfig, run: RunDir | None = None, progress: ProgressFn | None = None,
                   prepared: Prepared | None = None) -> Trainer:
-    """The trainer for any method."""
-    if cfg.method in HETERO_METHODS:
-        return HeteroTrainer(cfg, run, progress, prepared)
-    return Trainer(cfg, run, progress, prepared)
+    """The trainer for any method (runner.methods.plugins.build_trainer; kept here for its
+    callers)."""
+    from runner.methods.plugins import build_trainer as build
+
+    return build(cfg, run, progress, prepared)

@@ -1,7 +1,8 @@
 """A client process of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA").
 
-The SplitLoRA client (:class:`runner.client.Client`) plus what HSplitLoRA puts on the wire
-(docs/protocol.md, "HSplitLoRA"):
+:class:`HeteroClientHooks` plug into the SplitLoRA client engine (:class:`runner.client.Client`,
+through runner/methods/hooks.py) with what HSplitLoRA puts on the wire (docs/protocol.md,
+"HSplitLoRA"):
 
 * the client has no model until the server's plan arrives: ``resync`` (at join, after a
   restart or a server roll-back) carries its split point, its ranks, the step whose seed
@@ -25,21 +26,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from runner import aggregation as agg
-from runner import importance, lora, split
+from runner import control, importance, lora, seeds, split
 from runner import protocol as P
-from runner.client import Client
 from runner.hetero import ProbeForward, probe_backward, probe_forward
+from runner.methods.hooks import ClientHooks
 from runner.models import load_config as load_model_config
-from runner.runtime import OP_MERGE, OP_PLAN, OP_PROBE, OP_SET, OP_STEP, meta_int
 from runner.trainer import make_optimizer
 from runner.transport import TransportError
 
+if TYPE_CHECKING:
+    from runner.client import Client
+
 log = logging.getLogger("runner.client")
+HANDLED = (control.Merge, control.Probe, control.Plan, control.SetAdapters)
 
 
 def block_state(seg: split.Segment) -> dict[str, torch.Tensor]:
@@ -49,120 +53,111 @@ def block_state(seg: split.Segment) -> dict[str, torch.Tensor]:
             if ".layers." in name and "lora_" not in name}
 
 
-class HeteroClient(Client):
+class HeteroClientHooks(ClientHooks):
     """HSplitLoRA client: split point, ranks and merged weights come from the server."""
 
-    def _load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
-        self.candidates = lora.all_candidates(load_model_config(self.info.path))
+    snapshots = False  # a roll-back receives the checkpoint's merged weights and plan from
+    # the server, which determine the whole state after an aggregation
+
+    def __init__(self, client: Client):
+        super().__init__(client)
+        self.candidates: list[str] = []
         self.plan_version = -1  # last plan applied
         self.need_plan = -1  # plan the announced step builds on
         self.reinit_step = 0
         self.probe_req: tuple[int, int] | None = None  # (probe step, global it follows)
         self.probe_fwd: tuple[int, ProbeForward, dict[str, Any]] | None = None
         self.probe_done: tuple[int, dict[str, float], int] | None = None  # step, nums, drawn
+
+    def load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
+        self.candidates = lora.all_candidates(load_model_config(self.client.info.path))
         return None, {}
 
-    def _reset_optimizer(self, opt_steps: int) -> None:
-        if self.holder.seg is None:
-            self.holder.opt = self.holder.sched = None
-            self.opt_start = self.opt_steps = opt_steps
-            return
-        super()._reset_optimizer(opt_steps)
-
-    def _snapshot(self, step: int) -> None:
-        """No local snapshots: a roll-back receives the checkpoint's merged weights and plan
-        from the server, which determine the whole state after an aggregation."""
-
     def status(self) -> dict[str, Any]:
-        out = super().status()
-        seg = self.holder.seg
-        out.update(plan=self.plan_version, split=seg.end if seg is not None else None,
-                   probe=self.probe_done[0] if self.probe_done else None)
-        return out
+        seg = self.client.holder.seg
+        return dict(plan=self.plan_version, split=seg.end if seg is not None else None,
+                    probe=self.probe_done[0] if self.probe_done else None)
 
-    def _expect(self) -> P.Expect:
-        base = super()._expect()
-        b = self.cfg.batch_size
-
-        def shapes(h: P.Header) -> dict[str, list[int | None]] | None:
-            if h.kind is P.Kind.GRAD:
-                return {P.GRAD: [b, None, self.hidden]}
-            return None  # merge / plan / resync layouts depend on the plan; checked on apply
-
-        return P.Expect(run=base.run, clients=base.clients, hidden=base.hidden, shapes=shapes)
+    def shapes(self, h: P.Header) -> dict[str, list[int | None]] | None:
+        if h.kind is P.Kind.GRAD:
+            return {P.GRAD: [self.client.cfg.batch_size, None, self.client.hidden]}
+        return None  # merge / plan / resync layouts depend on the plan; checked on apply
 
     # ------------------------------------------------------------------------ model
     def _reinit(self, ranks: lora.RankMap, step: int) -> None:
         """HeteroTrainer._reinit: adapters at ``ranks`` seeded by ``step``, fresh optimizer
         continuing the run's schedule at ``step``."""
-        h, cfg = self.holder, self.cfg
+        c = self.client
+        h, cfg = c.holder, c.cfg
         if hasattr(h.seg.model, "peft_config"):
             h.seg.model = h.seg.model.unload()
         h.ranks = lora.attach_lora(h.seg, ranks, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                   seed=cfg.seed + 7919 * step)
+                                   seed=seeds.adapter_init(cfg.seed, step))
         made = make_optimizer(h.seg.model, cfg, start_step=step)
         h.opt, h.sched = made if made is not None else (None, None)
         h.seg.model.train()
         self.reinit_step = step
-        self.adapter_shapes = {k: list(v.shape)
-                               for k, v in lora.adapter_state(h.seg.model).items()}
+        c.adapter_shapes = {k: list(v.shape) for k, v in lora.adapter_state(h.seg.model).items()}
 
     def _load_segment(self, k: int, weights: dict[str, torch.Tensor], keep_old: bool) -> None:
         """Blocks ``[0, k)`` from disk, then (``keep_old``) this client's current weights of
         the blocks it keeps, then ``weights`` from the server (merged or handed-over)."""
-        L = self.info.num_layers
+        c = self.client
+        L = c.info.num_layers
         if not 1 <= k <= L:
             raise ValueError(f"split point {k} outside [1, {L}]")
         # k = L: the whole model (hetlora clients)
-        p = self.cfg.precision
-        new = (split.load_unsplit(self.info.path, p) if k == L
-               else split.load_client(self.info.path, k, p))
+        p = c.cfg.precision
+        new = (split.load_unsplit(c.info.path, p) if k == L
+               else split.load_client(c.info.path, k, p))
         target = block_state(new)
         bad = [n for n, t in weights.items()
                if n not in target or tuple(target[n].shape) != tuple(t.shape)]
         if bad:
             raise ValueError(f"weight {bad[0]!r} does not fit split point {k}")
         with torch.no_grad():
-            if keep_old and self.holder.seg is not None:
-                for name, t in block_state(self.holder.seg).items():
+            if keep_old and c.holder.seg is not None:
+                for name, t in block_state(c.holder.seg).items():
                     if name in target:
                         target[name].copy_(t)
             for name, t in weights.items():
                 target[name].copy_(t)
-        self.holder.seg = new
+        c.holder.seg = new
 
     # ---------------------------------------------------------------------- messages
-    def handle(self, msg: P.Message) -> None:
-        meta = msg.meta
-        if msg.kind is P.Kind.CONFIG and meta.get("op") in (OP_MERGE, OP_PROBE, OP_PLAN, OP_SET):
-            if meta.get("epoch") != self.epoch:
-                return  # from before a server restart, or ahead of our resync
+    def handle(self, msg: P.Message, ctrl: control.Control | None) -> bool:
+        c, meta = self.client, msg.meta
+        if isinstance(ctrl, HANDLED):
+            if ctrl.epoch != c.epoch:
+                return True  # from before a server restart, or ahead of our resync
             op = meta["op"]
             try:
-                self.busy = (op, msg.step)
-                if op == OP_MERGE:
-                    self.merge(msg)
-                elif op == OP_PROBE:
-                    self.on_probe(msg)
-                elif op == OP_SET:
-                    self.set_adapters(msg.step, msg.tensors)
+                c.busy = (op, msg.step)
+                if isinstance(ctrl, control.Merge):
+                    self.merge(ctrl, msg.tensors)
+                elif isinstance(ctrl, control.Probe):
+                    self.on_probe(ctrl)
+                elif isinstance(ctrl, control.SetAdapters):
+                    self.set_adapters(ctrl.step, msg.tensors)
                 else:
-                    self.plan(msg)
+                    self.plan(ctrl, msg.tensors)
             except ValueError as e:  # a layout that does not fit our blocks: not applied
                 log.warning("%s of step %d not applied: %s", op, msg.step, e)
             finally:
-                self.busy = None
-            return
+                c.busy = None
+            return True
         if msg.kind is P.Kind.GRAD and meta.get("probe"):
             self.probe_grad(msg)
-            return
-        if msg.kind is P.Kind.GLOBAL:
-            return  # HSplitLoRA sends merges per client, never a broadcast aggregate
-        super().handle(msg)
-        if msg.kind is P.Kind.CONFIG and meta.get("op") == OP_STEP:
-            step = meta_int(meta, "step")
-            if step == self.announced:
-                self.need_plan = max(self.need_plan, meta_int(meta, "plan"))
+            return True
+        # HSplitLoRA sends merges per client, never a broadcast aggregate
+        return msg.kind is P.Kind.GLOBAL
+
+    def after_handle(self, msg: P.Message, ctrl: control.Control | None) -> None:
+        c = self.client
+        if isinstance(ctrl, control.Step):
+            step = ctrl.step
+            if step == c.announced:
+                self.need_plan = max(self.need_plan, -1 if ctrl.plan is None else ctrl.plan)
             # Training at or past a probe's step means that probe round is over (we were
             # late, or its requests arrived after a resync): drop it.
             if self.probe_req is not None and step >= self.probe_req[0]:
@@ -170,30 +165,28 @@ class HeteroClient(Client):
             if self.probe_fwd is not None and step >= self.probe_fwd[0]:
                 self.probe_fwd = None
 
-    def merge(self, msg: P.Message) -> None:
+    def merge(self, m: control.Merge, tensors: dict[str, torch.Tensor]) -> None:
         """NAA: ``W <- W + dW`` for every adapted weight of our blocks, then fresh adapters."""
-        step = msg.step
-        if step <= self.global_step or self.holder.seg is None:
+        c = self.client
+        step, forms = m.step, m.forms
+        if step <= c.global_step or c.holder.seg is None:
             return
-        forms = msg.meta.get("forms")
-        if not isinstance(forms, dict):
-            raise ValueError("merge without forms")
-        linears = importance.base_linears(self.holder.seg.model, list(forms))
+        linears = importance.base_linears(c.holder.seg.model, list(forms))
         deltas = {}
         for name, form in forms.items():
             lin = linears.get(name)
             if lin is None:
-                raise ValueError(f"{name!r} is not in blocks [0, {self.holder.seg.end})")
+                raise ValueError(f"{name!r} is not in blocks [0, {c.holder.seg.end})")
             parts = ([f"{name}.B", f"{name}.A"] if form == "factors" else [f"{name}.delta"])
-            if any(x not in msg.tensors for x in parts):
+            if any(x not in tensors for x in parts):
                 raise ValueError(f"{name}: missing {parts}")
             if form == "factors":
-                b, a = msg.tensors[parts[0]], msg.tensors[parts[1]]
+                b, a = tensors[parts[0]], tensors[parts[1]]
                 if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
                     raise ValueError(f"{name}: factors {tuple(b.shape)} x {tuple(a.shape)}")
                 delta = b @ a
             else:
-                delta = msg.tensors[parts[0]]
+                delta = tensors[parts[0]]
             transposed = type(lin).__name__ == "Conv1D"
             want = tuple(lin.weight.shape[::-1] if transposed else lin.weight.shape)
             if tuple(delta.shape) != want:
@@ -201,107 +194,109 @@ class HeteroClient(Client):
             deltas[name] = (lin, delta, transposed)
         for lin, delta, transposed in deltas.values():
             agg.merge_into(lin.weight, delta, transposed=transposed)
-        self._reinit(self.holder.ranks, meta_int(msg.meta, "reinit", step + 1))
-        self.pending = None
-        self.global_step = step
+        self._reinit(c.holder.ranks, m.reinit)
+        c.pending = None
+        c.global_step = step
         log.info("merged %d weights of aggregation %d", len(deltas), step)
 
     def set_adapters(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         """hetlora / hsplitlora-no-naa: this client's adapters after the aggregation (the
         padded average truncated to its ranks)."""
-        if step <= self.global_step or self.holder.seg is None:
+        c = self.client
+        if step <= c.global_step or c.holder.seg is None:
             return
         self._load_adapters(tensors)
-        self.pending = None
-        self.global_step = step
+        c.pending = None
+        c.global_step = step
 
     def _load_adapters(self, tensors: dict[str, torch.Tensor]) -> None:
-        mine = lora.adapter_state(self.holder.seg.model)
+        model = self.client.holder.seg.model
+        mine = lora.adapter_state(model)
         for k, v in tensors.items():
             if k not in mine or tuple(mine[k].shape) != tuple(v.shape):
                 raise ValueError(f"adapter {k!r} {tuple(v.shape)} does not fit this client")
-        lora.load_adapter_state(self.holder.seg.model, tensors)
+        lora.load_adapter_state(model, tensors)
 
-    def plan(self, msg: P.Message) -> None:
+    def plan(self, p: control.Plan, tensors: dict[str, torch.Tensor]) -> None:
         """ARMSC: new split point and ranks (blocks taken over arrive with the message)."""
-        version = meta_int(msg.meta, "version")
-        if version <= self.plan_version or self.holder.seg is None:
+        c, spec = self.client, p.spec
+        if spec.version <= self.plan_version or c.holder.seg is None:
             return
-        k, ranks = meta_int(msg.meta, "split"), _ranks(msg.meta.get("ranks"))
-        if k != self.holder.seg.end:
-            old = self.holder.seg.end
-            self._load_segment(k, msg.tensors, keep_old=True)
-            log.info("split point %d -> %d (%d tensors handed over)", old, k, len(msg.tensors))
-        self._reinit(ranks, meta_int(msg.meta, "reinit", 0))
-        self.plan_version = version
+        if spec.split != c.holder.seg.end:
+            old = c.holder.seg.end
+            self._load_segment(spec.split, tensors, keep_old=True)
+            log.info("split point %d -> %d (%d tensors handed over)", old, spec.split,
+                     len(tensors))
+        self._reinit(spec.ranks, spec.reinit)
+        self.plan_version = spec.version
 
-    def resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
         """Join, rejoin or roll back: segment at the plan's split point with the server's
         merged weights, adapters at the plan's ranks, stream at the server's position."""
-        with self.working("resync", meta_int(meta, "global")):
-            self._resync(meta, tensors)
+        with self.client.working("resync", r.global_):
+            self._resync(r, tensors)
 
-    def _resync(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        plan = meta.get("plan")
-        if not isinstance(plan, dict):
+    def _resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
+        c, plan = self.client, r.plan
+        if plan is None:
             log.warning("resync without a plan; ignored")
             return
-        g = meta_int(meta, "global")
+        g = r.global_
         adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
         weights = {k: v for k, v in tensors.items() if k not in adapters}
         try:
-            ranks = _ranks(plan.get("ranks"))
-            self._load_segment(meta_int(plan, "split"), weights, keep_old=False)
-            self._reinit(ranks, meta_int(plan, "reinit", 0))
+            self._load_segment(plan.split, weights, keep_old=False)
+            self._reinit(plan.ranks, plan.reinit)
             self._load_adapters(adapters)  # hetlora / no-naa: the aggregate's share
         except ValueError as e:
             log.warning("resync not applied: %s", e)
             return
-        self.plan_version = self.need_plan = meta_int(plan, "version")
-        drawn = meta_int(meta, "drawn", 0)
-        if meta.get("mode") == "rollback":
-            self._reset_stream(drawn)
-            self.done_step = self.announced = self.uploaded = self.need_global = g
-            self.compute = None  # its steps after g are undone: no resources record for them
-        elif self.fresh:
-            self._reset_stream(drawn)
-        self.pending = None
+        self.plan_version = self.need_plan = plan.version
+        drawn = r.drawn
+        if r.mode == "rollback":
+            c._reset_stream(drawn)
+            c.done_step = c.announced = c.uploaded = c.need_global = g
+            c.compute = None  # its steps after g are undone: no resources record for them
+        elif c.fresh:
+            c._reset_stream(drawn)
+        c.pending = None
         self.probe_req = self.probe_fwd = self.probe_done = None
-        self.global_step = g
-        self.epoch = meta.get("epoch", self.epoch)
-        self.synced = True
+        c.global_step = g
+        if r.epoch is not None:
+            c.epoch = r.epoch
+        c.synced = True
         log.info("resynchronised (%s) at aggregation %d: split %d, %d adapted weights",
-                 meta.get("mode"), g, self.holder.seg.end, len(self.holder.ranks))
+                 r.mode, g, c.holder.seg.end, len(c.holder.ranks))
 
     # ------------------------------------------------------------------------ probes
-    def on_probe(self, msg: P.Message) -> None:
-        step = msg.step
+    def on_probe(self, pr: control.Probe) -> None:
+        step = pr.step
         if self.probe_done is not None and self.probe_done[0] == step:
             self._send_numerators()  # our answer got lost
         elif self.probe_fwd is not None and self.probe_fwd[0] == step:
             self._send_probe_acts()  # our activations got lost
         elif self.probe_fwd is None:
-            self.probe_req = (step, meta_int(msg.meta, "global"))
+            self.probe_req = (step, pr.global_)
 
-    def advance(self) -> None:
-        if not self.synced or self.holder.seg is None:
-            return
+    def advance(self) -> bool:
+        c = self.client
+        if not c.synced or c.holder.seg is None:
+            return True
         if self.probe_req is not None:
-            if self.global_step >= self.probe_req[1] and self.pending is None:
+            if c.global_step >= self.probe_req[1] and c.pending is None:
                 self._probe_forward(self.probe_req[0])
-            return
-        if self.probe_fwd is not None or self.plan_version < self.need_plan:
-            return
-        super().advance()
+            return True
+        return self.probe_fwd is not None or self.plan_version < self.need_plan
 
     def _probe_forward(self, step: int) -> None:
-        with self.working("probe", step):
+        with self.client.working("probe", step):
             self._probe_forward_now(step)
 
     def _probe_forward_now(self, step: int) -> None:
-        seg = self.holder.seg
-        batch = self.batches.next()
-        self.drawn += 1
+        c = self.client
+        seg = c.holder.seg
+        batch = c.batches.next()
+        c.drawn += 1
         seg.model.eval()
         try:
             fwd = probe_forward(seg, batch, [n for n in self.candidates
@@ -315,16 +310,18 @@ class HeteroClient(Client):
         self._send_probe_acts()
 
     def _send_probe_acts(self) -> None:
-        assert self.t is not None and self.probe_fwd is not None
+        c = self.client
+        assert c.t is not None and self.probe_fwd is not None
         step, _, tensors = self.probe_fwd
         try:
-            self.t.send(P.Kind.ACT, step, tensors, {"probe": True, "drawn": self.drawn,
-                                                    "inc": self.incarnation, "epoch": self.epoch},
-                        wire=self.rt.options.wire)
+            c.t.send(P.Kind.ACT, step, tensors, {"probe": True, "drawn": c.drawn,
+                                                 "inc": c.incarnation, "epoch": c.epoch},
+                     wire=c.rt.options.wire)
         except TransportError as e:
             log.warning("probe activations of step %d not sent: %s", step, e)
 
     def probe_grad(self, msg: P.Message) -> None:
+        c = self.client
         if self.probe_fwd is None or self.probe_fwd[0] != msg.step:
             return
         step, fwd, _ = self.probe_fwd
@@ -333,29 +330,20 @@ class HeteroClient(Client):
             log.warning("probe gradient of step %d has shape %s, activations %s; ignored",
                         step, tuple(grad.shape), tuple(fwd.acts.shape))
             return
-        with self.working("probe", step):
+        with c.working("probe", step):
             nums = probe_backward(fwd, grad)
         self.probe_fwd = None
         self.probe_done = (step, {n: v for n, v in nums.items() if math.isfinite(v)},
-                           self.drawn)
+                           c.drawn)
         self._send_numerators()
 
     def _send_numerators(self) -> None:
-        assert self.t is not None and self.probe_done is not None
+        c = self.client
+        assert c.t is not None and self.probe_done is not None
         step, nums, drawn = self.probe_done
         try:
-            self.t.send(P.Kind.ADAPT, step, {}, {"probe": step, "importance": nums,
-                                                 "drawn": drawn, "inc": self.incarnation,
-                                                 "epoch": self.epoch, "sent": time.time()})
+            c.t.send(P.Kind.ADAPT, step, {}, {"probe": step, "importance": nums,
+                                              "drawn": drawn, "inc": c.incarnation,
+                                              "epoch": c.epoch, "sent": time.time()})
         except TransportError as e:
             log.warning("importance of step %d not sent: %s", step, e)
-
-
-def _ranks(value: Any) -> lora.RankMap:
-    """A rank map from a control message (names -> non-negative ints), or ValueError."""
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in value.items()):
-        raise ValueError("ranks must map weight names to non-negative integers")
-    return dict(value)
-

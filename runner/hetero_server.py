@@ -1,8 +1,9 @@
 """The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA"), its
 ablations and HetLoRA.
 
-:class:`HeteroServer` is the SplitLoRA server (:class:`runner.server.Server`) whose training
-maths is the in-process :class:`runner.hetero.HeteroTrainer`, unchanged: the trainer's
+:class:`HeteroServerHooks` plug into the SplitLoRA server engine (:class:`runner.server.Server`,
+through runner/methods/hooks.py); the training maths is the in-process
+:class:`runner.hetero.HeteroTrainer`, unchanged: the trainer's
 client holders are *shadows* of the real clients (same split point, ranks and merged block
 weights; their adapters are loaded from the clients' uploads at every aggregation). Only the
 steps that need a client's data or state go over the wire (docs/protocol.md, "HSplitLoRA"):
@@ -29,28 +30,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from runner import aggregation as agg
-from runner import lora, split
+from runner import control, lora, split
 from runner import protocol as P
 from runner.hetero import HeteroTrainer, Probe, _linear, probe_server
-from runner.runtime import (
-    NAA_METHODS,
-    OP_MERGE,
-    OP_PLAN,
-    OP_PROBE,
-    OP_RESYNC,
-    OP_SET,
-    OP_STEP,
-    RuntimeConfig,
-    meta_int,
-)
-from runner.server import Peer, Server
-from runner.trainer import Holder, Trainer
+from runner.methods.hooks import ServerHooks
+from runner.runtime import meta_int
+from runner.trainer import Holder
 from runner.vtime import StepClock
+
+if TYPE_CHECKING:
+    from runner.server import Peer, Server
 
 log = logging.getLogger("runner.server")
 
@@ -59,10 +54,11 @@ class ShadowTrainer(HeteroTrainer):
     """HeteroTrainer whose clients are shadows of remote processes.
 
     The initial plan waits for the clients (its probe needs their data); probes go through
-    the server; NAA's per-weight results and split moves are recorded for the wire.
+    the server (``net``: the hooks, which own the probe round); NAA's per-weight results and
+    split moves are recorded for the wire.
     """
 
-    def __init__(self, cfg: Any, net: HeteroServer, prepared: Any):
+    def __init__(self, cfg: Any, net: HeteroServerHooks, prepared: Any):
         self.net = net
         self.deferred = True
         super().__init__(cfg, None, None, prepared)
@@ -87,10 +83,11 @@ class ShadowTrainer(HeteroTrainer):
         return {**super().summary_extra(), "probe_bytes": self.net.probe_bytes}
 
 
-class HeteroServer(Server):
-    """Server of hsplitlora (and its ablations) and hetlora."""
+class HeteroServerHooks(ServerHooks):
+    """Server side of hsplitlora (and its ablations) and hetlora."""
 
-    def __init__(self, rt: RuntimeConfig):
+    def __init__(self, server: Server):
+        super().__init__(server)
         self.outbox: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]] = []
         self.moved: dict[str, int] = {}  # client -> split point before this round's moves
         self.merged_names: set[str] = set()  # weights that differ from the pretrained ones
@@ -104,27 +101,31 @@ class HeteroServer(Server):
         self.probe_nums: dict[str, dict[str, float]] = {}
         self.probe_bytes = 0
         self.shapes: dict[str, dict[str, list[int]]] = {}
-        super().__init__(rt)
+        self.build_violations: list[str] = []
+        self.by_name: dict[str, Peer] = {}
+
+    def make_trainer(self) -> ShadowTrainer:
+        return ShadowTrainer(self.server.cfg, self, self.server.prep)
+
+    def ready(self) -> None:
         self.build_violations = list(self.htr.violations)
-        self.by_name = {p.name: p for p in self.peers.values()}
+        self.by_name = {p.name: p for p in self.server.peers.values()}
         self._refresh_shapes()
 
     @property
     def naa(self) -> bool:
         """NAA methods merge and re-plan after every aggregation; hetlora and
         hsplitlora-no-naa send each client its share of a padded average instead."""
-        return self.cfg.method in NAA_METHODS
-
-    def _make_trainer(self) -> Trainer:
-        return ShadowTrainer(self.cfg, self, self.prep)
+        return self.server.traits.naa
 
     @property
     def htr(self) -> ShadowTrainer:
-        assert isinstance(self.tr, ShadowTrainer)
-        return self.tr
+        tr = self.server.tr
+        assert isinstance(tr, ShadowTrainer)
+        return tr
 
     def shadow(self, p: Peer) -> Holder:
-        return self.tr.clients[p.index]
+        return self.server.tr.clients[p.index]
 
     def split_of(self, p: Peer) -> int:
         return self.shadow(p).seg.end
@@ -137,16 +138,13 @@ class HeteroServer(Server):
     def _refresh_shapes(self) -> None:
         self.shapes = {p.cid: {k: list(v.shape) for k, v in
                                lora.adapter_state(self.shadow(p).seg.model).items()}
-                       for p in self.peers.values()}
+                       for p in self.server.peers.values()}
 
     # ------------------------------------------------------------------------ start
-    def wait_for_clients(self) -> None:
-        """Every client resynchronised by this server (its epoch), or as many as joined."""
-        deadline = time.monotonic() + self.o.join_timeout
-        while (not all(p.online and p.status.get("synced") and p.status.get("epoch") == self.epoch
-                       for p in self.peers.values()) and time.monotonic() < deadline):
-            self.pump(0.1)
-        self.wait_online("at the start")
+    def joined(self, p: Peer) -> bool:
+        """Resynchronised by this server (its epoch)."""
+        return p.online and bool(p.status.get("synced")) \
+            and p.status.get("epoch") == self.server.epoch
 
     def start(self) -> None:
         """The initial plan (probe on the clients' data, ARMSC, adapters), unless resumed."""
@@ -154,7 +152,7 @@ class HeteroServer(Server):
         if self.plan_version > 0:
             return  # resumed: the checkpoint holds the plan
         for v in self.build_violations:  # found before the run directory was open
-            self.event("budget_violation", step=0, detail=v)
+            self.server.event("budget_violation", step=0, detail=v)
         tr.deferred = False
         if tr.server is not None:  # hetlora has no server segment and plans nothing
             self._sync_offline()
@@ -163,47 +161,43 @@ class HeteroServer(Server):
         self.publish_plan(0)
 
     def _sync_offline(self) -> None:
-        self.tr.offline = {p.name for p in self.peers.values() if not p.online}
+        self.server.tr.offline = {p.name for p in self.server.peers.values() if not p.online}
 
     # ------------------------------------------------------------------- messages
-    def on_act(self, p: Peer, msg: P.Message) -> None:
+    def on_act(self, p: Peer, msg: P.Message) -> bool:
         if not msg.meta.get("probe"):
-            super().on_act(p, msg)
-            return
+            return False
         if msg.step == self.probe_step and p.cid in self.probe_expected:
             if p.cid not in self.probe_acts:
                 self.probe_acts[p.cid] = msg
                 p.drawn = meta_int(msg.meta, "drawn", p.drawn)
         elif msg.step > self.probe_at:
-            self._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
+            self.server._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
+        return True
 
-    def on_adapt(self, p: Peer, msg: P.Message) -> None:
+    def on_adapt(self, p: Peer, msg: P.Message) -> bool:
         if msg.meta.get("probe") is None:
-            super().on_adapt(p, msg)
-            return
+            return False
         if msg.step != self.probe_step or p.cid not in self.probe_acts:
-            return  # late or repeated
+            return True  # late or repeated
         nums = msg.meta.get("importance")
         mine = set(self.htr.client_candidates(self.split_of(p)))
         if not isinstance(nums, dict) or not all(
                 k in mine and isinstance(v, int | float) and not isinstance(v, bool)
                 and math.isfinite(v) for k, v in nums.items()):
-            self._reject(p, msg, "bad-meta", "importance must map this client's candidate "
-                                             "weights to finite numbers")
-            return
+            self.server._reject(p, msg, "bad-meta", "importance must map this client's "
+                                                    "candidate weights to finite numbers")
+            return True
         self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
         p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+        return True
 
-    def on_budget(self, p: Peer, meta: dict[str, Any]) -> None:
+    def budget_changed(self, p: Peer, old: int | None, new: int,
+                       meta: dict[str, Any]) -> None:
         """A budget change feeds ARMSC (method.md "Trigger"): an injected budget is the
         device's new budget as stated; a measured one (NVML, cgroup) scales the planned
         budget by its change since the first report (what it measures includes the runtime
         reserve and the emulation's rescaling, so only its ratio carries over)."""
-        old = self.budgets.get(p.cid)
-        super().on_budget(p, meta)
-        new = self.budgets.get(p.cid)
-        if new is None or new == old:
-            return
         dev = self.htr.devices[p.index]
         if meta.get("budget_source") == "injected":
             target = new
@@ -213,35 +207,34 @@ class HeteroServer(Server):
             return  # the first measured report is the baseline of the planned budget
         if target != dev.memory_bytes:
             self.htr.set_budget(p.index, target)
-            self.event("armsc_budget", step=max(self.current, 0), client=p.name,
-                       previous_bytes=dev.memory_bytes, budget_bytes=target,
-                       source=str(meta.get("budget_source", "?")))
+            self.server.event("armsc_budget", step=max(self.server.current, 0), client=p.name,
+                              previous_bytes=dev.memory_bytes, budget_bytes=target,
+                              source=str(meta.get("budget_source", "?")))
 
     def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
         """A client that missed a plan (lost message, pause) is resynchronised."""
         return (status.get("busy") is None and meta_int(status, "plan") < self.plan_version
-                and now - max(self.plan_sent_at, self.awake_at) > self.global_grace())
+                and now - max(self.plan_sent_at, self.server.awake_at) > self.global_grace())
 
-    def announce(self, step: int, to: str | None = None) -> None:
-        self.control(OP_STEP, step, to=to, epoch=self.epoch, rollback=self.resumed,
-                     plan=self.plan_version, **{"global": self.global_step})
+    def step_plan(self) -> int | None:
+        return self.plan_version
 
     # ------------------------------------------------------------------------ probe
     def probe_round(self, holders: list[Holder]) -> Probe:
         """IWI over the wire for the online clients among ``holders`` (one batch each)."""
-        tr = self.htr
+        s, tr = self.server, self.htr
         step = self.probe_at
         peers = [self.by_name[h.name] for h in holders if self.by_name[h.name].online]
         self.probe_step, self.probe_acts, self.probe_nums = step, {}, {}
         self.probe_expected = {p.cid for p in peers}
 
         def ask(p: Peer) -> None:
-            self.control(OP_PROBE, step, to=p.cid, epoch=self.epoch, **{"global": self.global_step})
+            s.tell(control.Probe(step, s.global_step, s.epoch), to=p.cid)
 
         for p in peers:
             ask(p)
-        self.wait_for(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
-                      step, "probe", ask)
+        s.wait_for(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
+                   step, "probe", ask)
         answered = [p for p in peers if p.cid in self.probe_acts]
         server_nums: dict[str, float] = {}
         if answered:
@@ -259,44 +252,44 @@ class HeteroServer(Server):
             sent = {}
 
             def give(p: Peer) -> None:
-                sent[p.cid] = self.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
-                                        {"probe": True}, to=p.cid, wire=self.o.wire)
+                sent[p.cid] = s.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
+                                     {"probe": True}, to=p.cid, wire=s.o.wire)
 
             for p in answered:
                 give(p)
-            self.wait_for(lambda: [p for p in answered
-                                   if p.online and p.cid not in self.probe_nums],
-                          step, "probe", give)
+            s.wait_for(lambda: [p for p in answered
+                                if p.online and p.cid not in self.probe_nums],
+                       step, "probe", give)
             self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
-                s.nbytes for s in sent.values() if s is not None)
+                x.nbytes for x in sent.values() if x is not None)
         done = [p for p in answered if p.cid in self.probe_nums]
-        self.event("probe", step=step, clients=[p.name for p in done],
-                   missing=[p.name for p in peers if p not in done])
+        s.event("probe", step=step, clients=[p.name for p in done],
+                missing=[p.name for p in peers if p not in done])
         self.probe_step = None
-        self.global_sent_at = time.monotonic()
+        s.global_sent_at = time.monotonic()
         return Probe([self.shadow(p) for p in done], [self.probe_nums[p.cid] for p in done],
                      server_nums)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
         """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
-        tr = self.htr
-        got = self.collect_uploads(step, participants)
+        s, tr = self.server, self.htr
+        got = s.collect_uploads(step, participants)
         names = {p.name for p in got}
         tr.offline = {h.name for h in tr.clients if h.name not in names}
         for p in got:
-            msg = self.adapts[p.cid]
+            msg = s.adapts[p.cid]
             lora.load_adapter_state(self.shadow(p).seg.model, msg.tensors)
             p.agg_drawn = meta_int(msg.meta, "drawn", p.drawn)
         self.outbox = []
         bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
-        self.global_step = step
+        s.global_step = step
         if not self.naa:
             return self._aggregate_padded(step, got, bytes_)
         # Online clients that did not take part (they joined or were skipped this round)
         # still hold blocks that changed: their shadows take the server's merged weights,
         # and they get the same merge message.
-        late = [p for p in self.peers.values() if p.online and p.name not in names]
+        late = [p for p in s.peers.values() if p.online and p.name not in names]
         for p in late:
             seg = self.shadow(p).seg
             if hasattr(seg.model, "peft_config"):  # after_aggregate re-attaches adapters
@@ -305,7 +298,7 @@ class HeteroServer(Server):
         self._send_merges(step, got + late)
         self.probe_at, self.moved = step + 1, {}
         extra = tr.after_aggregate(step)
-        for p in self.peers.values():
+        for p in s.peers.values():
             p.agg_drawn = p.drawn
             p.agg_opt_steps = p.opt_steps
         self.publish_plan(step + 1)
@@ -317,13 +310,13 @@ class HeteroServer(Server):
         """hetlora / hsplitlora-no-naa: every participant gets its shadow's adapters (the
         aggregate truncated to its ranks); an online client that did not take part is
         resynchronised (the in-process returning client's rule)."""
+        s = self.server
         for p in got:
             state = {k: v.detach() for k, v in
                      lora.adapter_state(self.shadow(p).seg.model).items()}
-            self.send(P.Kind.CONFIG, step, state,
-                      {"op": OP_SET, "step": step, "epoch": self.epoch}, to=p.cid)
-        self.global_sent_at = time.monotonic()
-        for p in self.peers.values():
+            s.tell(control.SetAdapters(step, s.epoch), to=p.cid, tensors=state)
+        s.global_sent_at = time.monotonic()
+        for p in s.peers.values():
             if p.online and p not in got:
                 self.send_resync(p)
             p.agg_drawn, p.agg_opt_steps = p.drawn, p.opt_steps
@@ -334,6 +327,7 @@ class HeteroServer(Server):
     def _send_merges(self, step: int, got: list[Peer]) -> None:
         """Each participant gets the NAA result of the weights in its blocks (method.md: the
         concatenated factors, the dense update only when that is smaller)."""
+        s = self.server
         for name, *_ in self.outbox:
             self.merged_names.add(name)
         for p in got:
@@ -348,16 +342,14 @@ class HeteroServer(Server):
                     tensors[f"{name}.B"], tensors[f"{name}.A"] = b_cat, a_cat
                 else:
                     tensors[f"{name}.delta"] = delta
-            self.send(P.Kind.CONFIG, step, tensors,
-                      {"op": OP_MERGE, "step": step, "reinit": step + 1, "forms": forms,
-                       "epoch": self.epoch}, to=p.cid)
-        self.global_sent_at = time.monotonic()
+            s.tell(control.Merge(step, forms, step + 1, s.epoch), to=p.cid, tensors=tensors)
+        s.global_sent_at = time.monotonic()
 
     def block_weights(self, first: int, end: int, only: set[str] | None = None
                       ) -> dict[str, torch.Tensor]:
         """The server's current weights of blocks ``[first, end)`` keyed as a client's
         unwrapped model names them (``only``: just these weight names, without ``.weight``)."""
-        srv = self.tr.server
+        srv = self.server.tr.server
         out: dict[str, torch.Tensor] = {}
         if srv is None:
             return out
@@ -370,24 +362,22 @@ class HeteroServer(Server):
                 out[key] = t.detach()
         return out
 
-    def _plan_meta(self, h: Holder) -> dict[str, Any]:
-        return {"version": self.plan_version, "split": h.seg.end, "ranks": dict(h.ranks),
-                "reinit": self.plan_reinit}
+    def _plan_spec(self, h: Holder) -> control.PlanSpec:
+        return control.PlanSpec(self.plan_version, h.seg.end, dict(h.ranks), self.plan_reinit)
 
     def publish_plan(self, reinit: int) -> None:
         """A new plan version to every online client; moved blocks travel with it."""
+        s = self.server
         self.plan_version += 1
         self.plan_reinit = reinit
         self._refresh_shapes()
-        for p in self.peers.values():
+        for p in s.peers.values():
             if not p.online:
                 continue  # resynchronised with the current plan when it returns
             h = self.shadow(p)
             old = self.moved.get(p.name, h.seg.end)
             tensors = self.block_weights(old, h.seg.end) if h.seg.end > old else {}
-            self.send(P.Kind.CONFIG, reinit, tensors,
-                      {"op": OP_PLAN, "step": reinit, "epoch": self.epoch, **self._plan_meta(h)},
-                      to=p.cid)
+            s.tell(control.Plan(reinit, self._plan_spec(h), s.epoch), to=p.cid, tensors=tensors)
         self.moved = {}
         self.plan_sent_at = time.monotonic()
 
@@ -398,24 +388,24 @@ class HeteroServer(Server):
         client (merged weights, fresh adapters seeded by the step it returns at); "rollback"
         (after ``--resume``): the checkpoint's plan, whose seed step is in the plan.
         """
-        mode = "rollback" if self.resumed and p.status.get("epoch") != self.epoch else "rejoin"
+        s = self.server
+        mode = "rollback" if s.resumed and p.status.get("epoch") != s.epoch else "rejoin"
         h = self.shadow(p)
-        if mode == "rejoin" and self.plan_version > 0 and self.closed_step >= 0:
-            self.tr.resync(h, self.closed_step + 1)
+        if mode == "rejoin" and self.plan_version > 0 and s.closed_step >= 0:
+            s.tr.resync(h, s.closed_step + 1)
             self._refresh_shapes()
-            plan = {**self._plan_meta(h), "reinit": self.closed_step + 1}
+            plan = replace(self._plan_spec(h), reinit=s.closed_step + 1)
         else:
-            plan = self._plan_meta(h)
+            plan = self._plan_spec(h)
         drawn = p.agg_drawn if mode == "rollback" else p.drawn
         tensors = self.block_weights(0, h.seg.end, self.merged_names) if self.naa else {
             k: v.detach() for k, v in lora.adapter_state(h.seg.model).items()}
-        self.send(P.Kind.CONFIG, max(self.global_step, 0), tensors,
-                  {"op": OP_RESYNC, "mode": mode, "global": self.global_step, "drawn": drawn,
-                   "opt_steps": 0, "epoch": self.epoch, "plan": plan}, to=p.cid)
+        s.tell(control.Resync(mode, s.global_step, drawn, 0, s.epoch, plan), to=p.cid,
+               tensors=tensors)
         p.last_repair = time.monotonic()
 
     # ------------------------------------------------------------------ checkpoints
-    def _model_state(self) -> dict[str, Any]:
+    def model_state(self) -> dict[str, Any]:
         """Merged weights, plan and the trainer's IWI/ARMSC state: right after an
         aggregation every adapter is fresh (seeded by the plan's step), so this is all."""
         tr = self.htr
@@ -440,7 +430,7 @@ class HeteroServer(Server):
             "reconfigurations": tr.reconfigurations, "violations": list(tr.violations),
             "moved_bytes": tr.moved_bytes, "probe_bytes": self.probe_bytes}
 
-    def _load_model_state(self, state: dict[str, Any]) -> None:
+    def load_model_state(self, state: dict[str, Any]) -> None:
         tr = self.htr
         srv = tr.server
         with torch.no_grad():
@@ -480,12 +470,12 @@ class HeteroServer(Server):
         """The devices ARMSC plans for (the devices file, or the emulated spread)."""
         from runner.memory import ModelCosts
 
+        s = self.server
         devices, server, _ = self.htr.clock_devices()
-        return StepClock(ModelCosts.from_config(self.htr.config), [h.name for h in self.tr.clients],
-                         devices, server, seed=self.cfg.seed, agg_interval=self.cfg.agg_interval)
+        return StepClock(ModelCosts.from_config(self.htr.config), [h.name for h in s.tr.clients],
+                         devices, server, seed=s.cfg.seed, agg_interval=s.cfg.agg_interval)
 
     def global_grace(self) -> float:
         """A merge or a plan takes a client a moment (loading blocks, re-attaching
         adapters): give it longer before a stale global step or plan counts as lost."""
-        return max(self.o.repair_interval, 10 * self.o.heartbeat, 5.0)
-
+        return max(self.server.o.repair_interval, 10 * self.server.o.heartbeat, 5.0)

@@ -28,29 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from runner.broker import BrokerAddress, Credentials, parse_broker_url
-from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
+from runner.config import TrainConfig
 from runner.errors import ConfigError
+from runner.methods import registry
 
 # The distributed runtime runs every method. The heterogeneous ones put per-client split
 # points and ranks, NAA factors (or per-client shares of a padded aggregate), IWI probes and
 # block hand-overs on the wire (runner/hetero_server.py, runner/hetero_client.py); ``ft``'s
 # one client uploads its whole model at evaluation points (a message holds at most 1 GiB:
 # models up to about 250 M parameters in fp32).
-NAA_METHODS = ("hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc")
-HETERO_DISTRIBUTED = (*NAA_METHODS, "hsplitlora-no-naa", "hetlora")
+NAA_METHODS = registry.having(hetero=True, naa=True)
+HETERO_DISTRIBUTED = registry.having(hetero=True)
 
-# Operations carried in ``meta["op"]`` of ``config`` messages (server -> clients).
-OP_STEP = "step"  # broadcast: step t begins (or, on a client's channel, a repeat for it)
-OP_SKIP = "skip"  # to one client: your activations for step t came too late; drop them
-OP_RESYNC = "resync"  # to one client: global adapters + stream/optimizer position
-OP_UPLOAD = "upload"  # to one client: (re)send your adapters for aggregation step t
-OP_RESEND = "resend"  # to one client: (re)send your activations for step t
-OP_DONE = "done"  # broadcast: the run is over, exit
-# HSplitLoRA (runner/hetero_server.py):
-OP_MERGE = "merge"  # to one client: NAA factors of its blocks; merge, re-initialise adapters
-OP_PROBE = "probe"  # to one client: run an importance probe batch (IWI)
-OP_PLAN = "plan"  # to one client: split point + ranks (ARMSC), moved blocks' weights
-OP_SET = "set"  # to one client: its adapters after a per-client aggregation (hetlora, no-naa)
+# The operations of ``config`` messages (server -> clients) are typed in runner/control.py.
 
 log = logging.getLogger("runner.runtime")
 
@@ -148,7 +138,7 @@ def load_config(me: str | None = None, env: dict[str, str] | None = None,
     train = TrainConfig.from_dict(doc["train"])
     train.validate()
     clients = list(doc.get("clients") or default_clients(train.clients))
-    if train.method in CENTRAL_METHODS:  # one client trains on the pooled data
+    if registry.traits(train).central:  # one client trains on the pooled data
         clients = clients[:1]
     elif len(clients) != train.clients:
         raise ConfigError(f"config lists {len(clients)} clients, train.clients is "
@@ -179,7 +169,7 @@ def load_config(me: str | None = None, env: dict[str, str] | None = None,
 
 
 def is_split(cfg: TrainConfig) -> bool:
-    return cfg.method in SPLIT_METHODS
+    return registry.traits(cfg).split
 
 
 def setup_logging(name: str) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -46,22 +45,17 @@ from typing import Any
 
 import torch
 
-from runner import lora, split
+from runner import control, lora, schedule, split
 from runner import protocol as P
-from runner.config import CENTRAL_METHODS
 from runner.errors import UserError
 from runner.memory import ModelCosts
+from runner.methods import plugins, registry
+from runner.methods.hooks import ServerHooks
 from runner.models import load_config as load_model_config
+from runner.repair import ClientStatus, ServerView, repair
 from runner.resources import Meter, usage_fields
 from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.runtime import (
-    HETERO_DISTRIBUTED,
-    OP_DONE,
-    OP_RESEND,
-    OP_RESYNC,
-    OP_SKIP,
-    OP_STEP,
-    OP_UPLOAD,
     RuntimeConfig,
     is_split,
     load_config,
@@ -74,14 +68,6 @@ from runner.vtime import StepClock, clock_devices
 
 log = logging.getLogger("runner.server")
 CHECKPOINT = Path("checkpoint") / "server.pt"
-
-
-def sync_due(cfg: Any, step: int) -> bool:
-    """Same rule as :func:`runner.client.sync_due` (kept here to avoid importing the client)."""
-    if cfg.method in CENTRAL_METHODS:
-        done = step + 1
-        return done % cfg.eval_every == 0 or done == cfg.steps
-    return (step + 1) % cfg.agg_interval == 0 or step + 1 == cfg.steps
 
 
 class ServerTrainer(Trainer):
@@ -133,16 +119,20 @@ class Server:
 
     def __init__(self, rt: RuntimeConfig):
         self.rt, self.cfg, self.o = rt, rt.train, rt.options
+        # The method's server-side hooks (runner/methods/hooks.py): built first, since the
+        # trainer they make may keep a pointer to them.
+        self.hooks: ServerHooks = (plugins.hooks(self.cfg, "server") or ServerHooks)(self)
         self.prep = prepare(self.cfg)
-        self.tr = self._make_trainer()
+        self.tr = self.hooks.make_trainer()
         self.split = is_split(self.cfg)
         self.hidden = int(load_model_config(self.prep.info.path).hidden_size)
         shards = self.prep.shards
         total = sum(len(s) for s in shards)
-        central = self.cfg.method in CENTRAL_METHODS
+        self.traits = registry.traits(self.cfg)
+        central = self.traits.central
         self.peers = {cid: Peer(cid, i, "central" if central else cid, len(shards[i]) / total)
                       for i, cid in enumerate(rt.clients)}
-        self.full = self.cfg.method == "ft"  # whole weights travel instead of adapters
+        self.full = self.traits.full  # whole weights travel instead of adapters
         self.adapter_shapes = {k: list(v.shape) for k, v in lora.trained_state(
             self.tr.clients[0].seg.model, self.full).items()}
         self.epoch = uuid.uuid4().hex[:12]
@@ -177,17 +167,19 @@ class Server:
         self._connects = 1
         self.reconnected_at = 0.0
         self.awake_at = self.last_pump = 0.0  # see pump
+        self.hooks.ready()
 
-    def _make_trainer(self) -> Trainer:
+    def default_trainer(self) -> Trainer:
+        """SplitLoRA's training maths: the in-process trainer's server half + a shadow."""
         return ServerTrainer(self.cfg, None, None, prepared=self.prep)
 
     def split_of(self, p: Peer) -> int:
-        """The split point of client ``p`` (one for every client in SplitLoRA)."""
-        return self.tr.k
+        """The split point of client ``p`` (the method's hooks say)."""
+        return self.hooks.split_of(p)
 
     def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
         """The adapter tensors an upload (header ``h``) must carry: names and shapes."""
-        return self.adapter_shapes
+        return self.hooks.upload_shapes(h)
 
     # ------------------------------------------------------------------ run directory
     def _snapshot(self) -> dict[str, Any]:
@@ -231,7 +223,7 @@ class Server:
         assert self.run is not None
         state = {
             "version": 1, "step": step, "global_step": self.global_step,
-            "model": self._model_state(),
+            "model": self.hooks.model_state(),
             "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps}
                       for p in self.peers.values()},
             "history": self.tr.history, "totals": self.totals, "first": self.first,
@@ -243,7 +235,7 @@ class Server:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def _model_state(self) -> dict[str, Any]:
+    def default_model_state(self) -> dict[str, Any]:
         """The model part of a checkpoint: server adapters and optimizer, global adapters."""
         srv = self.tr.server
         return {
@@ -253,7 +245,7 @@ class Server:
             "server_opt": srv.opt.state_dict() if srv and srv.opt else None,
             "server_sched": srv.sched.state_dict() if srv and srv.sched else None}
 
-    def _load_model_state(self, state: dict[str, Any]) -> None:
+    def default_load_model_state(self, state: dict[str, Any]) -> None:
         srv = self.tr.server
         if srv is not None and state["server_adapters"] is not None:
             lora.load_adapter_state(srv.seg.model, state["server_adapters"])
@@ -263,7 +255,7 @@ class Server:
         if state["global_state"] is not None:
             self.tr.global_state = state["global_state"]
             lora.load_trained_state(self.tr.clients[0].seg.model, state["global_state"],
-                                    self.cfg.method == "ft")
+                                    self.full)
 
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
@@ -274,7 +266,7 @@ class Server:
         g = -1
         if ckpt is not None:
             g = int(ckpt["step"])
-            self._load_model_state(ckpt["model"])
+            self.hooks.load_model_state(ckpt["model"])
             self.global_step = int(ckpt["global_step"])
             for cid, pos in ckpt["peers"].items():
                 if cid in self.peers:
@@ -366,8 +358,11 @@ class Server:
             log.warning("%s to %s (step %d) not sent: %s", kind.value, to or "all", step, e)
             return None
 
-    def control(self, op: str, step: int, to: str | None = None, **meta: Any) -> None:
-        self.send(P.Kind.CONFIG, max(step, 0), meta={"op": op, "step": step, **meta}, to=to)
+    def tell(self, ctrl: control.Control, to: str | None = None,
+             tensors: dict[str, torch.Tensor] | None = None) -> P.Message | None:
+        """Send a typed control operation (runner/control.py) as a ``config`` message."""
+        step, meta = control.encode(ctrl)
+        return self.send(P.Kind.CONFIG, step, tensors, meta, to=to)
 
     # ---------------------------------------------------------------- message handling
     def pump(self, timeout: float) -> None:
@@ -455,6 +450,8 @@ class Server:
                        step=max(self.current, 0), client=p.name, budget_bytes=budget,
                        source=str(meta.get("budget_source", "?")),
                        **({} if old is None else {"previous_bytes": old}))
+            if budget != old:
+                self.hooks.budget_changed(p, old, budget, meta)
 
     def measured(self, p: Peer, meta: dict[str, Any]) -> dict[str, Any]:
         """A client's measured memory from a message's meta (runner/resources.py
@@ -531,6 +528,10 @@ class Server:
         self.send_resync(p)
 
     def send_resync(self, p: Peer) -> None:
+        """Bring ``p`` to the current state (the method's hooks say how)."""
+        self.hooks.send_resync(p)
+
+    def default_resync(self, p: Peer) -> None:
         """Current global adapters + where the client's stream and optimizer should be.
 
         "rollback" after this server resumed from a checkpoint (the client returns to the
@@ -541,9 +542,8 @@ class Server:
         tensors = dict(self.tr.global_state) if self.tr.global_state is not None else None
         drawn, steps = ((p.agg_drawn, p.agg_opt_steps) if mode == "rollback"
                         else (p.drawn, p.opt_steps))
-        self.send(P.Kind.CONFIG, max(self.global_step, 0), tensors,
-                  {"op": OP_RESYNC, "mode": mode, "global": self.global_step, "drawn": drawn,
-                   "opt_steps": steps, "epoch": self.epoch}, to=p.cid)
+        self.tell(control.Resync(mode, self.global_step, drawn, steps, self.epoch), to=p.cid,
+                  tensors=tensors)
         p.last_repair = time.monotonic()
 
     def on_status(self, p: Peer) -> None:
@@ -561,27 +561,16 @@ class Server:
         if (now - p.last_repair < self.o.repair_interval
                 or now - self.awake_at < self.o.repair_interval):
             return
-        done, pending = meta_int(s, "done"), s.get("pending")
-        action = None
-        stale_global = (meta_int(s, "global") < self.global_step
-                        and now - max(self.global_sent_at, self.awake_at) > self.global_grace())
-        if (not s.get("synced") or s.get("epoch") != self.epoch or stale_global
-                or self.stale(p, s, now)):
-            action = "resync"
-        elif isinstance(pending, int) and s.get("busy") != ["grad", pending] and (
-                pending < self.closed_step or pending == self.closed_step
-                and now - self.closed_at > self.o.repair_interval):
-            action = "answer"
-        elif (self.collecting and p.cid in self.expected and p.cid not in self.answers
-              and now - self.step_started > self.o.repair_interval):
-            if pending is None and done < self.current:
-                action = "announce"
-            elif pending == self.current and float(s.get("pending_age", 0)) > 2 * self.o.heartbeat:
-                action = "resend"
-        elif (self.agg_step is not None and p.cid in self.agg_expected
-              and p.cid not in self.adapts and pending is None and done == self.agg_step
-              and now - self.step_started > self.o.repair_interval):
-            action = "upload"
+        status = ClientStatus.from_meta(s)
+        action = repair(status, ServerView(
+            now=now, epoch=self.epoch, global_step=self.global_step,
+            global_settled=now - max(self.global_sent_at, self.awake_at) > self.global_grace(),
+            stale=self.stale(p, s, now), closed_step=self.closed_step, closed_at=self.closed_at,
+            collecting=self.collecting, current=self.current, step_started=self.step_started,
+            awaited=p.cid in self.expected and p.cid not in self.answers,
+            agg_step=self.agg_step,
+            upload_awaited=p.cid in self.agg_expected and p.cid not in self.adapts,
+            repair_interval=self.o.repair_interval, heartbeat=self.o.heartbeat))
         if action is None:
             return
         p.last_repair = now
@@ -590,14 +579,15 @@ class Server:
         if action == "resync":
             self.send_resync(p)
         elif action == "answer":
-            self.answer_old(p, int(pending))
+            assert status.pending is not None
+            self.answer_old(p, status.pending)
         elif action == "announce":
             self.announce(self.current, to=p.cid)
         elif action == "resend":
-            self.control(OP_RESEND, self.current, to=p.cid)
+            self.tell(control.Resend(self.current), to=p.cid)
         elif action == "upload":
             assert self.agg_step is not None
-            self.control(OP_UPLOAD, self.agg_step, to=p.cid)
+            self.tell(control.Upload(self.agg_step), to=p.cid)
 
     def wait_for(self, missing: Callable[[], list[Peer]], step: int, what: str,
                  resend: Callable[[Peer], None] | None = None) -> None:
@@ -636,11 +626,11 @@ class Server:
     def global_grace(self) -> float:
         """Seconds after the last aggregate went out before a client still behind it gets
         a resync (its copy was lost)."""
-        return self.o.repair_interval
+        return self.hooks.global_grace()
 
     def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
-        """Hook: whether a client's reported state needs a resync (beyond the global step)."""
-        return False
+        """Whether a client's reported state needs a resync (beyond the global step)."""
+        return self.hooks.stale(p, status, now)
 
     def answer_old(self, p: Peer, step: int) -> None:
         """Activations of a closed step: the cached gradient if that step was processed for
@@ -648,10 +638,12 @@ class Server:
         if p.grad is not None and p.grad[0] == step:
             self.send(P.Kind.GRAD, step, {P.GRAD: p.grad[1]}, to=p.cid, wire=self.o.wire)
         else:
-            self.control(OP_SKIP, step, to=p.cid)
+            self.tell(control.Skip(step), to=p.cid)
             self.event("step_skipped", step=step, client=p.name)
 
     def on_act(self, p: Peer, msg: P.Message) -> None:
+        if self.hooks.on_act(p, msg):
+            return
         t = msg.step
         if self.collecting and t == self.current:
             if p.cid in self.answers:
@@ -668,6 +660,8 @@ class Server:
                                             f"{self.current}")
 
     def on_adapt(self, p: Peer, msg: P.Message) -> None:
+        if self.hooks.on_adapt(p, msg):
+            return
         if msg.step == self.agg_step and p.cid in self.agg_expected:
             self.adapts.setdefault(p.cid, msg)
         elif msg.step > max(self.current, self.global_step):
@@ -676,8 +670,8 @@ class Server:
 
     # --------------------------------------------------------------------- the round
     def announce(self, step: int, to: str | None = None) -> None:
-        self.control(OP_STEP, step, to=to, epoch=self.epoch, rollback=self.resumed,
-                     **{"global": self.global_step})
+        self.tell(control.Step(step, self.global_step, self.epoch, self.resumed,
+                               self.hooks.step_plan()), to=to)
 
     def wait_online(self, what: str) -> None:
         deadline = time.monotonic() + self.o.join_timeout
@@ -689,7 +683,7 @@ class Server:
     def wait_for_clients(self) -> None:
         """At the start: every client, or as many as joined within ``join_timeout``."""
         deadline = time.monotonic() + self.o.join_timeout
-        while (not all(p.online and p.status.get("synced") for p in self.peers.values())
+        while (not all(self.hooks.joined(p) for p in self.peers.values())
                and time.monotonic() < deadline):
             self.pump(0.1)
         self.wait_online("at the start")
@@ -769,18 +763,17 @@ class Server:
         return [p for p in self.peers.values() if p.cid in self.adapts]
 
     def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+        """The method's aggregation after ``step``; bytes moved up and down."""
+        return self.hooks.aggregate(step, participants)
+
+    def default_aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
         """FedAvg over the participants whose adapters arrived (Trainer.aggregate's formula,
         in client order, so the result is bit-identical to the in-process one)."""
         got = self.collect_uploads(step, participants)
         if not got:
             return {"bytes_up": 0, "bytes_down": 0}
-        states = [self.adapts[p.cid].tensors for p in got]
-        total = sum(p.weight for p in got)
-        weights = [p.weight / total for p in got]
-        avg: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for key in states[0]:
-                avg[key] = sum(w * s[key].detach() for w, s in zip(weights, states, strict=True))
+        avg, weights = self.hooks.average([self.adapts[p.cid].tensors for p in got],
+                                          [p.weight for p in got])
         for p in got:
             meta = self.adapts[p.cid].meta
             p.agg_drawn = meta_int(meta, "drawn", p.drawn)
@@ -793,7 +786,7 @@ class Server:
         self.global_sent_at = time.monotonic()
         size = tensor_bytes(*avg.values())
         up = down = size * len(got)
-        if self.cfg.method not in CENTRAL_METHODS:
+        if not self.traits.central:
             self.event("aggregate", step=step, participants=[p.name for p in got],
                        weights=weights, bytes_up=up, bytes_down=down)
             assert self.run is not None
@@ -810,13 +803,11 @@ class Server:
             self.event("run_started", method=cfg.method, clients=len(self.peers),
                        split=self.tr.k, runtime="mqtt", wire=self.o.wire or "float32")
         self.wait_for_clients()
-        self.start()
-        self.tr.vclock = self.make_clock()
+        self.hooks.start()
+        self.tr.vclock = self.hooks.make_clock()
         if self.first is None:
             self.first = self.last = self.tr.evaluate()
             self.tr._log_eval(0, self.first)
-        eval_every = (math.ceil(cfg.eval_every / cfg.agg_interval) * cfg.agg_interval
-                      if cfg.method not in CENTRAL_METHODS else cfg.eval_every)
         t_start = time.perf_counter()
         for step in range(self.start_step, cfg.steps):
             t_step = time.monotonic()
@@ -829,7 +820,7 @@ class Server:
                 self.totals["bytes_sent"] += r["bytes_sent"]
                 self.totals["bytes_received"] += r["bytes_received"]
                 self.run.metric(kind="train", **r)
-            if sync_due(cfg, step):
+            if schedule.sync_due(cfg, step):
                 agg = self.aggregate(step, [p.cid for p in self.peers.values()
                                             if p.cid in self.answers and p.online])
                 self.totals["bytes_sent"] += agg["bytes_up"]
@@ -843,7 +834,7 @@ class Server:
             line = f"step {done}/{cfg.steps}"
             if records:
                 line += f" loss {sum(r['loss'] for r in records) / len(records):.4f}"
-            if done % eval_every == 0 or done == cfg.steps:
+            if schedule.evaluates_after(cfg, done):
                 self.last = self.tr.evaluate()
                 self.tr._log_eval(done, self.last)
                 line += f" val_ppl {self.last['val_ppl']:.3f}"
@@ -853,15 +844,12 @@ class Server:
                 self.pump(min(left, 0.1))
         return self.finish(time.perf_counter() - t_start)
 
-    def start(self) -> None:
-        """Hook: work after the clients joined and before the first step (HSplitLoRA plans)."""
-
-    def make_clock(self) -> StepClock | None:
+    def default_clock(self) -> StepClock | None:
         """Virtual time of the emulated devices (runner/vtime.py) when the run has a devices
         file (profile runs). Design choice: no availability here: in containers the
         profile's traces are applied to the containers in wall-clock time (testbed), and the
         clock restarts at 0 on ``--resume``."""
-        if not self.cfg.devices or self.cfg.method in CENTRAL_METHODS:
+        if not self.cfg.devices or self.traits.central:
             return None
         names = [p.name for p in self.peers.values()]
         devices, server, _ = clock_devices(self.cfg.devices, len(names))
@@ -901,7 +889,7 @@ class Server:
             if not live:
                 break
             if time.monotonic() - told > 1.0:
-                self.control(OP_DONE, self.cfg.steps)
+                self.tell(control.Done(self.cfg.steps))
                 told = time.monotonic()
             self.pump(0.1)
 
@@ -911,11 +899,7 @@ class Server:
 
 
 def make_server(rt: RuntimeConfig) -> Server:
-    """The server for the run's method: HSplitLoRA's (runner/hetero_server.py) or this one."""
-    if rt.train.method in HETERO_DISTRIBUTED:
-        from runner.hetero_server import HeteroServer
-
-        return HeteroServer(rt)
+    """The server of any method: the engine with the method's hooks (runner/methods)."""
     return Server(rt)
 
 

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from runner import aggregation, lora, schedule, seeds, split
 from runner import data as data_mod
-from runner import lora, split
-from runner.config import CENTRAL_METHODS, SPLIT_METHODS, TrainConfig
+from runner.config import TrainConfig
 from runner.devices import DeviceSpec
 from runner.memory import ModelCosts
+from runner.methods import registry
 from runner.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
 from runner.splits import DataProtocol
@@ -134,14 +135,15 @@ def prepare(cfg: TrainConfig) -> Prepared:
     MR, runner/splits.py) and partition the training rows over clients."""
     cfg.validate()
     info = model_info(cfg.model)
-    if cfg.method in SPLIT_METHODS:
+    method = registry.traits(cfg)
+    if method.split:
         info.check_split(split_point(cfg, info))
-    if cfg.method != "ft":  # bad --targets must fail before the run directory is written
+    if not method.full:  # bad --targets must fail before the run directory is written
         lora.weight_names(load_config(info.path), range(1), cfg.targets)
     tokenizer = load_tokenizer(info.path)
     protocol = DataProtocol.for_config(cfg)
     frames = protocol.training_frames()
-    n_shards = 1 if cfg.method in CENTRAL_METHODS else cfg.clients
+    n_shards = 1 if method.central else cfg.clients
     shards = data_mod.partition(frames["train"], n_shards, cfg.partition, cfg.dirichlet_alpha,
                                 cfg.partition_attribute, seed=cfg.seed)
     return Prepared(info, tokenizer, frames, shards, protocol.source, protocol)
@@ -163,9 +165,9 @@ class Trainer:
         self.prep = prepared or prepare(cfg)
         self.info = self.prep.info
         self.pad_id = int(self.prep.tokenizer.pad_token_id)
+        self.traits = registry.traits(cfg)
         torch.manual_seed(cfg.seed)
-        self.k = (split_point(cfg, self.info) if cfg.method in SPLIT_METHODS
-                  else self.info.num_layers)
+        self.k = split_point(cfg, self.info) if self.traits.split else self.info.num_layers
         self.clients: list[Holder] = []
         self.server: Holder | None = None
         self._build()
@@ -180,40 +182,41 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _ranks(self, config) -> lora.RankMap:
-        if self.cfg.method == "ft":
+        if self.traits.full:
             return {}
         return lora.uniform_ranks(config, self.cfg.rank, self.cfg.targets)
 
     def _adapt(self, seg: split.Segment, ranks: lora.RankMap) -> lora.RankMap:
-        if self.cfg.method == "ft":
+        if self.traits.full:
             for p in seg.model.parameters():
                 p.requires_grad_(True)
             return {}
         return lora.attach_lora(seg, ranks, alpha=self.cfg.lora_alpha,
-                                dropout=self.cfg.lora_dropout, seed=self.cfg.seed)
+                                dropout=self.cfg.lora_dropout,
+                                seed=seeds.adapter_init(self.cfg.seed))
 
     def _build(self) -> None:
         cfg, path = self.cfg, self.info.path
         shards = self.prep.shards
         total = sum(len(s) for s in shards)
         for i, shard in enumerate(shards):
-            if cfg.method in SPLIT_METHODS:
+            if self.traits.split:
                 seg = split.load_client(path, self.k, cfg.precision)
             else:
                 seg = split.load_unsplit(path, cfg.precision)
             ranks = self._adapt(seg, self._ranks(seg.config))
             examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
             holder = Holder(
-                name="central" if cfg.method in CENTRAL_METHODS else f"client{i}",
+                name="central" if self.traits.central else f"client{i}",
                 seg=seg, ranks=ranks, weight=len(shard) / total, n_examples=len(shard),
                 batches=data_mod.ClientBatches(examples, cfg.batch_size, self.pad_id,
-                                               seed=cfg.seed * 1000 + i),
+                                               seed=seeds.batch_stream(cfg.seed, i)),
             )
             opt = make_optimizer(seg.model, cfg)
             if opt is not None:
                 holder.opt, holder.sched = opt
             self.clients.append(holder)
-        if cfg.method in SPLIT_METHODS:
+        if self.traits.split:
             self.server = self._server_holder()
         for h in self.all_holders():
             h.seg.model.train()
@@ -382,15 +385,11 @@ class Trainer:
         it); only the adapter values are replaced by the average.
         """
         online = [h for h in self.clients if h.name not in self.offline]
-        if self.cfg.method in CENTRAL_METHODS or not online:
+        if self.traits.central or not online:
             return {"bytes_up": 0, "bytes_down": 0}
-        states = [lora.adapter_state(h.seg.model) for h in online]
-        total = sum(h.weight for h in online)
-        weights = [h.weight / total for h in online]
-        avg: dict[str, torch.Tensor] = {}
+        avg, weights = self.average([lora.adapter_state(h.seg.model) for h in online],
+                                    [h.weight for h in online])
         with torch.no_grad():
-            for key in states[0]:
-                avg[key] = sum(w * s[key].detach() for w, s in zip(weights, states, strict=True))
             for h in online:
                 lora.load_adapter_state(h.seg.model, avg)
         self.global_state = avg
@@ -402,6 +401,12 @@ class Trainer:
             self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
                             bytes_received=up)
         return {"bytes_up": up, "bytes_down": down}
+
+    def average(self, states: list[dict[str, torch.Tensor]],
+                weights: list[float]) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """The aggregation rule of :meth:`aggregate` (FedAvg); a method with another rule
+        overrides it (docs/extending.md). Returns the aggregate and the weights used."""
+        return aggregation.fedavg(states, weights)
 
     # ---------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -444,8 +449,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- the run
     def should_aggregate(self, step: int) -> bool:
-        return self.cfg.method not in CENTRAL_METHODS and (
-            (step + 1) % self.cfg.agg_interval == 0 or step + 1 == self.cfg.steps)
+        return schedule.aggregates_after(self.cfg, step)
 
     def fit(self) -> dict[str, Any]:
         """Train for ``cfg.steps`` steps (or until a stopping rule fires, runner/stopping.py),
@@ -462,8 +466,6 @@ class Trainer:
         done = 0
         t_start = time.perf_counter()
         totals = {"bytes_sent": 0, "bytes_received": 0}
-        eval_every = math.ceil(cfg.eval_every / cfg.agg_interval) * cfg.agg_interval \
-            if cfg.method not in CENTRAL_METHODS else cfg.eval_every
         last = first
         for step in range(cfg.steps):
             records = self.train_step(step)
@@ -479,7 +481,7 @@ class Trainer:
             out_of_time = stopper.after_step(self.vclock.now if self.vclock is not None
                                              else None)
             if self.should_aggregate(step) or (
-                    out_of_time and cfg.method not in CENTRAL_METHODS):
+                    out_of_time and not self.traits.central):
                 agg = self.aggregate(step)
                 extra = self.after_aggregate(step)  # bytes of a reconfiguration, on top
                 agg = {k: agg.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
@@ -493,7 +495,7 @@ class Trainer:
             info: dict[str, Any] = {
                 "loss": sum(r["loss"] for r in records) / max(len(records), 1)}
             early = False
-            if done % eval_every == 0 or done == cfg.steps or out_of_time:
+            if schedule.evaluates_after(cfg, done) or out_of_time:
                 last = self.evaluate()
                 self._log_eval(done, last)
                 info.update(last)
@@ -532,7 +534,7 @@ class Trainer:
     def clock_devices(self) -> tuple[list[DeviceSpec], DeviceSpec, list[Any]] | None:
         """(clients, server, availability) for the virtual clock: from ``cfg.devices`` when
         given (a profile run), else None (no virtual time). HeteroTrainer always has devices."""
-        if not self.cfg.devices or self.cfg.method in CENTRAL_METHODS:
+        if not self.cfg.devices or self.traits.central:
             return None
         return clock_devices(self.cfg.devices, len(self.clients))
 
@@ -569,7 +571,7 @@ class Trainer:
     def save(self, run: RunDir) -> Path:
         """Write the final model: one PEFT adapter for LoRA methods, full weights for ft."""
         out = run.adapters("final")
-        if self.cfg.method == "ft":
+        if self.traits.full:
             out = run.path / "model"
             split.base_model(self.clients[0].seg.model).save_pretrained(str(out))
             return out

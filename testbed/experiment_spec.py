@@ -38,8 +38,9 @@ from pydantic import (
     model_validator,
 )
 
-from runner.config import CENTRAL_METHODS, METHODS, TrainConfig
+from runner.config import CENTRAL_METHODS, TrainConfig
 from runner.errors import ConfigError, UserError
+from runner.methods import registry
 from testbed.profiles import Profile, format_validation_error
 from testbed.yamlfile import read_yaml
 
@@ -80,8 +81,8 @@ def parse_duration(value: Any) -> float:
 
 
 def _known_method(v: str) -> str:
-    if v not in METHODS:
-        raise ValueError(f"unknown method {v!r}; choose from {', '.join(METHODS)}")
+    if v not in registry.names():  # plug-ins of $TESTBED_METHODS included
+        raise ValueError(f"unknown method {v!r}; choose from {', '.join(registry.names())}")
     return v
 
 

@@ -32,8 +32,9 @@ from runner import armsc, lora
 from runner.config import CENTRAL_METHODS, HETERO_METHODS, TrainConfig
 from runner.devices import DeviceSpec
 from runner.memory import ModelCosts, client_memory
+from runner.methods import registry
 
-FIXED_CONFIG_METHODS = ("splitlora", "fedlora")
+FIXED_CONFIG_METHODS = registry.having(fixed_config=True)  # splitlora, fedlora
 MIB = 2**20
 
 

@@ -45,8 +45,8 @@ from pydantic import (
     model_validator,
 )
 
-from runner.config import METHODS
 from runner.errors import ConfigError, UserError
+from runner.methods import registry
 from testbed.yamlfile import read_yaml
 
 if TYPE_CHECKING:
@@ -365,8 +365,9 @@ class ExperimentModel(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
+        if v not in registry.names():  # plug-ins of $TESTBED_METHODS included
+            raise ValueError(f"unknown method {v!r}; choose one of "
+                             f"{', '.join(registry.names())}")
         return v
 
     @field_validator("rank_set")

@@ -31,7 +31,7 @@ def run_training(cfg, out_dir: Path, overwrite: bool, on_run=None) -> dict:
     import torch
     import transformers
 
-    from runner.hetero import build_trainer
+    from runner.methods.plugins import build_trainer
     from runner.rundir import RunDir
     from runner.trainer import prepare
 
