@@ -71,6 +71,19 @@ def emulated_devices(costs: ModelCosts, n: int, batch: int, seq: int,
     return clients, DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9, latency=0.001)
 
 
+class _PerClient:
+    """Each client's own aggregation bytes, ``{name: [up, down]}``, for the virtual clock
+    (runner/vtime.py: a client's link carries its own adapters, not an equal share)."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, list[int]] = {}
+
+    def add(self, name: str, up: int = 0, down: int = 0) -> None:
+        mine = self.bytes.setdefault(name, [0, 0])
+        mine[0] += up
+        mine[1] += down
+
+
 def _linear(model: nn.Module, name: str) -> nn.Module:
     return importance.base_linears(model, [name])[name]
 
@@ -364,7 +377,7 @@ class HeteroTrainer(Trainer):
         return agg.Factors(A=state[f"{name}.lora_A"].detach(), B=state[f"{name}.lora_B"].detach(),
                            scale=self.cfg.lora_alpha / r, weight=weight)
 
-    def aggregate(self, step: int) -> dict[str, int]:
+    def aggregate(self, step: int) -> dict[str, Any]:
         rule = self.traits.aggregation
         if rule == registry.HETLORA:
             return self._aggregate_hetlora(step)
@@ -397,6 +410,7 @@ class HeteroTrainer(Trainer):
         if not online:
             return {"bytes_up": 0, "bytes_down": 0}
         up = down = 0
+        own = _PerClient()
         for name, parts in self._weight_parts(online):
             if not parts:
                 continue
@@ -410,9 +424,14 @@ class HeteroTrainer(Trainer):
             for h in holders + [self.server]:
                 lin = _linear(h.seg.model, name)
                 agg.merge_into(lin.weight, delta, transposed=type(lin).__name__ == "Conv1D")
+            for h, f in parts:
+                if h is not self.server:
+                    own.add(h.name, up=tensor_bytes(f.A, f.B))
+            for h in holders:
+                own.add(h.name, down=wire)
             up += sum(tensor_bytes(f.A, f.B) for h, f in parts if h is not self.server)
             down += wire * len(holders)
-        return self._record_aggregate(step, "naa", online, up, down)
+        return self._record_aggregate(step, "naa", online, up, down, own)
 
     def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
                 holders: list[Holder]) -> None:
@@ -423,6 +442,7 @@ class HeteroTrainer(Trainer):
         """Ablation: padded FedAvg of A and B over participants, truncated to each rank."""
         online = self._online()
         up = down = 0
+        own = _PerClient()
         for name, parts in self._weight_parts(online):
             if len(parts) < 2:
                 continue
@@ -433,13 +453,16 @@ class HeteroTrainer(Trainer):
                     mine[f"{name}.lora_A"].copy_(a[: f.rank])
                     mine[f"{name}.lora_B"].copy_(b[:, : f.rank])
                 if h is not self.server:
-                    up += tensor_bytes(f.A, f.B)
-                    down += tensor_bytes(a[: f.rank], b[:, : f.rank])
-        return self._record_aggregate(step, "padded-fedavg", online, up, down)
+                    sent, got = tensor_bytes(f.A, f.B), tensor_bytes(a[: f.rank], b[:, : f.rank])
+                    own.add(h.name, up=sent, down=got)
+                    up += sent
+                    down += got
+        return self._record_aggregate(step, "padded-fedavg", online, up, down, own)
 
     def _aggregate_hetlora(self, step: int) -> dict[str, int]:
         online = self._online()
         up = down = 0
+        own = _PerClient()
         states: dict[str, dict[str, torch.Tensor]] = {}
         names = sorted({n for h in online for n in h.ranks})
         for name in names:
@@ -453,12 +476,14 @@ class HeteroTrainer(Trainer):
                 with torch.no_grad():
                     mine[f"{name}.lora_A"].copy_(a)
                     mine[f"{name}.lora_B"].copy_(b)
-                up += tensor_bytes(f.A, f.B)
-                down += tensor_bytes(a, b)
-        return self._record_aggregate(step, "hetlora", online, up, down)
+                sent, got = tensor_bytes(f.A, f.B), tensor_bytes(a, b)
+                own.add(h.name, up=sent, down=got)
+                up += sent
+                down += got
+        return self._record_aggregate(step, "hetlora", online, up, down, own)
 
     def _record_aggregate(self, step: int, rule: str, online: list[Holder], up: int,
-                          down: int) -> dict[str, int]:
+                          down: int, own: _PerClient) -> dict[str, Any]:
         """The aggregation's event and its metrics record (bytes moved, which reports sum),
         the same for every rule."""
         self._event("aggregate", step=step, rule=rule, participants=[h.name for h in online],
@@ -466,7 +491,7 @@ class HeteroTrainer(Trainer):
         if self.run is not None:
             self.run.metric(kind="aggregate", step=step, client="server", bytes_sent=down,
                             bytes_received=up)
-        return {"bytes_up": up, "bytes_down": down}
+        return {"bytes_up": up, "bytes_down": down, "per_client": own.bytes}
 
     def set_budget(self, index: int, memory_bytes: int) -> None:
         """A client's memory budget changed (reported by the device): ARMSC's trigger sees

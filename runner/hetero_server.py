@@ -271,7 +271,7 @@ class HeteroServerHooks(ServerHooks):
                      server_nums)
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
         """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
         s, tr = self.server, self.htr
         got = s.collect_uploads(step, participants)
@@ -303,10 +303,11 @@ class HeteroServerHooks(ServerHooks):
             p.agg_opt_steps = p.opt_steps
         self.publish_plan(step + 1)
         self._sync_offline()
-        return {k: bytes_.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
+        return {**bytes_, **{k: bytes_.get(k, 0) + extra.get(k, 0)
+                             for k in ("bytes_up", "bytes_down")}}
 
     def _aggregate_padded(self, step: int, got: list[Peer],
-                          bytes_: dict[str, int]) -> dict[str, int]:
+                          bytes_: dict[str, Any]) -> dict[str, Any]:
         """hetlora / hsplitlora-no-naa: every participant gets its shadow's adapters (the
         aggregate truncated to its ranks); an online client that did not take part is
         resynchronised (the in-process returning client's rule)."""

@@ -762,7 +762,7 @@ class Server:
             self.agg_step = None
         return [p for p in self.peers.values() if p.cid in self.adapts]
 
-    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
         """The method's aggregation after ``step``; bytes moved up and down."""
         return self.hooks.aggregate(step, participants)
 
@@ -828,7 +828,7 @@ class Server:
                 if self.tr.vclock is not None:
                     self.tr.vclock.aggregate(
                         [p.name for p in self.peers.values() if p.cid in self.answers],
-                        agg["bytes_up"], agg["bytes_down"])
+                        agg["bytes_up"], agg["bytes_down"], agg.get("per_client"))
                 self.checkpoint(step)
             done = step + 1
             line = f"step {done}/{cfg.steps}"

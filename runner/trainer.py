@@ -484,11 +484,13 @@ class Trainer:
                     out_of_time and not self.traits.central):
                 agg = self.aggregate(step)
                 extra = self.after_aggregate(step)  # bytes of a reconfiguration, on top
-                agg = {k: agg.get(k, 0) + extra.get(k, 0) for k in ("bytes_up", "bytes_down")}
+                agg = {**agg, **{k: agg.get(k, 0) + extra.get(k, 0)
+                                 for k in ("bytes_up", "bytes_down")}}
                 if self.vclock is not None:
                     self.vclock.aggregate([h.name for h in self.clients
                                            if h.name not in self.offline],
-                                          agg["bytes_up"], agg["bytes_down"])
+                                          agg["bytes_up"], agg["bytes_down"],
+                                          agg.get("per_client"))
                 totals["bytes_sent"] += agg["bytes_up"]
                 totals["bytes_received"] += agg["bytes_down"]
             done = step + 1

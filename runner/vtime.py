@@ -18,7 +18,7 @@ adapter bytes up and the global ones down over its own link.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +117,27 @@ class StepClock:
         self.last = timing
         return timing
 
-    def aggregate(self, names: Sequence[str], bytes_up: int, bytes_down: int) -> float:
-        """Advance by an aggregation: each participant uploads its share of ``bytes_up`` and
-        downloads its share of ``bytes_down`` over its own link; the slowest one decides."""
+    def aggregate(self, names: Sequence[str], bytes_up: int, bytes_down: int,
+                  per_client: Mapping[str, Sequence[int]] | None = None) -> float:
+        """Advance by an aggregation: each participant uploads and downloads its own bytes
+        over its own link; the slowest one decides.
+
+        ``per_client`` maps a client to the ``(up, down)`` bytes of its own adapters, which
+        differ when clients hold different blocks or ranks (hsplitlora's NAA sends a client
+        the merged factors of the blocks it holds only: a client with three blocks gets a
+        tenth of what one with thirty gets). What the totals hold beyond ``per_client``
+        (block hand-over after a reconfiguration, or every byte when ``per_client`` is not
+        given, as for FedAvg of equal adapters) is shared equally among ``names``.
+        """
         if not names:
             return self.clock.now
-        up, down = bytes_up / len(names), bytes_down / len(names)
-        worst = max((up + down) / self.clock.devices[self.index[n]].bandwidth
+        own = {n: per_client.get(n, (0, 0)) for n in names} if per_client else {
+            n: (0, 0) for n in names}
+        rest_up = max(0, bytes_up - sum(u for u, _ in own.values())) / len(names)
+        rest_down = max(0, bytes_down - sum(d for _, d in own.values())) / len(names)
+        worst = max((own[n][0] + own[n][1] + rest_up + rest_down)
+                    / self.clock.devices[self.index[n]].bandwidth
                     + 2 * self.clock.devices[self.index[n]].latency for n in names)
         return self.clock.advance(worst)
-
 
 __all__ = ["DEFAULT_SERVER", "StepClock", "availability_from", "clock_devices"]

@@ -51,6 +51,14 @@ def test_step_times_match_a_hand_computation(costs: ModelCosts) -> None:
     clock.aggregate(["a", "b"], bytes_up=2_000_000, bytes_down=2_000_000)
     worst = max(2e6 / 1e6 + 0.02, 2e6 / 5e5 + 0.04)
     assert clock.now - before == pytest.approx(worst, rel=1e-12)
+    # per-client bytes: the slow link (b) carries only its own small adapters, the fast one
+    # (a) the large ones; 400 kB beyond them (a hand-over) is shared equally
+    before = clock.now
+    clock.aggregate(["a", "b"], bytes_up=1_000_000, bytes_down=3_400_000,
+                    per_client={"a": (900_000, 2_700_000), "b": (100_000, 300_000)})
+    worst = max((3.6e6 + 2e5) / 1e6 + 0.02, (4e5 + 2e5) / 5e5 + 0.04)
+    assert clock.now - before == pytest.approx(worst, rel=1e-12)
+    assert worst < 4e6 / 2 / 5e5  # less than the equal split would charge the slow link
 
 
 def test_availability_trace_in_a_device_file_takes_a_client_offline(tmp_path: Path) -> None:

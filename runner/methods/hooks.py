@@ -83,7 +83,7 @@ class ServerHooks:
         """Client ``p`` reported a new memory budget (first report or a >10 % change)."""
 
     # ------------------------------------------------------------- aggregation
-    def aggregate(self, step: int, participants: list[str]) -> dict[str, int]:
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
         """Aggregate after ``step`` over the ``participants`` (client ids) that trained it;
         the bytes moved up and down. Default: FedAvg of the uploaded adapters."""
         return self.server.default_aggregate(step, participants)
