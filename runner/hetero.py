@@ -409,7 +409,6 @@ class HeteroTrainer(Trainer):
         online = self._online()
         if not online:
             return {"bytes_up": 0, "bytes_down": 0}
-        up = down = 0
         own = _PerClient()
         for name, parts in self._weight_parts(online):
             if not parts:
@@ -429,9 +428,7 @@ class HeteroTrainer(Trainer):
                     own.add(h.name, up=tensor_bytes(f.A, f.B))
             for h in holders:
                 own.add(h.name, down=wire)
-            up += sum(tensor_bytes(f.A, f.B) for h, f in parts if h is not self.server)
-            down += wire * len(holders)
-        return self._record_aggregate(step, "naa", online, up, down, own)
+        return self._record_aggregate(step, "naa", online, own)
 
     def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
                 holders: list[Holder]) -> None:
@@ -441,7 +438,6 @@ class HeteroTrainer(Trainer):
     def _aggregate_padded(self, step: int) -> dict[str, int]:
         """Ablation: padded FedAvg of A and B over participants, truncated to each rank."""
         online = self._online()
-        up = down = 0
         own = _PerClient()
         for name, parts in self._weight_parts(online):
             if len(parts) < 2:
@@ -453,15 +449,12 @@ class HeteroTrainer(Trainer):
                     mine[f"{name}.lora_A"].copy_(a[: f.rank])
                     mine[f"{name}.lora_B"].copy_(b[:, : f.rank])
                 if h is not self.server:
-                    sent, got = tensor_bytes(f.A, f.B), tensor_bytes(a[: f.rank], b[:, : f.rank])
-                    own.add(h.name, up=sent, down=got)
-                    up += sent
-                    down += got
-        return self._record_aggregate(step, "padded-fedavg", online, up, down, own)
+                    own.add(h.name, up=tensor_bytes(f.A, f.B),
+                            down=tensor_bytes(a[: f.rank], b[:, : f.rank]))
+        return self._record_aggregate(step, "padded-fedavg", online, own)
 
     def _aggregate_hetlora(self, step: int) -> dict[str, int]:
         online = self._online()
-        up = down = 0
         own = _PerClient()
         states: dict[str, dict[str, torch.Tensor]] = {}
         names = sorted({n for h in online for n in h.ranks})
@@ -476,16 +469,15 @@ class HeteroTrainer(Trainer):
                 with torch.no_grad():
                     mine[f"{name}.lora_A"].copy_(a)
                     mine[f"{name}.lora_B"].copy_(b)
-                sent, got = tensor_bytes(f.A, f.B), tensor_bytes(a, b)
-                own.add(h.name, up=sent, down=got)
-                up += sent
-                down += got
-        return self._record_aggregate(step, "hetlora", online, up, down, own)
+                own.add(h.name, up=tensor_bytes(f.A, f.B), down=tensor_bytes(a, b))
+        return self._record_aggregate(step, "hetlora", online, own)
 
-    def _record_aggregate(self, step: int, rule: str, online: list[Holder], up: int,
-                          down: int, own: _PerClient) -> dict[str, Any]:
+    def _record_aggregate(self, step: int, rule: str, online: list[Holder],
+                          own: _PerClient) -> dict[str, Any]:
         """The aggregation's event and its metrics record (bytes moved, which reports sum),
-        the same for every rule."""
+        the same for every rule; the totals are the clients' own bytes added up."""
+        up = sum(u for u, _ in own.bytes.values())
+        down = sum(d for _, d in own.bytes.values())
         self._event("aggregate", step=step, rule=rule, participants=[h.name for h in online],
                     bytes_up=up, bytes_down=down)
         if self.run is not None:

@@ -22,13 +22,18 @@ import torch
 
 from runner import aggregation
 
-if TYPE_CHECKING:  # type names only: a method module never imports an engine at run time
+if TYPE_CHECKING:  # type names only
     from runner import protocol as P
-    from runner.client import Client
     from runner.control import Control, Resync
-    from runner.server import Peer, Server
     from runner.trainer import Trainer
     from runner.vtime import StepClock
+
+# The engines (runner.server.Server and its Peer records, runner.client.Client) import this
+# module to build their hooks, so it names them without importing them, not even for type
+# checking: the interface sits below the engines that call it.
+Server = Any
+Peer = Any
+Client = Any
 
 
 class ServerHooks:
