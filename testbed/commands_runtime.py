@@ -18,7 +18,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-RunOpt = Annotated[Path, typer.Option("--run", "--out", help="Run directory")]
+RunOpt = Annotated[Path, typer.Option(
+    "--run", "--out", help="Run directory (default runs/latest; without one, the run last "
+                           "started under runs/)")]
 
 
 def up(
@@ -402,10 +404,12 @@ def _follow(run_dir: Path, poll: Any, total: int, console: Console | None = None
     return follow(run_dir, poll, console, steps=total)
 
 
-def _backend(run: Path) -> str:
-    from testbed.local import read_state
+def _backend(run: Path) -> tuple[Path, str]:
+    """The run directory meant (runs/latest: the latest started run) and its backend."""
+    from testbed.local import read_state, resolve_run
 
-    return str(read_state(run).get("backend", "local"))
+    run = resolve_run(run)
+    return run, str(read_state(run).get("backend", "local"))
 
 
 def status(run: RunOpt = Path("runs/latest"),
@@ -419,7 +423,8 @@ def status(run: RunOpt = Path("runs/latest"),
     from testbed.local import status as local_status
 
     try:
-        if _backend(run) == "compose":
+        run, backend = _backend(run)
+        if backend == "compose":
             from testbed.compose_run import attach, container_states
 
             st = {"run_dir": str(run), "backend": "compose",
@@ -461,7 +466,8 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
     from testbed.console import fail as _fail
 
     try:
-        if _backend(run) == "compose":
+        run, backend = _backend(run)
+        if backend == "compose":
             from testbed.compose_run import down as compose_down
 
             stopped = compose_down(run)
@@ -486,7 +492,8 @@ def logs(
     from testbed.console import fail as _fail
 
     try:
-        if _backend(run) == "compose":
+        run, backend = _backend(run)
+        if backend == "compose":
             from testbed.compose_run import logs as compose_logs
 
             typer.echo(compose_logs(run, service, tail))
@@ -525,7 +532,8 @@ def inject_dropout(
     from testbed.console import fail as _fail
 
     try:
-        if _backend(run) == "compose":
+        run, backend = _backend(run)
+        if backend == "compose":
             from testbed.compose_run import inject_dropout as compose_inject
 
             typer.echo(compose_inject(run, client, mode, seconds))
@@ -559,7 +567,8 @@ def inject_budget(
             budget = parse_bytes(memory)
         except ValueError as exc:
             raise UserError(f"--memory: {exc}") from exc
-        if _backend(run) == "compose":
+        run, backend = _backend(run)
+        if backend == "compose":
             from testbed.compose_run import inject_budget as compose_budget
 
             typer.echo(compose_budget(run, client, budget))

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,14 @@ class ComposeOptions:
     ``overhead``: runtime overhead added to each budget (None: DEFAULT_RESERVE).
     ``max_cpus``: CPU quota of the fastest client (the others get proportionally less);
     ``min_cpus`` keeps a very slow device schedulable at all.
+
+    Per-run additions the profile does not know (testbed/compose_run.py), so that the
+    override is generated and written once, never read back and patched:
+    ``mem_limits``: client -> container limit in bytes that replaces the computed one
+    (``testbed up --mem-limit``); ``volumes``: bind mounts of the server and every client;
+    ``broker_volumes``: the broker's; ``user``: ``uid:gid`` the server and clients run as
+    (files in the run directory belong to the user, not root); ``env``: extra environment
+    of the server and clients.
     """
 
     run_id: str = "run"
@@ -69,6 +77,11 @@ class ComposeOptions:
     max_cpus: float = 1.0
     min_cpus: float = 0.05
     broker_host: str | None = None  # None: "broker" (the Compose service) or 127.0.0.1
+    mem_limits: dict[str, int] = field(default_factory=dict)
+    volumes: tuple[str, ...] = ()
+    broker_volumes: tuple[str, ...] = ()
+    user: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def broker_url(self) -> str:
         host = self.broker_host or ("127.0.0.1" if self.host_network else "broker")
@@ -137,13 +150,20 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                   "TESTBED_PROFILE": profile.name}
     services: dict[str, Any] = {}
     broker: dict[str, Any] = {}
+    unknown = set(opts.mem_limits) - {d.name for d in profile.devices}
+    if unknown:
+        raise ConfigError(f"memory limits name unknown clients {sorted(unknown)}; the "
+                          f"profile's clients are {', '.join(d.name for d in profile.devices)}")
     server: dict[str, Any] = {"environment": {
-        **shared_env, "TESTBED_BUDGET_BYTES": str(mapping.server.memory_bytes)}}
+        **shared_env, "TESTBED_BUDGET_BYTES": str(mapping.server.memory_bytes), **opts.env}}
     if profile.server.gpu is not None:
         server["deploy"] = gpu_reservation(profile.server.gpu)
     if opts.host_network:
         broker["network_mode"] = "host"
         server["network_mode"] = "host"
+    if opts.broker_volumes:
+        broker["volumes"] = list(opts.broker_volumes)
+    _per_run(server, opts)
     if broker:
         services["broker"] = broker
     services["server"] = server
@@ -154,7 +174,8 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                                                 strict=True)):
         if row.name != device.name:
             raise ConfigError(f"mapping row {i} is {row.name}, profile device is {device.name}")
-        limit = client_memory_limit(row, opts.overhead)
+        limit = (container_limit(opts.mem_limits[device.name]) if device.name in opts.mem_limits
+                 else client_memory_limit(row, opts.overhead))
         svc = copy.deepcopy(template)
         svc["environment"] = {
             **{k: str(v) for k, v in (svc.get("environment") or {}).items()},
@@ -164,7 +185,9 @@ def generate_override(profile: Profile, mapping: EmulationMap,
             "TESTBED_BUDGET_BYTES": str(row.memory_bytes),
             "TESTBED_PASSWORD_FILE": f"{RUN_MOUNT}/secrets/{device.name}",
             **ALLOCATOR_ENV,
+            **opts.env,
         }
+        _per_run(svc, opts)
         svc["mem_limit"] = limit
         svc["memswap_limit"] = limit
         svc["cpus"] = cpus
@@ -176,6 +199,14 @@ def generate_override(profile: Profile, mapping: EmulationMap,
             svc["network_mode"] = "host"
         services[device.name] = svc
     return {"services": services}
+
+
+def _per_run(svc: dict[str, Any], opts: ComposeOptions) -> None:
+    """The run's bind mounts and user on a server or client service."""
+    if opts.volumes:
+        svc["volumes"] = list(opts.volumes)
+    if opts.user is not None:
+        svc["user"] = opts.user
 
 
 def write_override(profile: Profile, mapping: EmulationMap, path: Path,

@@ -49,7 +49,6 @@ from runner.rundir import EVENTS, HOST_PATHS, write_json
 from runner.runtime import RuntimeOptions, write_config
 from testbed.compose import (
     BASE_COMPOSE,
-    LABEL,
     RUN_MOUNT,
     ComposeOptions,
     compose_command,
@@ -166,8 +165,14 @@ class ComposeRun:
                 (self.run_dir / name).unlink(missing_ok=True)
         self.logs.mkdir(exist_ok=True)
         port = free_port() if self.host_network else 1883
-        opts = ComposeOptions(run_id=str(self.run_id), host_network=self.host_network,
-                              broker_port=port)
+        cfg, self.mounts = self._container_train()
+        run_volume = f"{self.run_dir}:{RUN_MOUNT}"
+        opts = ComposeOptions(
+            run_id=str(self.run_id), host_network=self.host_network, broker_port=port,
+            mem_limits=dict(self.mem_limits),
+            volumes=(run_volume, *(f"{host}:{inside}" for host, inside in self.mounts.items())),
+            broker_volumes=(run_volume,), user=f"{os.getuid()}:{os.getgid()}",
+            env={"TESTBED_CACHE": CACHE_MOUNT})
         write_devices_file(self.mapping, self.run_dir / "devices.json",
                            [d.availability for d in self.profile.devices])
         creds = write_container_broker(
@@ -179,7 +184,6 @@ class ComposeRun:
             fd = os.open(secrets / who, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(c.password + "\n")
-        cfg, self.mounts = self._container_train()
         # container paths -> host paths, so eval / report work from the host afterwards
         write_json(self.run_dir / HOST_PATHS, {
             "run_mount": RUN_MOUNT,
@@ -188,31 +192,7 @@ class ComposeRun:
                      run_id=str(self.run_id), clients=self.clients, broker=opts.broker_url(),
                      options=self.options)
         write_override(self.profile, self.mapping, self.override, opts)
-        self._patch_override()
         return opts
-
-    def _patch_override(self) -> None:
-        """Per-run additions the profile does not know: mounts, user, memory overrides."""
-        import yaml
-
-        text = self.override.read_text()
-        header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-        doc = yaml.safe_load(text)
-        volumes = [f"{host}:{inside}" for host, inside in self.mounts.items()]
-        user = f"{os.getuid()}:{os.getgid()}"
-        for name, svc in doc["services"].items():
-            if name == "broker":
-                continue
-            svc["volumes"] = [f"{self.run_dir}:{RUN_MOUNT}", *volumes]
-            svc["user"] = user  # files in the run directory belong to the user, not root
-            svc.setdefault("environment", {})["TESTBED_CACHE"] = CACHE_MOUNT
-            if name in self.mem_limits:
-                limit = container_limit(self.mem_limits[name])
-                svc["mem_limit"] = limit
-                svc["memswap_limit"] = limit
-                svc["labels"][f"{LABEL}.budget"] = str(limit)
-        doc["services"].setdefault("broker", {})["volumes"] = [f"{self.run_dir}:{RUN_MOUNT}"]
-        self.override.write_text(header + yaml.safe_dump(doc, sort_keys=False))
 
     # -------------------------------------------------------------------------- start
     def compose_env(self) -> dict[str, str]:

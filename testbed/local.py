@@ -253,6 +253,21 @@ class LocalRun:
 
 
 # ------------------------------------------------------- from another terminal (state file)
+DEFAULT_RUN = Path("runs/latest")
+
+
+def resolve_run(run_dir: Path) -> Path:
+    """The run a command means. ``--run`` defaults to ``runs/latest``; when no run was
+    written there (``make run`` writes ``runs/<profile>``), the default means the most
+    recently started run under ``runs/``, as a user who just started one expects. An
+    explicit path is taken as given."""
+    run_dir = Path(run_dir)
+    if run_dir != DEFAULT_RUN or (run_dir / STATE).is_file():
+        return run_dir
+    started = sorted(run_dir.parent.glob(f"*/{STATE}"), key=lambda f: f.stat().st_mtime)
+    return started[-1].parent if started else run_dir
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / STATE
     if not path.is_file():

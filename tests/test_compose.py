@@ -141,6 +141,30 @@ def test_override_yaml_round_trips(tmp_path: Path,
     assert yaml.safe_load(text) == generate_override(profile, mapping, opts)
 
 
+def test_per_run_additions_are_generated_not_patched(
+        tmp_path: Path, gpu_setup: tuple[Profile, EmulationMap]) -> None:
+    """A run's mounts, user, extra environment and --mem-limit overrides are part of the
+    one generated override (issue 14 part 4: computed once, written once)."""
+    profile, mapping = gpu_setup
+    opts = ComposeOptions(run_id="pr", mem_limits={"client1": 300 * 2**20 + 1},
+                          volumes=("/host/run:/run/testbed", "/host/cache:/cache"),
+                          broker_volumes=("/host/run:/run/testbed",), user="1000:1000",
+                          env={"TESTBED_CACHE": "/cache"})
+    services = generate_override(profile, mapping, opts)["services"]
+    client1, client0 = services["client1"], services["client0"]
+    assert client1["mem_limit"] == client1["memswap_limit"] == 300 * 2**20 + 4096
+    assert client1["labels"]["org.hsplitlora.budget"] == str(300 * 2**20 + 4096)
+    assert client0["mem_limit"] == container_limit(DEFAULT_RESERVE
+                                                   + mapping.clients[0].standin_bytes)
+    for name in ("server", "client0", "client1"):
+        assert services[name]["volumes"] == ["/host/run:/run/testbed", "/host/cache:/cache"]
+        assert services[name]["user"] == "1000:1000"
+        assert services[name]["environment"]["TESTBED_CACHE"] == "/cache"
+    assert services["broker"]["volumes"] == ["/host/run:/run/testbed"]
+    with pytest.raises(ConfigError, match="unknown clients"):
+        generate_override(profile, mapping, ComposeOptions(mem_limits={"nobody": 1}))
+
+
 def test_smoke_profile_override() -> None:
     profile = load_profile("smoke")
     mapping = emulation_map(profile)

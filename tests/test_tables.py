@@ -116,3 +116,26 @@ def test_status_json_from_a_state_file(tmp_path: Path) -> None:
     assert st["run_id"] == "r1" and st["step"] == 1 and st["loss"] == 2.5
     assert st["processes"]["server"]["state"] == "exited"
     assert st["broker"]["state"] == "external" and st["finished"] is False
+
+
+def test_status_without_run_means_the_latest_started_run(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """`make run` writes runs/<profile>, not runs/latest: `testbed status` with no --run
+    must find the run last started under runs/, and say nothing was started when none was."""
+    from testbed.local import STATE
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["status", "--json"])
+    assert res.exit_code == 2 and "runs/latest has no testbed-state.json" in res.output
+    for i, name in enumerate(["older", "newer"]):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / STATE).write_text(json.dumps({
+            "backend": "local", "run_id": name, "processes": {},
+            "broker": {"url": "mqtt://127.0.0.1:1883"}}))
+        os.utime(run / STATE, (1000 + i, 1000 + i))
+    res = CliRunner().invoke(app, ["status", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["run_id"] == "newer"
+    res = CliRunner().invoke(app, ["status", "--json", "--run", "runs/older"])
+    assert json.loads(res.output)["run_id"] == "older"
