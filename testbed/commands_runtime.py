@@ -2,9 +2,10 @@
 
 Why a module of its own: ``testbed/cli.py`` holds the in-process commands; these drive
 processes (a broker, ``python -m runner.server``, N ``python -m runner.client``) through a
-backend (only ``local`` for now, testbed/local.py; Docker Compose comes with the containers
-issue) and must work from another terminal, through the state file the backend writes into
-the run directory. :func:`register` adds them to the ``testbed`` app.
+backend (testbed/local.py processes, testbed/compose_run.py containers, testbed/swarm_run.py
+a Docker stack; each offers status / down / logs / inject_dropout / inject_budget) and must
+work from another terminal, through the state file the backend writes into the run
+directory. :func:`register` adds them to the ``testbed`` app.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def up(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
     backend: Annotated[str, typer.Option(
         help="auto (compose when --profile is given and a Docker daemon answers, else "
-             "local) | compose (containers, needs --profile) | local (processes here)")
+             "local) | compose (containers, needs --profile) | swarm (a Docker stack on "
+             "the swarm this engine manages, needs --profile; docs/swarm.md) | local "
+             "(processes here)")
     ] = "auto",
     host_network: Annotated[bool, typer.Option(
-        help="compose: every container on the host's network, broker on 127.0.0.1 "
-             "(tests; the default is a private Compose network)")] = False,
+        help="compose, swarm: every container on the host's network, broker on 127.0.0.1 "
+             "(tests; the default is a private Compose network or a swarm overlay)")] = False,
     mem_limit: Annotated[list[str] | None, typer.Option(
         help="compose: override a client container's memory limit, CLIENT=BYTES (e.g. "
              "client2=300MB); repeatable. A limit below the need is recorded as "
@@ -119,8 +122,8 @@ def up(
     from testbed.training import train_config
 
     _quiet_libraries()
-    if backend not in ("auto", "compose", "local"):
-        _fail(f"--backend must be auto, compose or local, not {backend!r}")
+    if backend not in ("auto", "compose", "swarm", "local"):
+        _fail(f"--backend must be auto, compose, swarm or local, not {backend!r}")
     console = Console(soft_wrap=True)  # whole lines in a piped log
     previous = _terminate_as_interrupt()
     try:
@@ -132,8 +135,8 @@ def up(
                               wire=None if wire == "float32" else wire)
         opts.validate()
         external = _external_broker(broker, broker_passwords)
-        if external and backend == "compose":
-            raise UserError("--broker is for the local backend (the compose backend runs its "
+        if external and backend in ("compose", "swarm"):
+            raise UserError(f"--broker is for the local backend (the {backend} backend runs its "
                             "own broker container)")
         if profile is not None:
             _up_profile(profile, method=method, steps=steps, data=data, seed=seed, out=out,
@@ -146,8 +149,8 @@ def up(
         if cpu_steps is not None:
             raise UserError("--cpu-steps shortens a profile's experiment; use it with "
                             "--profile (without a profile, --steps sets the length)")
-        if backend == "compose":
-            raise UserError("--backend compose needs --profile (the containers' memory caps "
+        if backend in ("compose", "swarm"):
+            raise UserError(f"--backend {backend} needs --profile (the containers' memory caps "
                             "come from a profile's devices); see `testbed profiles list`")
         cfg = train_config(
             method=method or "splitlora", model=model, data=data, clients=clients,
@@ -321,7 +324,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         opts = replace(opts, offline_after=CONTAINER_OFFLINE_AFTER)
     if not step_timeout_given:
         opts = replace(opts, step_timeout=CONTAINER_STEP_TIMEOUT)
-    _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console)
+    _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console,
+                swarm=backend == "swarm")
 
 
 def _precision(choice: str, console: Console) -> str:
@@ -355,21 +359,32 @@ def _auto_backend(external: Any, console: Console) -> str:
 
 
 def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_network: bool,
-                mem_limit: list[str], detach: bool, console: Console) -> None:
-    """Compose backend (testbed/compose_run.py): containers, OOM watch, live view."""
+                mem_limit: list[str], detach: bool, console: Console, swarm: bool = False
+                ) -> None:
+    """Compose backend (testbed/compose_run.py), or with ``swarm`` the same run as a Docker
+    stack (testbed/swarm_run.py): containers, OOM watch, live view."""
 
     from testbed.compose_run import ComposeRun, parse_mem_limits
     from testbed.console import fail as _fail
     from testbed.images import ensure_images
+    from testbed.swarm_run import SwarmRun, swarm_manager
 
     _print_data(cfg, console)
-    run = ComposeRun(prof, mapping, cfg, out, opts, host_network=host_network,
-                     mem_limits=parse_mem_limits(mem_limit))
+    kind = SwarmRun if swarm else ComposeRun
+    run = kind(prof, mapping, cfg, out, opts, host_network=host_network,
+               mem_limits=parse_mem_limits(mem_limit))
+    if swarm:
+        swarm_manager()  # before the images are built: one line if there is no swarm
     ensure_images(log=lambda m: console.print(m, highlight=False))
     run.start()
-    console.print(f"run {run.run_id}: compose project {run.project}, broker + server + "
-                  f"{len(run.clients)} client containers; override {run.override}",
-                  highlight=False)
+    if isinstance(run, SwarmRun):
+        console.print(f"run {run.run_id}: stack {run.stack}, broker + server + "
+                      f"{len(run.clients)} client services; stack file {run.stack_file}",
+                      highlight=False)
+    else:
+        console.print(f"run {run.run_id}: compose project {run.project}, broker + server + "
+                      f"{len(run.clients)} client containers; override {run.override}",
+                      highlight=False)
     if detach:
         console.print(f"detached; `testbed status --run {out}`, `testbed down --run {out}`",
                       highlight=False)
@@ -404,12 +419,18 @@ def _follow(run_dir: Path, poll: Any, total: int, console: Console | None = None
     return follow(run_dir, poll, console, steps=total)
 
 
-def _backend(run: Path) -> tuple[Path, str]:
-    """The run directory meant (runs/latest: the latest started run) and its backend."""
+def _backend(run: Path) -> tuple[Path, Any]:
+    """The run directory meant (runs/latest: the latest started run) and the module of the
+    backend that started it."""
+    import importlib
+
     from testbed.local import read_state, resolve_run
 
     run = resolve_run(run)
-    return run, str(read_state(run).get("backend", "local"))
+    name = str(read_state(run).get("backend", "local"))
+    modules = {"local": "testbed.local", "compose": "testbed.compose_run",
+               "swarm": "testbed.swarm_run"}
+    return run, importlib.import_module(modules.get(name, "testbed.local"))
 
 
 def status(run: RunOpt = Path("runs/latest"),
@@ -419,19 +440,10 @@ def status(run: RunOpt = Path("runs/latest"),
     `testbed up`."""
     from runner.errors import UserError
     from testbed.console import fail as _fail
-    from testbed.local import progress
-    from testbed.local import status as local_status
 
     try:
         run, backend = _backend(run)
-        if backend == "compose":
-            from testbed.compose_run import attach, container_states
-
-            st = {"run_dir": str(run), "backend": "compose",
-                  "project": attach(run).project, "containers": container_states(run),
-                  **progress(run)}
-        else:
-            st = local_status(run)
+        st = backend.status(run)
     except UserError as exc:
         _fail(str(exc))
         return
@@ -445,11 +457,12 @@ def status(run: RunOpt = Path("runs/latest"),
     if "loss" in st:
         c.print(f"loss {st['loss']:.4f}" + (f"  val PPL {st['val_ppl']:.3f}"
                                              if st.get("val_ppl") else ""), highlight=False)
-    if st["backend"] == "compose":
+    if st["backend"] in ("compose", "swarm"):
         for who, info in st["containers"].items():
             extra = "  OOM-killed" if info["oom_killed"] else ""
             limit = f"  limit {info['mem_limit'] / 2**20:.0f} MiB" if info["mem_limit"] else ""
-            c.print(f"  {who:<10} {info['state']:<8}{limit}{extra}", highlight=False)
+            node = f"  on {info['node']}" if info.get("node") else ""
+            c.print(f"  {who:<10} {info['state']:<8}{limit}{node}{extra}", highlight=False)
     else:
         c.print(f"broker {st['broker']['url']} ({st['broker']['state']})", highlight=False)
         for who, p in st["processes"].items():
@@ -467,14 +480,7 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
 
     try:
         run, backend = _backend(run)
-        if backend == "compose":
-            from testbed.compose_run import down as compose_down
-
-            stopped = compose_down(run)
-        else:
-            from testbed.local import down as local_down
-
-            stopped = local_down(run)
+        stopped = backend.down(run)
     except UserError as exc:
         _fail(str(exc))
         return
@@ -493,19 +499,7 @@ def logs(
 
     try:
         run, backend = _backend(run)
-        if backend == "compose":
-            from testbed.compose_run import logs as compose_logs
-
-            typer.echo(compose_logs(run, service, tail))
-            return
-        files = sorted((Path(run) / "logs").glob("*.log"))
-        if service is not None:
-            files = [f for f in files if f.stem == service]
-            if not files:
-                raise UserError(f"no log for {service!r} in {Path(run) / 'logs'}")
-        for f in files:
-            lines = f.read_text(errors="replace").splitlines()[-tail:]
-            typer.echo(f"== {f.stem} ==\n" + "\n".join(lines))
+        typer.echo(backend.logs(run, service, tail))
     except UserError as exc:
         _fail(str(exc))
 
@@ -533,14 +527,7 @@ def inject_dropout(
 
     try:
         run, backend = _backend(run)
-        if backend == "compose":
-            from testbed.compose_run import inject_dropout as compose_inject
-
-            typer.echo(compose_inject(run, client, mode, seconds))
-        else:
-            from testbed.local import inject_dropout as local_inject
-
-            typer.echo(local_inject(run, client, mode, seconds))
+        typer.echo(backend.inject_dropout(run, client, mode, seconds))
     except UserError as exc:
         _fail(str(exc))
 
@@ -568,14 +555,7 @@ def inject_budget(
         except ValueError as exc:
             raise UserError(f"--memory: {exc}") from exc
         run, backend = _backend(run)
-        if backend == "compose":
-            from testbed.compose_run import inject_budget as compose_budget
-
-            typer.echo(compose_budget(run, client, budget))
-        else:
-            from testbed.local import inject_budget as local_budget
-
-            typer.echo(local_budget(run, client, budget))
+        typer.echo(backend.inject_budget(run, client, budget))
     except UserError as exc:
         _fail(str(exc))
 

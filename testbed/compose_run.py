@@ -363,13 +363,17 @@ class ComposeRun:
                 self.trace_down.add(name)
                 changes.append((name, "offline"))
             elif not running and want and name in self.trace_down:
-                c.start()
+                self.bring_back(name, c)
                 self.trace_down.discard(name)
                 changes.append((name, "online"))
         for name, change in changes:
             append_event(self.run_dir, "availability", client=name, state=change,
                          elapsed_s=round(elapsed, 3), source_trace=True)
         return changes
+
+    def bring_back(self, name: str, container: Any) -> None:
+        """Start a client an availability trace took down (the swarm backend overrides)."""
+        container.start()
 
     def watch(self, stop: threading.Event, period: float = 1.0) -> None:
         """Poll the containers until ``stop`` is set (run in a thread by ``testbed up``):
@@ -450,6 +454,14 @@ def container_states(run_dir: Path) -> dict[str, dict[str, Any]]:
                      "oom_killed": bool(state.get("OOMKilled")),
                      "mem_limit": int(c.attrs.get("HostConfig", {}).get("Memory") or 0)}
     return out
+
+
+def status(run_dir: Path) -> dict[str, Any]:
+    """``testbed status`` of a compose run: containers, progress and events."""
+    from testbed.local import progress
+
+    return {"run_dir": str(run_dir), "backend": "compose", "project": attach(run_dir).project,
+            "containers": container_states(run_dir), **progress(run_dir)}
 
 
 def down(run_dir: Path) -> list[str]:
@@ -567,4 +579,4 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
 
 
 __all__ = ["ComposeRun", "append_event", "container_states", "down", "inject_dropout",
-           "logs", "parse_mem_limits", "project_name"]
+           "logs", "parse_mem_limits", "project_name", "status"]

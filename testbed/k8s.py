@@ -48,7 +48,7 @@ from testbed.compose import (
     generate_override,
     load_base,
 )
-from testbed.profiles import DeviceModel, EmulationMap, Profile, ServerModel
+from testbed.profiles import NODE_LABEL, DeviceModel, EmulationMap, Profile, ServerModel
 
 MODEL_CLAIM = "hsplitlora-cache"  # the one name of the model volume (docs/kubernetes.md)
 MODEL_STORAGE = "50Gi"  # room for the materialised model(s) and the E2E release
@@ -265,9 +265,11 @@ CONFIG_MOUNT = "/config"
 
 def _run_pod(who: str, *, names: dict[str, str], image: str, command: list[str],
              env: dict[str, Any], resources: dict[str, Any] | None, run_volume: dict[str, Any],
-             options: ExportOptions, lab: dict[str, str]) -> dict[str, Any]:
+             options: ExportOptions, lab: dict[str, str], node: str | None = None
+             ) -> dict[str, Any]:
     """Pod template of the server or a client: the run directory at RUN_MOUNT, its own
-    password under secrets/, the cache at /cache.
+    password under secrets/, the cache at /cache; on the node labelled
+    ``hsplitlora.node=NODE`` when the profile names one (as on the swarm backend).
 
     An init container copies :data:`RUN_FILES` from the ConfigMap into the run directory
     (not subPath mounts: those leave empty placeholder files in the volume), so the server's
@@ -288,7 +290,9 @@ def _run_pod(who: str, *, names: dict[str, str], image: str, command: list[str],
     if resources:
         container["resources"] = resources
         init["resources"] = {k: dict(v) for k, v in resources.items()}
+    placement = {"nodeSelector": {NODE_LABEL: node}} if node else {}
     return {"metadata": {"labels": lab}, "spec": {
+        **placement,
         "restartPolicy": "Never", "enableServiceLinks": False, "initContainers": [init],
         "containers": [container],
         "volumes": [
@@ -408,7 +412,7 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
         command=list(base["services"]["server"]["command"]), env=server_env,
         resources={"requests": server_gpu, "limits": server_gpu} if server_gpu else None,
         run_volume={"persistentVolumeClaim": {"claimName": names["run"]}},
-        options=opts, lab=slab)),
+        options=opts, lab=slab, node=profile.server.node)),
         made + "the server (runner.server), as on Compose: no memory limit.")
 
     # clients: one Job each, limits as the compose backend sets them
@@ -421,7 +425,8 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
                        command=list(svc["command"]),
                        env={**svc["environment"], "TESTBED_CACHE": CACHE_MOUNT},
                        resources={"requests": dict(quota), "limits": dict(quota)},
-                       run_volume={"emptyDir": {}}, options=opts, lab=clab)
+                       run_volume={"emptyDir": {}}, options=opts, lab=clab,
+                       node=device.node)
         out.add(f"client-{dns_label(device.name)}-job.yaml",
                 _job(names[f"job:{device.name}"], clab, pod, {BUDGET_ANNOTATION: str(limit)}),
                 made + f"client {device.name}: memory limit {limit} bytes = runtime reserve + "

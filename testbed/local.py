@@ -291,6 +291,17 @@ def status(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def logs(run_dir: Path, service: str | None = None, tail: int = 50) -> str:
+    """The last ``tail`` lines of one process's (or every process's) log, RUN/logs/*.log."""
+    files = sorted((Path(run_dir) / "logs").glob("*.log"))
+    if service is not None:
+        files = [f for f in files if f.stem == service]
+        if not files:
+            raise UserError(f"no log for {service!r} in {Path(run_dir) / 'logs'}")
+    return "\n".join(f"== {f.stem} ==\n" + "\n".join(
+        f.read_text(errors="replace").splitlines()[-tail:]) for f in files)
+
+
 def progress(run_dir: Path) -> dict[str, Any]:
     """From the run directory alone (any backend): the step reached, the last mean training
     loss and validation PPL, event counts by kind, and whether the run finished."""

@@ -196,6 +196,11 @@ Bandwidth = Annotated[float, BeforeValidator(lambda v: _positive(parse_bandwidth
 Latency = Annotated[float, BeforeValidator(lambda v: _non_negative(parse_seconds(v)))]
 GpuSelector = Annotated[int | str | None, BeforeValidator(parse_gpu)]
 MigProfile = Annotated[str | None, BeforeValidator(parse_mig)]
+# a node label value (testbed/swarm_run.py placement, testbed/k8s.py nodeSelector): what a
+# Docker node label and a Kubernetes label value both accept
+NODE_LABEL = "hsplitlora.node"  # the node label whose value a profile's ``node:`` names
+NodeName = Annotated[str | None, Field(
+    default=None, pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")]
 
 
 # ---------------------------------------------------------------------------- the schema
@@ -270,6 +275,7 @@ class DeviceModel(_Strict):
     availability: AvailabilitySpec = AvailabilitySpec()
     gpu: GpuSelector = None
     mig: MigProfile = None  # MIG profile, e.g. "1g.10gb" (Kubernetes: nvidia.com/mig-1g.10gb)
+    node: NodeName = None  # swarm / Kubernetes node labelled hsplitlora.node=NAME to run on
     label: str = ""  # free text, e.g. "Jetson TX2-class"
 
     @model_validator(mode="after")
@@ -288,6 +294,7 @@ class ServerModel(_Strict):
     latency: Latency = 0.001
     gpu: GpuSelector = None
     mig: MigProfile = None
+    node: NodeName = None
     label: str = ""
 
     @model_validator(mode="after")

@@ -16,38 +16,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from fleet_cli import ROOT, TESTBED, cli, require_docker, wait_for
 
 from runner.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
 from testbed.compose import compose_command, container_limit
-from testbed.images import daemon_available
 from testbed.profiles import emulation_map, load_profile
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTBED = [sys.executable, "-m", "testbed.cli"]
-
 pytestmark = pytest.mark.slow
-
-if not (daemon_available() and compose_command()):
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must run the container tests: no Docker daemon or Compose "
-                           "(make test installs and starts them)")
-    pytest.skip("no Docker daemon or Compose here (make test installs them)",
-                allow_module_level=True)
-
-
-def cli(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*TESTBED, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"testbed {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+require_docker(compose_command() is not None)
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +42,6 @@ def images() -> float:
 
 def _events(run: Path) -> list[dict]:
     return read_jsonl(run / "events.jsonl")
-
-
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"`testbed up` ended ({proc.returncode}) before {what}:\n"
-                                 f"{out[-4000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_images_are_built_offline(images: float) -> None:
@@ -106,7 +74,7 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
                                if m.get("kind") == "train" and m.get("client") == "client1"
                                ) >= n
 
-        _wait_for(trained(2), 600, "client1's second step", proc)
+        wait_for(trained(2), 600, "client1's second step", proc)
         kill = cli("inject", "dropout", "--client", "client1", "--mode", "kill", "--for", "2",
                    "--run", str(run))
         assert "client1 killed" in kill.stdout and "restarted" in kill.stdout

@@ -42,10 +42,12 @@ def gpu_profile(devices: list[dict[str, Any]] | None = None,
             {"name": "client1", "memory": "10GB", "compute": "2 TFLOPS", "gpu": MIG_UUID,
              "mig": "1g.10gb"},
             {"name": "client2", "memory": "20GB", "compute": "4 TFLOPS", "mig": "3g.40gb"},
-            {"name": "client3", "memory": "8GB", "compute": "0.5 TFLOPS"},
+            {"name": "client3", "memory": "8GB", "compute": "0.5 TFLOPS",
+             "node": "jetson-a"},
             {"name": "edge_4", "memory": "12GB", "compute": "3 TFLOPS", "gpu": "GPU-abc-1"},
         ],
-        "server": server or {"memory": "80GB", "compute": "100 TFLOPS", "gpu": 1},
+        "server": server or {"memory": "80GB", "compute": "100 TFLOPS", "gpu": 1,
+                             "node": "gpu-box"},
         "experiment": ARCH,
     }, "gpu.yaml", "gpu")
 
@@ -193,6 +195,21 @@ def test_gpu_and_mig_requests_appear_exactly_where_the_profile_names_them(
             assert got == want, (who, part)
     broker = of_kind(tree, "Deployment")["hsl-gpu-run-broker"]
     assert "resources" not in container(broker)
+
+
+def test_a_profile_node_becomes_a_node_selector_exactly_there(
+        gpu_export: tuple[Any, ...]) -> None:
+    """``node:`` in a profile pins a pod to the node labelled hsplitlora.node=NAME, as the
+    swarm backend's placement constraint does."""
+    _, _, _, root = gpu_export
+    tree = load_tree(root)
+    jobs = client_jobs(tree)
+    jobs["server"] = of_kind(tree, "Job")["hsl-gpu-run-server"]
+    selectors = {who: job["spec"]["template"]["spec"].get("nodeSelector")
+                 for who, job in jobs.items()}
+    assert selectors == {"client0": None, "client1": None, "client2": None,
+                         "client3": {"hsplitlora.node": "jetson-a"}, "edge_4": None,
+                         "server": {"hsplitlora.node": "gpu-box"}}
 
 
 def test_a_mig_uuid_without_its_profile_is_a_user_error() -> None:
