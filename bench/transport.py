@@ -7,13 +7,13 @@ of one message:
   in this process) and read back: what the bytes cost with no broker and no protocol;
 * **tcp-relay**: the same bytes through a store-and-forward TCP relay thread to an echo and
   back (:class:`TcpRelay`): a broker's topology without MQTT, the ceiling of any broker path;
-* **raw[paho]**, **raw[native]**: the same bytes published at QoS 1 by a bare link of that
+* **raw-paho**, **raw-native**: the same bytes published at QoS 1 by a bare link of that
   MQTT client library (paho-mqtt with our large-payload fixes, or libmosquitto through
   ctypes; runner/mqtt_paho.py, runner/mqtt_native.py) on a client's uplink topic,
   republished by an echo link (the server's credentials) to that client's downlink topic,
   received: the library's and the broker's cost (two hops through Mosquitto, each with
   PUBACK), no protocol;
-* **mqtt[paho]**, **mqtt[native]**: the full stack the runtime uses on that library: a
+* **mqtt-paho**, **mqtt-native**: the full stack the runtime uses on that library: a
   :class:`runner.transport.Transport` client sends an ``act`` message (activations
   ``[1, S, 1024]`` float32 of that size, plus mask and labels); the server Transport decodes
   and validates it (CRC, NaN check, shapes) and sends the activations back as a ``grad``
@@ -32,7 +32,7 @@ dropped. Everything runs on 127.0.0.1 with per-variant Mosquittos from :mod:`run
 MQTT alike.
 
 More full-stack variants of the default backend, each through its own broker: ``--chunk-mb
-1 4`` adds ``mqtt[<default>]@4MB``; ``--broker-env KEY=VALUE ...`` adds ``mqtt[<default>]+env``:
+1 4`` adds ``mqtt-<default>@4MB``; ``--broker-env KEY=VALUE ...`` adds ``mqtt-<default>+env``:
 a Mosquitto started with that environment (an experiment: the runtime starts its broker
 with the plain environment plus runner/broker.py ``BROKER_MALLOC_ENV``).
 
@@ -305,10 +305,10 @@ class ProtocolEcho:
 # ------------------------------------------------------------------------------- main
 def _variants(args: argparse.Namespace, default: str) -> list[tuple[str, str, float, dict]]:
     """(name, backend, chunk MB, broker environment) of every full-stack variant."""
-    out = [(f"mqtt[{b}]", b, args.chunk_mb[0], {}) for b in args.backends]
-    out += [(f"mqtt[{default}]@{c:g}MB", default, c, {}) for c in args.chunk_mb[1:]]
+    out = [(f"mqtt-{b}", b, args.chunk_mb[0], {}) for b in args.backends]
+    out += [(f"mqtt-{default}@{c:g}MB", default, c, {}) for c in args.chunk_mb[1:]]
     if args.broker_env:
-        out.append((f"mqtt[{default}]+env", default, args.chunk_mb[0],
+        out.append((f"mqtt-{default}+env", default, args.chunk_mb[0],
                     dict(kv.split("=", 1) for kv in args.broker_env)))
     return out
 
@@ -347,11 +347,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if default not in args.backends:
         args.backends.append(default)
     variants = _variants(args, default)
-    main_name = f"mqtt[{default}]"
+    main_name = f"mqtt-{default}"
     rows = []
     with contextlib.ExitStack() as stack:
         tcp, relay = TcpEcho(), TcpRelay()
-        raws = {f"raw[{b}]": RawMqtt(_start_broker(stack, f"{RAW_RUN}{i}", {}), b)
+        raws = {f"raw-{b}": RawMqtt(_start_broker(stack, f"{RAW_RUN}{i}", {}), b)
                 for i, b in enumerate(args.backends)}
         protos = {name: ProtocolEcho(_start_broker(stack, f"{RUN}{i}", env), int(c * MB), b)
                   for i, (name, b, c, env) in enumerate(variants)}
@@ -422,8 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     console.print(f"{main_name} is the runtime's default (TESTBED_MQTT unset). Target: "
                   f"{main_name}/relay >= {TARGET_RELAY} at 4 MB and up: {verdict}. relay/tcp "
                   "is the ceiling of any store-and-forward broker path (four transfers per "
-                  "round trip instead of two). raw[*] = bare links of that library, no "
-                  "protocol; mqtt[*] = the full stack (encode, CRC, validation, decode).")
+                  "round trip instead of two). raw-* = bare links of that library, no "
+                  "protocol; mqtt-* = the full stack (encode, CRC, validation, decode).")
     load = os.getloadavg()
     console.print(f"load average {load[0]:.2f} on {os.cpu_count()} cores; "
                   f"torch threads {torch.get_num_threads()}; reps {args.reps} "

@@ -1,10 +1,13 @@
 """libmosquitto (the C client library of Mosquitto) as a transport link, through ctypes.
 
-Why: with paho the data plane stopped at about half of a store-and-forward relay at 4-16 MB
-(docs/benchmarks.md), and what was left was paho's pure-Python loop: every socket read and
-write, packet parse and acknowledgement of a multi-MB message runs Python while holding the
-GIL, on the same GIL as the sender, the decoder and the training loop. libmosquitto does all
-of that in its own C thread with the GIL released; Python runs only for the callbacks.
+Why: paho runs its network loop in Python, holding the GIL for every socket read and write,
+packet parse and acknowledgement, on the same GIL as the sender, the decoder and the training
+loop. libmosquitto does all of that in its own C thread with the GIL released; Python runs
+only for the callbacks. What it costs instead: its publish copies the payload twice (into a
+stored message, then into the packet) and its receive allocates and copies it once more, where
+paho with :class:`runner.mqtt_paho.FastClient` copies none. Measured side by side
+(bench/transport.py, docs/benchmarks.md) the copies win at 4-64 MB on the 2-core machines
+here, so paho stays the default and this link is a choice (``TESTBED_MQTT=native``).
 
 Why our own ctypes binding instead of a wrapper package: the registry's libmosquitto wrappers
 (pymosquitto, ctypes-mosquitto) are ctypes bindings of the same library at 0.x versions; the

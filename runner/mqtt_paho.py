@@ -1,9 +1,10 @@
 """paho-mqtt 2.x as a transport link: :class:`FastClient` (paho without its large-payload
 copies) behind the :class:`runner.mqtt_link.Link` interface.
 
-Why keep paho next to the native link (runner/mqtt_native.py): it is pure Python, so it runs
-wherever the package installs (no libmosquitto needed), and it is the reference the native
-link is measured and tested against.
+Why paho is the default link rather than libmosquitto (runner/mqtt_native.py): with the
+FastClient fixes it moves a multi-MB payload without copying it (libmosquitto copies it three
+times), which measured faster at 4-64 MB (bench/transport.py, docs/benchmarks.md); and it is
+pure Python, so it runs wherever the package installs.
 """
 
 from __future__ import annotations

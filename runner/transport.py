@@ -18,7 +18,7 @@ The bytes are moved by a *link* (:mod:`runner.mqtt_link`): libmosquitto through 
 (``native``, :mod:`runner.mqtt_native`) or paho-mqtt (``paho``, :mod:`runner.mqtt_paho`).
 Which one: the ``backend`` argument, else the ``TESTBED_MQTT`` environment variable, else
 :data:`DEFAULT_BACKEND`; ``auto`` takes native when libmosquitto loads and paho otherwise
-(:func:`resolve_backend`). The choice was made by bench/transport.py (docs/benchmarks.md).
+(:func:`resolve_backend`).
 
 Thread model: the link's network thread runs the callbacks; ``send``/``recv`` are called from
 the application thread(s). ``recv`` reads a thread-safe queue.
@@ -49,7 +49,11 @@ __all__ = ["BACKENDS", "DEFAULT_BACKEND", "FastClient", "PublishRefused", "Trans
 log = logging.getLogger(__name__)
 RejectFn = Callable[[P.ProtocolError, str], None]
 BACKENDS = ("auto", "native", "paho")
-DEFAULT_BACKEND = "auto"
+# Chosen by bench/transport.py (docs/benchmarks.md, "MQTT transport"): at 4-64 MB the full
+# stack on paho (FastClient: no payload copies) is as fast as on libmosquitto, whose publish
+# copies each payload twice and whose receive allocates and copies it once more; and bare
+# paho links beat bare libmosquitto ones. So paho stays the default, native is a choice.
+DEFAULT_BACKEND = "paho"
 ENV_BACKEND = "TESTBED_MQTT"
 _fallback_logged = False
 

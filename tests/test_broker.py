@@ -121,6 +121,24 @@ def test_parse_broker_url() -> None:
             parse_broker_url(bad)
 
 
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner import transport as T
+
+    monkeypatch.delenv(T.ENV_BACKEND, raising=False)
+    assert T.resolve_backend() == T.DEFAULT_BACKEND == "paho"  # by measurement
+    assert T.resolve_backend("paho") == "paho"
+    monkeypatch.setenv(T.ENV_BACKEND, "native")
+    monkeypatch.setattr(mqtt_native, "unavailable", lambda: None)
+    assert T.resolve_backend() == "native" and T.resolve_backend("auto") == "native"
+    assert T.resolve_backend("paho") == "paho"  # the argument wins over the environment
+    monkeypatch.setattr(mqtt_native, "unavailable", lambda: "libmosquitto not found")
+    assert T.resolve_backend("auto") == "paho"  # auto falls back, with a log line
+    with pytest.raises(TransportError, match="libmosquitto not found"):
+        T.resolve_backend("native")  # an explicit choice never falls back
+    with pytest.raises(ValueError, match="MQTT backend"):
+        T.resolve_backend("gmqtt")
+
+
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="no mosquitto_passwd")
 def test_password_file_line_is_what_mosquitto_passwd_writes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import base64
