@@ -369,6 +369,34 @@ def test_last_will_says_offline_and_clean_close_too(broker, peers) -> None:  # t
     assert closed is not None and closed.meta == {"state": "offline", "reason": "closed"}
 
 
+@needs_mosquitto
+def test_outage_fires_the_will_and_the_session_keeps_what_came_meanwhile(backend) -> None:  # type: ignore[no-untyped-def]
+    """Fault injection (``testbed inject dropout --mode disconnect``): the link drops without
+    DISCONNECT, the broker publishes the will, and the MQTT 5 session queues the gradients
+    sent meanwhile, across more than one outage."""
+    import threading
+
+    with start_broker("og", CLIENTS) as b:
+        srv, c0 = transport(b, "server", backend), transport(b, "c0", backend)
+        try:
+            drain(srv, 0.2)
+            for i in range(2):
+                away = threading.Thread(target=c0.outage, args=(1.5,))
+                away.start()
+                will = recv_kind(srv, P.Kind.STATE)
+                assert will is not None and will.meta == {"state": "offline", "reason": "lost"}
+                srv.send(P.Kind.GRAD, 10 + i, {P.GRAD: torch.ones(1, 2, 3)}, to="c0")
+                away.join()
+                grad = recv_kind(c0, P.Kind.GRAD)
+                assert grad is not None and grad.step == 10 + i
+                back = recv_kind(srv, P.Kind.STATE)
+                assert back is not None and back.meta["state"] == "online"
+            assert c0.connects == 3
+        finally:
+            c0.close()
+            srv.close()
+
+
 # --------------------------------------------------------------------------------- amqtt
 def test_amqtt_fallback_auth_acl_and_round_trip(backend) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("amqtt")
