@@ -260,11 +260,15 @@ class NativeLink(Link):
         if not m:
             raise LinkError("mosquitto_new failed (out of memory or invalid client id)")
         self._m: int | None = m
-        self._setup(m)
-        wt = will.topic.encode()
-        data, n, _keep = _buffer(will.payload)
-        self._check(self.lib.mosquitto_will_set_v5(m, wt, n, data, 1, will.retain, None),
-                    "will")
+        try:
+            self._setup(m)
+            data, n, _keep = _buffer(will.payload)
+            self._check(self.lib.mosquitto_will_set_v5(m, will.topic.encode(), n, data, 1,
+                                                       will.retain, None), "will")
+        except LinkError:
+            self.lib.mosquitto_destroy(m)
+            self._m = None
+            raise
         lo = max(1, math.ceil(reconnect[0]))
         self.lib.mosquitto_reconnect_delay_set(m, lo, max(lo, math.ceil(reconnect[1])), True)
         # the callbacks must outlive every call the C thread can make: kept on the link
