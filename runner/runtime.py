@@ -12,7 +12,9 @@ Start-up contract (docs/protocol.md, "Runtime"):
   "clients": [ids], "run_id": id, "broker": url, "runtime": {RuntimeOptions fields}}``;
 * ``TESTBED_BROKER`` (``mqtt://host:port``), ``TESTBED_RUN_ID``, ``TESTBED_CLIENT_ID`` (clients),
   ``TESTBED_USERNAME`` / ``TESTBED_PASSWORD`` override or complete the file;
-* the server also reads ``TESTBED_RESUME=1`` (or ``--resume``).
+* the server also reads ``TESTBED_RESUME=1`` (or ``--resume``);
+* ``TESTBED_MQTT`` (``paho``, ``native``, ``auto``) picks the MQTT client library when
+  ``RuntimeOptions.mqtt`` does not (runner/transport.py ``resolve_backend``).
 
 This module never imports ``testbed/`` (a container holds only ``runner/``).
 """
