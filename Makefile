@@ -59,12 +59,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# System packages the tests use for real: the Mosquitto broker (distributed runtime), a
+# System packages the tests use for real: the Mosquitto broker and its C client library
+# libmosquitto1 (distributed runtime; runner/mqtt_native.py), a
 # Java runtime (METEOR 1.5), Docker + Compose + debootstrap (containers, offline images).
 # Installed with apt when missing and we are root; a Docker daemon is started if none answers.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	ldconfig -p 2>/dev/null | grep -q 'libmosquitto\.so\.1 ' || missing="$$missing libmosquitto1"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
 	command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || missing="$$missing docker.io"; \
 	command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \

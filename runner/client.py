@@ -280,7 +280,7 @@ class Client:
         while True:
             t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=self.cid,
                           expect=self._expect(), chunk_size=o.chunk_size,
-                          reconnect=(0.1, o.reconnect_max))
+                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt)
             try:
                 return t.connect(10.0)
             except TransportError as e:
@@ -335,14 +335,7 @@ class Client:
         assert self.t is not None
         seconds, self._net_pause = self._net_pause, 0.0
         log.warning("injected network outage for %.1f s", seconds)
-        sock = self.t.client.socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(2)  # abrupt: no DISCONNECT packet, so the will fires
-        self.t.client.loop_stop()
-        time.sleep(seconds)
-        self.t.client.reconnect()
-        self.t.client.loop_start()
+        self.t.outage(seconds)  # abrupt: no DISCONNECT packet, so the will fires
 
     def handle(self, msg: P.Message) -> None:
         """Apply one message from the server (every branch is idempotent): the method's

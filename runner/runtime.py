@@ -12,7 +12,9 @@ Start-up contract (docs/protocol.md, "Runtime"):
   "clients": [ids], "run_id": id, "broker": url, "runtime": {RuntimeOptions fields}}``;
 * ``TESTBED_BROKER`` (``mqtt://host:port``), ``TESTBED_RUN_ID``, ``TESTBED_CLIENT_ID`` (clients),
   ``TESTBED_USERNAME`` / ``TESTBED_PASSWORD`` override or complete the file;
-* the server also reads ``TESTBED_RESUME=1`` (or ``--resume``).
+* the server also reads ``TESTBED_RESUME=1`` (or ``--resume``);
+* ``TESTBED_MQTT`` (``paho``, ``native``, ``auto``) picks the MQTT client library when
+  ``RuntimeOptions.mqtt`` does not (runner/transport.py ``resolve_backend``).
 
 This module never imports ``testbed/`` (a container holds only ``runner/``).
 """
@@ -62,6 +64,8 @@ class RuntimeOptions:
     ``will_grace``: a client's last will marks it offline only if, this many seconds later,
     the server's own connection did not drop meanwhile (Mosquitto publishes all wills when
     it shuts down) and the client has not spoken since.
+    ``mqtt``: the MQTT client library, "native" (libmosquitto), "paho" or "auto"; None:
+    ``TESTBED_MQTT`` or the default (runner/transport.py ``resolve_backend``).
     """
 
     step_timeout: float = 30.0
@@ -77,6 +81,7 @@ class RuntimeOptions:
     min_step_time: float = 0.0
     will_grace: float = 1.0
     overwrite: bool = False
+    mqtt: str | None = None
 
     def validate(self) -> None:
         if self.wire not in (None, "float16", "bfloat16"):
@@ -86,6 +91,8 @@ class RuntimeOptions:
                 raise ConfigError(f"{name} must be > 0")
         if self.min_step_time < 0:
             raise ConfigError("min_step_time must be >= 0")
+        if self.mqtt not in (None, "auto", "native", "paho"):
+            raise ConfigError(f"mqtt must be auto, native or paho, not {self.mqtt!r}")
 
 
 @dataclass

@@ -337,7 +337,8 @@ class Server:
         while True:
             t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=P.SERVER,
                           expect=self._expect(), chunk_size=o.chunk_size,
-                          reconnect=(0.1, o.reconnect_max), on_reject=self._on_reject)
+                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt,
+                          on_reject=self._on_reject)
             try:
                 self.t = t.connect(10.0)
                 return

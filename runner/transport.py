@@ -1,248 +1,100 @@
-"""MQTT transport: one paho-mqtt 2.x client per server or client process, speaking the protocol.
+"""MQTT transport: one MQTT client per server or client process, speaking the protocol.
 
-Why a wrapper rather than paho directly in the server and client code: the runtime's
-processes should see *messages* (validated, deduplicated, reassembled, typed tensors) and a
-few verbs (send, recv, heartbeat, state), while the MQTT details stay here in one place:
+Why a wrapper rather than an MQTT library directly in the server and client code: the
+runtime's processes should see *messages* (validated, deduplicated, reassembled, typed
+tensors) and a few verbs (send, recv, heartbeat, state), while the MQTT details stay here in
+one place:
 
 * QoS 1 everywhere (at-least-once; the protocol's dedup makes it effectively once);
-* automatic reconnect with exponential backoff (paho's loop thread), resubscription on every
-  CONNACK (a restarted broker has no sessions), and an MQTT 5 session that survives short
-  disconnects so gradients queued by the broker are not lost;
+* automatic reconnect with exponential backoff (the link's network thread), resubscription
+  on every CONNACK (a restarted broker has no sessions), and an MQTT 5 session that survives
+  short disconnects so gradients queued by the broker are not lost;
 * a retained ``state`` message: "online" on connect, "offline" on close, and the same
   "offline" as last will, so the server learns of a crashed client from the broker;
 * received payloads are decoded by a :class:`runner.protocol.Receiver` on the network thread;
   refused ones are counted, logged, and handed to ``on_reject`` and never reach ``recv``.
 
-Thread model: paho's loop thread runs the callbacks; ``send``/``recv`` are called from the
-application thread(s). ``recv`` reads a thread-safe queue.
+The bytes are moved by a *link* (:mod:`runner.mqtt_link`): libmosquitto through ctypes
+(``native``, :mod:`runner.mqtt_native`) or paho-mqtt (``paho``, :mod:`runner.mqtt_paho`).
+Which one: the ``backend`` argument, else the ``TESTBED_MQTT`` environment variable, else
+:data:`DEFAULT_BACKEND`; ``auto`` takes native when libmosquitto loads and paho otherwise
+(:func:`resolve_backend`).
+
+Thread model: the link's network thread runs the callbacks; ``send``/``recv`` are called from
+the application thread(s). ``recv`` reads a thread-safe queue.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
+import os
 import queue
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import paho.mqtt
-import paho.mqtt.client as mqtt
 import torch
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers
 
+from runner import mqtt_native
 from runner import protocol as P
 from runner.broker import BrokerAddress, Credentials
+from runner.mqtt_link import Link, LinkError, Payload, Pending, Will
+from runner.mqtt_paho import FastClient, PahoLink
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "FastClient", "PublishRefused", "Transport",
+           "TransportError", "make_link", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 RejectFn = Callable[[P.ProtocolError, str], None]
-
-
-# ------------------------------------------------------------------ paho large-payload fixes
-_LARGE = 65_536  # packets above this take the copy-free paths below
-
-
-class _Slices:
-    """Stands in for an outgoing packet buffer: slicing returns a view, not a copy.
-
-    paho's ``_packet_write`` sends ``packet[pos:]`` after every partial socket write; on a
-    bytearray that copies the rest of the packet each time, which is quadratic in the size
-    (a 64 MB publish re-copied hundreds of MB). A memoryview slice is free.
-    """
-
-    __slots__ = ("buf",)
-
-    def __init__(self, buf: bytes | bytearray):
-        self.buf = memoryview(buf)
-
-    def __getitem__(self, key: slice) -> memoryview:
-        return self.buf[key]
-
-    def __len__(self) -> int:
-        return len(self.buf)
-
-
-class _Gather:
-    """An outgoing PUBLISH as its fixed + variable header and the caller's payload, unjoined.
-
-    paho builds a packet by appending the payload to the header (a copy of every byte sent);
-    this sends the header, then the payload from where it lies. ``packet[pos:]`` is a view of
-    the part ``pos`` falls in, so a socket write never spans the two (one more send call).
-    """
-
-    __slots__ = ("head", "payload", "n")
-
-    def __init__(self, head: bytearray, payload: bytes | bytearray):
-        self.head, self.payload = memoryview(head), memoryview(payload)
-        self.n = len(head)
-
-    def __getitem__(self, key: slice) -> memoryview:
-        pos = key.start or 0
-        return self.head[pos:] if pos < self.n else self.payload[pos - self.n:]
-
-    def __len__(self) -> int:
-        return self.n + len(self.payload)
-
-
-class _InPacket(bytearray):
-    """An incoming packet's buffer, allocated once at its full length and filled in place."""
-
-    __slots__ = ("filled",)
-
-    def __iadd__(self, data: Any) -> _InPacket:  # paho: ``packet += _sock_recv(n)``
-        if not isinstance(data, _Filled):  # pragma: no cover - paho changed under us
-            raise TypeError("an in-place packet only takes bytes received into it")
-        self.filled += data.n
-        return self
-
-
-class _Filled:
-    """What ``_sock_recv`` returns after receiving straight into the packet: only a length."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class FastClient(mqtt.Client):
-    """paho-mqtt 2.x client with copy-free handling of large payloads (same behaviour otherwise).
-
-    Stock paho copies a published payload into the packet it sends and re-copies outgoing
-    packets on every partial write; on receipt it grows the packet buffer piece by piece from
-    freshly allocated ``recv`` results, then copies the payload out of it several times while
-    decoding it (``struct.unpack`` into bytes, slices, the MQTT 5 properties parser slicing the
-    rest of the packet). At megabytes per message that is most of the time of a hop
-    (bench/transport.py). Here a large PUBLISH is sent as its header followed by the
-    payload where it lies, received straight into one buffer of the packet's final size, and
-    handed to ``on_message`` as that buffer. TCP_NODELAY is set on the connection (paho leaves
-    Nagle on, which can hold back a PUBACK or a packet header behind an unacknowledged
-    segment). These overrides touch paho internals (``_send_publish``, ``_packet_queue``,
-    ``_sock_recv``, ``_handle_publish``, ``_in_packet``), verified on paho 2.1-2.2; any other
-    major version, or anything unexpected in a packet, falls back to paho's own code.
-    """
-
-    ENABLED = paho.mqtt.__version__.split(".")[0] == "2"
-
-    def _create_socket_connection(self) -> socket.socket:
-        sock = super()._create_socket_connection()
-        if self.ENABLED:
-            with contextlib.suppress(OSError, AttributeError):  # e.g. a proxy's socket
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def _send_publish(self, mid: int, topic: bytes, payload: bytes | bytearray = b"",
-                      qos: int = 0, retain: bool = False, dup: bool = False,
-                      info: mqtt.MQTTMessageInfo | None = None,
-                      properties: Properties | None = None) -> mqtt.MQTTErrorCode:
-        if not (self.ENABLED and isinstance(payload, (bytes, bytearray))
-                and len(payload) > _LARGE and isinstance(topic, bytes)
-                and self._sock is not None):
-            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
-        # paho's own packet layout (MQTT 3.1.1 / 5 PUBLISH), without appending the payload.
-        head = bytearray([mqtt.PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | retain])
-        remaining = 2 + len(topic) + len(payload) + (2 if qos > 0 else 0)
-        packed = b""
-        if self._protocol == MQTTProtocolVersion.MQTTv5:
-            packed = b"\x00" if properties is None else properties.pack()
-            remaining += len(packed)
-        self._pack_remaining_length(head, remaining)
-        self._pack_str16(head, topic)
-        if qos > 0:
-            head += mid.to_bytes(2, "big")
-        head += packed
-        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... "
-                       "(%d bytes)", dup, qos, retain, mid, topic, len(payload))
-        return self._packet_queue(mqtt.PUBLISH, _Gather(head, payload), mid, qos, info)
-
-    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
-                      info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
-        if self.ENABLED and isinstance(packet, (bytes, bytearray)) and len(packet) > _LARGE:
-            packet = _Slices(packet)  # type: ignore[assignment]
-        return super()._packet_queue(command, packet, mid, qos, info)
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        # paho asks for everything still missing of a packet (up to 256 MB) in each call and
-        # appends what comes to its packet buffer: a fresh allocation per recv, a copy, and
-        # regrowth of the packet. For a large packet, allocate it once at its final length
-        # (paho knows it by now) and receive into it where the bytes belong.
-        ip = self._in_packet
-        packet = ip["packet"]
-        if not self.ENABLED or not isinstance(self._sock, socket.socket):  # websockets: no
-            return super()._sock_recv(bufsize)  # recv_into; None: paho reports it
-        if (bufsize > _LARGE and type(packet) is bytearray and not packet
-                and ip["have_remaining"] and bufsize == ip["remaining_length"] == ip["to_process"]):
-            packet = ip["packet"] = _InPacket(bufsize)
-            packet.filled = 0
-        if not isinstance(packet, _InPacket):
-            return super()._sock_recv(bufsize)
-        if packet.filled + bufsize != len(packet):  # pragma: no cover - paho changed under us
-            raise ConnectionError("paho's packet bookkeeping disagrees with the buffer")
-        try:
-            with memoryview(packet) as whole, whole[packet.filled:] as rest:
-                n = self._sock.recv_into(rest)
-        except ssl.SSLWantReadError as err:
-            raise BlockingIOError() from err
-        except ssl.SSLWantWriteError as err:
-            self._call_socket_register_write()
-            raise BlockingIOError() from err
-        return _Filled(n)  # type: ignore[return-value]
-
-    def _handle_publish(self) -> mqtt.MQTTErrorCode:
-        header = self._in_packet["command"]
-        packet = self._in_packet["packet"]
-        qos = (header & 0x06) >> 1
-        if not (self.ENABLED and qos in (0, 1) and isinstance(packet, bytearray)
-                and not self._manual_ack):
-            return super()._handle_publish()
-        try:
-            mv = memoryview(packet)
-            slen = int.from_bytes(mv[0:2], "big")
-            topic_b = bytes(mv[2:2 + slen])
-            pos = 2 + slen
-            mid = 0
-            if qos:
-                mid = int.from_bytes(mv[pos:pos + 2], "big")
-                pos += 2
-            props = None
-            if self._protocol == MQTTProtocolVersion.MQTTv5:
-                plen, vlen = VariableByteIntegers.decode(bytes(mv[pos:pos + 4]))
-                props = Properties(PacketTypes.PUBLISH)
-                props.unpack(bytes(mv[pos:pos + vlen + plen]))
-                pos += vlen + plen
-            if pos > len(packet) or not topic_b and self._protocol != MQTTProtocolVersion.MQTTv5:
-                raise ValueError("malformed")
-            topic_b.decode("utf-8")
-        except Exception:  # noqa: BLE001 - let paho's own decoder report it its way
-            return super()._handle_publish()
-        del mv
-        # Deleting a bytearray's prefix only moves its start pointer (CPython): the payload
-        # becomes the packet buffer itself, with no copy; paho starts a new buffer next.
-        del packet[:pos]
-        message = mqtt.MQTTMessage(mid=mid, topic=topic_b)
-        message.dup = bool(header & 0x08)
-        message.qos = qos
-        message.retain = bool(header & 0x01)
-        message.properties = props
-        message.payload = packet
-        message.timestamp = time.monotonic()
-        self._handle_on_message(message)
-        if qos == 1:
-            return self._send_puback(mid)
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+BACKENDS = ("auto", "native", "paho")
+# Chosen by bench/transport.py (docs/benchmarks.md, "MQTT transport"): at 4-64 MB the full
+# stack on paho (FastClient: no payload copies) is as fast as on libmosquitto, whose publish
+# copies each payload twice and whose receive allocates and copies it once more; and bare
+# paho links beat bare libmosquitto ones. So paho stays the default, native is a choice.
+DEFAULT_BACKEND = "paho"
+ENV_BACKEND = "TESTBED_MQTT"
+_fallback_logged = False
 
 
 class TransportError(RuntimeError):
     """The broker refused us, or did not answer in time."""
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """``native`` or ``paho``, from ``backend``, else $TESTBED_MQTT, else the default.
+
+    ``auto`` is native when libmosquitto (>= 2.0) loads, else paho, said once in the log;
+    an explicit ``native`` without the library raises :class:`TransportError`.
+    """
+    global _fallback_logged
+    name = (backend or os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND).strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"MQTT backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    if name == "paho":
+        return name
+    why = mqtt_native.unavailable()
+    if why is None:
+        return "native"
+    if name == "native":
+        raise TransportError(f"native MQTT client requested but unavailable: {why}")
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.info("MQTT: using paho (the native client is unavailable: %s)", why)
+    return "paho"
+
+
+def make_link(backend: str, events: Any, *, client_id: str, v5: bool,
+              credentials: Credentials, will: Will, reconnect: tuple[float, float]) -> Link:
+    """A link of the resolved ``backend`` ("native" or "paho") calling back ``events``."""
+    kw: dict[str, Any] = dict(client_id=client_id, v5=v5, username=credentials.username,
+                              password=credentials.password, will=will, reconnect=reconnect)
+    if backend == "native":
+        return mqtt_native.NativeLink(events, **kw)
+    if backend == "paho":
+        return PahoLink(events, **kw)
+    raise ValueError(f"unknown MQTT backend {backend!r}")
 
 
 class PublishRefused(TransportError):
@@ -257,6 +109,7 @@ class Transport:
 
     ``expect`` defaults to: the run, and for a client only messages on its own channel or the
     server's; for the server any of ``clients`` (or any well-formed id when None).
+    ``backend``: the MQTT client library (see :func:`resolve_backend`).
     """
 
     def __init__(self, address: BrokerAddress, credentials: Credentials, *, run: str, me: str,
@@ -265,7 +118,7 @@ class Transport:
                  keepalive: int = 30, reconnect: tuple[float, float] = (0.1, 5.0),
                  session_expiry: int = 300, reassembly_timeout: float = 60.0,
                  on_reject: RejectFn | None = None, subscribe: bool = True,
-                 client_id: str | None = None):
+                 client_id: str | None = None, backend: str | None = None):
         P.check_id(run, "run id")
         if me != P.SERVER:
             P.check_id(me, "client id")
@@ -301,20 +154,14 @@ class Transport:
         self._refused_pubs: dict[int, str] = {}
         self._closing = False
         self.v5 = address.mqtt_version == 5
-        self.client = FastClient(
-            CallbackAPIVersion.VERSION2, client_id=client_id or f"hsl-{run}-{me}",
-            protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self.v5 else True, reconnect_on_failure=True)
-        self.client.username_pw_set(credentials.username, credentials.password)
-        self.client.reconnect_delay_set(reconnect[0], reconnect[1])  # type: ignore[arg-type]
-        self.client.max_queued_messages_set(0)
-        self.client.will_set(self.state_topic, self._state_payload("offline", reason="lost"),
-                             qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
+        self.backend = resolve_backend(backend)
+        will = Will(self.state_topic, bytes(self._state_payload("offline", reason="lost")))
+        try:
+            self.link = make_link(self.backend, self, client_id=client_id or f"hsl-{run}-{me}",
+                                  v5=self.v5, credentials=credentials, will=will,
+                                  reconnect=reconnect)
+        except LinkError as e:
+            raise TransportError(f"{me}: {e}") from e
 
     # -------------------------------------------------------------------------- lifecycle
     @property
@@ -327,16 +174,12 @@ class Transport:
 
     def connect(self, timeout: float = 10.0) -> Transport:
         """Connect, subscribe, announce "online"; raise TransportError if refused or slow."""
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.session_expiry
         try:
-            self.client.connect(self.address.host, self.address.port, self.keepalive,
-                                properties=props)
+            self.link.connect(self.address.host, self.address.port, self.keepalive,
+                              self.session_expiry if self.v5 else None)
         except OSError as e:
+            self.link.stop()
             raise TransportError(f"cannot reach broker {self.address.url}: {e}") from e
-        self.client.loop_start()
         # _answered is set on CONNACK refusal, on refused subscriptions, or when ready.
         if not self._answered.wait(timeout):
             self._stop_loop()
@@ -358,18 +201,23 @@ class Transport:
         self._closing = True
         try:
             if self.connected:
-                info = self.client.publish(self.state_topic,
-                                           self._state_payload("offline", reason="closed"),
-                                           qos=1, retain=True)
-                info.wait_for_publish(timeout)
+                pending = self.link.publish(self.state_topic,
+                                            self._state_payload("offline", reason="closed"),
+                                            retain=True)
+                pending.wait(time.monotonic() + timeout)
         except (RuntimeError, ValueError) as e:
             log.debug("%s: offline state not published: %s", self.me, e)
-        self.client.disconnect()
+        self.link.disconnect()
         self._stop_loop()
 
     def _stop_loop(self) -> None:
-        self.client.loop_stop()
+        self.link.stop()
         self._connected.clear()
+
+    def outage(self, seconds: float) -> None:
+        """Fault injection: lose the connection abruptly (the broker publishes our last
+        will), stay away ``seconds``, reconnect (see :meth:`runner.mqtt_link.Link.outage`)."""
+        self.link.outage(seconds, time.sleep)
 
     def __enter__(self) -> Transport:
         return self.connect() if not self.connected else self
@@ -377,14 +225,13 @@ class Transport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --------------------------------------------------------------------------- callbacks
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
-        if reason.is_failure:
+    # ------------------------------------------------- link events (network thread)
+    def link_connected(self, ok: bool, reason: str) -> None:
+        if not ok:
             # First connect: report and give up. Later (broker restarted with other
-            # credentials): paho keeps retrying with backoff, which is what we want.
+            # credentials): the link keeps retrying with backoff, which is what we want.
             if not self._answered.is_set():
-                self._refused = str(reason)
+                self._refused = reason
                 self._answered.set()
             log.warning("%s: broker refused connection: %s", self.me, reason)
             return
@@ -392,22 +239,23 @@ class Transport:
         if self.connects > 1:
             log.info("%s: reconnected to %s", self.me, self.address.url)
         if self.topics:
-            result, mid = client.subscribe([(t, 1) for t in self.topics])
-            if result != mqtt.MQTT_ERR_SUCCESS:
-                log.warning("%s: subscribe failed: %s", self.me, mqtt.error_string(result))
-                return
-            self._subscribed_mid = mid  # SUBACK is handled on this same thread, later
+            try:
+                # the SUBACK is handled on this same thread, after we return
+                self._subscribed_mid = self.link.subscribe(self.topics)
+            except LinkError as e:
+                log.warning("%s: %s", self.me, e)
         else:
             self._ready()
 
     def _ready(self) -> None:
-        self.client.publish(self.state_topic, self._state_payload("online"), qos=1, retain=True)
+        try:
+            self.link.publish(self.state_topic, self._state_payload("online"), retain=True)
+        except LinkError as e:
+            log.warning("%s: online state not published: %s", self.me, e)
         self._connected.set()
         self._answered.set()
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any],
-                      properties: Any) -> None:
-        codes = [int(r.value) for r in reasons]
+    def link_subscribed(self, mid: int, codes: list[int]) -> None:
         if mid == self._subscribed_mid:
             if any(c >= 0x80 for c in codes):
                 refused = [t for t, c in zip(self.topics, codes, strict=False) if c >= 0x80]
@@ -422,30 +270,31 @@ class Transport:
         if ev is not None:
             ev.set()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def link_disconnected(self, reason: str) -> None:
         if self._connected.is_set():
             self.disconnects += 1
             if not self._closing:
                 log.warning("%s: disconnected (%s); reconnecting", self.me, reason)
         self._connected.clear()
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def link_published(self, mid: int, failure: str | None) -> None:
         # Only failures are kept (and popped by the publisher that waits for them), so the
         # map stays empty in normal operation.
-        if reason.is_failure:
+        if failure is not None:
             with self._lock:
-                self._refused_pubs[mid] = str(reason)
+                self._refused_pubs[mid] = failure
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def link_message(self, topic: str, payload: Payload) -> None:
         try:
-            decoded = self.receiver.feed(msg.payload, msg.topic)
+            decoded = self.receiver.feed(payload, topic)
         except P.ProtocolError as e:
-            log.warning("%s: rejected message on %s: %s", self.me, msg.topic, e)
+            # The payload may be a view of the link's buffer, valid only during this call:
+            # no frame of the decoder may outlive it through the exception's traceback.
+            _drop_tracebacks(e)
+            log.warning("%s: rejected message on %s: %s", self.me, topic, e)
             if self.on_reject is not None:
                 try:
-                    self.on_reject(e, msg.topic)
+                    self.on_reject(e, topic)
                 except Exception:  # noqa: BLE001 - a callback bug must not kill the loop
                     log.exception("%s: on_reject callback failed", self.me)
             return
@@ -483,7 +332,7 @@ class Transport:
         self.last_step = max(self.last_step, step)
         return msg
 
-    def publish_raw(self, topic_name: str, payloads: Iterable[bytes | bytearray], *,
+    def publish_raw(self, topic_name: str, payloads: Iterable[Payload], *,
                     retain: bool = False, timeout: float = 60.0) -> None:
         """Publish already-encoded payloads at QoS 1 and wait until the broker has them all.
 
@@ -491,24 +340,23 @@ class Transport:
         :meth:`send`.
         """
         deadline = time.monotonic() + timeout
-        infos = []
+        pending: list[Pending] = []
         for payload in payloads:
-            while True:
-                if not self._connected.wait(max(0.0, deadline - time.monotonic())):
-                    raise TransportError(f"{self.me}: not connected to {self.address.url}")
-                info = self.client.publish(topic_name, payload, qos=1, retain=retain)
-                # NO_CONN: the link dropped between the check and the publish; paho queued
-                # the message for the reconnect, so wait for it like any other.
-                if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                    break
-                raise TransportError(f"{self.me}: publish failed: {mqtt.error_string(info.rc)}")
-            infos.append(info)
-        for info in infos:
-            if not _wait_acked(info, deadline):
+            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
+                raise TransportError(f"{self.me}: not connected to {self.address.url}")
+            # If the link drops between the check and the publish, the library queues the
+            # message for the reconnect, and it is waited for like any other.
+            try:
+                pending.append(self.link.publish(topic_name, payload, retain=retain))
+            except LinkError as e:
+                raise TransportError(f"{self.me}: publish failed: {e}") from e
+        for p in pending:
+            if not p.wait(deadline):
                 raise TransportError(f"{self.me}: broker did not acknowledge within "
                                      f"{timeout} s")
         with self._lock:
-            refused = [self._refused_pubs.pop(i.mid) for i in infos if i.mid in self._refused_pubs]
+            refused = [self._refused_pubs.pop(p.mid) for p in pending
+                       if p.mid in self._refused_pubs]
         if refused:
             raise PublishRefused(f"{self.me}: broker refused publish on {topic_name}: "
                                  f"{refused[0]}")
@@ -541,9 +389,10 @@ class Transport:
 
         For tests and diagnostics: the runtime's subscriptions are made on connect.
         """
-        result, mid = self.client.subscribe(topic_filter, qos=1)
-        if result != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"subscribe failed: {mqtt.error_string(result)}")
+        try:
+            mid = self.link.subscribe([topic_filter])
+        except LinkError as e:
+            raise TransportError(str(e)) from e
         with self._lock:
             done = mid in self._sub_results
             ev = self._pending_subs.setdefault(mid, threading.Event())
@@ -563,18 +412,11 @@ def _counted(chunks: Iterable[bytearray], sizes: list[int]) -> Iterator[bytearra
         yield chunk
 
 
-def _wait_acked(info: mqtt.MQTTMessageInfo, deadline: float) -> bool:
-    """Wait for a QoS 1 PUBACK until ``deadline``; True when acknowledged.
-
-    ``MQTTMessageInfo.wait_for_publish`` raises at once for a message published while the
-    link was down (rc NO_CONN), even though paho queued it and delivers it after the
-    reconnect; so this waits on the same condition and flag that method uses.
-    """
-    cond = info._condition  # noqa: SLF001 - see docstring
-    with cond:
-        while not info._published:  # noqa: SLF001
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            cond.wait(min(left, 0.5))
-    return True
+def _drop_tracebacks(e: BaseException) -> None:
+    """Clear the tracebacks of ``e`` and its causes (their frames hold the payload)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur.__traceback__ = None
+        cur = cur.__cause__ or cur.__context__

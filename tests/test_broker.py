@@ -25,9 +25,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
 
+from runner import mqtt_native
 from runner import protocol as P
 from runner.broker import (
     BrokerError,
@@ -46,14 +45,20 @@ needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
                                      reason="mosquitto not installed (apt-get install -y "
                                             "mosquitto)")
 pytestmark = pytest.mark.timeout(120)
+# Every MQTT client library the transport can run on (runner/transport.py); traffic,
+# security and failure tests run once per library, against the same brokers.
+BACKENDS = [pytest.param("paho"),
+            pytest.param("native", marks=pytest.mark.skipif(
+                mqtt_native.unavailable() is not None,
+                reason=f"native MQTT client unavailable: {mqtt_native.unavailable()}"))]
 
 
 # ------------------------------------------------------------------------------ helpers
-def transport(broker, who: str, **kw) -> Transport:  # type: ignore[no-untyped-def]
+def transport(broker, who: str, backend: str, **kw) -> Transport:  # type: ignore[no-untyped-def]
     me = P.SERVER if who == "server" else who
     return Transport(broker.address, broker.creds(who), run=broker.run, me=me,
                      clients=broker.clients if me == P.SERVER else None,
-                     reconnect=(0.05, 0.5), **kw).connect(10)
+                     reconnect=(0.05, 0.5), backend=backend, **kw).connect(10)
 
 
 def recv_kind(t: Transport, kind: P.Kind, timeout: float = 10.0) -> P.Message | None:
@@ -90,9 +95,15 @@ def broker() -> Iterator:  # type: ignore[type-arg]
         yield b
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def peers(broker) -> Iterator[dict[str, Transport]]:  # type: ignore[no-untyped-def]
-    ts = {who: transport(broker, who) for who in ["server", *CLIENTS]}
+def peers(broker, backend) -> Iterator[dict[str, Transport]]:  # type: ignore[no-untyped-def]
+    ts = {who: transport(broker, who, backend) for who in ["server", *CLIENTS]}
+    assert all(t.backend == backend for t in ts.values())
     yield ts
     for t in ts.values():
         t.close()
@@ -108,6 +119,24 @@ def test_parse_broker_url() -> None:
                 "h:1"):
         with pytest.raises(BrokerError):
             parse_broker_url(bad)
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner import transport as T
+
+    monkeypatch.delenv(T.ENV_BACKEND, raising=False)
+    assert T.resolve_backend() == T.DEFAULT_BACKEND == "paho"  # by measurement
+    assert T.resolve_backend("paho") == "paho"
+    monkeypatch.setenv(T.ENV_BACKEND, "native")
+    monkeypatch.setattr(mqtt_native, "unavailable", lambda: None)
+    assert T.resolve_backend() == "native" and T.resolve_backend("auto") == "native"
+    assert T.resolve_backend("paho") == "paho"  # the argument wins over the environment
+    monkeypatch.setattr(mqtt_native, "unavailable", lambda: "libmosquitto not found")
+    assert T.resolve_backend("auto") == "paho"  # auto falls back, with a log line
+    with pytest.raises(TransportError, match="libmosquitto not found"):
+        T.resolve_backend("native")  # an explicit choice never falls back
+    with pytest.raises(ValueError, match="MQTT backend"):
+        T.resolve_backend("gmqtt")
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="no mosquitto_passwd")
@@ -227,10 +256,10 @@ def test_garbage_is_counted_and_reported_not_delivered(broker, peers) -> None:  
 
 # ------------------------------------------------------------------------------ security
 @needs_mosquitto
-def test_wrong_or_unknown_credentials_are_refused(broker) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_or_unknown_credentials_are_refused(broker, backend) -> None:  # type: ignore[no-untyped-def]
     for cred in (Credentials("c0", "wrong"), Credentials("c9", "x"),
                  Credentials("c0", broker.creds("c1").password)):
-        t = Transport(broker.address, cred, run=RUN, me="c0")
+        t = Transport(broker.address, cred, run=RUN, me="c0", backend=backend)
         with pytest.raises(TransportError, match="Not authorized"):
             t.connect(10)
         assert not t.connected
@@ -273,9 +302,9 @@ def test_client_cannot_publish_as_the_server_or_another_client(broker, peers) ->
 
 
 @needs_mosquitto
-def test_acl_file_mode_grants_subscriptions_but_delivers_nothing() -> None:
+def test_acl_file_mode_grants_subscriptions_but_delivers_nothing(backend) -> None:  # type: ignore[no-untyped-def]
     with start_broker("acl", CLIENTS, auth="aclfile") as b:
-        srv, c0, c1 = (transport(b, w) for w in ("server", "c0", "c1"))
+        srv, c0, c1 = (transport(b, w, backend) for w in ("server", "c0", "c1"))
         try:
             assert c1.subscribe("hsl/acl/c/c0/grad") == [1]  # Mosquitto grants it ...
             srv.send(P.Kind.GRAD, 1, {P.GRAD: torch.ones(1, 2, 3)}, to="c0")
@@ -292,9 +321,9 @@ def test_acl_file_mode_grants_subscriptions_but_delivers_nothing() -> None:
 
 # ----------------------------------------------------------------------------- failures
 @needs_mosquitto
-def test_clients_reconnect_after_broker_restart() -> None:
+def test_clients_reconnect_after_broker_restart(backend) -> None:  # type: ignore[no-untyped-def]
     with start_broker("rs", CLIENTS) as b:
-        srv, c0 = transport(b, "server"), transport(b, "c0")
+        srv, c0 = transport(b, "server", backend), transport(b, "c0", backend)
         try:
             c0.send(P.Kind.HB, 1)
             assert recv_kind(srv, P.Kind.HB) is not None
@@ -320,31 +349,60 @@ def test_clients_reconnect_after_broker_restart() -> None:
 def test_last_will_says_offline_and_clean_close_too(broker, peers) -> None:  # type: ignore[no-untyped-def]
     srv = peers["server"]
     drain(srv, 0.2)
+    backend = srv.backend
     c1b = Transport(broker.address, broker.creds("c1"), run=RUN, me="c1",
-                    client_id="hsl-t1-c1-second").connect(10)
+                    client_id="hsl-t1-c1-second", backend=backend).connect(10)
     online = recv_kind(srv, P.Kind.STATE)
     assert online is not None and online.meta["state"] == "online"
     # MQTT 5 "disconnect with will message" (reason 4): the broker publishes the will, as it
     # does when a client crashes or its keepalive lapses.
-    c1b.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+    c1b.link.disconnect(with_will=True)
     will = recv_kind(srv, P.Kind.STATE)
     assert will is not None and will.client == "c1"
     assert will.meta == {"state": "offline", "reason": "lost"}
-    c1b.client.loop_stop()
+    c1b.link.stop()
     c1c = Transport(broker.address, broker.creds("c1"), run=RUN, me="c1",
-                    client_id="hsl-t1-c1-third").connect(10)
+                    client_id="hsl-t1-c1-third", backend=backend).connect(10)
     assert recv_kind(srv, P.Kind.STATE).meta["state"] == "online"  # type: ignore[union-attr]
     c1c.close()
     closed = recv_kind(srv, P.Kind.STATE)
     assert closed is not None and closed.meta == {"state": "offline", "reason": "closed"}
 
 
+@needs_mosquitto
+def test_outage_fires_the_will_and_the_session_keeps_what_came_meanwhile(backend) -> None:  # type: ignore[no-untyped-def]
+    """Fault injection (``testbed inject dropout --mode disconnect``): the link drops without
+    DISCONNECT, the broker publishes the will, and the MQTT 5 session queues the gradients
+    sent meanwhile, across more than one outage."""
+    import threading
+
+    with start_broker("og", CLIENTS) as b:
+        srv, c0 = transport(b, "server", backend), transport(b, "c0", backend)
+        try:
+            drain(srv, 0.2)
+            for i in range(2):
+                away = threading.Thread(target=c0.outage, args=(1.5,))
+                away.start()
+                will = recv_kind(srv, P.Kind.STATE)
+                assert will is not None and will.meta == {"state": "offline", "reason": "lost"}
+                srv.send(P.Kind.GRAD, 10 + i, {P.GRAD: torch.ones(1, 2, 3)}, to="c0")
+                away.join()
+                grad = recv_kind(c0, P.Kind.GRAD)
+                assert grad is not None and grad.step == 10 + i
+                back = recv_kind(srv, P.Kind.STATE)
+                assert back is not None and back.meta["state"] == "online"
+            assert c0.connects == 3
+        finally:
+            c0.close()
+            srv.close()
+
+
 # --------------------------------------------------------------------------------- amqtt
-def test_amqtt_fallback_auth_acl_and_round_trip() -> None:
+def test_amqtt_fallback_auth_acl_and_round_trip(backend) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("amqtt")
     with start_broker("am", CLIENTS, backend="amqtt") as b:
         assert b.mqtt_version == 4 and b.auth == "amqtt"
-        srv, c0, c1 = (transport(b, w) for w in ("server", "c0", "c1"))
+        srv, c0, c1 = (transport(b, w, backend) for w in ("server", "c0", "c1"))
         try:
             tensors = act_tensors(2, 8, 16)
             c0.send(P.Kind.ACT, 1, tensors)
@@ -356,7 +414,8 @@ def test_amqtt_fallback_auth_acl_and_round_trip() -> None:
                 "am", P.SERVER, P.Kind.GLOBAL, 1, 1, {"w": torch.ones(2)})))
             assert [m for m in drain(c0, 0.5) if m.kind is P.Kind.GLOBAL] == []
             with pytest.raises(TransportError, match="Not authorized"):
-                Transport(b.address, Credentials("c0", "wrong"), run="am", me="c0").connect(10)
+                Transport(b.address, Credentials("c0", "wrong"), run="am", me="c0",
+                          backend=backend).connect(10)
         finally:
             for t in (srv, c0, c1):
                 t.close()

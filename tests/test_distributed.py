@@ -24,7 +24,7 @@ import pytest
 import torch
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from runner import lora
+from runner import lora, mqtt_native
 from runner import protocol as P
 from runner.broker import find_mosquitto
 from runner.config import TrainConfig
@@ -137,11 +137,15 @@ def finish(run: LocalRun, timeout: float = 150.0) -> None:
 
 
 # ------------------------------------------------------------------------- equivalence
-def test_splitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", [
+    "paho", pytest.param("native", marks=pytest.mark.skipif(
+        mqtt_native.unavailable() is not None, reason="libmosquitto not available"))])
+def test_splitlora_over_mosquitto_equals_in_process(tmp_path: Path, backend: str) -> None:
     """Acceptance: 3 clients, fp32 on the wire, same per-step losses (max |diff| <= 1e-5),
-    and the same validation losses and final adapter."""
+    and the same validation losses and final adapter; on each MQTT client library (an
+    explicit backend never falls back, so "native" ran on libmosquitto)."""
     cfg = _cfg()
-    with LocalRun(cfg, tmp_path / "run", _options()) as run:
+    with LocalRun(cfg, tmp_path / "run", _options(mqtt=backend)) as run:
         run.start()
         finish(run)
     dist = train_losses(run.run_dir)
