@@ -292,5 +292,10 @@ from testbed import commands_runtime as _runtime_commands  # noqa: E402
 
 _runtime_commands.register(app)
 
+# `testbed join` (testbed/commands_join.py): a real device takes one client's slot.
+from testbed import commands_join as _join_commands  # noqa: E402
+
+_join_commands.register(app)
+
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,6 +97,13 @@ def up(
              "fault land mid-run in a short run)")] = 0.0,
     detach: Annotated[bool, typer.Option(help="Start and return; stop with `testbed down`")
                       ] = False,
+    join_slot: Annotated[list[str] | None, typer.Option(
+        "--join-slot", help="Leave this client's slot to a device that joins with `testbed "
+                            "join` (local backend; repeatable): its join file goes to "
+                            "RUN/join/CLIENT.json")] = None,
+    listen: Annotated[str, typer.Option(
+        help="Address the run's broker listens on (local backend); 0.0.0.0 lets devices on "
+             "the network join")] = "127.0.0.1",
     cpu_steps: Annotated[int | None, typer.Option(
         help="With --profile and no --steps: when no CUDA GPU is visible, train this many "
              "steps instead of the profile's (validation points spread over them); printed "
@@ -138,8 +146,13 @@ def up(
         if external and backend in ("compose", "swarm"):
             raise UserError(f"--broker is for the local backend (the {backend} backend runs its "
                             "own broker container)")
+        joins = JoinSlots(tuple(join_slot or ()), listen)
+        if (joins.names or listen != "127.0.0.1") and backend in ("compose", "swarm"):
+            raise UserError("--join-slot and --listen are for the local backend (add "
+                            "--backend local)")
         if profile is not None:
-            _up_profile(profile, method=method, steps=steps, data=data, seed=seed, out=out,
+            _up_profile(profile, joins=joins, method=method, steps=steps, data=data,
+                        seed=seed, out=out,
                         overwrite=overwrite, backend=backend, host_network=host_network,
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
                         external=external, offline_given=offline_after is not None,
@@ -160,7 +173,7 @@ def up(
             eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
             seed=seed, precision=_precision(precision, console))
         cfg.validate()
-        _up_local(cfg, out, opts, detach, console, external)
+        _up_local(cfg, out, opts, detach, console, external, joins)
     except UserError as exc:
         _fail(str(exc))
     finally:
@@ -208,14 +221,24 @@ def _external_broker(url: str | None, passwords: Path | None
     return url, {str(k): v for k, v in doc.items()}
 
 
+@dataclass(frozen=True)
+class JoinSlots:
+    """``--join-slot`` clients (left to devices running ``testbed join``, testbed/join.py)
+    and the broker's ``--listen`` address."""
+
+    names: tuple[str, ...] = ()
+    listen: str = "127.0.0.1"
+
+
 def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
-              external: tuple[str, dict[str, str] | None] | None = None) -> None:
+              external: tuple[str, dict[str, str] | None] | None = None,
+              joins: JoinSlots = JoinSlots()) -> None:
     """Local backend: broker (or ``--broker``), server and clients as processes here."""
     from testbed.console import fail as _fail
     from testbed.local import LocalRun
 
     _print_data(cfg, console)
-    run = LocalRun(cfg, out, opts)
+    run = LocalRun(cfg, out, opts, join_slots=joins.names, listen=joins.listen)
     if external is not None:
         url, passwords = external
         run.broker_url = url
@@ -235,6 +258,10 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
     run.start()
     console.print(f"run {run.run_id}: broker {run.url}, server + {len(run.clients)} clients; "
                   f"logs in {run.logs}", highlight=False)
+    for name, path in run.join_files.items():
+        console.print(f"{name} waits for a device: testbed join --broker {run.url} --run-id "
+                      f"{run.run_id} --client {name} --credentials {path} (copy the file to "
+                      "the device; --model and --data give its own paths)", highlight=False)
     if detach:
         console.print(f"detached; `testbed status --run {out}`, `testbed down --run {out}`",
                       highlight=False)
@@ -268,7 +295,8 @@ def _print_summary(out: Path, console: Console) -> None:
                   f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
 
 
-def _up_profile(name: str, *, method: str | None, steps: int | None, data: str | None,
+def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None,
+                steps: int | None, data: str | None,
                 seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
                 external: tuple[str, dict[str, str] | None] | None = None,
@@ -316,7 +344,8 @@ def _up_profile(name: str, *, method: str | None, steps: int | None, data: str |
         out.mkdir(parents=True, exist_ok=True)
         devices = P.write_devices_file(mapping, out / "devices.json",
                                        [d.availability for d in prof.devices])
-        _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external)
+        _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external,
+                  joins)
         return
     from testbed.compose import CONTAINER_OFFLINE_AFTER, CONTAINER_STEP_TIMEOUT
 

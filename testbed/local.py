@@ -81,6 +81,9 @@ class LocalRun:
     env_extra: dict[str, str] = field(default_factory=dict)
     broker: Broker | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    join_slots: tuple[str, ...] = ()  # clients left to devices (`testbed join`)
+    listen: str = "127.0.0.1"  # the per-run broker's address
+    join_files: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -88,6 +91,10 @@ class LocalRun:
             c if c.isalnum() or c in "_.-" else "-" for c in self.run_dir.name)[:64] or "run"
         n = 1 if self.train.method in CENTRAL_METHODS else self.train.clients
         self.clients = default_clients(n)
+        unknown = sorted(set(self.join_slots) - set(self.clients))
+        if unknown:
+            raise UserError(f"--join-slot names unknown clients {unknown}; the run's clients "
+                            f"are {', '.join(self.clients)}")
 
     # ---------------------------------------------------------------------- start
     @property
@@ -101,7 +108,7 @@ class LocalRun:
     def start_broker(self) -> None:
         if self.broker_url is not None:
             return
-        self.broker = start_broker(self.run_id, self.clients,
+        self.broker = start_broker(self.run_id, self.clients, host=self.listen,
                                    workdir=self.run_dir / "broker")
 
     @property
@@ -132,7 +139,14 @@ class LocalRun:
                      clients=self.clients, broker=self.url, options=self.options)
         self.spawn("server")
         for cid in self.clients:
-            self.spawn(cid)
+            if cid in self.join_slots:  # a device takes this slot (testbed/join.py)
+                from testbed.join import write_join_file
+
+                self.join_files[cid] = write_join_file(
+                    self.run_dir, client=cid, broker=self.url, run_id=str(self.run_id),
+                    password=self.password(cid), config_path=self.config_path)
+            else:
+                self.spawn(cid)
         return self
 
     def env(self, who: str) -> dict[str, str]:

@@ -1,0 +1,133 @@
+"""``testbed join``: a real device joins a running fleet as one of its clients.
+
+Why: emulated clients answer what a method does under a profile's budgets; a researcher
+with a Jetson-class board wants the same run with the board in it. ``testbed up --profile
+NAME --join-slot client4`` (local backend) starts the broker, the server and every client
+except ``client4``, and writes ``RUN/join/client4.json``: a join file (mode 0600) holding
+what a device needs and nothing it must not see: the broker's URL, the run id, the client's
+name and password, and the run's configuration (the training configuration, its device
+description, the runtime options). Copy it to the device; there
+
+    testbed join --broker mqtt://SERVER:PORT --run-id RUN --client client4 \\
+        --credentials client4.json --model /path/to/the/stand-in --data /path/to/e2e.csv
+
+runs ``python -m runner.client`` with that configuration, the broker address as the device
+sees it, and the model and data at their paths on the device. The client finds its own
+memory budget as every client does (runner/budget.py: NVML on a GPU, else its cgroup's
+limit, else the profile's value, reported with its source) and reports it in its
+heartbeats; the server treats it as any other client of the run (join, steps, repair,
+offline detection): nothing on the server knows the client is real.
+
+The run id and client name are given on the command line as well as in the file so that a
+file copied to the wrong device fails at once, in one line, instead of joining as someone
+else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from runner.broker import parse_broker_url, write_private
+from runner.errors import UserError
+
+FORMAT = "hsplitlora-join/1"
+JOIN_DIR = "join"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_join_file(run_dir: Path, *, client: str, broker: str, run_id: str, password: str,
+                    config_path: Path) -> Path:
+    """``RUN/join/<client>.json`` for the device that will take ``client``'s slot. The
+    devices file the configuration names is inlined (the device has no run directory)."""
+    runtime = json.loads(Path(config_path).read_text())
+    devices = runtime.get("train", {}).get("devices")
+    inlined = json.loads(Path(devices).read_text()) if devices else None
+    doc = {"format": FORMAT, "client": client, "run_id": run_id, "broker": broker,
+           "password": password, "runtime": runtime, "devices": inlined}
+    path = Path(run_dir) / JOIN_DIR / f"{client}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_join_file(path: Path) -> dict[str, Any]:
+    """A join file, checked enough that every later read is safe (one-line errors)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read the credentials file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not a join file (not JSON: {exc.msg}, line "
+                        f"{exc.lineno}); use the RUN/join/CLIENT.json `testbed up "
+                        "--join-slot` wrote") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"{path} is not a join file ({FORMAT}); use the RUN/join/CLIENT.json "
+                        "`testbed up --join-slot` wrote")
+    for key in ("client", "run_id", "broker", "password", "runtime"):
+        if key not in doc:
+            raise UserError(f"{path}: the join file has no {key!r}")
+    return doc
+
+
+def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
+            run_id: str | None = None, client: str | None = None, model: str | None = None,
+            data: str | None = None) -> dict[str, str]:
+    """Write the device's own run configuration into ``workdir`` and return the environment
+    ``python -m runner.client`` needs. Names given here must match the file's."""
+    doc = read_join_file(credentials)
+    if run_id is not None and run_id != doc["run_id"]:
+        raise UserError(f"--run-id {run_id!r} but {credentials} is for run {doc['run_id']!r}")
+    if client is not None and client != doc["client"]:
+        raise UserError(f"--client {client!r} but {credentials} is the join file of "
+                        f"{doc['client']!r}")
+    url = broker or doc["broker"]
+    parse_broker_url(url)  # BrokerError (a UserError): one line naming the URL
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    runtime = dict(doc["runtime"])
+    train = dict(runtime["train"])
+    if model is not None:
+        train["model"] = model
+    if data is not None:
+        train["data"] = data
+    if doc.get("devices") is not None:
+        (workdir / "devices.json").write_text(json.dumps(doc["devices"], indent=1) + "\n")
+        train["devices"] = str(workdir / "devices.json")
+    runtime.update({"train": train, "run_dir": str(workdir), "broker": url})
+    (workdir / "runtime.json").write_text(json.dumps(runtime, indent=1, sort_keys=True) + "\n")
+    write_private(workdir / "password", str(doc["password"]) + "\n")
+    me = str(doc["client"])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TESTBED_PASSWORD", "TESTBED_BUDGET_BYTES")}
+    env.update({"TESTBED_CONFIG": str(workdir / "runtime.json"), "TESTBED_BROKER": url,
+                "TESTBED_RUN_ID": str(doc["run_id"]), "TESTBED_CLIENT_ID": me,
+                "TESTBED_USERNAME": me, "TESTBED_PASSWORD_FILE": str(workdir / "password"),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                            env.get("PYTHONPATH")]))})
+    budget = _profile_budget(doc.get("devices"), me)
+    if budget is not None:  # the last resort of runner/budget.py, after NVML and cgroups
+        env["TESTBED_BUDGET_BYTES"] = str(budget)
+    return env
+
+
+def _profile_budget(devices: Any, me: str) -> int | None:
+    """The profile's budget for ``me`` from an inlined devices file, if it has one."""
+    rows = devices.get("clients") if isinstance(devices, dict) else devices
+    for row in rows or []:
+        if isinstance(row, dict) and row.get("name") == me and row.get("memory_bytes"):
+            return int(row["memory_bytes"])
+    return None
+
+
+def run_client(env: dict[str, str]) -> int:
+    """``python -m runner.client`` in the foreground, its log on this terminal."""
+    proc = subprocess.run([sys.executable, "-m", "runner.client"], env=env, check=False)
+    return proc.returncode
+
+
+__all__ = ["JOIN_DIR", "prepare", "read_join_file", "run_client", "write_join_file"]

@@ -1,0 +1,132 @@
+"""``testbed join`` (testbed/join.py): a device outside the launcher takes a client's slot.
+
+The end-to-end test starts a local-backend run of the smoke profile whose ``client2`` slot
+is left to a joiner (``testbed up --join-slot client2``), then runs ``testbed join`` as a
+separate process on loopback with the join file, its own working directory and the model
+path given explicitly, as a device would. Real Mosquitto, real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from fleet_cli import ROOT, TESTBED, cli, wait_for
+
+from runner.rundir import read_jsonl
+from testbed.join import prepare, read_join_file, write_join_file
+
+
+def _join_file(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "devices.json").write_text(json.dumps({"clients": [
+        {"name": "client0", "memory_bytes": 111}, {"name": "client1", "memory_bytes": 222}],
+        "server": {"name": "server", "memory_bytes": 999}}))
+    (run / "runtime.json").write_text(json.dumps({
+        "train": {"model": "tiny-llama", "data": "synthetic",
+                  "devices": str(run / "devices.json")},
+        "run_dir": str(run), "run_id": "r1", "clients": ["client0", "client1"],
+        "broker": "mqtt://127.0.0.1:1883", "runtime": {}}))
+    return write_join_file(run, client="client1", broker="mqtt://127.0.0.1:1883",
+                           run_id="r1", password="s3cret", config_path=run / "runtime.json")
+
+
+def test_join_file_is_private_and_self_contained(tmp_path: Path) -> None:
+    path = _join_file(tmp_path)
+    assert path == tmp_path / "run" / "join" / "client1.json"
+    assert path.stat().st_mode & 0o077 == 0
+    doc = read_join_file(path)
+    assert doc["client"] == "client1" and doc["password"] == "s3cret"
+    assert doc["devices"]["clients"][1]["memory_bytes"] == 222  # inlined, not a path
+
+
+def test_prepare_writes_the_devices_own_config(tmp_path: Path) -> None:
+    path = _join_file(tmp_path)
+    work = tmp_path / "device"
+    env = prepare(path, work, broker="mqtt://10.0.0.5:1884", run_id="r1", client="client1",
+                  model="/models/smollm2", data="/data/e2e.csv")
+    runtime = json.loads((work / "runtime.json").read_text())
+    assert runtime["run_dir"] == str(work.resolve())
+    assert runtime["broker"] == "mqtt://10.0.0.5:1884"
+    assert runtime["train"]["model"] == "/models/smollm2"
+    assert runtime["train"]["data"] == "/data/e2e.csv"
+    assert json.loads(Path(runtime["train"]["devices"]).read_text())["server"]["name"] == \
+        "server"
+    assert env["TESTBED_CLIENT_ID"] == env["TESTBED_USERNAME"] == "client1"
+    assert env["TESTBED_BROKER"] == "mqtt://10.0.0.5:1884" and env["TESTBED_RUN_ID"] == "r1"
+    assert Path(env["TESTBED_PASSWORD_FILE"]).read_text().strip() == "s3cret"
+    assert "TESTBED_PASSWORD" not in env
+    # the profile's budget only as the last resort of the client's own discovery
+    assert env["TESTBED_BUDGET_BYTES"] == "222"
+
+
+@pytest.mark.parametrize(("kwargs", "phrase"), [
+    ({"run_id": "other"}, "is for run 'r1'"),
+    ({"client": "client0"}, "is the join file of 'client1'"),
+    ({"broker": "http://x"}, "must look like mqtt://host:port"),
+])
+def test_prepare_refuses_a_file_for_someone_else(tmp_path: Path, kwargs: dict[str, str],
+                                                 phrase: str) -> None:
+    from runner.errors import UserError
+
+    with pytest.raises(UserError, match=phrase.replace("(", r"\(")):
+        prepare(_join_file(tmp_path), tmp_path / "device", **kwargs)
+
+
+def test_cli_bad_credentials_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = cli("join", "--broker", "mqtt://127.0.0.1:1", "--run-id", "r", "--client", "c",
+               "--credentials", str(bad), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a join file" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_a_device_joins_a_local_run(tmp_path: Path) -> None:
+    run = tmp_path / "joined"
+    up = subprocess.Popen(
+        [*TESTBED, "up", "--profile", "smoke", "--backend", "local", "--steps", "4",
+         "--join-slot", "client2", "--join-timeout", "600", "--out", str(run)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    joiner = None
+    try:
+        join_file = run / "join" / "client2.json"
+        wait_for(join_file.is_file, 300, "the join file", up)
+        doc = json.loads(join_file.read_text())
+        model = doc["runtime"]["train"]["model"]  # the stand-in, as this "device" has it
+        log = open(tmp_path / "joiner.log", "w")  # noqa: SIM115 - closed below
+        joiner = subprocess.Popen(
+            [*TESTBED, "join", "--broker", doc["broker"], "--run-id", doc["run_id"],
+             "--client", "client2", "--credentials", str(join_file), "--model", model,
+             "--workdir", str(tmp_path / "device")],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+        out, _ = up.communicate(timeout=900)
+        joiner.wait(timeout=120)
+        log.close()
+        joined_out = (tmp_path / "joiner.log").read_text()
+    finally:
+        for p in (up, joiner):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert up.returncode == 0, out[-4000:]
+    assert "testbed join" in out and "client2" in out  # the slot was announced
+    assert joiner.returncode == 0, joined_out[-4000:]
+    assert "client2 connected to" in joined_out
+    # the server treated the joiner as any client: it joined, reported a budget, trained
+    events = read_jsonl(run / "events.jsonl")
+    assert any(e["event"] == "client_joined" and e.get("client") == "client2" for e in events)
+    budget = [e for e in events if e["event"] == "client_budget" and e["client"] == "client2"]
+    assert budget and budget[0]["budget_bytes"] > 0 and budget[0]["source"], budget
+    train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
+    assert {m["client"] for m in train} == {"client0", "client1", "client2"}
+    assert max(m["step"] for m in train if m["client"] == "client2") == 3
+    # no process of the launcher played client2
+    state = json.loads((run / "testbed-state.json").read_text())
+    assert "client2" not in state["processes"]
