@@ -369,8 +369,13 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
                   f"{len(run.clients)} client containers; override {run.override}",
                   highlight=False)
     if detach:
-        console.print(f"detached; `testbed status --run {out}`, `testbed down --run {out}`",
-                      highlight=False)
+        # the watch goes on without us: a process of its own (testbed/watcher.py)
+        from testbed import watcher
+
+        info = watcher.start(run.run_dir)
+        console.print(f"detached; watcher pid {info['pid']} (OOM -> budget_exceeded, "
+                      f"availability traces; log {info['log']}); `testbed status --run {out}`, "
+                      f"`testbed down --run {out}`", highlight=False)
         return
     stop = threading.Event()
     watcher = threading.Thread(target=run.watch, args=(stop,), daemon=True)
@@ -402,6 +407,13 @@ def _follow(run_dir: Path, poll: Any, total: int, console: Console | None = None
     return follow(run_dir, poll, console, steps=total)
 
 
+def _watch_state(run: Path) -> dict[str, Any]:
+    """A detached compose run's watcher process and its state, for ``status``."""
+    from testbed import watcher
+
+    return watcher.state(run) if _backend(run) == "compose" else {}
+
+
 def _backend(run: Path) -> str:
     from testbed.local import read_state
 
@@ -427,6 +439,11 @@ def status(run: RunOpt = Path("runs/latest"),
                   **progress(run)}
         else:
             st = local_status(run)
+        st.update(_watch_state(run))
+        if (Path(run) / "config.json").is_file():
+            from analysis.audit import audit_run
+
+            st["audit"] = audit_run(run)
     except UserError as exc:
         _fail(str(exc))
         return
@@ -452,6 +469,15 @@ def status(run: RunOpt = Path("runs/latest"),
     if st["events"]:
         c.print("events: " + ", ".join(f"{k} {v}" for k, v in sorted(st["events"].items())),
                 highlight=False)
+    if "watcher" in st:
+        w = st["watcher"]
+        c.print(f"watcher pid {w['pid']} {w['state']} (OOM -> budget_exceeded, availability "
+                "traces)", highlight=False)
+    if "audit" in st:
+        from analysis.audit import audit_lines
+
+        for line in audit_lines(st["audit"]):
+            c.print(line, highlight=False, markup=False)
 
 
 def down(run: RunOpt = Path("runs/latest")) -> None:
@@ -462,9 +488,12 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
 
     try:
         if _backend(run) == "compose":
+            from testbed import watcher
             from testbed.compose_run import down as compose_down
 
-            stopped = compose_down(run)
+            # the watcher first: on SIGTERM it checks the containers for OOM kills a last time
+            watched = watcher.stop(run)
+            stopped = compose_down(run) + (["watcher"] if watched else [])
         else:
             from testbed.local import down as local_down
 
