@@ -114,8 +114,9 @@ def watch(run_dir: Path, period: float = 1.0) -> int:
     stop_event.set()
     thread.join(10)
     with contextlib.suppress(Exception):
-        for client in run.check_oom():
-            print(f"{client}: budget exceeded (OOM-killed)", flush=True)
+        run.check_oom()
+    for client in sorted(run.recorded_oom):  # by the watch loop or this last look
+        print(f"{client}: budget exceeded (OOM-killed in its container)", flush=True)
     return 0
 
 
