@@ -151,3 +151,41 @@ def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) ->
         assert "watcher pid" in cli("status", "--run", str(run)).stdout
     finally:
         cli("down", "--run", str(run), check=False)
+
+
+def test_profile_dropout_applies_to_containers(images: None, tmp_path: Path) -> None:
+    """The smoke profile with a per-round dropout of 0.3 on every device, in containers: the
+    server draws the in-process clock's rounds from the seed (0: client0 out in round 0,
+    clients 1 and 2 in round 2, everyone in round 3), the containers sit them out, and the
+    events are those the in-process clock logs."""
+    import yaml
+
+    from runner.clock import dropped_in_round
+
+    doc = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    for d in doc["devices"]:
+        d["availability"] = {"dropout": 0.3}
+    doc["description"] = "smoke with a per-round dropout of 0.3"
+    profile = tmp_path / "smoke-dropout.yaml"
+    profile.write_text(yaml.safe_dump(doc))
+    run = tmp_path / "dropout"
+    cli("up", "--profile", str(profile), "--backend", "compose", "--host-network",
+        "--steps", "8", "--join-timeout", "90", "--out", str(run))
+    clients = ["client0", "client1", "client2"]
+    away = {r: {c for i, c in enumerate(clients) if dropped_in_round(0, r, i, 0.3)}
+            for r in range(4)}
+    assert away == {0: {"client0"}, 1: set(), 2: {"client1", "client2"},
+                    3: {"client0", "client1", "client2"}}
+    events = read_jsonl(run / "events.jsonl")
+    off = sorted((e["step"], e["client"]) for e in events
+                 if e["event"] == "client_offline" and e["reason"] == "dropout")
+    on = sorted((e["step"], e["client"]) for e in events
+                if e["event"] == "client_online" and e.get("reason") == "dropout")
+    assert off == [(0, "client0"), (4, "client1"), (4, "client2"), (6, "client0")], events
+    assert on == [(2, "client0")], events
+    train = {(m["step"], m["client"]) for m in read_jsonl(run / "metrics.jsonl")
+             if m.get("kind") == "train"}
+    want = {(s, c) for s in range(8) for c in clients if c not in away[s // 2]}
+    assert train == want
+    st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+    assert st["audit"]["ok"] and st["audit"]["steps"]["empty"] == [6, 7], st["audit"]
