@@ -131,6 +131,20 @@ def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
     return notes
 
 
+def audit_section(rs: RunSet) -> list[str]:
+    """The exactly-once audit of every distributed run (config.json has ``runtime``)."""
+    from analysis.audit import audit_lines, audit_records
+
+    lines: list[str] = []
+    for r in rs.runs:
+        if "runtime" not in r.config:
+            continue
+        a = audit_records(r.config, r.metrics, r.events, r.summary is not None)
+        lines += [f"- **{rs.labels[r.name]}** (`{r.name}`): " + audit_lines(a)[0]]
+        lines += [f"  - {line}" for line in audit_lines(a)[1:]]
+    return lines
+
+
 def write_report(rs: RunSet, out: Path, target: float | None = None,
                  baseline: str | None = None, warned: list[str] | None = None
                  ) -> tuple[Path, Plotted]:
@@ -208,6 +222,12 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
                   "container's memory cgroup, rss = the process's resident set, nvml / cuda = "
                   "GPU memory); planned: the memory model's prediction in reconfigurations; "
                   "budget: the budget in force at the peak.", "", *memory]
+    audits = audit_section(rs)
+    if audits:
+        lines += ["", "## Exactly-once audit", "",
+                  "Distributed runs, read from their files (analysis/audit.py): each step and "
+                  "aggregation applied once, and what each fault cost (steps re-run, client "
+                  "steps skipped, time).", "", *audits]
     caveats = _caveats(rs, warned or [])
     if caveats:
         lines += ["", "## Caveats", ""] + [f"- {c}" for c in caveats]

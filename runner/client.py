@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,6 +121,7 @@ class Client:
         self.need_global = -1  # aggregation the announced step builds on
         self.global_step = -1  # last aggregation whose adapters we hold
         self.uploaded = -1
+        self.sit_out = -1  # latest step the server told us to sit out (per-round dropout)
         self.pending: dict[str, Any] | None = None
         self.record: dict[str, Any] | None = None  # last local-step record (non-split methods)
         self.fresh = True  # nothing trained by this process yet
@@ -173,30 +175,72 @@ class Client:
         """Keep adapters, optimizer and stream position as of aggregation ``step`` (the
         server's checkpoint points), for an exact roll-back after a server restart."""
         h = self.holder
-        if not self.hooks.snapshots:
+        if not self.hooks.snapshots or h.seg is None:
             return  # the method's server sends the whole state on a roll-back
+        opt = h.opt.state_dict() if h.opt is not None else None
+        sched = h.sched.state_dict() if h.sched is not None else None
+        snap: dict[str, Any] = {"drawn": self.drawn, "opt_steps": self.opt_steps,
+                                "opt_start": self.opt_start}
         if self.full:
-            return  # a whole model per snapshot is too much memory: roll-backs are approximate
-        self.snapshots[step] = {
-            "adapters": {k: v.detach().clone()
-                         for k, v in lora.adapter_state(h.seg.model).items()},
-            "opt": copy.deepcopy(h.opt.state_dict()) if h.opt is not None else None,
-            "sched": copy.deepcopy(h.sched.state_dict()) if h.sched is not None else None,
-            "drawn": self.drawn, "opt_steps": self.opt_steps, "opt_start": self.opt_start}
-        while len(self.snapshots) > 3:
-            self.snapshots.popitem(last=False)
+            if step < 0:
+                return  # nothing trained yet: nothing to keep
+            # ft: the weights come back from the server on a roll-back (its checkpoint holds
+            # the uploaded model); AdamW's two moments are twice the model, too much to keep
+            # in memory three times, so they go to disk (the client's own directory).
+            path = self.state_dir / f"optimizer-{step}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"opt": opt, "sched": sched}, tmp)
+            os.replace(tmp, path)
+            snap.update(adapters=None, path=path)
+            keep = 2  # the server checkpoints the last aggregation or, killed before its
+            # checkpoint was written, the one before
+        else:
+            snap.update(adapters={k: v.detach().clone()
+                                  for k, v in lora.adapter_state(h.seg.model).items()},
+                        opt=copy.deepcopy(opt), sched=copy.deepcopy(sched))
+            keep = 3
+        self.snapshots[step] = snap
+        while len(self.snapshots) > keep:
+            _, old = self.snapshots.popitem(last=False)
+            if old.get("path") is not None:
+                with contextlib.suppress(OSError):
+                    old["path"].unlink()
 
-    def _restore(self, snap: dict[str, Any]) -> None:
+    @property
+    def state_dir(self) -> Path:
+        """Where this client keeps state too large for memory (ft's optimizer snapshots):
+        ``$TESTBED_STATE_DIR``, else ``RUN/clients/<id>`` (the run directory is this
+        process's own or, in a container, a mount of its own)."""
+        env = os.environ.get("TESTBED_STATE_DIR")
+        return Path(env) if env else self.rt.run_dir / "clients" / self.cid
+
+    def _restore(self, snap: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bool:
+        """Back to snapshot ``snap``: adapters (or, ft, the server's ``tensors``), AdamW
+        moments and schedule, stream position. False when its file is gone (then the
+        caller's approximate roll-back applies)."""
         h = self.holder
-        lora.load_adapter_state(h.seg.model, snap["adapters"])
+        if snap["adapters"] is None:  # ft: optimizer state on disk, weights from the server
+            try:
+                saved = torch.load(snap["path"], weights_only=False)
+            except (OSError, RuntimeError, EOFError):
+                return False
+            if not tensors:
+                return False
+            lora.load_trained_state(h.seg.model, tensors, self.full)
+            opt, sched = saved["opt"], saved["sched"]
+        else:
+            lora.load_adapter_state(h.seg.model, snap["adapters"])
+            opt, sched = copy.deepcopy(snap["opt"]), copy.deepcopy(snap["sched"])
         # The schedule's lambda is not in its state dict: rebuild it with the same offset,
         # then the saved step count (last_epoch) continues from there.
         self._reset_optimizer(snap["opt_start"])
-        if h.opt is not None and snap["opt"] is not None:
-            h.opt.load_state_dict(copy.deepcopy(snap["opt"]))
-            h.sched.load_state_dict(copy.deepcopy(snap["sched"]))
+        if h.opt is not None and opt is not None:
+            h.opt.load_state_dict(opt)
+            h.sched.load_state_dict(sched)
         self.opt_steps = snap["opt_steps"]
         self._reset_stream(snap["drawn"])
+        return True
 
     def status(self) -> dict[str, Any]:
         """What the server needs to see to repair anything missing (docs/protocol.md)."""
@@ -361,6 +405,8 @@ class Client:
             if ctrl.step > self.announced:
                 self.announced = ctrl.step
                 self.need_global = ctrl.global_
+            if self.cid in ctrl.away:
+                self.sit_out = max(self.sit_out, ctrl.step)
         elif isinstance(ctrl, control.Skip):
             if self.pending is not None and self.pending["step"] == ctrl.step:
                 log.info("step %d skipped by the server (late)", ctrl.step)
@@ -386,6 +432,14 @@ class Client:
     def advance(self) -> None:
         """Start the announced step when nothing is pending and the adapters it builds on
         have arrived (and the method's hooks have nothing to do or wait for)."""
+        if self.sit_out >= self.announced > self.done_step and self.pending is None:
+            # The server's per-round dropout: this device is away for the step. Nothing is
+            # drawn or trained (as an in-process client that sits a round out), and it waits
+            # for the server's resync when its round is over.
+            log.info("sitting out step %d (dropout)", self.announced)
+            self.done_step = self.announced
+            self.synced = False
+            return
         if self.hooks.advance():
             return
         if (not self.synced or self.pending is not None or self.announced <= self.done_step
@@ -504,15 +558,16 @@ class Client:
         g, drawn, opt_steps = r.global_, r.drawn, r.opt_steps
         if r.mode == "rollback":
             snap = self.snapshots.get(g)
-            if snap is not None and (snap["drawn"], snap["opt_steps"]) == (drawn, opt_steps):
-                self._restore(snap)
+            if (snap is not None and (snap["drawn"], snap["opt_steps"]) == (drawn, opt_steps)
+                    and self._restore(snap, tensors)):
                 how = "exact"
             else:
                 if tensors:
                     lora.load_trained_state(self.holder.seg.model, tensors, self.full)
                 elif g < 0:
-                    lora.load_adapter_state(self.holder.seg.model, self.snapshots[-1]["adapters"]
-                                            if -1 in self.snapshots else {})
+                    first = self.snapshots.get(-1)
+                    lora.load_adapter_state(self.holder.seg.model,
+                                            first["adapters"] if first is not None else {})
                 self._reset_stream(drawn)
                 self._reset_optimizer(opt_steps)
                 how = "approximate"
@@ -520,6 +575,7 @@ class Client:
             self.compute = None  # its steps after g are undone: no resources record for them
             self.done_step = self.announced = self.uploaded = g
             self.need_global = g
+            self.sit_out = -1  # the resumed server announces who sits out again
             self.global_step = g
             log.info("rolled back to aggregation %d (%s)", g, how)
         else:

@@ -82,6 +82,17 @@ class Availability:
         return min(later) if later else None
 
 
+def dropped_in_round(seed: int, round_index: int, client: int, p: float) -> bool:
+    """Whether client ``client`` (its index) sits out round ``round_index`` under a per-round
+    dropout probability ``p``: a seeded function of ``(seed, round, client)`` only, shared by
+    the in-process clock and the distributed server (runner/server.py), so both drop the
+    same clients in the same rounds."""
+    if p <= 0.0:
+        return False
+    # str seeds are hashed with SHA-512 by random.Random: stable across runs/processes.
+    return random.Random(f"{seed}:{round_index}:{client}").random() < p
+
+
 @dataclass(frozen=True)
 class StepTiming:
     """Where one step sits on the virtual time line.
@@ -145,11 +156,8 @@ class VirtualClock:
 
     def dropped_in_round(self, client: int, round_index: int) -> bool:
         """The seeded per-round dropout draw of one client (independent of everything else)."""
-        p = self.availability[client].dropout
-        if p <= 0.0:
-            return False
-        # str seeds are hashed with SHA-512 by random.Random: stable across runs/processes.
-        return random.Random(f"{self.seed}:{round_index}:{client}").random() < p
+        return dropped_in_round(self.seed, round_index, client,
+                                self.availability[client].dropout)
 
     def who_is_online(self, participants: Sequence[int] | None = None,
                       at: float | None = None) -> tuple[set[int], set[int], set[int]]:

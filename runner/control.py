@@ -89,6 +89,7 @@ class Step:
     epoch: str | None
     rollback: bool = False
     plan: int | None = None  # HSplitLoRA: the plan version the step needs
+    away: tuple[str, ...] = ()  # clients that sit this step out (per-round dropout)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def encode(c: Control) -> tuple[int, dict[str, Any]]:
     """The ``config`` message's header step and meta for ``c`` (docs/protocol.md)."""
     if isinstance(c, Step):
         meta = {"op": OP_STEP, "step": c.step, "epoch": c.epoch, "rollback": c.rollback,
-                **({} if c.plan is None else {"plan": c.plan}), "global": c.global_}
+                **({} if c.plan is None else {"plan": c.plan}), "global": c.global_,
+                **({"away": list(c.away)} if c.away else {})}
         return max(c.step, 0), meta
     simple = {Skip: OP_SKIP, Upload: OP_UPLOAD, Resend: OP_RESEND, Done: OP_DONE}
     if type(c) in simple:
@@ -196,8 +198,11 @@ def decode(msg: P.Message) -> Control | None:
     meta = msg.meta
     op = meta.get("op")
     if op == OP_STEP:
+        away = meta.get("away", [])
+        if not isinstance(away, list) or not all(isinstance(a, str) for a in away):
+            raise ControlError(f"'away' must be a list of client ids, got {away!r}")
         return Step(_int(meta, "step"), _int(meta, "global", -1), _epoch(meta),
-                    bool(meta.get("rollback")), _int(meta, "plan", -1))
+                    bool(meta.get("rollback")), _int(meta, "plan", -1), tuple(away))
     if op in (OP_SKIP, OP_UPLOAD, OP_RESEND, OP_DONE):
         cls = {OP_SKIP: Skip, OP_UPLOAD: Upload, OP_RESEND: Resend, OP_DONE: Done}[op]
         return cls(_int(meta, "step", -1))

@@ -23,9 +23,11 @@ re-sends the cached answer).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,6 +70,10 @@ class HeteroClientHooks(ClientHooks):
         self.probe_req: tuple[int, int] | None = None  # (probe step, global it follows)
         self.probe_fwd: tuple[int, ProbeForward, dict[str, Any]] | None = None
         self.probe_done: tuple[int, dict[str, float], int] | None = None  # step, nums, drawn
+        # hetlora / hsplitlora-no-naa: AdamW lives across aggregations, and a roll-back's
+        # resync carries adapters, not the moments: keep them per aggregation (the last
+        # three, as runner/client.py does), so a resumed run continues exactly.
+        self.opt_snapshots: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
     def load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
         self.candidates = lora.all_candidates(load_model_config(self.client.info.path))
@@ -208,6 +214,32 @@ class HeteroClientHooks(ClientHooks):
         self._load_adapters(tensors)
         c.pending = None
         c.global_step = step
+        self._snapshot_optimizer(step)
+
+    def _snapshot_optimizer(self, step: int) -> None:
+        """AdamW moments and schedule as of aggregation ``step`` (padded methods only: with
+        NAA every aggregation re-initialises adapters and optimizer, so there is nothing to
+        keep)."""
+        h = self.client.holder
+        if self.client.traits.naa or h.opt is None or h.sched is None:
+            return
+        self.opt_snapshots[step] = {"opt": copy.deepcopy(h.opt.state_dict()),
+                                    "sched": copy.deepcopy(h.sched.state_dict()),
+                                    "drawn": self.client.drawn, "reinit": self.reinit_step}
+        while len(self.opt_snapshots) > 3:
+            self.opt_snapshots.popitem(last=False)
+
+    def _restore_optimizer(self, g: int, drawn: int) -> bool:
+        """After a roll-back to aggregation ``g``: its AdamW state, when this process kept it
+        and its stream position is the server's (else the moments start afresh)."""
+        snap = self.opt_snapshots.get(g)
+        h = self.client.holder
+        if (snap is None or snap["drawn"] != drawn or snap["reinit"] != self.reinit_step
+                or h.opt is None or h.sched is None):
+            return False
+        h.opt.load_state_dict(copy.deepcopy(snap["opt"]))
+        h.sched.load_state_dict(copy.deepcopy(snap["sched"]))
+        return True
 
     def _load_adapters(self, tensors: dict[str, torch.Tensor]) -> None:
         model = self.client.holder.seg.model
@@ -254,8 +286,12 @@ class HeteroClientHooks(ClientHooks):
         self.plan_version = self.need_plan = plan.version
         drawn = r.drawn
         if r.mode == "rollback":
+            if not c.traits.naa:
+                how = "exact" if self._restore_optimizer(g, drawn) else "fresh"
+                log.info("optimizer state of aggregation %d: %s", g, how)
             c._reset_stream(drawn)
             c.done_step = c.announced = c.uploaded = c.need_global = g
+            c.sit_out = -1  # the resumed server announces who sits out again
             c.compute = None  # its steps after g are undone: no resources record for them
         elif c.fresh:
             c._reset_stream(drawn)

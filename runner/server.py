@@ -47,6 +47,7 @@ import torch
 
 from runner import control, lora, schedule, split
 from runner import protocol as P
+from runner.clock import dropped_in_round
 from runner.errors import UserError
 from runner.memory import ModelCosts
 from runner.methods import plugins, registry
@@ -112,6 +113,7 @@ class Peer:
     agg_opt_steps: int = 0
     grad: tuple[int, torch.Tensor] | None = None  # last answered step and its gradient
     last_repair: float = 0.0
+    away: bool = False  # sits the current round out (per-round dropout): offline meanwhile
 
 
 class Server:
@@ -167,6 +169,10 @@ class Server:
         self._connects = 1
         self.reconnected_at = 0.0
         self.awake_at = self.last_pump = 0.0  # see pump
+        self.dropout = self._dropout_odds()  # client -> per-round dropout probability
+        # clients offline at the checkpoint a resume starts from: not waited for at the start
+        # (a client lost for good must not cost a join_timeout); they rejoin when they can
+        self.gone: set[str] = set()
         self.hooks.ready()
 
     def default_trainer(self) -> Trainer:
@@ -180,6 +186,58 @@ class Server:
     def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
         """The adapter tensors an upload (header ``h``) must carry: names and shapes."""
         return self.hooks.upload_shapes(h)
+
+    # ---------------------------------------------------------------- per-round dropout
+    def _dropout_odds(self) -> dict[str, float]:
+        """Each client's per-round dropout probability from the run's devices file (a
+        profile's ``availability: {dropout: p}``); {} without one. Central methods have no
+        rounds, as in-process (runner/trainer.py ``clock_devices``)."""
+        if not self.cfg.devices or self.traits.central:
+            return {}
+        from runner.devices import load_availability
+
+        entries = load_availability(Path(self.cfg.devices))
+        out = {}
+        for p in self.peers.values():
+            entry = entries[p.index] if p.index < len(entries) else None
+            odds = float((entry or {}).get("dropout") or 0.0)
+            if odds > 0.0:
+                out[p.cid] = odds
+        return out
+
+    def apply_dropout(self, step: int) -> None:
+        """The profile's per-round dropout, applied to the real clients: before ``step``, a
+        client the seeded draw of its round (runner/clock.py ``dropped_in_round``, the
+        in-process clock's own) takes out sits the round out (``client_offline``, reason
+        ``dropout``; announcements name it in ``away``, so it draws no batch and trains
+        nothing), and one whose round is over comes back (``client_online``, resync with
+        the current global state: the in-process returning client's rule). A client that
+        is not online is not drawn; one that went silent while away stays offline."""
+        if not self.dropout:
+            return
+        if any(p.away for p in self.peers.values()):
+            # after a long evaluation or checkpoint the heartbeats of the clients sitting
+            # out wait in the inbox: read them before judging who is still alive
+            self.pump(0.0)
+        rnd = step // self.cfg.agg_interval
+        for p in self.peers.values():
+            out = dropped_in_round(self.cfg.seed, rnd, p.index, self.dropout.get(p.cid, 0.0))
+            if out and p.online and not p.away:
+                p.away, p.online = True, False
+                self.offline_events += 1
+                self.event("client_offline", step=step, client=p.name, reason="dropout")
+                log.info("%s sits out round %d (dropout)", p.cid, rnd)
+            elif not out and p.away:
+                p.away = False
+                if time.monotonic() - p.last_seen < self.o.offline_after:
+                    p.online = True
+                    self.event("client_online", step=step, client=p.name, reason="dropout",
+                               resync=True)
+                    self.send_resync(p)
+
+    def away_ids(self) -> tuple[str, ...]:
+        """Clients sitting the current round out (named in step announcements)."""
+        return tuple(sorted(p.cid for p in self.peers.values() if p.away))
 
     # ------------------------------------------------------------------ run directory
     def _snapshot(self) -> dict[str, Any]:
@@ -224,7 +282,8 @@ class Server:
         state = {
             "version": 1, "step": step, "global_step": self.global_step,
             "model": self.hooks.model_state(),
-            "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps}
+            "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps,
+                              "present": p.online or p.away}
                       for p in self.peers.values()},
             "history": self.tr.history, "totals": self.totals, "first": self.first,
             "last": self.last, "rng": torch.get_rng_state(), "elapsed": self.run.elapsed(),
@@ -273,6 +332,8 @@ class Server:
                     p = self.peers[cid]
                     p.drawn = p.agg_drawn = int(pos["drawn"])
                     p.opt_steps = p.agg_opt_steps = int(pos["opt_steps"])
+                    if not pos.get("present", True):
+                        self.gone.add(cid)
             self.tr.history = list(ckpt["history"])
             self.totals = dict(ckpt["totals"])
             self.first, self.last = ckpt["first"], ckpt["last"]
@@ -284,6 +345,14 @@ class Server:
         # metrics.jsonl: keep only what the checkpoint includes (no step appears twice).
         metrics = self.run.path / METRICS
         rows = read_jsonl(metrics)
+        # What the killed server had reached and how long ago it last wrote a record: the
+        # exactly-once audit (analysis/audit.py) reports the steps run again and the outage.
+        reached = max((int(r["step"]) + 1 for r in rows if r.get("kind") == "train"),
+                      default=0)
+        try:
+            down = max(0.0, time.time() - metrics.stat().st_mtime)
+        except OSError:
+            down = None
         keep = [r for r in rows if g >= 0 and (
             r.get("step", 0) <= (g + 1 if r.get("kind") == "eval" else g))]
         tmp = metrics.with_suffix(".tmp")
@@ -291,7 +360,9 @@ class Server:
         os.replace(tmp, metrics)
         (self.run.path / SUMMARY).unlink(missing_ok=True)
         self.event("server_resumed", step=self.start_step, checkpoint=ckpt is not None,
-                   dropped_records=len(rows) - len(keep), epoch=self.epoch)
+                   dropped_records=len(rows) - len(keep), epoch=self.epoch,
+                   reached_step=reached, steps_rerun=max(0, reached - self.start_step),
+                   down_s=None if down is None else round(down, 3))
         log.info("resumed at step %d (checkpoint: %s)", self.start_step, ckpt is not None)
 
     # ----------------------------------------------------------------------- network
@@ -386,6 +457,10 @@ class Server:
         now = time.monotonic()
         if not self.t.connected or self.t.connects != self._connects:
             # Our own link is (or was) down: silence is not the clients' fault.
+            if self.t.connected and self.run is not None:
+                # back after a broker restart or a network fault: recorded for the audit
+                self.event("broker_reconnected", step=max(self.current, 0),
+                           outage_s=round(max(0.0, now - self.t.disconnected_at), 3))
             self._connects = self.t.connects
             self.reconnected_at = now
         for cid, (at, disconnects) in list(self.wills.items()):
@@ -424,6 +499,11 @@ class Server:
         inc = msg.meta.get("inc")
         if not isinstance(inc, str):
             self._reject(p, msg, "bad-meta", f"{msg.kind.value} without an incarnation id")
+            return
+        if p.away:
+            # sitting a round out: alive (last_seen), but no repairs and nothing to collect
+            if msg.kind is P.Kind.HB:
+                p.status = msg.meta
             return
         if not p.online or inc != p.inc:
             self.set_online(p, inc, msg.meta)
@@ -672,7 +752,7 @@ class Server:
     # --------------------------------------------------------------------- the round
     def announce(self, step: int, to: str | None = None) -> None:
         self.tell(control.Step(step, self.global_step, self.epoch, self.resumed,
-                               self.hooks.step_plan()), to=to)
+                               self.hooks.step_plan(), self.away_ids()), to=to)
 
     def wait_online(self, what: str) -> None:
         deadline = time.monotonic() + self.o.join_timeout
@@ -684,12 +764,20 @@ class Server:
     def wait_for_clients(self) -> None:
         """At the start: every client, or as many as joined within ``join_timeout``."""
         deadline = time.monotonic() + self.o.join_timeout
-        while (not all(self.hooks.joined(p) for p in self.peers.values())
+        while (not all(self.hooks.joined(p) for p in self.peers.values()
+                       if p.cid not in self.gone)
                and time.monotonic() < deadline):
             self.pump(0.1)
         self.wait_online("at the start")
 
     def train_step(self, step: int) -> list[dict[str, Any]]:
+        self.apply_dropout(step)
+        if not any(p.online for p in self.peers.values()) and any(
+                p.away for p in self.peers.values()):
+            # every client sits this round out: an empty step, as in-process
+            self.current = self.closed_step = step
+            self.announce(step)
+            return []
         self.wait_online(f"step {step}")
         self.current, self.answers, self.collecting = step, {}, True
         self.step_started = time.monotonic()

@@ -141,6 +141,7 @@ class Transport:
         self.sent_bytes = 0
         self.connects = 0
         self.disconnects = 0
+        self.disconnected_at = 0.0  # monotonic time of the last lost connection
         self.last_step = 0
         self._seq = itertools.count(time.time_ns() // 1000)  # unique across restarts
         self._seq_lock = threading.Lock()
@@ -273,6 +274,7 @@ class Transport:
     def link_disconnected(self, reason: str) -> None:
         if self._connected.is_set():
             self.disconnects += 1
+            self.disconnected_at = time.monotonic()
             if not self._closing:
                 log.warning("%s: disconnected (%s); reconnecting", self.me, reason)
         self._connected.clear()

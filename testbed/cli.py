@@ -277,6 +277,11 @@ from testbed.commands_experiment import app as _experiment_app  # noqa: E402
 
 app.add_typer(_experiment_app, name="experiment")
 
+# `testbed scenario run` (testbed/commands_scenario.py).
+from testbed.commands_scenario import app as _scenario_app  # noqa: E402
+
+app.add_typer(_scenario_app, name="scenario")
+
 # `testbed export k8s` (testbed/commands_export.py).
 from testbed.commands_export import app as _export_app  # noqa: E402
 

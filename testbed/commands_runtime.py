@@ -415,8 +415,13 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
                       f"{len(run.clients)} client containers; override {run.override}",
                       highlight=False)
     if detach:
-        console.print(f"detached; `testbed status --run {out}`, `testbed down --run {out}`",
-                      highlight=False)
+        # the watch goes on without us: a process of its own (testbed/watcher.py)
+        from testbed import watcher
+
+        info = watcher.start(run.run_dir)
+        console.print(f"detached; watcher pid {info['pid']} (OOM -> budget_exceeded, "
+                      f"availability traces; log {info['log']}); `testbed status --run {out}`, "
+                      f"`testbed down --run {out}`", highlight=False)
         return
     stop = threading.Event()
     watcher = threading.Thread(target=run.watch, args=(stop,), daemon=True)
@@ -448,6 +453,13 @@ def _follow(run_dir: Path, poll: Any, total: int, console: Console | None = None
     return follow(run_dir, poll, console, steps=total)
 
 
+def _watch_state(run: Path, backend: Any) -> dict[str, Any]:
+    """A detached compose run's watcher process and its state, for ``status``."""
+    from testbed import watcher
+
+    return watcher.state(run) if backend.__name__ == "testbed.compose_run" else {}
+
+
 def _backend(run: Path) -> tuple[Path, Any]:
     """The run directory meant (runs/latest: the latest started run) and the module of the
     backend that started it."""
@@ -473,6 +485,11 @@ def status(run: RunOpt = Path("runs/latest"),
     try:
         run, backend = _backend(run)
         st = backend.status(run)
+        st.update(_watch_state(run, backend))
+        if (Path(run) / "config.json").is_file():
+            from analysis.audit import audit_run
+
+            st["audit"] = audit_run(run)
     except UserError as exc:
         _fail(str(exc))
         return
@@ -499,6 +516,15 @@ def status(run: RunOpt = Path("runs/latest"),
     if st["events"]:
         c.print("events: " + ", ".join(f"{k} {v}" for k, v in sorted(st["events"].items())),
                 highlight=False)
+    if "watcher" in st:
+        w = st["watcher"]
+        c.print(f"watcher pid {w['pid']} {w['state']} (OOM -> budget_exceeded, availability "
+                "traces)", highlight=False)
+    if "audit" in st:
+        from analysis.audit import audit_lines
+
+        for line in audit_lines(st["audit"]):
+            c.print(line, highlight=False, markup=False)
 
 
 def down(run: RunOpt = Path("runs/latest")) -> None:
@@ -509,7 +535,12 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
 
     try:
         run, backend = _backend(run)
-        stopped = backend.down(run)
+        # a detached compose run's watcher first: on SIGTERM it checks the containers for
+        # OOM kills a last time
+        from testbed import watcher
+
+        watched = backend.__name__ == "testbed.compose_run" and watcher.stop(run)
+        stopped = backend.down(run) + (["watcher"] if watched else [])
     except UserError as exc:
         _fail(str(exc))
         return

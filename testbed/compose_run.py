@@ -227,12 +227,18 @@ class ComposeRun:
         self.write_state()
         return self
 
-    def write_state(self) -> None:
+    def write_state(self, watcher: dict[str, Any] | None = None) -> None:
+        """The state file: what ``testbed status|down|logs|inject`` and a detached run's
+        watcher process (testbed/watcher.py) need: the project, the clients with their
+        budgets and availability traces, and the watcher's pid once it runs."""
         write_json(self.run_dir / STATE, {
             "backend": "compose", "run_id": self.run_id, "run_dir": str(self.run_dir),
             "project": self.project, "compose": self.compose,
             "files": [str(BASE_COMPOSE), str(self.override)], "clients": self.clients,
-            "host_network": self.host_network, "updated": time.time()})
+            "budgets": {c: self.budget_of(c) for c in self.clients},
+            "traces": {c: [list(w) for w in ws] for c, ws in self.traces().items()},
+            "host_network": self.host_network, "updated": time.time(),
+            **({"watcher": watcher} if watcher else {})})
 
     # ------------------------------------------------------------------------ watch
     def containers(self) -> dict[str, Any]:
@@ -264,7 +270,6 @@ class ComposeRun:
                 self.recorded_oom.add(name)
                 newly.append(name)
                 limit = int(c.attrs.get("HostConfig", {}).get("Memory") or 0)
-                row = self.mapping.clients[self.clients.index(name)]
                 last = self.last_stats.get(name)
                 measured: dict[str, Any] = {}
                 if last is not None:  # the host's last reading before the kill
@@ -274,7 +279,7 @@ class ComposeRun:
                     self._write_stats({**last, "oom_killed": True})
                 append_event(self.run_dir, "budget_exceeded", client=name,
                              container=c.name, limit_bytes=limit,
-                             budget_bytes=row.memory_bytes, exit_code=state.get("ExitCode"),
+                             budget_bytes=self.budget_of(name), exit_code=state.get("ExitCode"),
                              **measured,
                              detail="the kernel OOM-killed the client container: its "
                                     "configuration needs more memory than its limit")
@@ -337,6 +342,10 @@ class ComposeRun:
                 self.stats_written[name] = now
                 self._write_stats(record)
         return taken
+
+    def budget_of(self, name: str) -> int:
+        """Client ``name``'s memory budget in the emulation (bytes)."""
+        return int(self.mapping.clients[self.clients.index(name)].memory_bytes)
 
     def traces(self) -> dict[str, tuple[tuple[float, float], ...]]:
         """Clients whose profile availability is a trace of online windows."""
@@ -424,15 +433,53 @@ def append_event(run_dir: Path, kind: str, **fields: Any) -> None:
 
 # --------------------------------------------------- from another terminal (state file)
 class _Attached:
-    """Enough of a ComposeRun, rebuilt from the state file, for status/down/logs/inject."""
+    """Enough of a ComposeRun, rebuilt from the state file, for status/down/logs/inject and
+    for a detached run's watcher (the OOM, memory and trace watch of :meth:`ComposeRun.watch`,
+    whose methods run unchanged on it)."""
 
     def __init__(self, state: dict[str, Any]) -> None:
         self.project = state["project"]
         self.clients = list(state["clients"])
         self.run_dir = Path(state["run_dir"])
+        self.budgets = {str(k): int(v) for k, v in (state.get("budgets") or {}).items()}
+        self._traces = {str(k): tuple((float(a), float(b)) for a, b in v)
+                        for k, v in (state.get("traces") or {}).items()}
+        # a client whose OOM kill is in the events already (a watcher started again)
+        from runner.rundir import read_jsonl
+
+        self.recorded_oom: set[str] = {
+            str(e.get("client")) for e in read_jsonl(self.run_dir / EVENTS)
+            if e.get("event") == "budget_exceeded"}
+        self.trace_down: set[str] = set()
+        self.last_stats: dict[str, dict[str, Any]] = {}
+        self.stats_written: dict[str, float] = {}
 
     def containers(self) -> dict[str, Any]:
         return ComposeRun.containers(self)  # type: ignore[arg-type]
+
+    def budget_of(self, name: str) -> int:
+        return self.budgets.get(name, 0)
+
+    def traces(self) -> dict[str, tuple[tuple[float, float], ...]]:
+        return dict(self._traces)
+
+    def server_exit(self) -> int | None:
+        return ComposeRun.server_exit(self)  # type: ignore[arg-type]
+
+    def check_oom(self) -> list[str]:
+        return ComposeRun.check_oom(self)  # type: ignore[arg-type]
+
+    def sample_stats(self, every: float = 5.0) -> dict[str, dict[str, Any]]:
+        return ComposeRun.sample_stats(self, every)  # type: ignore[arg-type]
+
+    def _write_stats(self, record: dict[str, Any]) -> None:
+        ComposeRun._write_stats(self, record)  # type: ignore[arg-type]
+
+    def apply_traces(self, elapsed: float) -> list[tuple[str, str]]:
+        return ComposeRun.apply_traces(self, elapsed)  # type: ignore[arg-type]
+
+    def watch(self, stop: threading.Event, period: float = 1.0) -> None:
+        ComposeRun.watch(self, stop, period)  # type: ignore[arg-type]
 
 
 def attach(run_dir: Path) -> _Attached:
