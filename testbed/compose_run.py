@@ -579,28 +579,41 @@ def inject_budget(run_dir: Path, client: str, budget: int) -> str:
     return f"{client}: memory budget and container limit now {limit / 2**20:.0f} MiB ({c.name})"
 
 
+def kill_container(run_dir: Path, client: str, c: Any, seconds: float | None,
+                   bring_back: Any, how: str) -> str:
+    """SIGKILL a client's container and, after ``seconds`` (None: never), ``bring_back()``
+    (compose: start the same container; swarm: a new task); ``how`` says which."""
+    c.kill()
+    append_event(run_dir, "inject", client=client, mode="kill", seconds=seconds)
+    if seconds is None:
+        return f"{client} killed ({c.name})"
+    time.sleep(seconds)
+    bring_back()
+    return f"{client} killed ({c.name}) and {how} after {seconds:g} s"
+
+
+def pause_container(run_dir: Path, client: str, c: Any, seconds: float) -> str:
+    """Freeze a client's container (the cgroup freezer) for ``seconds``."""
+    append_event(run_dir, "inject", client=client, mode="pause", seconds=seconds)
+    c.pause()
+    try:
+        time.sleep(seconds)
+    finally:
+        c.unpause()
+    return f"{client} paused for {seconds:g} s ({c.name})"
+
+
 def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
                    seconds: float | None = None) -> str:
     """Take a client container away and (after ``seconds``) bring it back; see the module
     docstring for the modes. Blocks for ``seconds``; returns what was done."""
     c = _client_container(run_dir, client)
     if mode == "kill":
-        c.kill()
-        append_event(run_dir, "inject", client=client, mode="kill", seconds=seconds)
-        if seconds is None:
-            return f"{client} killed ({c.name})"
-        time.sleep(seconds)
-        c.start()
-        return f"{client} killed ({c.name}) and restarted after {seconds:g} s"
+        return kill_container(run_dir, client, c, seconds, c.start, "restarted")
     seconds = 10.0 if seconds is None else seconds
-    append_event(run_dir, "inject", client=client, mode=mode, seconds=seconds)
     if mode == "pause":
-        c.pause()
-        try:
-            time.sleep(seconds)
-        finally:
-            c.unpause()
-        return f"{client} paused for {seconds:g} s ({c.name})"
+        return pause_container(run_dir, client, c, seconds)
+    append_event(run_dir, "inject", client=client, mode=mode, seconds=seconds)
     if mode == "stop":
         c.stop(timeout=5)
         time.sleep(seconds)

@@ -47,7 +47,7 @@ import yaml
 from runner.errors import UserError
 from runner.rundir import write_json
 from testbed.compose import TEMPLATE_KEY, ComposeOptions, generate_override, load_base
-from testbed.compose_run import ComposeRun, append_event
+from testbed.compose_run import ComposeRun, append_event, kill_container, pause_container
 from testbed.images import docker_client
 from testbed.local import STATE
 from testbed.profiles import NODE_LABEL
@@ -437,21 +437,9 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
         raise UserError(f"{client} has no running container on this node; `--mode stop` "
                         "works on any node")
     if mode == "kill":
-        c.kill()
-        append_event(run_dir, "inject", client=client, mode="kill", seconds=seconds)
-        if seconds is None:
-            return f"{client} killed ({c.name})"
-        time.sleep(seconds)
-        _restart(stack, client)
-        return f"{client} killed ({c.name}) and a new task started after {seconds:g} s"
-    seconds = 10.0 if seconds is None else seconds
-    append_event(run_dir, "inject", client=client, mode=mode, seconds=seconds)
-    c.pause()
-    try:
-        time.sleep(seconds)
-    finally:
-        c.unpause()
-    return f"{client} paused for {seconds:g} s ({c.name})"
+        return kill_container(run_dir, client, c, seconds, lambda: _restart(stack, client),
+                              "a new task started")
+    return pause_container(run_dir, client, c, 10.0 if seconds is None else seconds)
 
 
 def inject_budget(run_dir: Path, client: str, budget: int) -> str:
