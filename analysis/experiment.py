@@ -13,8 +13,11 @@ Definitions (docs/experiments.md):
 * final / best val PPL: the last / lowest evaluation of a cell;
 * time to target: the first evaluation at or below the target PPL (no interpolation, the
   evaluation cadence is the resolution), in steps, virtual seconds (the emulated devices'
-  clock) and wall seconds since training began; the default target of a setting is the
-  largest final PPL of its cells, so every cell reaches it;
+  clock) and wall seconds since training began; the pretrained evaluation (step 0) never
+  counts, since nothing has trained yet; the default target of a setting is the largest
+  final PPL of its finished cells that ended below their pretrained PPL, so every cell that
+  learned reaches it (a cell that ended at or above its start would otherwise set a target
+  the pretrained model already meets, and every time to target would be 0);
 * speed-ups are paired by seed: baseline time / method time for the same seed, then mean
   and interval over seeds (seeds share data partitions and initialisation); ``relative_*``
   is the inverse pairing, method time / baseline time (a mean of ratios is not the inverse
@@ -131,6 +134,8 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
         row["finished"] = bool(run is not None and run.summary is not None)
         mine = ev[ev["run"] == c.id].dropna(subset=["val_ppl"]) if not ev.empty else ev
         row["final_val_ppl"] = float(mine["val_ppl"].iloc[-1]) if len(mine) else np.nan
+        first = mine[mine["step"] == 0] if len(mine) else mine
+        row["pretrained_val_ppl"] = float(first["val_ppl"].iloc[0]) if len(first) else np.nan
         row["best_val_ppl"] = float(mine["val_ppl"].min()) if len(mine) else np.nan
         row["steps_done"] = float(mine["step"].iloc[-1]) if len(mine) else np.nan
         vt = mine["virtual_time"].dropna() if len(mine) else pd.Series(dtype=float)
@@ -165,7 +170,8 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
         table[col] = np.nan
     table["reached"] = False
     for i, c in table.iterrows():
-        mine = ev[(ev["run"] == c["id"]) & (ev["val_ppl"] <= c["target_ppl"])] \
+        mine = ev[(ev["run"] == c["id"]) & (ev["step"] > 0)
+                  & (ev["val_ppl"] <= c["target_ppl"])] \
             if not ev.empty and finite(c["target_ppl"]) else pd.DataFrame()
         if len(mine):
             hit = mine.iloc[0]
@@ -200,12 +206,15 @@ def _read_result(cell_dir: Path) -> dict[str, Any]:
 
 def setting_targets(table: pd.DataFrame, target: float | None) -> dict[str, float]:
     """Target PPL per setting: ``target`` for all, else the largest final PPL of the
-    setting's finished cells (every one reaches it; a killed cell's partial curve does not
-    set it unless nothing has finished)."""
+    setting's finished cells that ended below their pretrained PPL (every one of them
+    reaches it; a killed cell's partial curve does not set it unless nothing has finished;
+    a cell that did not improve does not set it, see the module docstring)."""
     out = {}
     for setting, part in table.groupby("setting", sort=False):
         done = part[part["finished"]]
-        finals = (done if len(done) else part)["final_val_ppl"].dropna()
+        pool = done if len(done) else part
+        learned = pool[pool["final_val_ppl"] < pool["pretrained_val_ppl"]]
+        finals = (learned if len(learned) else pool)["final_val_ppl"].dropna()
         out[str(setting)] = float(target) if target is not None else (
             float(finals.max()) if len(finals) else np.nan)
     return out

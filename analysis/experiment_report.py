@@ -192,9 +192,10 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
         "- Numbers are mean ± half-width of the 95 % Student-t confidence interval over the "
         "seeds that have the number (n shown when fewer than all); one seed: the value alone.",
         "- Target PPL per setting: " + (f"{target:.4g} (given)" if target is not None else
-                                        "the largest final PPL of its cells (every cell "
+                                        "the largest final PPL of its finished cells that "
+                                        "ended below their pretrained PPL (every such cell "
                                         "reaches it)") + "; time to target is the first "
-        "evaluation at or below it. Speed-ups are paired by seed: "
+        "evaluation after training began at or below it. Speed-ups are paired by seed: "
         f"{base}'s time / the method's time (> 1 is faster).",
         "- Trainable parameters: per client (mean over clients) and on the server, from "
         "summary.json; MB moved: activations, gradients, adapters and handed-over blocks "
