@@ -374,3 +374,23 @@ def test_a_cell_waiting_for_memory_lets_a_smaller_one_start() -> None:
     assert _first_fit([mid], [big], budget) is None
     assert _first_fit([mid, small], [], budget) is mid
     assert _first_fit([mid, small], [big], None) is mid
+
+
+def test_default_target_comes_from_cells_that_learned() -> None:
+    """A cell that ended above its pretrained PPL must not set the target: the pretrained
+    model would already meet it and every time to target would be 0."""
+    import pandas as pd
+
+    from analysis.experiment import setting_targets
+
+    table = pd.DataFrame([
+        {"setting": "s", "finished": True, "final_val_ppl": 6.4, "pretrained_val_ppl": 14.6},
+        {"setting": "s", "finished": True, "final_val_ppl": 9.3, "pretrained_val_ppl": 14.6},
+        {"setting": "s", "finished": True, "final_val_ppl": 15.1, "pretrained_val_ppl": 14.6},
+        {"setting": "s", "finished": False, "final_val_ppl": 12.0, "pretrained_val_ppl": 14.6},
+        {"setting": "t", "finished": True, "final_val_ppl": 15.0, "pretrained_val_ppl": 14.0},
+    ])
+    targets = setting_targets(table, None)
+    assert targets["s"] == 9.3  # not 15.1 (did not learn), not 12.0 (unfinished)
+    assert targets["t"] == 15.0  # nobody learned: the old rule, every cell reaches it
+    assert setting_targets(table, 10.0) == {"s": 10.0, "t": 10.0}
