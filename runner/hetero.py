@@ -166,7 +166,7 @@ class HeteroTrainer(Trainer):
             if not fits:
                 self._budget_violation(0, f"{h.name}: full model at rank {rank} exceeds budget "
                                           f"{dev.memory_bytes / 2**20:.0f} MiB")
-            h.seg = split.load_unsplit(self.info.path, cfg.precision)
+            h.seg = split.load_unsplit(self.info.path, cfg.precision, self.frozen)
             h.ranks = lora.attach_lora(h.seg, {n: rank for n in names}, alpha=cfg.lora_alpha,
                                        dropout=cfg.lora_dropout,
                                        seed=seeds.adapter_init(cfg.seed))
@@ -188,9 +188,10 @@ class HeteroTrainer(Trainer):
             for v in violations:
                 self._budget_violation(0, v)
         for h, k in zip(self.clients, splits, strict=True):
-            h.seg = split.load_client(self.info.path, k, cfg.precision)
+            h.seg = split.load_client(self.info.path, k, cfg.precision, self.frozen)
         self.server = Holder(name="server", seg=split.load_segment(
-            self.info.path, 0, L, embed=False, head=True, precision=cfg.precision), ranks={})
+            self.info.path, 0, L, embed=False, head=True, precision=cfg.precision,
+            shared=self.frozen), ranks={})
         self.initial_plan()
 
     def initial_plan(self) -> None:
@@ -269,7 +270,7 @@ class HeteroTrainer(Trainer):
     def _move_split(self, h: Holder, k: int, step: int) -> None:
         """Reload a client at a new split point with the server's current merged weights."""
         old = h.seg.end
-        seg = split.load_client(self.info.path, k, self.cfg.precision)
+        seg = split.load_client(self.info.path, k, self.cfg.precision, self.frozen)
         moved = self._sync_blocks(seg, old)
         h.seg = seg
         self.moved_bytes += moved

@@ -82,7 +82,8 @@ class ServerTrainer(Trainer):
     def _build(self) -> None:
         path, L = self.info.path, self.info.num_layers
         p = self.cfg.precision
-        seg = split.load_client(path, self.k, p) if self.k < L else split.load_unsplit(path, p)
+        seg = (split.load_client(path, self.k, p, self.frozen) if self.k < L
+               else split.load_unsplit(path, p, self.frozen))
         ranks = self._adapt(seg, self._ranks(seg.config))
         self.clients = [Holder(name="global", seg=seg, ranks=ranks)]
         if self.k < L:

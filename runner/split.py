@@ -128,11 +128,27 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path) -> None:
+SharedFrozen = dict[tuple[str, str], torch.Tensor]
+"""Frozen tensors outside the blocks (embeddings, final norm, head) of segments loaded by one
+process, keyed by (model directory, checkpoint key); see :func:`load_segment`."""
+
+
+def _shareable(name: str, config: PretrainedConfig) -> bool:
+    """Whether a tensor may be shared between segments: everything outside the blocks.
+
+    Block weights are not: NAA merges adapter updates into each holder's copy in place, and a
+    merge applied to a shared tensor would land once per holder (method.md "NAA").
+    """
+    return f"{layer_prefix(config)}." not in name
+
+
+def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path,
+                  shared: SharedFrozen | None = None) -> None:
     """Read exactly the tensors this segment owns from disk and assign them.
 
     Checkpoints differ in prefixes (``transformer.h.0`` vs ``h.0`` for GPT-2) and tied heads
-    are stored once; both are resolved here.
+    are stored once; both are resolved here. With ``shared``, tensors outside the blocks are
+    taken from (and added to) it instead of read again (:func:`load_segment`).
     """
     wanted = {name: p for name, p in model.named_parameters()}
     wanted.update({n: b for n, b in model.named_buffers() if b.is_meta})
@@ -167,7 +183,13 @@ def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path) -> Non
     for f, pairs in by_file.items():
         with safe_open(str(f), framework="pt") as sf:
             for name, key in pairs:
-                state[name] = sf.get_tensor(key).to(torch.float32)
+                slot = (str(path), key)
+                if shared is not None and _shareable(name, config):
+                    if slot not in shared:
+                        shared[slot] = sf.get_tensor(key).to(torch.float32)
+                    state[name] = shared[slot]
+                else:
+                    state[name] = sf.get_tensor(key).to(torch.float32)
     model.load_state_dict(state, strict=False, assign=True)
     if tie and "lm_head.weight" not in state and "lm_head.weight" in dict(
         model.named_parameters(remove_duplicate=False)
@@ -182,31 +204,42 @@ def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path) -> Non
 
 
 def load_segment(path: Path, start: int, end: int, *, embed: bool, head: bool,
-                 precision: str = "fp32") -> Segment:
-    """Load blocks ``[start, end)`` (+ embeddings and/or head) of the model at ``path``."""
+                 precision: str = "fp32", shared: SharedFrozen | None = None) -> Segment:
+    """Load blocks ``[start, end)`` (+ embeddings and/or head) of the model at ``path``.
+
+    ``shared``: a process that holds several segments of one model (the in-process trainer,
+    the server's shadows of its clients) passes one dict to every load, so the embedding
+    matrix (113 MB fp32 for SmolLM2, also the tied LM head), the final norm and GPT-2's
+    positions exist once instead of once per segment. Only for methods that keep them
+    frozen (every LoRA method; not ``ft``): the segments hold the same tensor objects.
+    """
     config = load_config(path)
     model = _shell(config, start, end, embed, head)
-    _load_tensors(model, config, path)
+    _load_tensors(model, config, path, shared)
     model.eval()
     return Segment(model=model, config=config, start=start, end=end, has_embed=embed,
                    has_head=head, precision=precision)
 
 
-def load_client(path: Path, k: int, precision: str = "fp32") -> Segment:
+def load_client(path: Path, k: int, precision: str = "fp32",
+                shared: SharedFrozen | None = None) -> Segment:
     """Client segment: embeddings + blocks ``[0, k)``."""
-    return load_segment(path, 0, k, embed=True, head=False, precision=precision)
+    return load_segment(path, 0, k, embed=True, head=False, precision=precision, shared=shared)
 
 
-def load_server(path: Path, k: int, num_layers: int, precision: str = "fp32") -> Segment:
+def load_server(path: Path, k: int, num_layers: int, precision: str = "fp32",
+                shared: SharedFrozen | None = None) -> Segment:
     """Server segment: blocks ``[k, L)`` + final norm + LM head."""
-    return load_segment(path, k, num_layers, embed=False, head=True, precision=precision)
+    return load_segment(path, k, num_layers, embed=False, head=True, precision=precision,
+                        shared=shared)
 
 
-def load_unsplit(path: Path, precision: str = "fp32") -> Segment:
+def load_unsplit(path: Path, precision: str = "fp32",
+                 shared: SharedFrozen | None = None) -> Segment:
     """The whole model as one segment (cenlora, ft, fedlora clients)."""
     config = load_config(path)
     return load_segment(path, 0, int(config.num_hidden_layers), embed=True, head=True,
-                        precision=precision)
+                        precision=precision, shared=shared)
 
 
 @contextmanager

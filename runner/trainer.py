@@ -170,6 +170,10 @@ class Trainer:
         self.k = split_point(cfg, self.info) if self.traits.split else self.info.num_layers
         self.clients: list[Holder] = []
         self.server: Holder | None = None
+        # One copy of the frozen embedding/norm/head for all segments this process holds
+        # (issue 15 part 4: a copy per client segment grew the server by 113 MB per client
+        # for SmolLM2); full fine-tuning trains them, so every segment keeps its own.
+        self.frozen: split.SharedFrozen | None = None if self.traits.full else {}
         self._build()
         self.val_examples = data_mod.encode_frame(self.prep.tokenizer,
                                                   self.prep.frames["validation"], cfg.max_len)
@@ -201,9 +205,9 @@ class Trainer:
         total = sum(len(s) for s in shards)
         for i, shard in enumerate(shards):
             if self.traits.split:
-                seg = split.load_client(path, self.k, cfg.precision)
+                seg = split.load_client(path, self.k, cfg.precision, self.frozen)
             else:
-                seg = split.load_unsplit(path, cfg.precision)
+                seg = split.load_unsplit(path, cfg.precision, self.frozen)
             ranks = self._adapt(seg, self._ranks(seg.config))
             examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
             holder = Holder(
@@ -224,7 +228,7 @@ class Trainer:
     def _server_holder(self) -> Holder:
         """The server segment (blocks [k, L) + head) with its adapters and optimizer."""
         seg = split.load_server(self.info.path, self.k, self.info.num_layers,
-                               self.cfg.precision)
+                                self.cfg.precision, self.frozen)
         holder = Holder(name="server", seg=seg, ranks=self._adapt(seg, self._ranks(seg.config)))
         opt = make_optimizer(seg.model, self.cfg)
         if opt is not None:

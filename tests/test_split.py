@@ -158,3 +158,23 @@ def test_client_never_materialises_server_blocks():
     assert client["delta_kib"] * 1024 < 0.5 * full["delta_kib"] * 1024
     assert client["delta_kib"] < (client["param_bytes"] / 1024) * 1.6 + 64 * mib
     assert full["delta_kib"] * 1024 > 0.9 * full["param_bytes"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_shared_frozen_tensors_exist_once(name):
+    """Segments loaded with one ``shared`` dict hold one embedding (also the tied head) and
+    their own block weights: NAA merges into each holder's blocks in place (issue 15)."""
+    info = models.model_info(name)
+    shared: split.SharedFrozen = {}
+    a = split.load_client(info.path, 2, shared=shared)
+    b = split.load_client(info.path, 1, shared=shared)
+    srv = split.load_server(info.path, 1, info.num_layers, shared=shared)
+    pa, pb, ps = split.parts(a.model), split.parts(b.model), split.parts(srv.model)
+    assert pa.embed.weight.data_ptr() == pb.embed.weight.data_ptr() == ps.head.weight.data_ptr()
+    assert pa.layers[0] is not pb.layers[0]
+    wa = next(pa.layers[0].parameters())
+    wb = next(pb.layers[0].parameters())
+    assert wa.data_ptr() != wb.data_ptr()
+    fresh = split.load_client(info.path, 2)
+    torch.testing.assert_close(fresh.model.state_dict(), a.model.state_dict(), rtol=0, atol=0)
+    assert split.parts(fresh.model).embed.weight.data_ptr() != pa.embed.weight.data_ptr()
