@@ -149,33 +149,19 @@ def stack_document(run: ComposeRun, opts: ComposeOptions, env: dict[str, str]
     device, each merged with the run's override (testbed/compose.py) and made stack-ready."""
     base = load_base()
     override = generate_override(run.profile, run.mapping, opts, base)["services"]
-    nodes = {d.name: d.node for d in run.profile.devices}
-    gpus = {d.name: d.gpu is not None for d in run.profile.devices}
+    # who runs where: the broker beside the server; only the server and clients have a secret
+    who = {d.name: d for d in [run.profile.server, *run.profile.devices]}
+    override = {"broker": {}, **override}  # the override names the broker only to change it
     services: dict[str, Any] = {}
     for name, over in override.items():
         # variables first: a ${VAR:-default} holds a ':' that volume targets are split on
         source = base["services"][name] if name in ("broker", "server") else base[TEMPLATE_KEY]
         merged = interpolate(_merge(interpolate(source, env), over), env)
-        if name == "broker":
-            services[name] = _stack_service(merged, who=name, secret=False,
-                                            host_network=opts.host_network,
-                                            node=run.profile.server.node, gpu=False)
-        elif name == "server":
-            services[name] = _stack_service(merged, who=name, secret=True,
-                                            host_network=opts.host_network,
-                                            node=run.profile.server.node,
-                                            gpu=run.profile.server.gpu is not None,
-                                            user=opts.user)
-        else:
-            services[name] = _stack_service(merged, who=name, secret=True,
-                                            host_network=opts.host_network,
-                                            node=nodes[name], gpu=gpus[name],
-                                            user=opts.user)
-    if "broker" not in services:  # the override names the broker only when it changes it
-        services = {"broker": _stack_service(
-            interpolate(base["services"]["broker"], env), who="broker", secret=False,
-            host_network=opts.host_network, node=run.profile.server.node, gpu=False),
-            **services}
+        device = who.get(name, run.profile.server)
+        services[name] = _stack_service(
+            merged, who=name, secret=name != "broker", host_network=opts.host_network,
+            node=device.node, gpu=name != "broker" and device.gpu is not None,
+            user=None if name == "broker" else opts.user)
     secrets = {who: {"file": str(run.run_dir / "secrets" / who)}
                for who in ["server", *run.clients]}
     networks: dict[str, Any] = (
