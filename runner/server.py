@@ -160,6 +160,9 @@ class Server:
         self.rejected = 0
         self.reasons: Counter[str] = Counter()
         self.offline_events = 0
+        # set once run_finished is logged: the goodbyes that follow (wills, silences) are
+        # not faults of the run and must not follow its last event
+        self.finished = False
         self.run: RunDir | None = None
         self.t: Transport | None = None
         self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
@@ -590,11 +593,16 @@ class Server:
 
     def set_offline(self, p: Peer, reason: str) -> None:
         p.online = False
+        if self.finished:
+            return
         self.offline_events += 1
         self.event("client_offline", step=max(self.current, 0), client=p.name, reason=reason)
         log.warning("%s offline at step %d (%s)", p.cid, self.current, reason)
 
     def set_online(self, p: Peer, inc: str, meta: dict[str, Any]) -> None:
+        if self.finished:  # back after the end: _say_done tells it to exit, nothing to log
+            p.online, p.inc = True, inc
+            return
         if p.online and p.inc is not None and inc != p.inc:
             self.set_offline(p, "restarted")  # a new process before its old one's will
         if p.inc is None:
@@ -966,6 +974,7 @@ class Server:
         }
         tr.save(self.run)
         self.run.write_summary(summary)
+        self.finished = True
         self.event("run_finished", **{k: v for k, v in summary.items() if k != "method"})
         self._say_done()
         return summary

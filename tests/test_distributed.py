@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -517,3 +518,30 @@ def test_up_with_an_existing_broker(tmp_path: Path) -> None:
         res = CliRunner().invoke(app, ["up", "--broker", broker.url, "--broker-passwords",
                                        str(bad), "--out", str(tmp_path / "bad")])
         assert res.exit_code == 2 and "must be a JSON object" in res.output
+
+
+def test_goodbyes_after_run_finished_are_not_logged(tmp_path: Path) -> None:
+    """A client whose will or restart reaches the server while it tells everyone to exit
+    (Server._say_done) is no fault of the run: run_finished stays the last event (the
+    swarm test once saw client_offline after it, from a client restarted near the end).
+    The server is built without its model (``__new__``): only the bookkeeping is under
+    test here."""
+    from runner.rundir import RunDir
+    from runner.server import Peer, Server
+
+    server = Server.__new__(Server)
+    server.run = RunDir(tmp_path / "run")
+    server.run.path.mkdir(parents=True, exist_ok=True)
+    server._lock, server.offline_events, server.current = threading.Lock(), 0, 3
+    peer = Peer("c1", 0, "client1", 1.0, online=True, inc="a")
+    server.finished = False
+    server.set_offline(peer, "will")
+    assert [e["event"] for e in read_jsonl(server.run.path / "events.jsonl")] == \
+        ["client_offline"]
+    server.finished = True
+    peer.online = True
+    server.set_offline(peer, "will")
+    server.set_online(peer, "b", {})
+    assert peer.online and peer.inc == "b"
+    assert [e["event"] for e in read_jsonl(server.run.path / "events.jsonl")] == \
+        ["client_offline"]
