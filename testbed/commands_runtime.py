@@ -23,6 +23,14 @@ from rich.console import Console
 RunOpt = Annotated[Path, typer.Option(
     "--run", "--out", help="Run directory (default runs/latest; without one, the run last "
                            "started under runs/)")]
+_DEF = "(default: the profile's, else "  # the help of an option a profile also sets
+
+# `testbed up`'s training options and their values without a profile. With --profile an
+# option the user gives overrides the profile's experiment; one not given keeps it.
+UP_DEFAULTS: dict[str, Any] = {
+    "rank": 8, "targets": "q,v", "batch_size": 8, "agg_interval": 5, "partition": "iid",
+    "dirichlet_alpha": 0.5, "eval_every": 50, "eval_max_examples": 256, "lora_dropout": 0.1,
+    "max_len": 128, "seed": 0}
 
 
 def up(
@@ -35,28 +43,38 @@ def up(
              "| hsplitlora-no-armsc | hsplitlora-no-naa | hetlora (default: the profile's, "
              "else splitlora)")
     ] = None,
-    model: Annotated[str, typer.Option(help="Alias, local HF directory, .gguf or hub id "
-                                            "(ignored with --profile: its stand-in)")
-                     ] = "smollm2-135m",
+    model: Annotated[str | None, typer.Option(
+        help="Alias, local HF directory, .gguf or hub id (default smollm2-135m; not with "
+             "--profile, whose stand-in model is fixed by its devices)")] = None,
     data: Annotated[str | None, typer.Option(
         help="E2E CSV (split by MR), official release directory (its official split) or "
              "'synthetic'")] = None,
-    clients: Annotated[int, typer.Option(help="Number of clients (without --profile)")] = 3,
+    clients: Annotated[int | None, typer.Option(
+        help="Number of clients (default 3; not with --profile: its devices)")] = None,
     split: Annotated[int | None, typer.Option("--split", help="Split point k")] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-    targets: Annotated[str, typer.Option(help="Projections to adapt")] = "q,v",
+    rank: Annotated[int | None, typer.Option(help=f"LoRA rank {_DEF}8)")] = None,
+    targets: Annotated[str | None, typer.Option(help=f"Projections to adapt {_DEF}q,v)")
+                       ] = None,
     steps: Annotated[int | None, typer.Option(
         help="Training steps (default: the profile's, else 200)")] = None,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch per client per step")] = 8,
-    lr: Annotated[float | None, typer.Option(help="Learning rate")] = None,
-    agg_interval: Annotated[int, typer.Option(help="Aggregate every I steps")] = 5,
-    partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
-    dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps")] = 50,
-    eval_max_examples: Annotated[int, typer.Option(help="Validation examples (0 = all)")] = 256,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.1,
-    max_len: Annotated[int, typer.Option(help="Max tokens per example")] = 128,
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    batch_size: Annotated[int | None, typer.Option(
+        help=f"Mini-batch per client per step {_DEF}8)")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Learning rate (default 2e-4 for LoRA methods, 5e-5 for ft)")] = None,
+    agg_interval: Annotated[int | None, typer.Option(help=f"Aggregate every I steps {_DEF}5)")
+                            ] = None,
+    partition: Annotated[str | None, typer.Option(help=f"iid | dirichlet {_DEF}iid)")] = None,
+    dirichlet_alpha: Annotated[float | None, typer.Option(
+        help="Dirichlet concentration (default 0.5)")] = None,
+    eval_every: Annotated[int | None, typer.Option(help=f"Validate every N steps {_DEF}50)")
+                          ] = None,
+    eval_max_examples: Annotated[int | None, typer.Option(
+        help="Validation examples, 0 = all (default 256)")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.1)")
+                            ] = None,
+    max_len: Annotated[int | None, typer.Option(help="Max tokens per example (default 128)")
+                       ] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Random seed {_DEF}0)")] = None,
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
     backend: Annotated[str, typer.Option(
@@ -150,9 +168,20 @@ def up(
         if (joins.names or listen != "127.0.0.1") and backend in ("compose", "swarm"):
             raise UserError("--join-slot and --listen are for the local backend (add "
                             "--backend local)")
+        given = {k: v for k, v in {
+            "split": split, "rank": rank, "targets": targets, "batch_size": batch_size,
+            "lr": lr, "agg_interval": agg_interval, "partition": partition,
+            "dirichlet_alpha": dirichlet_alpha, "eval_every": eval_every,
+            "eval_max_examples": eval_max_examples, "lora_dropout": lora_dropout,
+            "max_len": max_len, "seed": seed}.items() if v is not None}
         if profile is not None:
+            for flag, value in (("--model", model), ("--clients", clients)):
+                if value is not None:
+                    raise UserError(f"{flag} does not go with --profile (the profile's devices "
+                                    "fix the clients and the stand-in model); drop it, or "
+                                    "leave out --profile")
             _up_profile(profile, joins=joins, method=method, steps=steps, data=data,
-                        seed=seed, out=out,
+                        given=given, out=out,
                         overwrite=overwrite, backend=backend, host_network=host_network,
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
                         external=external, offline_given=offline_after is not None,
@@ -166,12 +195,9 @@ def up(
             raise UserError(f"--backend {backend} needs --profile (the containers' memory caps "
                             "come from a profile's devices); see `testbed profiles list`")
         cfg = train_config(
-            method=method or "splitlora", model=model, data=data, clients=clients,
-            split=split, rank=rank, targets=targets, steps=200 if steps is None else steps,
-            batch_size=batch_size, lr=lr, agg_interval=agg_interval, partition=partition,
-            dirichlet_alpha=dirichlet_alpha, eval_every=eval_every,
-            eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
-            seed=seed, precision=_precision(precision, console))
+            method=method or "splitlora", model=model or "smollm2-135m", data=data,
+            clients=3 if clients is None else clients, steps=200 if steps is None else steps,
+            precision=_precision(precision, console), **{**UP_DEFAULTS, **given})
         cfg.validate()
         _up_local(cfg, out, opts, detach, console, external, joins)
     except UserError as exc:
@@ -297,7 +323,7 @@ def _print_summary(out: Path, console: Console) -> None:
 
 def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None,
                 steps: int | None, data: str | None,
-                seed: int, out: Path, overwrite: bool, backend: str, host_network: bool,
+                given: dict[str, Any], out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
                 external: tuple[str, dict[str, str] | None] | None = None,
                 offline_given: bool = False, step_timeout_given: bool = False,
@@ -321,8 +347,14 @@ def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None
         changes["steps"] = steps
     if data is not None:
         changes["data"] = data
-    if seed != 0:
-        changes["seed"] = seed
+    changes.update(given)
+    if "targets" in given:
+        changes["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    if "eval_max_examples" in given:
+        changes["eval_max_examples"] = given["eval_max_examples"] or None
+    if changes:
+        console.print("overriding the profile's experiment: " + ", ".join(
+            f"{k}={v}" for k, v in changes.items()), highlight=False)
     changes["precision"] = _precision(precision, console)
     cfg = replace(cfg, **changes)
     cpu_steps, cpu_examples = cpu

@@ -329,8 +329,11 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     # said in one line and recorded in config.json
     # --precision auto (what `make run` passes): bf16 autocast where this machine has bf16
     # arithmetic (the CI machine's CPU has AMX), recorded and run by every process
+    # --batch-size, --eval-max-examples, --seed: a given option overrides the profile's
+    # experiment (they were once dropped silently), one not given keeps the profile's
     proc = run_cli("up", "--profile", "smoke", "--method", "hsplitlora", "--backend", "local",
-                   "--cpu-steps", "2", "--precision", "auto", "--out", str(out), cwd=tmp_path)
+                   "--cpu-steps", "2", "--precision", "auto", "--batch-size", "3",
+                   "--eval-max-examples", "7", "--seed", "5", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from testbed.precision import resolve
 
@@ -339,7 +342,7 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     assert "emulating meta-llama/Llama-2-7b-hf" in proc.stdout
     assert "no GPU here: a CPU run of 2 of the profile's 6 steps" in proc.stdout
     assert "--steps 6" in proc.stdout
-    assert "data: synthetic split by MR 80/10/10 (seed 0)" in proc.stdout  # the protocol
+    assert "data: synthetic split by MR 80/10/10 (seed 5)" in proc.stdout  # the protocol
     devices = json.loads((out / "devices.json").read_text())
     assert [c["name"] for c in devices["clients"]] == ["client0", "client1", "client2"]
     budgets = [c["memory_bytes"] for c in devices["clients"]]
@@ -349,6 +352,14 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     assert config["train"]["steps"] == 2
     assert config["train"]["extra"]["cpu_reduction"]["profile_steps"] == 6
     assert config["train"]["precision"] == precision
+    assert "overriding the profile's experiment: method=hsplitlora, batch_size=3, " \
+        "eval_max_examples=7, seed=5" in proc.stdout
+    from testbed.profiles import load_profile
+
+    profile = load_profile("smoke").experiment
+    assert (config["train"]["batch_size"], config["train"]["eval_max_examples"],
+            config["train"]["seed"], config["train"]["agg_interval"]) == (3, 7, 5,
+                                                                          profile.agg_interval)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["runtime"] == "mqtt"
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
@@ -397,6 +408,9 @@ def test_up_unknown_profile_and_bad_mem_limit(tmp_path: Path) -> None:
                               "--mem-limit", "client9=1GB", "--out", str(tmp_path / "y"),
                               cwd=tmp_path), "client9")
     assert_user_error(run_cli("up", "--backend", "compose", cwd=tmp_path), "--profile")
+    for flag, value in (("--model", "smollm2-135m"), ("--clients", "4")):
+        assert_user_error(run_cli("up", "--profile", "smoke", flag, value, "--out",
+                                  str(tmp_path / "v"), cwd=tmp_path), flag, "--profile")
     assert_user_error(run_cli("up", "--cpu-steps", "5", "--out", str(tmp_path / "z"),
                               cwd=tmp_path), "--cpu-steps", "--profile")
     for args, words in ((["--cpu-steps", "0"], ("--cpu-steps", ">= 1")),

@@ -1,5 +1,6 @@
 """Issue 16 in containers: a detached compose run keeps its watcher (an OOM kill still
-becomes ``budget_exceeded``, ``testbed status`` reports the watcher), and the broker's ACL
+becomes ``budget_exceeded``, an availability trace still stops and starts a container,
+``testbed status`` reports the watcher), and the broker's ACL
 holds through the compose network: client0's container, with its own credentials, cannot
 subscribe to client1's activations or gradients nor publish on the server's topics.
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from runner.rundir import read_jsonl
+from testbed.compose import container_limit
 from tests.test_containers import ROOT, cli
 
 pytestmark = pytest.mark.slow
@@ -124,10 +126,21 @@ def test_client_cannot_read_another_client_through_the_compose_network(
 
 def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) -> None:
     """`testbed up --detach` on the compose backend: the watcher runs as a process of its
-    own (status reports it), client2's OOM kill still becomes budget_exceeded, and the
-    watcher exits once the server container has."""
+    own (status reports it) and exits once the server container has. What it watches:
+    client2's container limit (120 MB) is below what importing PyTorch needs, so the kernel
+    OOM-kills it, the watcher records budget_exceeded and the run goes on without it; and
+    client1 carries an availability trace (online [0, 20) and [30, ...) s), so its container
+    is killed at 20 s and started again at 30 s. (One fleet for both: each costs a
+    container run of its own otherwise.)"""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    doc["devices"][1]["availability"] = {"trace": [[0, 20], [30, 100000]]}
+    doc["description"] = "smoke with an availability trace on client1"
+    profile = tmp_path / "smoke-trace.yaml"
+    profile.write_text(yaml.safe_dump(doc))
     run = tmp_path / "detached"
-    proc = cli("up", "--profile", "smoke", "--backend", "compose", "--host-network",
+    proc = cli("up", "--profile", str(profile), "--backend", "compose", "--host-network",
                "--steps", "4", "--mem-limit", "client2=120MB", "--join-timeout", "90",
                "--detach", "--out", str(run))
     try:
@@ -143,14 +156,32 @@ def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) ->
             time.sleep(2)
         assert st["finished"], st
         assert st["watcher"] == {**st["watcher"], "pid": pid, "state": "exited"}
-        over = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "budget_exceeded"]
-        assert [e["client"] for e in over] == ["client2"], over
-        assert (run / "resources.jsonl").is_file()  # the watcher's memory readings
         text = (run / "logs" / "watcher.log").read_text()
         assert "client2: budget exceeded" in text and "server exited with code 0" in text
         assert "watcher pid" in cli("status", "--run", str(run)).stdout
     finally:
         cli("down", "--run", str(run), check=False)
+    events = read_jsonl(run / "events.jsonl")
+    over = [e for e in events if e["event"] == "budget_exceeded"]
+    assert [e["client"] for e in over] == ["client2"], over
+    assert over[0]["limit_bytes"] == container_limit(120_000_000)
+    assert over[0]["budget_bytes"] > over[0]["limit_bytes"]  # the profile's budget was larger
+    # the host's last reading of client2 before the kill, when one was taken (the kill can
+    # come within the first second), is kept in the event and in resources.jsonl
+    last = [s for s in read_jsonl(run / "resources.jsonl") if s["service"] == "client2"]
+    if "memory_peak_bytes" in over[0]:
+        assert 0 < over[0]["memory_bytes"] <= over[0]["memory_peak_bytes"] \
+            <= over[0]["limit_bytes"]
+        assert last[-1]["oom_killed"] and last[-1]["peak_bytes"] == over[0]["memory_peak_bytes"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4
+    train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
+    assert "client0" in {m["client"] for m in train}
+    assert "client2" not in {m["client"] for m in train}  # went on without client2
+    trace = [(e["client"], e["state"]) for e in events if e["event"] == "availability"]
+    assert trace[:2] == [("client1", "offline"), ("client1", "online")], trace
+    times = [e["elapsed_s"] for e in events if e["event"] == "availability"]
+    assert 20 <= times[0] < 25 and 30 <= times[1] < 35
 
 
 def test_profile_dropout_applies_to_containers(images: None, tmp_path: Path) -> None:
