@@ -267,6 +267,54 @@ def group_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.DataFrame:
+    """Each method against ``base`` at the PPL both reach, paired by seed.
+
+    Why: one target for a whole setting must be one every cell reaches, so with a weak
+    method in the grid it sits near the pretrained PPL and every method "converges" at its
+    first evaluation. Per pair and seed the target here is the worse of the two final PPLs:
+    the better method reaches it on the way, the other at its end (the paper's convergence
+    speed-up is such a time to a common accuracy). ``ratio_*`` is the method's time over
+    ``base``'s (> 1: ``base`` is faster), in virtual and wall seconds; mean and interval over
+    the seeds where both finished."""
+    ev = _evals(exp)
+    done = cells[cells["finished"]]
+
+    def first_at(cell_id: str, target: float) -> tuple[float, float]:
+        hit = ev[(ev["run"] == cell_id) & (ev["step"] > 0) & (ev["val_ppl"] <= target)]
+        if hit.empty:
+            return np.nan, np.nan
+        return float(hit["virtual_time"].iloc[0]), float(hit["train_time_s"].iloc[0])
+
+    rows = []
+    for setting, part in done.groupby("setting", sort=False):
+        ref = part[part["method"] == base].set_index("seed")
+        for method, mine in part[part["method"] != base].groupby("method", sort=False):
+            ratios: dict[str, list[float]] = {"virtual": [], "wall": []}
+            targets = []
+            for c in mine.itertuples():
+                if c.seed not in ref.index or not finite(c.final_val_ppl):
+                    continue
+                b = ref.loc[c.seed]
+                target = max(float(c.final_val_ppl), float(b["final_val_ppl"]))
+                targets.append(target)
+                own, theirs = first_at(c.id, target), first_at(str(b["id"]), target)
+                for i, kind in enumerate(("virtual", "wall")):
+                    if finite(own[i]) and finite(theirs[i]) and theirs[i] > 0:
+                        ratios[kind].append(own[i] / theirs[i])
+            if not targets:
+                continue
+            row: dict[str, Any] = {"setting": setting, "method": method, "base": base,
+                                   "pairs": len(targets), "seeds": len(targets),
+                                   "target_mean": float(np.mean(targets))}
+            for kind, values in ratios.items():
+                ci = mean_ci(values)
+                row[f"ratio_{kind}_mean"], row[f"ratio_{kind}_ci"] = ci.mean, ci.half
+                row[f"ratio_{kind}_n"] = ci.n
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def contrast_table(cells: pd.DataFrame, exp: ExperimentDir) -> pd.DataFrame:
     """report.contrast [from, to]: per method and override, final PPL(to) - PPL(from) paired
     by seed, with mean and interval (e.g. the PPL rise from homogeneous to heterogeneous)."""
@@ -371,5 +419,5 @@ def pack_experiment(src: str | Path, dest: str | Path) -> tuple[int, int]:
 
 
 __all__ = ["COMPACT_FILES", "Band", "ExperimentDir", "bands", "cell_table", "contrast_table",
-           "group_table", "load_experiment_dir", "pack_experiment", "resolve_baseline",
-           "resolve_target", "setting_name"]
+           "group_table", "load_experiment_dir", "pack_experiment", "pairwise_table",
+           "resolve_baseline", "resolve_target", "setting_name"]

@@ -22,6 +22,7 @@ from analysis.experiment import (
     cell_table,
     contrast_table,
     group_table,
+    pairwise_table,
     resolve_baseline,
     resolve_target,
 )
@@ -84,6 +85,18 @@ def relative_markdown(groups: pd.DataFrame, base: str) -> list[str]:
     for _, row in rows.iterrows():
         lines.append(f"| {row['method']} | {_ci(row, 'relative_virtual', '.2f')} "
                      f"| {_ci(row, 'relative_wall', '.2f')} |")
+    return lines
+
+
+def pairwise_markdown(pairs: pd.DataFrame) -> list[str]:
+    """pairwise_table's rows of one setting as a markdown table."""
+    if pairs.empty:
+        return []
+    lines = ["| Method | Seed pairs | Mean target PPL | its time / base's (virtual) "
+             "| its time / base's (wall) |", "|:---|---:|---:|---:|---:|"]
+    for _, row in pairs.iterrows():
+        lines.append(f"| {row['method']} | {int(row['pairs'])} | {row['target_mean']:.3f} "
+                     f"| {_ci(row, 'ratio_virtual', '.2f')} | {_ci(row, 'ratio_wall', '.2f')} |")
     return lines
 
 
@@ -159,10 +172,12 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
     cells = cell_table(exp, target, base)
     groups = group_table(cells)
     contrast = contrast_table(cells, exp)
+    pairwise = pairwise_table(exp, cells, base)
     tables = out.parent / f"{out.stem}_tables"
     tables.mkdir(exist_ok=True)
     written = []
-    for name, frame in (("cells", cells), ("methods", groups), ("contrast", contrast)):
+    for name, frame in (("cells", cells), ("methods", groups), ("contrast", contrast),
+                        ("pairwise", pairwise)):
         if not frame.empty:
             frame.to_csv(tables / f"{name}.csv", index=False)
             written.append(tables / f"{name}.csv")
@@ -213,6 +228,12 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
         if relative:
             lines += [f"Time to target relative to {base} (paired by seed; > 1: {base} "
                       "reaches the target sooner):", "", *relative, ""]
+        pairs = pairwise_markdown(pairwise[pairwise["setting"] == setting]) \
+            if not pairwise.empty else []
+        if pairs:
+            lines += [f"Time to the PPL both reach, against {base} (per seed the target is the "
+                      f"worse of the two final PPLs; the method's time / {base}'s, > 1: {base} "
+                      "is faster):", "", *pairs, ""]
         lines += ["Configuration under the budgets:", "", *config_markdown(g), ""]
     if not contrast.empty:
         c0 = contrast.iloc[0]

@@ -390,15 +390,19 @@ class ComposeRun:
         availability traces."""
         t0 = time.monotonic()
         traced = bool(self.traces())
+        said: set[str] = set()
         while not stop.is_set():
-            # a transient daemon error must not end the run
-            with contextlib.suppress(Exception):
-                self.sample_stats()
-            with contextlib.suppress(Exception):
-                self.check_oom()
+            jobs = [self.sample_stats, self.check_oom]
             if traced:
-                with contextlib.suppress(Exception):
-                    self.apply_traces(time.monotonic() - t0)
+                jobs.append(lambda: self.apply_traces(time.monotonic() - t0))
+            for job in jobs:
+                try:
+                    job()
+                except Exception as exc:  # noqa: BLE001 - a daemon error must not end the run
+                    text = f"watch: {type(exc).__name__}: {exc}"
+                    if text not in said:  # said once (the watcher's log, or the live view's)
+                        said.add(text)
+                        print(text, flush=True)
             stop.wait(period)
 
     def collect_logs(self) -> None:
@@ -454,32 +458,23 @@ class _Attached:
         self.last_stats: dict[str, dict[str, Any]] = {}
         self.stats_written: dict[str, float] = {}
 
-    def containers(self) -> dict[str, Any]:
-        return ComposeRun.containers(self)  # type: ignore[arg-type]
-
     def budget_of(self, name: str) -> int:
         return self.budgets.get(name, 0)
 
     def traces(self) -> dict[str, tuple[tuple[float, float], ...]]:
         return dict(self._traces)
 
-    def server_exit(self) -> int | None:
-        return ComposeRun.server_exit(self)  # type: ignore[arg-type]
-
-    def check_oom(self) -> list[str]:
-        return ComposeRun.check_oom(self)  # type: ignore[arg-type]
-
-    def sample_stats(self, every: float = 5.0) -> dict[str, dict[str, Any]]:
-        return ComposeRun.sample_stats(self, every)  # type: ignore[arg-type]
-
-    def _write_stats(self, record: dict[str, Any]) -> None:
-        ComposeRun._write_stats(self, record)  # type: ignore[arg-type]
-
-    def apply_traces(self, elapsed: float) -> list[tuple[str, str]]:
-        return ComposeRun.apply_traces(self, elapsed)  # type: ignore[arg-type]
-
-    def watch(self, stop: threading.Event, period: float = 1.0) -> None:
-        ComposeRun.watch(self, stop, period)  # type: ignore[arg-type]
+    # ComposeRun's watch, run unchanged on this object: the functions themselves, so none
+    # can be left out one by one (a missing bring_back once stopped a detached run's traces
+    # from ever bringing a client back, the error swallowed by the watch loop)
+    containers = ComposeRun.containers
+    server_exit = ComposeRun.server_exit
+    check_oom = ComposeRun.check_oom
+    sample_stats = ComposeRun.sample_stats
+    _write_stats = ComposeRun._write_stats
+    apply_traces = ComposeRun.apply_traces
+    bring_back = ComposeRun.bring_back
+    watch = ComposeRun.watch
 
 
 def attach(run_dir: Path) -> _Attached:

@@ -308,6 +308,22 @@ def test_grid_killed_mid_run_resumes_and_reports_means_and_intervals(tmp_path: P
                                 .read_text()) for s in (0, 1)]
         assert float(row["client_trainable_params_mean"]) == pytest.approx(
             sum(s["client_trainable_params"] for s in summaries) / 2)
+    # time to the PPL both reach (the worse final of the pair, per seed), fedlora over
+    # splitlora, against the metrics files
+    ratios = []
+    for s in (0, 1):
+        pair = (f"fedlora.seed{s}", f"splitlora.seed{s}")
+        both = max(finals[c] for c in pair)
+        own, base = (next(e["virtual_time"] for e in virtual_hits[c]
+                          if e["step"] > 0 and e["val_ppl"] <= both) for c in pair)
+        ratios.append(own / base)
+    with open(out / "report_tables" / "pairwise.csv") as f:
+        pairwise = {r["method"]: r for r in csv.DictReader(f)}
+    r_mean, r_half = _ci_by_hand(ratios)
+    assert float(pairwise["fedlora"]["ratio_virtual_mean"]) == pytest.approx(r_mean, rel=1e-9)
+    assert float(pairwise["fedlora"]["ratio_virtual_ci"]) == pytest.approx(r_half, rel=1e-9,
+                                                                           abs=1e-12)
+    assert "Time to the PPL both reach, against splitlora" in markdown
     assert (out / "report_figures" / "ppl_vs_virtual_time_all.png").is_file()
     # 4. The compact files alone regenerate the same tables (what a user commits).
     files, _ = pack_experiment(out, tmp_path / "packed")

@@ -130,8 +130,9 @@ def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) ->
     client2's container limit (120 MB) is below what importing PyTorch needs, so the kernel
     OOM-kills it, the watcher records budget_exceeded and the run goes on without it; and
     client1 carries an availability trace (online [0, 20) and [30, ...) s), so its container
-    is killed at 20 s and started again at 30 s. (One fleet for both: each costs a
-    container run of its own otherwise.)"""
+    is killed at 20 s and started again at 30 s (steps paced to 8 s, so the run outlasts the
+    trace however fast it starts). One fleet for both: each costs a container run of its
+    own otherwise."""
     import yaml
 
     doc = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
@@ -142,7 +143,7 @@ def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) ->
     run = tmp_path / "detached"
     proc = cli("up", "--profile", str(profile), "--backend", "compose", "--host-network",
                "--steps", "4", "--mem-limit", "client2=120MB", "--join-timeout", "90",
-               "--detach", "--out", str(run))
+               "--min-step-time", "8", "--detach", "--out", str(run))
     try:
         assert "watcher pid" in proc.stdout
         st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
