@@ -268,7 +268,10 @@ def group_table(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.DataFrame:
-    """Each method against ``base`` at the PPL both reach, paired by seed.
+    """Each method against ``base``, paired by seed: the final PPL difference (``ppl_diff``,
+    the method's minus ``base``'s: seeds differ in validation set and pretrained PPL more than
+    methods do, so the paired difference is the comparison that can be significant), and the
+    time to the PPL both reach.
 
     Why: one target for a whole setting must be one every cell reaches, so with a weak
     method in the grid it sits near the pretrained PPL and every method "converges" at its
@@ -291,13 +294,14 @@ def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.Dat
         ref = part[part["method"] == base].set_index("seed")
         for method, mine in part[part["method"] != base].groupby("method", sort=False):
             ratios: dict[str, list[float]] = {"virtual": [], "wall": []}
-            targets = []
+            targets, diffs = [], []
             for c in mine.itertuples():
                 if c.seed not in ref.index or not finite(c.final_val_ppl):
                     continue
                 b = ref.loc[c.seed]
                 target = max(float(c.final_val_ppl), float(b["final_val_ppl"]))
                 targets.append(target)
+                diffs.append(float(c.final_val_ppl) - float(b["final_val_ppl"]))
                 own, theirs = first_at(c.id, target), first_at(str(b["id"]), target)
                 for i, kind in enumerate(("virtual", "wall")):
                     if finite(own[i]) and finite(theirs[i]) and theirs[i] > 0:
@@ -307,10 +311,11 @@ def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.Dat
             row: dict[str, Any] = {"setting": setting, "method": method, "base": base,
                                    "pairs": len(targets), "seeds": len(targets),
                                    "target_mean": float(np.mean(targets))}
-            for kind, values in ratios.items():
+            for kind, values in (("ppl_diff", diffs), *(
+                    (f"ratio_{k}", v) for k, v in ratios.items())):
                 ci = mean_ci(values)
-                row[f"ratio_{kind}_mean"], row[f"ratio_{kind}_ci"] = ci.mean, ci.half
-                row[f"ratio_{kind}_n"] = ci.n
+                row[f"{kind}_mean"], row[f"{kind}_ci"], row[f"{kind}_n"] = \
+                    ci.mean, ci.half, ci.n
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -119,12 +119,13 @@ def mean_ci(values: Iterable[float | None], level: float = LEVEL) -> MeanCI:
 
 
 def fmt_ci(ci: MeanCI, fmt: str = ".3f") -> str:
-    """``12.345 ± 0.678`` (n >= 2), ``12.345`` (one value), ``""`` (none)."""
+    """``12.345 ± 0.678`` (n >= 2), ``12.345`` (one value), ``""`` (none). A signed format
+    (``+.3f``, a difference) signs the mean only: ``-3.580 ± 1.824``."""
     if ci.n == 0 or not math.isfinite(ci.mean):
         return ""
     if ci.n == 1 or not math.isfinite(ci.half):
         return format(ci.mean, fmt)
-    return f"{format(ci.mean, fmt)} ± {format(ci.half, fmt)}"
+    return f"{format(ci.mean, fmt)} ± {format(ci.half, fmt.lstrip('+'))}"
 
 
 __all__ = ["LEVEL", "MeanCI", "betainc", "fmt_ci", "mean_ci", "t_cdf", "t_quantile"]

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analysis.seeds import mean_ci, t_quantile
+from analysis.seeds import fmt_ci, mean_ci, t_quantile
 from runner.stopping import Stopper
 from testbed.experiment_spec import ExperimentError, parse_experiment
 
@@ -48,6 +48,8 @@ def test_mean_ci_by_hand() -> None:
     one = mean_ci([5.0])
     assert one.mean == 5.0 and math.isnan(one.half)
     assert mean_ci([]).n == 0
+    assert fmt_ci(mean_ci([-3.0, -4.0]), "+.2f") == f"-3.50 ± {T975[1] * 0.5:.2f}"
+    assert fmt_ci(one, "+.1f") == "+5.0" and fmt_ci(mean_ci([]), ".1f") == ""
 
 
 # ---------------------------------------------------------------------- stopping rules
@@ -323,7 +325,12 @@ def test_grid_killed_mid_run_resumes_and_reports_means_and_intervals(tmp_path: P
     assert float(pairwise["fedlora"]["ratio_virtual_mean"]) == pytest.approx(r_mean, rel=1e-9)
     assert float(pairwise["fedlora"]["ratio_virtual_ci"]) == pytest.approx(r_half, rel=1e-9,
                                                                            abs=1e-12)
-    assert "Time to the PPL both reach, against splitlora" in markdown
+    d_mean, d_half = _ci_by_hand([finals[f"fedlora.seed{s}"] - finals[f"splitlora.seed{s}"]
+                                  for s in (0, 1)])
+    assert float(pairwise["fedlora"]["ppl_diff_mean"]) == pytest.approx(d_mean, rel=1e-9)
+    assert float(pairwise["fedlora"]["ppl_diff_ci"]) == pytest.approx(d_half, rel=1e-9,
+                                                                      abs=1e-12)
+    assert "Against splitlora, paired by seed" in markdown
     assert (out / "report_figures" / "ppl_vs_virtual_time_all.png").is_file()
     # 4. The compact files alone regenerate the same tables (what a user commits).
     files, _ = pack_experiment(out, tmp_path / "packed")
