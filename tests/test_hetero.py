@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from runner import lora, models, split
 from runner.config import TrainConfig
-from runner.hetero import HeteroTrainer, build_trainer
+from runner.methods.hetero import HeteroTrainer, build_trainer
+from runner.model import lora, models, split
 from runner.rundir import RunDir, read_jsonl
 
 
@@ -87,7 +87,7 @@ def test_fit_exports_the_merged_model_as_an_exact_peft_adapter(tmp_path, method)
 
 
 def test_hetlora_ranks_follow_budgets(tmp_path):
-    from runner.memory import ModelCosts, client_memory
+    from runner.methods.memory import ModelCosts, client_memory
 
     info = models.model_info("tiny-llama")
     config = split.load_unsplit(info.path).config
@@ -95,7 +95,7 @@ def test_hetlora_ranks_follow_budgets(tmp_path):
 
     # Memory is planned for the longest batch a client can draw (HeteroTrainer.mem_seq).
     seq = HeteroTrainer(_cfg(method="hetlora")).mem_seq
-    from runner import data as data_mod
+    from runner.dataset import data as data_mod
     from runner.trainer import prepare
 
     prep = prepare(_cfg(method="hetlora"))
@@ -147,8 +147,8 @@ def test_every_aggregation_rule_records_its_bytes(tmp_path, method):
 @pytest.mark.parametrize("method", ["hetlora", "hsplitlora", "hsplitlora-no-naa"])
 def test_aggregation_bytes_per_client_sum_to_the_totals(tmp_path, method):
     """Every rule says what each client's own link carried (the virtual clock charges a
-    client for its own adapters, runner/vtime.py); the shares add up to the totals, and under
-    hsplitlora a client holding more blocks downloads more."""
+    client for its own adapters, runner/emulation/vtime.py); the shares add up to the totals, and
+    under hsplitlora a client holding more blocks downloads more."""
     tr = HeteroTrainer(_cfg(method=method, steps=1))
     tr.train_step(0)
     out = tr.aggregate(0)

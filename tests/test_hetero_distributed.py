@@ -1,5 +1,6 @@
 """HSplitLoRA over a real Mosquitto: per-client split points and ranks, NAA factors, IWI
-probes and ARMSC plans on the wire (runner/hetero_server.py, runner/hetero_client.py).
+probes and ARMSC plans on the wire (runner/methods/hetero_server.py,
+runner/methods/hetero_client.py).
 
 Same set-up as tests/test_distributed.py (tiny random Llama, synthetic data, LoRA dropout 0
 so separate processes draw no random numbers the in-process trainer would draw in another
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from runner.broker import find_mosquitto
-from runner.hetero import HeteroTrainer
+from runner.distributed.broker import find_mosquitto
+from runner.methods.hetero import HeteroTrainer
 from runner.rundir import read_jsonl
 from testbed.local import LocalRun
 from tests.test_distributed import (

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.broker import find_mosquitto
-from runner.hetero import HeteroTrainer
+from runner.distributed.broker import find_mosquitto
+from runner.methods.hetero import HeteroTrainer
 from runner.trainer import Trainer
 from testbed.local import LocalRun
 from tests.test_distributed import (

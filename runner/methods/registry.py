@@ -30,7 +30,7 @@ from runner.errors import ConfigError
 # process of a run inherits it: the CLI, the distributed server and the clients.
 PLUGINS_ENV = "TESTBED_METHODS"
 
-# Aggregation rules (runner/aggregation.py): what happens to client adapters every I steps.
+# Aggregation rules (runner/methods/aggregation.py): what happens to client adapters every I steps.
 FEDAVG = "fedavg"  # FedAvg of A and B weighted by p_i
 NAA = "naa"  # HSplitLoRA's noise-free concatenation, merged into the frozen weights
 PADDED_FEDAVG = "padded-fedavg"  # zero-padded FedAvg over mixed ranks (hsplitlora-no-naa)
@@ -46,7 +46,7 @@ class Traits:
     ``split``: clients hold blocks ``[0, k)`` and the server the rest (else every client holds
     the whole model). ``central``: one model trained on the pooled data (no clients to
     aggregate). ``full``: full fine-tuning (whole weights, not adapters). ``hetero``: split
-    points and ranks per client from the devices (runner/hetero.py's HeteroTrainer).
+    points and ranks per client from the devices (runner/methods/hetero.py's HeteroTrainer).
     ``iwi`` / ``armsc`` / ``naa``: HSplitLoRA's three parts (off in its ablations).
     ``fixed_config``: one split point and rank for every client, which the fairness rule
     (testbed/fairness.py) may choose for a profile. ``hooks``: ``"module:Class"`` of the
@@ -83,9 +83,9 @@ class Traits:
         return not self.central
 
 
-_HETERO_SERVER = "runner.hetero_server:HeteroServerHooks"
-_HETERO_CLIENT = "runner.hetero_client:HeteroClientHooks"
-_HETERO_TRAINER = "runner.hetero:HeteroTrainer"
+_HETERO_SERVER = "runner.methods.hetero_server:HeteroServerHooks"
+_HETERO_CLIENT = "runner.methods.hetero_client:HeteroClientHooks"
+_HETERO_TRAINER = "runner.methods.hetero:HeteroTrainer"
 
 
 def _hsplit(name: str, summary: str, **off: bool) -> Traits:

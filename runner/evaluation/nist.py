@@ -31,7 +31,8 @@ co-occurrence statistics", HLT 2002; mteval-v13a.pl ``compute_ngram_info``,
   padding and uses ``max(len(refs))`` directly.
 
 Tokenisation is the caller's: the E2E scorer feeds mteval lowercased text, which mteval
-tokenises with its default (13a) rules; :func:`runner.scoring.tokenize` does exactly that.
+tokenises with its default (13a) rules; :func:`runner.evaluation.scoring.tokenize` does exactly
+that.
 """
 
 from __future__ import annotations

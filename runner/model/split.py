@@ -8,7 +8,7 @@ names *global* (``model.layers.17.self_attn.q_proj`` is the same name on every h
 per-weight ranks, aggregation and PEFT adapter files line up across clients and server.
 
 Weights are read tensor by tensor from the materialised safetensors (see
-:mod:`runner.models`): a client never materialises the server's blocks and vice versa. The
+:mod:`runner.model.models`): a client never materialises the server's blocks and vice versa. The
 forward functions below mirror ``LlamaModel.forward`` / ``GPT2Model.forward`` of transformers
 5 step by step (same mask construction, same rotary / position embeddings), which is what
 makes split training exact (tests/test_split.py).
@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
-from runner.models import family_of, load_config
+from runner.model.models import family_of, load_config
 
 
 @dataclass

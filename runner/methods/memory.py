@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
-from runner.importance import adapter_bytes, lora_activation_bytes
-from runner.lora import all_candidates, block_of
-from runner.models import family_of
+from runner.methods.importance import adapter_bytes, lora_activation_bytes
+from runner.model.lora import all_candidates, block_of
+from runner.model.models import family_of
 
 ELEMENT = 4  # fp32
 DEFAULT_RESERVE = 350 * 2**20  # measured on the CI machine type (docs/benchmarks.md)

@@ -11,14 +11,14 @@ one place:
   short disconnects so gradients queued by the broker are not lost;
 * a retained ``state`` message: "online" on connect, "offline" on close, and the same
   "offline" as last will, so the server learns of a crashed client from the broker;
-* received payloads are decoded by a :class:`runner.protocol.Receiver` on the network thread;
-  refused ones are counted, logged, and handed to ``on_reject`` and never reach ``recv``.
+* received payloads are decoded by a :class:`runner.distributed.protocol.Receiver` on the network
+  thread; refused ones are counted, logged, and handed to ``on_reject`` and never reach ``recv``.
 
-The bytes are moved by a *link* (:mod:`runner.mqtt_link`): libmosquitto through ctypes
-(``native``, :mod:`runner.mqtt_native`) or paho-mqtt (``paho``, :mod:`runner.mqtt_paho`).
-Which one: the ``backend`` argument, else the ``TESTBED_MQTT`` environment variable, else
-:data:`DEFAULT_BACKEND`; ``auto`` takes native when libmosquitto loads and paho otherwise
-(:func:`resolve_backend`).
+The bytes are moved by a *link* (:mod:`runner.distributed.mqtt_link`): libmosquitto through ctypes
+(``native``, :mod:`runner.distributed.mqtt_native`) or paho-mqtt (``paho``,
+:mod:`runner.distributed.mqtt_paho`). Which one: the ``backend`` argument, else the ``TESTBED_MQTT``
+environment variable, else :data:`DEFAULT_BACKEND`; ``auto`` takes native when libmosquitto loads
+and paho otherwise (:func:`resolve_backend`).
 
 Thread model: the link's network thread runs the callbacks; ``send``/``recv`` are called from
 the application thread(s). ``recv`` reads a thread-safe queue.
@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from runner import mqtt_native
-from runner import protocol as P
-from runner.broker import BrokerAddress, Credentials
-from runner.mqtt_link import Link, LinkError, Payload, Pending, Will
-from runner.mqtt_paho import FastClient, PahoLink
+from runner.distributed import mqtt_native
+from runner.distributed import protocol as P
+from runner.distributed.broker import BrokerAddress, Credentials
+from runner.distributed.mqtt_link import Link, LinkError, Payload, Pending, Will
+from runner.distributed.mqtt_paho import FastClient, PahoLink
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "FastClient", "PublishRefused", "Transport",
            "TransportError", "make_link", "resolve_backend"]
@@ -105,7 +105,8 @@ class PublishRefused(TransportError):
 
 
 class Transport:
-    """A connected protocol endpoint for ``me`` (a client id or :data:`runner.protocol.SERVER`).
+    """A connected protocol endpoint for ``me`` (a client id or
+    :data:`runner.distributed.protocol.SERVER`).
 
     ``expect`` defaults to: the run, and for a client only messages on its own channel or the
     server's; for the server any of ``clients`` (or any well-formed id when None).
@@ -217,7 +218,8 @@ class Transport:
 
     def outage(self, seconds: float) -> None:
         """Fault injection: lose the connection abruptly (the broker publishes our last
-        will), stay away ``seconds``, reconnect (see :meth:`runner.mqtt_link.Link.outage`)."""
+        will), stay away ``seconds``, reconnect (see
+        :meth:`runner.distributed.mqtt_link.Link.outage`)."""
         self.link.outage(seconds, time.sleep)
 
     def __enter__(self) -> Transport:

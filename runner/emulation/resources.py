@@ -1,6 +1,6 @@
 """Measured resource use of this process (or its container): memory now and at its peak.
 
-runner/budget.py says how much memory a client *may* use; this module says how much it
+runner/emulation/budget.py says how much memory a client *may* use; this module says how much it
 *does* use, so heartbeats and metrics records can show measured memory against the budget
 (docs/run-format.md "Measured resources"). One :class:`Meter` per process; each
 :meth:`Meter.sample` returns a :class:`Usage`:
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.budget import (
+from runner.emulation.budget import (
     CGROUP_ROOT,
     PROC_SELF_CGROUP,
     _own_path,
@@ -176,7 +176,7 @@ def _torch_cuda() -> Any:
 def nvml_process_bytes(pid: int, env: Mapping[str, str] | None = None,
                        nvml: Any = None) -> int | None:
     """GPU memory NVML says process ``pid`` uses on the device this process sees (the same
-    device runner/budget.py measures), or None (no NVML, no GPU, not listed)."""
+    device runner/emulation/budget.py measures), or None (no NVML, no GPU, not listed)."""
 
     def used_by(nvml: Any, found: tuple[Any, int | None, str], _env: Any) -> int | None:
         for proc in nvml.nvmlDeviceGetComputeRunningProcesses(found[0]):

@@ -3,8 +3,8 @@
 The testbed runs every client on whatever hardware is at hand (often a 2-core CI machine), so
 wall time says nothing about a Jetson-class client on a 100 Mbit/s link. Like FedScale, we
 keep a second, virtual time line computed from each device's description
-(:class:`~runner.devices.DeviceSpec`) and what the step actually did (FLOPs run, bytes sent).
-Both times go into the metrics; convergence-versus-time figures use the virtual one.
+(:class:`~runner.emulation.devices.DeviceSpec`) and what the step actually did (FLOPs run, bytes
+sent). Both times go into the metrics; convergence-versus-time figures use the virtual one.
 
 One synchronous SplitLoRA step (method.md "Training step") on the virtual time line::
 
@@ -41,7 +41,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from runner.devices import DeviceSpec
+from runner.emulation.devices import DeviceSpec
 from runner.errors import ConfigError
 
 FORWARD_SHARE = 1.0 / 3.0  # design choice: forward : backward = 1 : 2 FLOPs

@@ -28,8 +28,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from runner.errors import ConfigError
-from runner.models import family_of
-from runner.split import Segment, layer_prefix
+from runner.model.models import family_of
+from runner.model.split import Segment, layer_prefix
 
 RankMap = dict[str, int]
 
@@ -184,7 +184,7 @@ def trained_state(model: nn.Module, full: bool = False) -> dict[str, torch.Tenso
     full fine-tuning (``ft``), every floating-point weight of the base model."""
     if not full:
         return adapter_state(model)
-    from runner.split import base_model
+    from runner.model.split import base_model
 
     return {k: v for k, v in base_model(model).state_dict(keep_vars=True).items()
             if v.is_floating_point()}

@@ -76,7 +76,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.data import E2E_ATTRIBUTES, parse_mr
+from runner.dataset.data import E2E_ATTRIBUTES, parse_mr
 
 __all__ = [
     "OTHER",
@@ -95,7 +95,7 @@ OTHER = "other"
 # --------------------------------------------------------------------------------------------
 
 #: Venue names of the E2E release (``name`` values, then ``near`` values); "The Rice Boat" is
-#: both. The synthetic generator of runner/data.py draws from a subset of these.
+#: both. The synthetic generator of runner/dataset/data.py draws from a subset of these.
 E2E_NAMES: tuple[str, ...] = (
     "Alimentum", "Aromi", "Bibimbap House", "Blue Spice", "Browns Cambridge", "Clowns",
     "Cocum", "Cotto", "Fitzbillies", "Giraffe", "Green Man", "Loch Fyne", "Midsummer House",

@@ -32,14 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runner import aggregation as agg
-from runner import control, importance, lora, seeds, split
-from runner import protocol as P
-from runner.hetero import ProbeForward, probe_backward, probe_forward
+from runner import seeds
+from runner.distributed import control
+from runner.distributed import protocol as P
+from runner.distributed.transport import TransportError
+from runner.methods import aggregation as agg
+from runner.methods import importance
+from runner.methods.hetero import ProbeForward, probe_backward, probe_forward
 from runner.methods.hooks import ClientHooks
-from runner.models import load_config as load_model_config
+from runner.model import lora, split
+from runner.model.models import load_config as load_model_config
 from runner.trainer import make_optimizer
-from runner.transport import TransportError
 
 if TYPE_CHECKING:
     from runner.client import Client

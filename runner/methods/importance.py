@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from runner.lora import module_key
+from runner.model.lora import module_key
 
 ELEMENT_BYTES = 4  # fp32 training
 

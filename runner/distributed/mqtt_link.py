@@ -1,15 +1,16 @@
-"""What :class:`runner.transport.Transport` needs from an MQTT client library: a *link*.
+"""What :class:`runner.distributed.transport.Transport` needs from an MQTT client library: a *link*.
 
 Why an interface between the transport and the client library: the protocol's behaviour
 (validation, dedup, reassembly, QoS 1 waits, resubscription, the retained state and the last
-will) lives once in :mod:`runner.transport`, while the bytes can be moved by either paho-mqtt
-(pure Python, :mod:`runner.mqtt_paho`) or libmosquitto (C, :mod:`runner.mqtt_native`), chosen
-per process by measurement (docs/benchmarks.md). A link does only MQTT: connect with a will,
-keep reconnecting, publish at QoS 1 and report the PUBACK, subscribe and report the SUBACK,
-hand incoming payloads over. All events arrive on the link's own network thread.
+will) lives once in :mod:`runner.distributed.transport`, while the bytes can be moved by either
+paho-mqtt (pure Python, :mod:`runner.distributed.mqtt_paho`) or libmosquitto (C,
+:mod:`runner.distributed.mqtt_native`), chosen per process by measurement (docs/benchmarks.md). A
+link does only MQTT: connect with a will, keep reconnecting, publish at QoS 1 and report the PUBACK,
+subscribe and report the SUBACK, hand incoming payloads over. All events arrive on the link's own
+network thread.
 
 Names: the environment variable ``TESTBED_MQTT`` (``paho``, ``native`` or ``auto``) picks the
-backend when the caller does not (see :func:`runner.transport.resolve_backend`).
+backend when the caller does not (see :func:`runner.distributed.transport.resolve_backend`).
 """
 
 from __future__ import annotations

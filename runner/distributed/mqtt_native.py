@@ -5,7 +5,7 @@ packet parse and acknowledgement, on the same GIL as the sender, the decoder and
 loop. libmosquitto does all of that in its own C thread with the GIL released; Python runs
 only for the callbacks. What it costs instead: its publish copies the payload twice (into a
 stored message, then into the packet) and its receive allocates and copies it once more, where
-paho with :class:`runner.mqtt_paho.FastClient` copies none. Measured side by side
+paho with :class:`runner.distributed.mqtt_paho.FastClient` copies none. Measured side by side
 (bench/transport.py, docs/benchmarks.md) the copies win at 4-64 MB on the 2-core machines
 here, so paho stays the default and this link is a choice (``TESTBED_MQTT=native``).
 
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.mqtt_link import Link, LinkError, LinkEvents, Payload, Pending, Will
+from runner.distributed.mqtt_link import Link, LinkError, LinkEvents, Payload, Pending, Will
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +459,8 @@ class NativeLink(Link):
                 self.events.link_message(topic, buf)
                 return
             # A read-only view of libmosquitto's buffer, valid during this call only: the
-            # decoder copies what it keeps (runner.protocol._build_message copies read-only
-            # payloads; chunks are copied into the reassembly buffer).
+            # decoder copies what it keeps (runner.distributed.protocol._build_message copies
+            # read-only payloads; chunks are copied into the reassembly buffer).
             with _view(msg.payload, n) as view:
                 self.events.link_message(topic, view)
         except Exception:  # noqa: BLE001

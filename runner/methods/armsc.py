@@ -25,10 +25,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from runner.devices import DeviceSpec
-from runner.importance import adapter_bytes, lora_activation_bytes, relative_change
-from runner.lora import RankMap, block_of
-from runner.memory import DEFAULT_RESERVE, ModelCosts, client_memory, server_memory
+from runner.emulation.devices import DeviceSpec
+from runner.methods.importance import adapter_bytes, lora_activation_bytes, relative_change
+from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory, server_memory
+from runner.model.lora import RankMap, block_of
 
 DEFAULT_RANKS = (0, 2, 4, 8, 16)
 

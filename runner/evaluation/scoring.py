@@ -14,7 +14,7 @@ metric    implementation (official scorer)                        scale (paper e
 ========  ======================================================  =========================
 BLEU      ``sacrebleu`` corpus BLEU, 13a on lowercased text,       0..100 (68.79)
           variable #refs per MR (mteval-v13a BLEU)
-NIST      :mod:`runner.nist`: mteval-v13a NIST, n=5, references    ~0..10 (8.83)
+NIST      :mod:`runner.evaluation.nist`: mteval-v13a NIST, n=5, references    ~0..10 (8.83)
           pooled (definition cited there; mteval-v13a NIST)
 METEOR    ``pycocoevalcap`` METEOR 1.5 jar (java), ``-norm``,      0..1 (0.4664)
           on PTB tokens (coco-caption METEOR)
@@ -69,7 +69,7 @@ from pycocoevalcap.tokenizer import ptbtokenizer as _coco_ptb
 from sacrebleu.metrics import BLEU
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from runner.nist import NIST_ORDER, corpus_nist
+from runner.evaluation.nist import NIST_ORDER, corpus_nist
 
 __all__ = [
     "METRICS",
@@ -296,7 +296,8 @@ def _bleu(hypotheses: list[str], grouped: list[list[str]]) -> float:
 
 
 def _nist(hypotheses: list[str], grouped: list[list[str]]) -> float:
-    """mteval-v13a NIST (n=5) over all references (:mod:`runner.nist`), :func:`tokenize` tokens."""
+    """mteval-v13a NIST (n=5) over all references (:mod:`runner.evaluation.nist`),
+    :func:`tokenize` tokens."""
     hyp_tokens = [tokenize(h) for h in hypotheses]
     ref_tokens = [[tokenize(r) for r in refs] for refs in grouped]
     return float(corpus_nist(hyp_tokens, ref_tokens, max_n=NIST_ORDER))
@@ -372,7 +373,7 @@ def write_scores(path: Path, scores: dict[str, float], extra: dict[str, Any] | N
                  *, slot_errors: dict[str, Any] | None = None) -> None:
     """Write ``{"scores": ..., "extra": ...}`` as indented JSON, atomically.
 
-    ``slot_errors`` (:func:`runner.slots.slot_errors`: counts and SER per attribute) is
+    ``slot_errors`` (:func:`runner.evaluation.slots.slot_errors`: counts and SER per attribute) is
     written under its own key when given; ``scores`` holds only numbers, SER among them.
 
     Atomic (temp file + rename) so a crash mid-write never leaves a truncated score file that a

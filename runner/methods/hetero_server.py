@@ -3,7 +3,7 @@ ablations and HetLoRA.
 
 :class:`HeteroServerHooks` plug into the SplitLoRA server engine (:class:`runner.server.Server`,
 through runner/methods/hooks.py); the training maths is the in-process
-:class:`runner.hetero.HeteroTrainer`, unchanged: the trainer's
+:class:`runner.methods.hetero.HeteroTrainer`, unchanged: the trainer's
 client holders are *shadows* of the real clients (same split point, ranks and merged block
 weights; their adapters are loaded from the clients' uploads at every aggregation). Only the
 steps that need a client's data or state go over the wire (docs/protocol.md, "HSplitLoRA"):
@@ -35,14 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runner import aggregation as agg
-from runner import control, lora, split
-from runner import protocol as P
-from runner.hetero import HeteroTrainer, Probe, _linear, probe_server
+from runner.distributed import control
+from runner.distributed import protocol as P
+from runner.distributed.runtime import meta_int
+from runner.emulation.vtime import StepClock
+from runner.methods import aggregation as agg
+from runner.methods.hetero import HeteroTrainer, Probe, _linear, probe_server
 from runner.methods.hooks import ServerHooks
-from runner.runtime import meta_int
+from runner.model import lora, split
 from runner.trainer import Holder
-from runner.vtime import StepClock
 
 if TYPE_CHECKING:
     from runner.server import Peer, Server
@@ -469,7 +470,7 @@ class HeteroServerHooks(ServerHooks):
     # ----------------------------------------------------------------------- report
     def make_clock(self) -> StepClock | None:
         """The devices ARMSC plans for (the devices file, or the emulated spread)."""
-        from runner.memory import ModelCosts
+        from runner.methods.memory import ModelCosts
 
         s = self.server
         devices, server, _ = self.htr.clock_devices()

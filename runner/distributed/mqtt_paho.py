@@ -1,7 +1,7 @@
 """paho-mqtt 2.x as a transport link: :class:`FastClient` (paho without its large-payload
-copies) behind the :class:`runner.mqtt_link.Link` interface.
+copies) behind the :class:`runner.distributed.mqtt_link.Link` interface.
 
-Why paho is the default link rather than libmosquitto (runner/mqtt_native.py): with the
+Why paho is the default link rather than libmosquitto (runner/distributed/mqtt_native.py): with the
 FastClient fixes it moves a multi-MB payload without copying it (libmosquitto copies it three
 times), which measured faster at 4-64 MB (bench/transport.py, docs/benchmarks.md); and it is
 pure Python, so it runs wherever the package installs.
@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
-from runner.mqtt_link import Link, LinkError, LinkEvents, Payload, Pending, Will
+from runner.distributed.mqtt_link import Link, LinkError, LinkEvents, Payload, Pending, Will
 
 # ------------------------------------------------------------------ paho large-payload fixes
 _LARGE = 65_536  # packets above this take the copy-free paths below

@@ -3,9 +3,9 @@
 Why: on one host every client computes at the host's speed, so wall time says nothing about
 how long the step would take on the fleet a profile describes. :class:`StepClock` feeds each
 step's real work (tokens through each client's blocks, bytes each way) into
-:class:`runner.clock.VirtualClock` (FedScale-style: compute = FLOPs / FLOP/s, communication =
-bytes / bandwidth + latency, the server after the slowest upload), so every metric record
-also carries ``virtual_time``, and the devices' availability (online windows in virtual time,
+:class:`runner.emulation.clock.VirtualClock` (FedScale-style: compute = FLOPs / FLOP/s,
+communication = bytes / bandwidth + latency, the server after the slowest upload), so every metric
+record also carries ``virtual_time``, and the devices' availability (online windows in virtual time,
 or a per-round dropout probability) decides who takes part in a step.
 
 Costs (design choice): a client segment of ``k`` blocks costs ``tokens * k * F_block``
@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.clock import Availability, StepTiming, VirtualClock
-from runner.devices import GB, DeviceSpec, load_availability, load_devices
+from runner.emulation.clock import Availability, StepTiming, VirtualClock
+from runner.emulation.devices import GB, DeviceSpec, load_availability, load_devices
 from runner.errors import ConfigError
-from runner.memory import ModelCosts
+from runner.methods.memory import ModelCosts
 
 # The server when a device file describes none: a datacentre GPU.
 DEFAULT_SERVER = DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9, latency=0.001)
@@ -42,7 +42,7 @@ def clock_devices(path: str | Path, n: int
 
 
 def availability_from(entries: Sequence[dict[str, Any] | None]) -> list[Availability | None]:
-    """Device-file availability entries (runner.devices.load_availability) -> clock's."""
+    """Device-file availability entries (runner.emulation.devices.load_availability) -> clock's."""
     out: list[Availability | None] = []
     for a in entries:
         if not a:

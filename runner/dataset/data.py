@@ -13,7 +13,7 @@ Dirichlet(alpha) non-IID split over an MR attribute such as ``eatType``.
 Where the data comes from (:func:`resolve_data`): an explicit ``--data`` spec, then
 ``$TESTBED_DATA``, then a cached copy, then a one-off download of the official release; a
 directory holding the whole release is kept whole (:func:`resolve_source`), and
-runner/splits.py decides which of its files train, validate and test a run. A
+runner/dataset/splits.py decides which of its files train, validate and test a run. A
 deterministic synthetic E2E-like generator (:func:`synthetic_e2e`) lets everything run with no
 data and no network; runs label it so its numbers are never mistaken for real E2E results.
 """
@@ -88,7 +88,7 @@ E2E_FILES = ("trainset.csv", "devset.csv", "testset_w_refs.csv")
 """CSV files taken out of the release zip; anything else in the archive is ignored."""
 
 RELEASE_FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
-"""The official E2E split: which release file feeds which split (runner/splits.py)."""
+"""The official E2E split: which release file feeds which split (runner/dataset/splits.py)."""
 
 PREFERRED_CSV = ("trainset.csv", "devset.csv")
 """Which cached CSV :func:`resolve_data` returns, best first (the biggest one we have)."""
@@ -247,7 +247,7 @@ def resolve_data(spec: str | Path | None) -> Path | str:
 def resolve_source(spec: str | Path | None) -> Path | str:
     """:func:`resolve_data`, except that a directory holding the whole official release
     (:func:`is_release_dir`) is returned as the directory, so that the run can use the
-    official train/dev/test split (runner/splits.py) rather than one CSV split by MR."""
+    official train/dev/test split (runner/dataset/splits.py) rather than one CSV split by MR."""
     return _resolve(spec, release=True)
 
 

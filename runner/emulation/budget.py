@@ -160,7 +160,7 @@ def nvml_device(nvml: Any, selected: str | None) -> tuple[Any, int | None, str] 
     ``selected`` from :func:`visible_device`): (handle, GPU index when named by index,
     detail), or None when no device exists. NVML errors propagate.
 
-    Shared by the budget (total memory) and runner/resources.py (this process's use)."""
+    Shared by the budget (total memory) and runner/emulation/resources.py (this process's use)."""
     index: int | None = None
     if selected is None:
         leaves = _leaf_devices(nvml)
@@ -186,7 +186,8 @@ def with_nvml_device(env: Mapping[str, str] | None, nvml: Any,
     """``use(nvml, (handle, index, detail), env)`` on the GPU / MIG instance this process
     sees, inside one NVML session; None when there is no GPU, no NVML, the devices are
     hidden, or NVML fails in any way (the normal CPU-only case). One place for the session
-    so the budget (here) and the measured use (runner/resources.py) see the same device."""
+    so the budget (here) and the measured use (runner/emulation/resources.py) see the same
+    device."""
     env = os.environ if env is None else env
     selected = visible_device(env)
     if selected == "":

@@ -39,15 +39,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from runner import aggregation as agg
-from runner import armsc, importance, lora, seeds, split
-from runner import data as data_mod
+from runner import seeds
 from runner.config import TrainConfig
-from runner.devices import GB, DeviceSpec, load_availability, load_devices, paper_spread
+from runner.dataset import data as data_mod
+from runner.emulation.devices import GB, DeviceSpec, load_availability, load_devices, paper_spread
 from runner.errors import ConfigError
-from runner.memory import DEFAULT_RESERVE, ModelCosts, client_memory
-from runner.methods import registry
-from runner.models import load_config
+from runner.methods import aggregation as agg
+from runner.methods import armsc, importance, registry
+from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory
+from runner.model import lora, split
+from runner.model.models import load_config
 from runner.rundir import RunDir
 from runner.trainer import Holder, Prepared, ProgressFn, Trainer, make_optimizer, tensor_bytes
 
@@ -73,7 +74,7 @@ def emulated_devices(costs: ModelCosts, n: int, batch: int, seq: int,
 
 class _PerClient:
     """Each client's own aggregation bytes, ``{name: [up, down]}``, for the virtual clock
-    (runner/vtime.py: a client's link carries its own adapters, not an equal share)."""
+    (runner/emulation/vtime.py: a client's link carries its own adapters, not an equal share)."""
 
     def __init__(self) -> None:
         self.bytes: dict[str, list[int]] = {}
@@ -197,7 +198,7 @@ class HeteroTrainer(Trainer):
     def initial_plan(self) -> None:
         """Probe importance on the split but not yet adapted model, plan, attach adapters.
 
-        The distributed server (runner/hetero_server.py) calls this once its clients have
+        The distributed server (runner/methods/hetero_server.py) calls this once its clients have
         joined, since the probe needs their data."""
         imp = self._importance(step=0)
         plan = self._plan(imp, [h.seg.end for h in self.clients])

@@ -9,7 +9,7 @@ Two protocols (issue 12):
   put beside theirs.
 * ``split-by-mr``: one CSV (or ``synthetic``, or a directory lacking one of the three files)
   cut into train/validation/test by distinct MR with the run's seed and fractions
-  (:func:`runner.data.split_by_mr`): the testbed's protocol when there is only one file.
+  (:func:`runner.dataset.data.split_by_mr`): the testbed's protocol when there is only one file.
 
 Why a module of its own: the in-process trainer, the distributed server and clients,
 ``testbed up`` on the host and ``testbed eval`` months later must all agree on the same rows,
@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from runner import data as data_mod
+from runner.dataset import data as data_mod
 from runner.errors import ConfigError, DataError
 
 OFFICIAL = "official"
@@ -76,7 +76,7 @@ class DataProtocol:
                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                 seed: int = 0) -> DataProtocol:
         """The protocol for a ``--data`` value (None: ``$TESTBED_DATA``, the cache, a download;
-        :func:`runner.data.resolve_source`)."""
+        :func:`runner.dataset.data.resolve_source`)."""
         source = data_mod.resolve_source(spec)
         if isinstance(source, Path) and source.is_dir():
             files = {split: _absolute(source / name)
@@ -97,7 +97,8 @@ class DataProtocol:
         returns it, container paths already mapped to the host).
 
         Runs made before the protocol was recorded split their data by MR, and their data was
-        found by :func:`runner.data.resolve_data` (always one CSV), so that is what they get.
+        found by :func:`runner.dataset.data.resolve_data` (always one CSV), so that is what they
+        get.
         """
         train = config.get("train") or {}
         doc = train.get(RECORD_KEY)

@@ -14,7 +14,7 @@ Start-up contract (docs/protocol.md, "Runtime"):
   ``TESTBED_USERNAME`` / ``TESTBED_PASSWORD`` override or complete the file;
 * the server also reads ``TESTBED_RESUME=1`` (or ``--resume``);
 * ``TESTBED_MQTT`` (``paho``, ``native``, ``auto``) picks the MQTT client library when
-  ``RuntimeOptions.mqtt`` does not (runner/transport.py ``resolve_backend``).
+  ``RuntimeOptions.mqtt`` does not (runner/distributed/transport.py ``resolve_backend``).
 
 This module never imports ``testbed/`` (a container holds only ``runner/``).
 """
@@ -29,22 +29,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runner.broker import BrokerAddress, Credentials, parse_broker_url
 from runner.config import TrainConfig
+from runner.distributed.broker import BrokerAddress, Credentials, parse_broker_url
 from runner.errors import ConfigError
 from runner.methods import registry
 
 # The distributed runtime runs every method. The heterogeneous ones put per-client split
 # points and ranks, NAA factors (or per-client shares of a padded aggregate), IWI probes and
-# block hand-overs on the wire (runner/hetero_server.py, runner/hetero_client.py); ``ft``'s
-# one client uploads its whole model at evaluation points (a message holds at most 1 GiB:
+# block hand-overs on the wire (runner/methods/hetero_server.py, runner/methods/hetero_client.py);
+# ``ft``'s one client uploads its whole model at evaluation points (a message holds at most 1 GiB:
 # models up to about 250 M parameters in fp32).
 NAA_METHODS = registry.having(hetero=True, naa=True)
 HETERO_DISTRIBUTED = registry.having(hetero=True)
 
-# The operations of ``config`` messages (server -> clients) are typed in runner/control.py.
+# The operations of ``config`` messages (server -> clients) are typed in
+# runner/distributed/control.py.
 
-log = logging.getLogger("runner.runtime")
+log = logging.getLogger("runner.distributed.runtime")
 
 
 @dataclass
@@ -65,7 +66,7 @@ class RuntimeOptions:
     the server's own connection did not drop meanwhile (Mosquitto publishes all wills when
     it shuts down) and the client has not spoken since.
     ``mqtt``: the MQTT client library, "native" (libmosquitto), "paho" or "auto"; None:
-    ``TESTBED_MQTT`` or the default (runner/transport.py ``resolve_backend``).
+    ``TESTBED_MQTT`` or the default (runner/distributed/transport.py ``resolve_backend``).
     """
 
     step_timeout: float = 30.0

@@ -295,8 +295,8 @@ class Message:
 
     ``client`` is the channel: the sending client for uplink kinds, the addressed client for
     ``grad``/``config``, SERVER for the server's channel. ``seq`` is unique per sender (see
-    :class:`runner.transport.Transport`); ``(client, kind, step, seq)`` identifies a message
-    for deduplication. ``sent_at`` is the sender's wall clock (time.time()) for latency
+    :class:`runner.distributed.transport.Transport`); ``(client, kind, step, seq)`` identifies a
+    message for deduplication. ``sent_at`` is the sender's wall clock (time.time()) for latency
     figures; ``nbytes`` the bytes it took on the wire (set by the decoder).
     """
 

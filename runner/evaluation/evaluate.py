@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
-from runner import data as data_mod
-from runner import lora, scoring, slots, splits
 from runner.config import TrainConfig
+from runner.dataset import data as data_mod
+from runner.dataset import splits
 from runner.errors import UserError
+from runner.evaluation import scoring, slots
 from runner.methods import registry
-from runner.models import load_full_model, load_tokenizer, model_info
+from runner.model import lora
+from runner.model.models import load_full_model, load_tokenizer, model_info
 from runner.rundir import RunDir
 
 
@@ -154,11 +156,11 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     ``eval/outputs.csv``, ``eval/outputs.txt`` + ``eval/references.txt`` (the official
     scorer's inputs, :func:`write_measure_scores_inputs`) and ``eval/scores.json``.
 
-    Which MRs (runner/splits.py :func:`~runner.splits.eval_set`): ``test_data``: every MR of
-    that CSV; ``data``: that data's test split as a run trained on it would have it; neither:
-    the run's own test split (the whole official testset, or the test fraction by MR recomputed
-    with the run's seed and fractions: the MRs it never trained on). ``max_mrs`` keeps the
-    first N (None or 0: all). Bad input fails before the model loads and before anything is
+    Which MRs (runner/dataset/splits.py :func:`~runner.dataset.splits.eval_set`): ``test_data``:
+    every MR of that CSV; ``data``: that data's test split as a run trained on it would have it;
+    neither: the run's own test split (the whole official testset, or the test fraction by MR
+    recomputed with the run's seed and fractions: the MRs it never trained on). ``max_mrs`` keeps
+    the first N (None or 0: all). Bad input fails before the model loads and before anything is
     written.
     """
     if max_mrs is not None and max_mrs < 0:
@@ -173,7 +175,8 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     texts = generate(model, tokenizer, mrs, decode, progress)
     outputs = dict(zip(mrs, texts, strict=True))
     scores = scoring.score_e2e(outputs, refs)
-    # Beyond the official scorer: does each output say what its MR says (runner/slots.py)?
+    # Beyond the official scorer: does each output say what its MR says
+    # (runner/evaluation/slots.py)?
     slot_report = slots.slot_errors(outputs)
     scores["SER"] = slot_report["SER"]
     out_dir = run.eval_dir()
