@@ -211,9 +211,10 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
         lines += ["", "## Slot errors", "",
                   "SER = (missing + wrong + added) / MR slots, in %, overall and per "
                   "attribute (runner/evaluation/slots.py: a rule-based matcher of the MR's "
-                  "values, as in the E2E challenge's follow-up evaluations). missing: the output does not "
-                  "mention the attribute; wrong: it gives another value (\"family-friendly\" "
-                  "for familyFriendly[no]); added: a value the MR does not have.", "",
+                  "values, as in the E2E challenge's follow-up evaluations). missing: the "
+                  "output does not mention the attribute; wrong: it gives another value "
+                  "(\"family-friendly\" for familyFriendly[no]); added: a value the MR does not "
+                  "have.", "",
                   *slot_table]
     memory = memory_table(rs)
     if memory:

@@ -1,8 +1,8 @@
 """Fair comparison: every method of an experiment meets the same per-device memory budgets.
 
 HSplitLoRA fits each client's budget itself (ARMSC picks its split point and ranks) and
-HetLoRA picks each client's rank from its budget (runner/methods/hetero.py). A method with ONE
-configuration for all clients would otherwise run at its defaults whatever the devices, so
+HetLoRA picks each client's rank from its budget (runner/methods/hetlora.py). A method with
+ONE configuration for all clients would otherwise run at its defaults whatever the devices, so
 a comparison could pit a budget-respecting method against one that silently needs more
 memory than the weakest device has. Here such a method gets the largest configuration that
 fits the smallest device, measured with the same memory model (runner/methods/memory.py

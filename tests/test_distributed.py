@@ -61,7 +61,7 @@ def _options(**kw: Any) -> RuntimeOptions:
 def in_process(cfg: TrainConfig, tr: Trainer | None = None,
                before_replan: Any = None) -> dict[tuple[int, str], float]:
     """Per-(step, client) training losses of the in-process trainer (fit's loop): ``tr``
-    (default a new Trainer; a HeteroTrainer for the heterogeneous methods);
+    (default a new Trainer; for the heterogeneous methods their own, plugins.build_trainer);
     ``before_replan(tr, step)`` runs between an aggregation and its re-plan."""
     tr = tr or Trainer(cfg)
     out = {}

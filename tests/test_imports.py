@@ -121,6 +121,7 @@ def test_every_package_is_parsed() -> None:
         assert sum(n.startswith(pkg + ".") for n in g) >= 5, pkg
     assert "runner.methods.registry" in g["runner.config"]
     assert "runner.trainer" in g["runner.methods.hetero"]
+    assert "runner.methods.hetero" in g["runner.methods.hsplitlora"]
 
 
 def test_no_import_cycle() -> None:
@@ -149,5 +150,6 @@ def test_engines_never_import_a_method() -> None:
     """The engines reach methods through the registry's plug-in paths only."""
     g = graph()
     methods = {n for n in g if n.startswith("runner.methods.")} - ENGINE_MAY_USE
+    assert "runner.methods.hsplitlora" in methods and "runner.methods.hetlora_server" in methods
     for engine in ("runner.trainer", "runner.server", "runner.client"):
         assert not (g[engine] & methods), (engine, g[engine] & methods)

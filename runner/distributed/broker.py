@@ -135,7 +135,8 @@ def acl_rules(run: str, clients: Iterable[str]) -> dict[str, dict[str, list[str]
     broadcasts; a client writes its uplink and reads its downlink and the broadcasts; the
     monitor (control plane, dashboards) reads the run's topics and writes nothing.
     """
-    from runner.distributed import protocol  # lazy: protocol imports torch, the amqtt child must not
+    # lazy: protocol imports torch, the amqtt child must not
+    from runner.distributed import protocol
 
     rules = {SERVER_USER: {"read": protocol.subscriptions(run, protocol.SERVER),
                            "write": protocol.publications(run, protocol.SERVER)},

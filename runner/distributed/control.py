@@ -25,7 +25,7 @@ OP_RESYNC = "resync"  # to one client: global adapters + stream/optimizer positi
 OP_UPLOAD = "upload"  # to one client: (re)send your adapters for aggregation step t
 OP_RESEND = "resend"  # to one client: (re)send your activations for step t
 OP_DONE = "done"  # broadcast: the run is over, exit
-# HSplitLoRA (runner/methods/hetero_server.py):
+# HSplitLoRA (runner/methods/hsplitlora_server.py, hetero_server.py):
 OP_MERGE = "merge"  # to one client: NAA factors of its blocks; merge, re-initialise adapters
 OP_PROBE = "probe"  # to one client: run an importance probe batch (IWI)
 OP_PLAN = "plan"  # to one client: split point + ranks (ARMSC), moved blocks' weights

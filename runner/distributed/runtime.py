@@ -36,8 +36,9 @@ from runner.methods import registry
 
 # The distributed runtime runs every method. The heterogeneous ones put per-client split
 # points and ranks, NAA factors (or per-client shares of a padded aggregate), IWI probes and
-# block hand-overs on the wire (runner/methods/hetero_server.py, runner/methods/hetero_client.py);
-# ``ft``'s one client uploads its whole model at evaluation points (a message holds at most 1 GiB:
+# block hand-overs on the wire (runner/methods/hsplitlora_server.py, hsplitlora_client.py and
+# what HetLoRA shares with them, hetero_server.py, hetero_client.py); ``ft``'s one client
+# uploads its whole model at evaluation points (a message holds at most 1 GiB:
 # models up to about 250 M parameters in fp32).
 NAA_METHODS = registry.having(hetero=True, naa=True)
 HETERO_DISTRIBUTED = registry.having(hetero=True)

@@ -1,34 +1,26 @@
-"""The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA"), its
-ablations and HetLoRA.
+"""The server side that HSplitLoRA (runner/methods/hsplitlora_server.py) and HetLoRA
+(runner/methods/hetlora_server.py) share in a distributed run.
 
 :class:`HeteroServerHooks` plug into the SplitLoRA server engine (:class:`runner.server.Server`,
-through runner/methods/hooks.py); the training maths is the in-process
-:class:`runner.methods.hetero.HeteroTrainer`, unchanged: the trainer's
-client holders are *shadows* of the real clients (same split point, ranks and merged block
-weights; their adapters are loaded from the clients' uploads at every aggregation). Only the
-steps that need a client's data or state go over the wire (docs/protocol.md, "HSplitLoRA"):
+through runner/methods/hooks.py); the training maths is the in-process trainer of the method
+(runner/methods/hsplitlora.py, runner/methods/hetlora.py), unchanged: the trainer's client
+holders are *shadows* of the real clients (same split point, ranks and merged block weights;
+their adapters are loaded from the clients' uploads at every aggregation). Only the steps that
+need a client's data or state go over the wire (docs/protocol.md, "HSplitLoRA").
 
-1. training steps: as SplitLoRA, but each client at its own split point (the server batches
-   equal split points together, deepest first, exactly as in-process);
-2. aggregation: the clients upload their adapters; NAA runs on the shadows and the server's
-   blocks; each client receives ``merge``: the concatenated factors (or the dense update
-   when smaller) of the weights in its blocks, merges them and re-initialises its adapters;
-3. IWI: ``probe``: each online client runs one probe batch with importance hooks and sends
-   the boundary activations; the server runs its blocks with its own hooks, returns the
-   gradients, and the clients send their numerators back;
-4. ARMSC: the trainer re-plans; every client receives ``plan`` (split point, ranks, the step
-   that seeds its adapters) and, if its split point moved up, the current weights of the
-   blocks it takes over (the bytes are counted as in-process).
+Shared here: the shadows, plans (``plan``: split point, ranks, the step that seeds the
+adapters; blocks a client takes over travel with it), the padded rules' aggregation (each
+participant gets its share of the aggregate, ``set``: hetlora and hsplitlora-no-naa), budget
+changes for ARMSC, resynchronisation and checkpoints.
 
 A returning or restarted client is resynchronised with its plan and the current merged
-weights of its blocks; after ``--resume`` every client rolls back to the checkpoint's merged
-weights and plan (written after every aggregation), which determine the whole state.
+weights of its blocks (or, padded rules, its adapters); after ``--resume`` every client rolls
+back to the checkpoint's merged weights and plan (written after every aggregation), which
+determine the whole state.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -39,8 +31,7 @@ from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.distributed.runtime import meta_int
 from runner.emulation.vtime import StepClock
-from runner.methods import aggregation as agg
-from runner.methods.hetero import HeteroTrainer, Probe, _linear, probe_server
+from runner.methods.hetero import HeteroTrainer, _linear
 from runner.methods.hooks import ServerHooks
 from runner.model import lora, split
 from runner.trainer import Holder
@@ -48,15 +39,14 @@ from runner.trainer import Holder
 if TYPE_CHECKING:
     from runner.server import Peer, Server
 
-log = logging.getLogger("runner.server")
 
 
 class ShadowTrainer(HeteroTrainer):
-    """HeteroTrainer whose clients are shadows of remote processes.
+    """A method's trainer whose clients are shadows of remote processes (the base of
+    ``HSplitLoRAShadow``, ``HetLoRAShadow``: ``class X(ShadowTrainer, TheMethodsTrainer)``).
 
-    The initial plan waits for the clients (its probe needs their data); probes go through
-    the server (``net``: the hooks, which own the probe round); NAA's per-weight results and
-    split moves are recorded for the wire.
+    ``net``: the server hooks, which own the rounds that need the clients; ``deferred``: the
+    initial plan waits for the clients (HSplitLoRA's probe needs their data).
     """
 
     def __init__(self, cfg: Any, net: HeteroServerHooks, prepared: Any):
@@ -64,49 +54,31 @@ class ShadowTrainer(HeteroTrainer):
         self.deferred = True
         super().__init__(cfg, None, None, prepared)
 
-    def initial_plan(self) -> None:
-        if not self.deferred:
-            super().initial_plan()
-
-    def _probe(self, holders: list[Holder]) -> Probe:
-        return self.net.probe_round(holders)
-
-    def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
-                holders: list[Holder]) -> None:
-        self.net.outbox.append((name, b_cat, a_cat, delta, {h.name for h in holders}))
-
-    def _move_split(self, h: Holder, k: int, step: int) -> None:
-        self.net.moved.setdefault(h.name, h.seg.end)
-        super()._move_split(h, k, step)
-
     def summary_extra(self) -> dict[str, Any]:
         """Plus the IWI probes' bytes (in-process runs do not count them)."""
         return {**super().summary_extra(), "probe_bytes": self.net.probe_bytes}
 
 
 class HeteroServerHooks(ServerHooks):
-    """Server side of hsplitlora (and its ablations) and hetlora."""
+    """Server side shared by hsplitlora (and its ablations) and hetlora; a method's subclass
+    names its shadow trainer (``shadow_class``)."""
+
+    shadow_class: type[ShadowTrainer]
 
     def __init__(self, server: Server):
         super().__init__(server)
-        self.outbox: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]] = []
         self.moved: dict[str, int] = {}  # client -> split point before this round's moves
         self.merged_names: set[str] = set()  # weights that differ from the pretrained ones
         self.plan_version = 0  # 0: split points without adapters (before the first probe)
         self.plan_reinit = 0
         self.plan_sent_at = 0.0
-        self.probe_at = 0
-        self.probe_step: int | None = None
-        self.probe_expected: set[str] = set()
-        self.probe_acts: dict[str, P.Message] = {}
-        self.probe_nums: dict[str, dict[str, float]] = {}
         self.probe_bytes = 0
         self.shapes: dict[str, dict[str, list[int]]] = {}
         self.build_violations: list[str] = []
         self.by_name: dict[str, Peer] = {}
 
     def make_trainer(self) -> ShadowTrainer:
-        return ShadowTrainer(self.server.cfg, self, self.server.prep)
+        return self.shadow_class(self.server.cfg, self, self.server.prep)
 
     def ready(self) -> None:
         self.build_violations = list(self.htr.violations)
@@ -132,8 +104,7 @@ class HeteroServerHooks(ServerHooks):
         return self.shadow(p).seg.end
 
     def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
-        if h.meta.get("probe") is not None:
-            return {}  # importance numerators travel in the meta
+        """Each client's own adapters (the shapes of its shadow's)."""
         return self.shapes.get(h.client, {})
 
     def _refresh_shapes(self) -> None:
@@ -148,51 +119,25 @@ class HeteroServerHooks(ServerHooks):
             and p.status.get("epoch") == self.server.epoch
 
     def start(self) -> None:
-        """The initial plan (probe on the clients' data, ARMSC, adapters), unless resumed."""
+        """The initial plan (HSplitLoRA: a probe on the clients' data, ARMSC, adapters),
+        unless resumed."""
         tr = self.htr
         if self.plan_version > 0:
             return  # resumed: the checkpoint holds the plan
         for v in self.build_violations:  # found before the run directory was open
             self.server.event("budget_violation", step=0, detail=v)
         tr.deferred = False
-        if tr.server is not None:  # hetlora has no server segment and plans nothing
-            self._sync_offline()
-            self.probe_at = 0
-            tr.initial_plan()
+        self.plan_first()
         self.publish_plan(0)
+
+    def plan_first(self) -> None:
+        """Work before the first plan goes out (HSplitLoRA: probe and plan); the first plan
+        is the shadows' split points and ranks as built."""
 
     def _sync_offline(self) -> None:
         self.server.tr.offline = {p.name for p in self.server.peers.values() if not p.online}
 
     # ------------------------------------------------------------------- messages
-    def on_act(self, p: Peer, msg: P.Message) -> bool:
-        if not msg.meta.get("probe"):
-            return False
-        if msg.step == self.probe_step and p.cid in self.probe_expected:
-            if p.cid not in self.probe_acts:
-                self.probe_acts[p.cid] = msg
-                p.drawn = meta_int(msg.meta, "drawn", p.drawn)
-        elif msg.step > self.probe_at:
-            self.server._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
-        return True
-
-    def on_adapt(self, p: Peer, msg: P.Message) -> bool:
-        if msg.meta.get("probe") is None:
-            return False
-        if msg.step != self.probe_step or p.cid not in self.probe_acts:
-            return True  # late or repeated
-        nums = msg.meta.get("importance")
-        mine = set(self.htr.client_candidates(self.split_of(p)))
-        if not isinstance(nums, dict) or not all(
-                k in mine and isinstance(v, int | float) and not isinstance(v, bool)
-                and math.isfinite(v) for k, v in nums.items()):
-            self.server._reject(p, msg, "bad-meta", "importance must map this client's "
-                                                    "candidate weights to finite numbers")
-            return True
-        self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
-        p.drawn = meta_int(msg.meta, "drawn", p.drawn)
-        return True
-
     def budget_changed(self, p: Peer, old: int | None, new: int,
                        meta: dict[str, Any]) -> None:
         """A budget change feeds ARMSC (method.md "Trigger"): an injected budget is the
@@ -220,60 +165,10 @@ class HeteroServerHooks(ServerHooks):
     def step_plan(self) -> int | None:
         return self.plan_version
 
-    # ------------------------------------------------------------------------ probe
-    def probe_round(self, holders: list[Holder]) -> Probe:
-        """IWI over the wire for the online clients among ``holders`` (one batch each)."""
-        s, tr = self.server, self.htr
-        step = self.probe_at
-        peers = [self.by_name[h.name] for h in holders if self.by_name[h.name].online]
-        self.probe_step, self.probe_acts, self.probe_nums = step, {}, {}
-        self.probe_expected = {p.cid for p in peers}
-
-        def ask(p: Peer) -> None:
-            s.tell(control.Probe(step, s.global_step, s.epoch), to=p.cid)
-
-        for p in peers:
-            ask(p)
-        s.wait_for(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
-                   step, "probe", ask)
-        answered = [p for p in peers if p.cid in self.probe_acts]
-        server_nums: dict[str, float] = {}
-        if answered:
-            msgs = [self.probe_acts[p.cid] for p in answered]
-            srv = tr.server
-            assert srv is not None
-            srv.seg.model.eval()
-            try:
-                grads, server_nums = probe_server(
-                    srv.seg, [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS],
-                               self.split_of(p)) for p, m in zip(answered, msgs, strict=True)],
-                    tr.server_candidates([self.split_of(p) for p in answered]))
-            finally:
-                srv.seg.model.train()
-            sent = {}
-
-            def give(p: Peer) -> None:
-                sent[p.cid] = s.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
-                                     {"probe": True}, to=p.cid, wire=s.o.wire)
-
-            for p in answered:
-                give(p)
-            s.wait_for(lambda: [p for p in answered
-                                if p.online and p.cid not in self.probe_nums],
-                       step, "probe", give)
-            self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
-                x.nbytes for x in sent.values() if x is not None)
-        done = [p for p in answered if p.cid in self.probe_nums]
-        s.event("probe", step=step, clients=[p.name for p in done],
-                missing=[p.name for p in peers if p not in done])
-        self.probe_step = None
-        s.global_sent_at = time.monotonic()
-        return Probe([self.shadow(p) for p in done], [self.probe_nums[p.cid] for p in done],
-                     server_nums)
-
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
-        """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
+        """Uploads -> shadows; the trainer's aggregation on them; its result out
+        (:meth:`after_uploads`)."""
         s, tr = self.server, self.htr
         got = s.collect_uploads(step, participants)
         names = {p.name for p in got}
@@ -282,30 +177,13 @@ class HeteroServerHooks(ServerHooks):
             msg = s.adapts[p.cid]
             lora.load_adapter_state(self.shadow(p).seg.model, msg.tensors)
             p.agg_drawn = meta_int(msg.meta, "drawn", p.drawn)
-        self.outbox = []
         bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
         s.global_step = step
-        if not self.naa:
-            return self._aggregate_padded(step, got, bytes_)
-        # Online clients that did not take part (they joined or were skipped this round)
-        # still hold blocks that changed: their shadows take the server's merged weights,
-        # and they get the same merge message.
-        late = [p for p in s.peers.values() if p.online and p.name not in names]
-        for p in late:
-            seg = self.shadow(p).seg
-            if hasattr(seg.model, "peft_config"):  # after_aggregate re-attaches adapters
-                seg.model = seg.model.unload()
-            tr._sync_blocks(seg, seg.end)
-        self._send_merges(step, got + late)
-        self.probe_at, self.moved = step + 1, {}
-        extra = tr.after_aggregate(step)
-        for p in s.peers.values():
-            p.agg_drawn = p.drawn
-            p.agg_opt_steps = p.opt_steps
-        self.publish_plan(step + 1)
-        self._sync_offline()
-        return {**bytes_, **{k: bytes_.get(k, 0) + extra.get(k, 0)
-                             for k in ("bytes_up", "bytes_down")}}
+        return self.after_uploads(step, got, bytes_)
+
+    def after_uploads(self, step: int, got: list[Peer], bytes_: dict[str, Any]) -> dict[str, Any]:
+        """The aggregation's result out to the clients (padded rules; NAA: hsplitlora)."""
+        return self._aggregate_padded(step, got, bytes_)
 
     def _aggregate_padded(self, step: int, got: list[Peer],
                           bytes_: dict[str, Any]) -> dict[str, Any]:
@@ -325,27 +203,6 @@ class HeteroServerHooks(ServerHooks):
         self.htr.after_aggregate(step)  # nothing to re-plan for these rules
         self._sync_offline()
         return bytes_
-
-    def _send_merges(self, step: int, got: list[Peer]) -> None:
-        """Each participant gets the NAA result of the weights in its blocks (method.md: the
-        concatenated factors, the dense update only when that is smaller)."""
-        s = self.server
-        for name, *_ in self.outbox:
-            self.merged_names.add(name)
-        for p in got:
-            tensors: dict[str, torch.Tensor] = {}
-            forms: dict[str, str] = {}
-            for name, b_cat, a_cat, delta, _ in self.outbox:
-                if lora.block_of(name) >= self.split_of(p):
-                    continue
-                _, form = agg.wire_bytes(delta.shape[0], delta.shape[1], a_cat.shape[0])
-                forms[name] = form
-                if form == "factors":
-                    tensors[f"{name}.B"], tensors[f"{name}.A"] = b_cat, a_cat
-                else:
-                    tensors[f"{name}.delta"] = delta
-            s.tell(control.Merge(step, forms, step + 1, s.epoch), to=p.cid, tensors=tensors)
-        s.global_sent_at = time.monotonic()
 
     def block_weights(self, first: int, end: int, only: set[str] | None = None
                       ) -> dict[str, torch.Tensor]:
