@@ -60,7 +60,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # System packages the tests use for real: the Mosquitto broker and its C client library
-# libmosquitto1 (distributed runtime; runner/mqtt_native.py), a
+# libmosquitto1 (distributed runtime; runner/distributed/mqtt_native.py), a
 # Java runtime (METEOR 1.5), Docker + Compose + debootstrap (containers, offline images).
 # Installed with apt when missing and we are root; a Docker daemon is started if none answers.
 system-deps:

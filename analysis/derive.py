@@ -291,7 +291,7 @@ def reconfigurations(rs: RunSet, run: str) -> pd.DataFrame:
 
     Accepted event shapes, so the reader survives the runtime's format settling:
     ``clients`` = {client: {split, rank_sum, memory_bytes, budget_bytes, ...}} (what
-    runner.hetero writes), ``splits`` = {client: k}, or one ``client`` with ``split``.
+    runner.methods.hetero writes), ``splits`` = {client: k}, or one ``client`` with ``split``.
     Returns one row per (step, client) with whatever fields the event carried.
     """
     e = rs.events

@@ -90,13 +90,13 @@ def memory_table(rs: RunSet) -> list[str]:
 
 def slot_error_table(rs: RunSet) -> list[str]:
     """Slot error rate per run and attribute (``eval/scores.json``'s ``slot_errors``, from
-    runner/slots.py), as markdown lines; [] when no run carries it. A cell is the SER of
+    runner/evaluation/slots.py), as markdown lines; [] when no run carries it. A cell is the SER of
     that attribute in % of its MR slots, "-" when no MR had the attribute."""
     evaluated = [(r, (r.scores or {}).get("slot_errors")) for r in rs.runs]
     evaluated = [(r, s) for r, s in evaluated if isinstance(s, dict)]
     if not evaluated:
         return []
-    # Attributes in the order scores.json lists them (E2E order; runner.data, which imports
+    # Attributes in the order scores.json lists them (E2E order; runner.dataset.data, which imports
     # torch, stays out of analysis).
     attrs = list(dict.fromkeys(a for _, s in evaluated for a in s.get("per_attribute", {})))
     lines = ["| Method | MRs | SER (%) | missing | wrong | added | " + " | ".join(attrs) + " |",
@@ -210,10 +210,11 @@ def write_report(rs: RunSet, out: Path, target: float | None = None,
     if slot_table:
         lines += ["", "## Slot errors", "",
                   "SER = (missing + wrong + added) / MR slots, in %, overall and per "
-                  "attribute (runner/slots.py: a rule-based matcher of the MR's values, as in "
-                  "the E2E challenge's follow-up evaluations). missing: the output does not "
-                  "mention the attribute; wrong: it gives another value (\"family-friendly\" "
-                  "for familyFriendly[no]); added: a value the MR does not have.", "",
+                  "attribute (runner/evaluation/slots.py: a rule-based matcher of the MR's "
+                  "values, as in the E2E challenge's follow-up evaluations). missing: the "
+                  "output does not mention the attribute; wrong: it gives another value "
+                  "(\"family-friendly\" for familyFriendly[no]); added: a value the MR does not "
+                  "have.", "",
                   *slot_table]
     memory = memory_table(rs)
     if memory:

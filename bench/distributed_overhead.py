@@ -64,8 +64,8 @@ def main() -> None:
     import torch
 
     from runner.config import TrainConfig
+    from runner.distributed.runtime import RuntimeOptions
     from runner.rundir import read_jsonl
-    from runner.runtime import RuntimeOptions
     from runner.trainer import Trainer
     from testbed.local import LocalRun
 

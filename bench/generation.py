@@ -11,8 +11,8 @@ Variants, named on the command line (``--variants``):
 
 * ``legacyN``: the decoding loop as it was before this benchmark (batches of N in MR order
   under ``torch.no_grad``), kept here verbatim as the reference;
-* ``bN``: :func:`runner.evaluate.generate` (what `testbed eval` runs; ``inference_mode``),
-  batches of N in MR order;
+* ``bN``: :func:`runner.evaluation.evaluate.generate` (what `testbed eval` runs;
+  ``inference_mode``), batches of N in MR order;
 * ``bNs``: the same with the MRs sorted by prompt length (less left padding per batch).
 
 The figure of merit is MRs per second and each variant's speed-up over the first variant
@@ -59,9 +59,9 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from runner import data as data_mod
-from runner.evaluate import DecodeConfig, generate, load_run_model
-from runner.models import load_full_model, load_tokenizer, model_info
+from runner.dataset import data as data_mod
+from runner.evaluation.evaluate import DecodeConfig, generate, load_run_model
+from runner.model.models import load_full_model, load_tokenizer, model_info
 from runner.rundir import RunDir
 from testbed.tables import print_table
 
@@ -73,7 +73,7 @@ VARIANT = re.compile(r"^(legacy|b)(\d+)(s?)$")
 @torch.no_grad()
 def legacy_generate(model: torch.nn.Module, tokenizer: Any, mrs: list[str],
                     decode: DecodeConfig) -> list[str]:
-    """runner.evaluate.generate as it was before bench/generation.py (the reference)."""
+    """runner.evaluation.evaluate.generate as it was before bench/generation.py (the reference)."""
     outputs: list[str] = []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -3,13 +3,13 @@
 For each (split point, rank) configuration a *fresh* subprocess imports the runtime, loads a
 client segment of the model with LoRA, and trains a few steps (forward to the cut, backward
 from a gradient of the boundary activations, AdamW step), then reports its peak RSS. The
-parent predicts the same process's peak with :func:`runner.memory.client_memory`, using:
+parent predicts the same process's peak with :func:`runner.methods.memory.client_memory`, using:
 
 * the runtime reserve measured once, in a separate fresh process, right after imports;
 * per-block activation bytes calibrated once by one probe (saved-tensor hooks, one block).
 
 Each configuration is measured twice: with glibc's default allocator settings and with
-``MALLOC_MMAP_THRESHOLD_=65536`` (:data:`runner.memory.ALLOCATOR_ENV`), which client
+``MALLOC_MMAP_THRESHOLD_=65536`` (:data:`runner.methods.memory.ALLOCATOR_ENV`), which client
 processes of the testbed set. With the default, glibc raises its mmap threshold after the
 first large free and keeps later activations on the heap, so the peak RSS of a multi-step
 run sits ~25 % above what the tensors need; with the fixed threshold, freed activations go
@@ -32,7 +32,8 @@ import textwrap
 
 CHILD = textwrap.dedent("""
     import json, sys, torch
-    from runner import lora, memory, models, split
+    from runner.model import lora, models, split
+    from runner.methods import memory
     torch.set_num_threads(1)
     name, k, rank, batch, seq, steps, targets = sys.argv[1:8]
     k, rank, batch, seq, steps = int(k), int(rank), int(batch), int(seq), int(steps)
@@ -56,7 +57,7 @@ CHILD = textwrap.dedent("""
 
 
 def child(*args: object, allocator: str = "fixed") -> dict:
-    from runner.memory import ALLOCATOR_ENV
+    from runner.methods.memory import ALLOCATOR_ENV
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     if allocator == "fixed":
@@ -83,7 +84,8 @@ def main() -> None:
 
     import torch
 
-    from runner import lora, memory, models, split
+    from runner.methods import memory
+    from runner.model import lora, models, split
 
     torch.set_num_threads(1)
     info = models.model_info(args.model)

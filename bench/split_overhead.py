@@ -9,8 +9,8 @@ step) of
   process: client forward, detached "wire" activations, server forward/loss/backward/step,
   then the client backward from the returned gradient and the client step.
 
-Both variants are loaded through :mod:`runner.split`, get LoRA on the same projections with
-the same ranks and the same seeded initial adapters (:func:`runner.lora.attach_lora`), and are
+Both variants are loaded through :mod:`runner.model.split`, get LoRA on the same projections with
+the same ranks and the same seeded initial adapters (:func:`runner.model.lora.attach_lora`), and are
 driven by :meth:`runner.trainer.Trainer.train_step` itself (``_local_step`` for the unsplit
 model, ``_split_step`` / ``server_step`` for the split one), so the timed code is the
 trainer's code, not a re-implementation of it. Every step feeds both variants the *same*
@@ -59,10 +59,10 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from runner import data as data_mod
-from runner import lora, split
 from runner.config import TrainConfig
-from runner.models import load_tokenizer, model_info
+from runner.dataset import data as data_mod
+from runner.model import lora, split
+from runner.model.models import load_tokenizer, model_info
 from runner.trainer import Holder, Trainer, make_optimizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

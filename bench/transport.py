@@ -9,12 +9,12 @@ of one message:
   back (:class:`TcpRelay`): a broker's topology without MQTT, the ceiling of any broker path;
 * **raw-paho**, **raw-native**: the same bytes published at QoS 1 by a bare link of that
   MQTT client library (paho-mqtt with our large-payload fixes, or libmosquitto through
-  ctypes; runner/mqtt_paho.py, runner/mqtt_native.py) on a client's uplink topic,
-  republished by an echo link (the server's credentials) to that client's downlink topic,
+  ctypes; runner/distributed/mqtt_paho.py, runner/distributed/mqtt_native.py) on a client's uplink
+  topic, republished by an echo link (the server's credentials) to that client's downlink topic,
   received: the library's and the broker's cost (two hops through Mosquitto, each with
   PUBACK), no protocol;
 * **mqtt-paho**, **mqtt-native**: the full stack the runtime uses on that library: a
-  :class:`runner.transport.Transport` client sends an ``act`` message (activations
+  :class:`runner.distributed.transport.Transport` client sends an ``act`` message (activations
   ``[1, S, 1024]`` float32 of that size, plus mask and labels); the server Transport decodes
   and validates it (CRC, NaN check, shapes) and sends the activations back as a ``grad``
   message; the client decodes it.
@@ -27,14 +27,14 @@ of TCP).
 Why interleaved: the machine is shared (a training job may hold a core) and its speed drifts;
 each repetition runs every variant back to back in a rotating order, so drift hits all of
 them alike, and the first ``--warmup`` repetitions (socket buffers, allocator growth) are
-dropped. Everything runs on 127.0.0.1 with per-variant Mosquittos from :mod:`runner.broker`
-(auth and ACL on, as in a real run). Echo parties are threads of this process, for TCP and
-MQTT alike.
+dropped. Everything runs on 127.0.0.1 with per-variant Mosquittos from
+:mod:`runner.distributed.broker` (auth and ACL on, as in a real run). Echo parties are threads of
+this process, for TCP and MQTT alike.
 
 More full-stack variants of the default backend, each through its own broker: ``--chunk-mb
 1 4`` adds ``mqtt-<default>@4MB``; ``--broker-env KEY=VALUE ...`` adds ``mqtt-<default>+env``:
 a Mosquitto started with that environment (an experiment: the runtime starts its broker
-with the plain environment plus runner/broker.py ``BROKER_MALLOC_ENV``).
+with the plain environment plus runner/distributed/broker.py ``BROKER_MALLOC_ENV``).
 
 Usage::
 
@@ -68,11 +68,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner import mqtt_native  # noqa: E402
-from runner import protocol as P  # noqa: E402
-from runner.broker import Broker, start_broker  # noqa: E402
-from runner.mqtt_link import Link, Payload, Will  # noqa: E402
-from runner.transport import Transport, make_link, resolve_backend  # noqa: E402
+from runner.distributed import mqtt_native  # noqa: E402
+from runner.distributed import protocol as P  # noqa: E402
+from runner.distributed.broker import Broker, start_broker  # noqa: E402
+from runner.distributed.mqtt_link import Link, Payload, Will  # noqa: E402
+from runner.distributed.transport import Transport, make_link, resolve_backend  # noqa: E402
 
 RUN, RAW_RUN, CLIENT = "bench", "benchraw", "c0"
 HIDDEN = 1024
@@ -315,7 +315,7 @@ def _variants(args: argparse.Namespace, default: str) -> list[tuple[str, str, fl
 
 def _start_broker(stack: contextlib.ExitStack, run: str, env: dict[str, str]) -> Broker:
     saved = dict(os.environ)
-    os.environ.update(env)  # the broker process inherits it (runner.broker)
+    os.environ.update(env)  # the broker process inherits it (runner.distributed.broker)
     try:
         return stack.enter_context(start_broker(run, [CLIENT]))
     finally:

@@ -1,7 +1,7 @@
 """A client process of a distributed run: ``python -m runner.client``.
 
-Configured by environment variables and a JSON config (:mod:`runner.runtime`). The client
-owns its data shard (the same partitioning and batch-stream seed as
+Configured by environment variables and a JSON config (:mod:`runner.distributed.runtime`). The
+client owns its data shard (the same partitioning and batch-stream seed as
 :func:`runner.trainer.prepare` / :class:`runner.trainer.Trainer`, so a distributed run
 reproduces an in-process one), its model segment with its LoRA adapters, and its optimizer.
 
@@ -44,20 +44,23 @@ from typing import Any
 
 import torch
 
-from runner import control, lora, schedule, seeds, split
-from runner import data as data_mod
-from runner import protocol as P
-from runner.errors import UserError
-from runner.methods import plugins, registry
-from runner.methods.hooks import ClientHooks
-from runner.models import load_config as load_model_config
-from runner.resources import Meter
-from runner.runtime import (
+from runner import schedule, seeds
+from runner.dataset import data as data_mod
+from runner.distributed import control
+from runner.distributed import protocol as P
+from runner.distributed.runtime import (
     RuntimeConfig,
     is_split,
     load_config,
     setup_logging,
 )
+from runner.distributed.transport import Transport, TransportError
+from runner.emulation.resources import Meter
+from runner.errors import UserError
+from runner.methods import plugins, registry
+from runner.methods.hooks import ClientHooks
+from runner.model import lora, split
+from runner.model.models import load_config as load_model_config
 from runner.trainer import (
     Holder,
     local_train_step,
@@ -66,7 +69,6 @@ from runner.trainer import (
     split_point,
     tensor_bytes,
 )
-from runner.transport import Transport, TransportError
 
 log = logging.getLogger("runner.client")
 
@@ -111,7 +113,8 @@ class Client:
         # progress state (reported in every heartbeat)
         self.incarnation = uuid.uuid4().hex[:12]
         self._budget_at, self._budget_cache = -1e9, None
-        self.meter = Meter()  # measured memory (runner/resources.py), in heartbeats and acts
+        # measured memory (runner/emulation/resources.py), in heartbeats and acts
+        self.meter = Meter()
         # compute time of the last finished step: {"step", "forward_s", "backward_s",
         # "compute_s"} (heartbeats; the server turns each new one into a resources record)
         self.compute: dict[str, Any] | None = None
@@ -265,7 +268,7 @@ class Client:
         return out
 
     def memory(self) -> dict[str, Any]:
-        """Measured memory now and at its peak (runner/resources.py): the fields
+        """Measured memory now and at its peak (runner/emulation/resources.py): the fields
         ``memory_current_bytes``, ``memory_peak_bytes``, ``memory_source`` (cgroup | rss |
         nvml | cuda) and the extra figures; {} if measuring fails."""
         try:
@@ -274,14 +277,14 @@ class Client:
             return {}
 
     def _budget(self) -> Any:
-        """This device's memory budget (runner/budget.py: NVML, cgroup, profile), re-read at
-        most every second: it is reported in heartbeats so the server sees a change
+        """This device's memory budget (runner/emulation/budget.py: NVML, cgroup, profile), re-read
+        at most every second: it is reported in heartbeats so the server sees a change
         (method.md "ARMSC" trigger). A budget injected into the run directory
         (``testbed inject budget``) comes first. None when no source answers."""
         now = time.monotonic()
         if now - self._budget_at < 1.0:
             return self._budget_cache
-        from runner.budget import Budget, discover_budget
+        from runner.emulation.budget import Budget, discover_budget
         from runner.errors import ConfigError
 
         injected = self.rt.run_dir / "inject" / f"{self.cid}.budget"
@@ -386,7 +389,7 @@ class Client:
         handlers first, then the engine's."""
         ctrl = None
         if msg.kind is P.Kind.CONFIG:
-            try:  # decoded and validated once (runner/control.py)
+            try:  # decoded and validated once (runner/distributed/control.py)
                 ctrl = control.decode(msg)
             except control.ControlError as e:
                 log.warning("%s of step %d refused: %s", msg.meta.get("op"), msg.step, e)
@@ -604,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         if rt.me == "server":
             raise UserError("TESTBED_CLIENT_ID (or --client-id) must name a client")
         setup_logging(rt.me)
-        from runner.cpu import fit_threads
+        from runner.emulation.cpu import fit_threads
 
         threads, quota = fit_threads()  # a 0.12-CPU device must not run 2 torch threads
         log.info("torch threads %d (CPU quota %s)", threads,

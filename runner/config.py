@@ -51,14 +51,14 @@ class TrainConfig:
     eval_every: int = 50
     eval_max_examples: int | None = 256
     seed: int = 0
-    # "fp32", or "bf16": forwards under torch.autocast (runner.split.autocast). Exactness
+    # "fp32", or "bf16": forwards under torch.autocast (runner.model.split.autocast). Exactness
     # tests and the default stay fp32.
     precision: str = "fp32"
     # Scheduled dropouts for in-process runs: (client index, first step, end step), the
     # client is offline for steps [first, end). The distributed runtime injects real ones.
     dropouts: tuple[tuple[int, int, int], ...] = ()
     # Heterogeneous methods (hsplitlora*, hetlora): device descriptions (YAML/JSON file;
-    # None: the paper's 5-20 GB spread emulated on the model, see runner.hetero), rank set,
+    # None: the paper's 5-20 GB spread emulated on the model, see runner.methods.hetero), rank set,
     # ARMSC trigger threshold, split bounds and the planning sequence length.
     devices: str | None = None
     rank_set: tuple[int, ...] = (0, 2, 4, 8, 16)

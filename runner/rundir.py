@@ -77,8 +77,8 @@ def read_config(path: Path) -> dict[str, Any]:
     them stay under ``container_paths``.
 
     Every string under a mount point is mapped, wherever it sits, so the data protocol's file
-    paths (``train.data_protocol``: source, train, validation, test; runner/splits.py) resolve
-    on the host like ``train.data`` does."""
+    paths (``train.data_protocol``: source, train, validation, test; runner/dataset/splits.py)
+    resolve on the host like ``train.data`` does."""
     raw = json.loads((Path(path) / CONFIG).read_text())
     mounts = host_mounts(path)
     if not mounts:

@@ -13,7 +13,7 @@ _STEP = 7919  # a prime: adapters re-initialised at step t use seed + 7919 t
 
 
 def batch_stream(seed: int, index: int) -> int:
-    """Client ``index``'s mini-batch stream (runner.data.ClientBatches)."""
+    """Client ``index``'s mini-batch stream (runner.dataset.data.ClientBatches)."""
     return seed * _STREAM + index
 
 

@@ -1,9 +1,9 @@
 """The server process of a distributed run: ``python -m runner.server [--resume]``.
 
 Configured like a container starts it (environment variables + a JSON config, see
-:mod:`runner.runtime`). The server owns the run directory (config snapshot, ``metrics.jsonl``,
-``events.jsonl``, checkpoints, the final adapter: the same format as an in-process run, so
-analysis works unchanged), the server segment with its optimizer, aggregation and
+:mod:`runner.distributed.runtime`). The server owns the run directory (config snapshot,
+``metrics.jsonl``, ``events.jsonl``, checkpoints, the final adapter: the same format as an
+in-process run, so analysis works unchanged), the server segment with its optimizer, aggregation and
 evaluation. The training maths is the in-process trainer's own code: :class:`ServerTrainer`
 is a :class:`runner.trainer.Trainer` that holds the server segment and a *shadow* copy of the
 client segment (loaded with the global client adapters after every aggregation) instead of
@@ -45,27 +45,29 @@ from typing import Any
 
 import torch
 
-from runner import control, lora, schedule, split
-from runner import protocol as P
-from runner.clock import dropped_in_round
-from runner.errors import UserError
-from runner.memory import ModelCosts
-from runner.methods import plugins, registry
-from runner.methods.hooks import ServerHooks
-from runner.models import load_config as load_model_config
-from runner.repair import ClientStatus, ServerView, repair
-from runner.resources import Meter, usage_fields
-from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
-from runner.runtime import (
+from runner import schedule
+from runner.distributed import control
+from runner.distributed import protocol as P
+from runner.distributed.repair import ClientStatus, ServerView, repair
+from runner.distributed.runtime import (
     RuntimeConfig,
     is_split,
     load_config,
     meta_int,
     setup_logging,
 )
+from runner.distributed.transport import Transport, TransportError
+from runner.emulation.clock import dropped_in_round
+from runner.emulation.resources import Meter, usage_fields
+from runner.emulation.vtime import StepClock, clock_devices
+from runner.errors import UserError
+from runner.methods import plugins, registry
+from runner.methods.hooks import ServerHooks
+from runner.methods.memory import ModelCosts
+from runner.model import lora, split
+from runner.model.models import load_config as load_model_config
+from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
 from runner.trainer import Holder, Trainer, prepare, tensor_bytes
-from runner.transport import Transport, TransportError
-from runner.vtime import StepClock, clock_devices
 
 log = logging.getLogger("runner.server")
 CHECKPOINT = Path("checkpoint") / "server.pt"
@@ -167,8 +169,9 @@ class Server:
         self.t: Transport | None = None
         self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
         self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
-        self.meter = Meter()  # the server's own measured memory (runner/resources.py)
-        self.own_budget: int | None = None  # its budget (runner/budget.py), read at the start
+        self.meter = Meter()  # the server's own measured memory (runner/emulation/resources.py)
+        # its budget (runner/emulation/budget.py), read at the start
+        self.own_budget: int | None = None
         self.compute_seen: dict[str, int] = {}  # client -> last step with a resources record
         self._connects = 1
         self.reconnected_at = 0.0
@@ -198,7 +201,7 @@ class Server:
         rounds, as in-process (runner/trainer.py ``clock_devices``)."""
         if not self.cfg.devices or self.traits.central:
             return {}
-        from runner.devices import load_availability
+        from runner.emulation.devices import load_availability
 
         entries = load_availability(Path(self.cfg.devices))
         out = {}
@@ -211,7 +214,7 @@ class Server:
 
     def apply_dropout(self, step: int) -> None:
         """The profile's per-round dropout, applied to the real clients: before ``step``, a
-        client the seeded draw of its round (runner/clock.py ``dropped_in_round``, the
+        client the seeded draw of its round (runner/emulation/clock.py ``dropped_in_round``, the
         in-process clock's own) takes out sits the round out (``client_offline``, reason
         ``dropout``; announcements name it in ``away``, so it draws no batch and trains
         nothing), and one whose round is over comes back (``client_online``, resync with
@@ -436,7 +439,8 @@ class Server:
 
     def tell(self, ctrl: control.Control, to: str | None = None,
              tensors: dict[str, torch.Tensor] | None = None) -> P.Message | None:
-        """Send a typed control operation (runner/control.py) as a ``config`` message."""
+        """Send a typed control operation (runner/distributed/control.py) as a ``config``
+        message."""
         step, meta = control.encode(ctrl)
         return self.send(P.Kind.CONFIG, step, tensors, meta, to=to)
 
@@ -539,7 +543,7 @@ class Server:
                 self.hooks.budget_changed(p, old, budget, meta)
 
     def measured(self, p: Peer, meta: dict[str, Any]) -> dict[str, Any]:
-        """A client's measured memory from a message's meta (runner/resources.py
+        """A client's measured memory from a message's meta (runner/emulation/resources.py
         ``usage_fields``: ``memory_bytes`` = its peak so far) and its last reported budget
         (``budget_bytes``): the fields its records carry."""
         out = usage_fields(meta)
@@ -571,7 +575,7 @@ class Server:
         is known, its compute time for the step."""
         assert self.run is not None
         if self.own_budget is None:
-            from runner.budget import discover_budget
+            from runner.emulation.budget import discover_budget
             from runner.errors import ConfigError
 
             env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
@@ -943,8 +947,8 @@ class Server:
         return self.finish(time.perf_counter() - t_start)
 
     def default_clock(self) -> StepClock | None:
-        """Virtual time of the emulated devices (runner/vtime.py) when the run has a devices
-        file (profile runs). Design choice: no availability here: in containers the
+        """Virtual time of the emulated devices (runner/emulation/vtime.py) when the run has a
+        devices file (profile runs). Design choice: no availability here: in containers the
         profile's traces are applied to the containers in wall-clock time (testbed), and the
         clock restarts at 0 on ``--resume``."""
         if not self.cfg.devices or self.traits.central:

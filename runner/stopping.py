@@ -10,8 +10,8 @@ Rules (any combination; the first that fires ends the run):
 
 * ``steps`` (TrainConfig.steps) is always the cap: the fixed-steps rule;
 * ``stop_virtual_time``: stop after the first step whose end on the run's virtual clock
-  (runner/vtime.py) reaches the budget. The trainer then aggregates (federated methods) and
-  evaluates once more, so the last evaluation is of the global model. A run without a
+  (runner/emulation/vtime.py) reaches the budget. The trainer then aggregates (federated methods)
+  and evaluates once more, so the last evaluation is of the global model. A run without a
   virtual clock (cenlora / ft, or no device descriptions) cannot apply it: its ``stop_rule``
   event says so and it runs to the cap;
 * early stopping (``early_stop_patience`` evaluations, ``early_stop_min_delta`` PPL): inside

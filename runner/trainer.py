@@ -31,17 +31,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner import aggregation, lora, schedule, seeds, split
-from runner import data as data_mod
+from runner import schedule, seeds
 from runner.config import TrainConfig
-from runner.devices import DeviceSpec
-from runner.memory import ModelCosts
-from runner.methods import registry
-from runner.models import ModelInfo, load_config, load_tokenizer, model_info
+from runner.dataset import data as data_mod
+from runner.dataset.splits import DataProtocol
+from runner.emulation.devices import DeviceSpec
+from runner.emulation.vtime import StepClock, availability_from, clock_devices
+from runner.methods import aggregation, registry
+from runner.methods.memory import ModelCosts
+from runner.model import lora, split
+from runner.model.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
-from runner.splits import DataProtocol
 from runner.stopping import Stopper
-from runner.vtime import StepClock, availability_from, clock_devices
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
@@ -132,7 +133,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Validate the config, resolve model and data, split them (official release files or by
-    MR, runner/splits.py) and partition the training rows over clients."""
+    MR, runner/dataset/splits.py) and partition the training rows over clients."""
     cfg.validate()
     info = model_info(cfg.model)
     method = registry.traits(cfg)
@@ -545,7 +546,8 @@ class Trainer:
         return clock_devices(self.cfg.devices, len(self.clients))
 
     def make_clock(self) -> StepClock | None:
-        """The run's virtual clock (runner/vtime.py), or None without device descriptions."""
+        """The run's virtual clock (runner/emulation/vtime.py), or None without device
+        descriptions."""
         found = self.clock_devices()
         if found is None:
             return None

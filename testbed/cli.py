@@ -148,7 +148,7 @@ def eval_(
     measure_scores.py inputs) and scores.json (BLEU/NIST/METEOR/ROUGE-L/CIDEr, and the slot
     error rate SER overall and per attribute)."""
     from runner.errors import UserError
-    from runner.evaluate import DecodeConfig, evaluate_run
+    from runner.evaluation.evaluate import DecodeConfig, evaluate_run
     from runner.rundir import RunDir
 
     _quiet_libraries()
@@ -180,8 +180,8 @@ def eval_(
     scores = result["scores"]
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)
     out = Console(soft_wrap=True)
-    if "slot_errors" in result:  # SER per attribute (runner/slots.py)
-        from runner.slots import describe
+    if "slot_errors" in result:  # SER per attribute (runner/evaluation/slots.py)
+        from runner.evaluation.slots import describe
 
         out.print(describe(result["slot_errors"]), highlight=False, markup=False)
     n, of = result["test_mrs"], result["file_test_mrs"]

@@ -141,8 +141,8 @@ def up(
     runs in a container capped to its budget. Ctrl-C stops everything. From another
     terminal: `testbed status`, `testbed logs`, `testbed inject dropout`, `testbed down`
     (all take --run DIR)."""
+    from runner.distributed.runtime import RuntimeOptions
     from runner.errors import UserError
-    from runner.runtime import RuntimeOptions
     from testbed.console import fail as _fail
     from testbed.console import quiet_libraries as _quiet_libraries
     from testbed.training import train_config
@@ -227,7 +227,7 @@ def _terminate_as_interrupt() -> Any:
 def _external_broker(url: str | None, passwords: Path | None
                      ) -> tuple[str, dict[str, str] | None] | None:
     """(url, passwords) of ``--broker``; validated here so a typo fails before any start."""
-    from runner.broker import parse_broker_url
+    from runner.distributed.broker import parse_broker_url
     from runner.errors import UserError
 
     if url is None:
@@ -276,7 +276,7 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
 
             raise UserError(f"--broker-passwords has no password for {', '.join(missing)}")
         # kept (mode 0600) where `testbed inject --mode kill --for` finds them to restart
-        from runner.broker import write_private
+        from runner.distributed.broker import write_private
 
         (Path(out) / "broker").mkdir(parents=True, exist_ok=True)
         write_private(Path(out) / "broker" / "credentials.json",
@@ -305,10 +305,10 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
 
 
 def _print_data(cfg: Any, console: Console) -> None:
-    """Print which files train, validate and test the run (runner/splits.py), resolved here
+    """Print which files train, validate and test the run (runner/dataset/splits.py), resolved here
     before anything starts, so a bad --data fails at once and in one line."""
-    from runner.data import load_e2e
-    from runner.splits import DataProtocol
+    from runner.dataset.data import load_e2e
+    from runner.dataset.splits import DataProtocol
 
     proto = DataProtocol.for_config(cfg)
     rows = len(load_e2e(proto.train)) if proto.official else None

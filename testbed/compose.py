@@ -8,16 +8,16 @@ override file that adds one service per client:
   Kubernetes export uses too) with ``memswap_limit`` equal to it (no swap: an
   emulated device that needs more than its budget must be OOM-killed, which the runtime
   records as "budget exceeded", instead of quietly swapping). The overhead defaults to
-  ``runner.memory.DEFAULT_RESERVE``, the measured resident size of the Python + torch
+  ``runner.methods.memory.DEFAULT_RESERVE``, the measured resident size of the Python + torch
   runtime, which the memory model also adds on top of the model's bytes;
 * ``cpus`` proportional to the device's compute speed (the fastest client gets
   ``max_cpus``): on one host the wall-clock speed ratios then follow the profile's, while
-  the virtual clock (runner/clock.py) gives the exact emulated times;
+  the virtual clock (runner/emulation/clock.py) gives the exact emulated times;
 * identity and wiring in ``environment``: ``TESTBED_CLIENT_ID`` (the device name, which is
   the client id in the run config), ``TESTBED_CLIENT_INDEX``, ``TESTBED_BROKER``,
   ``TESTBED_RUN_ID``, ``TESTBED_BUDGET_BYTES`` (the profile value, last resort of
-  runner/budget.py), ``TESTBED_PASSWORD_FILE`` and the allocator setting
-  ``runner.memory.ALLOCATOR_ENV`` the memory model was measured with;
+  runner/emulation/budget.py), ``TESTBED_PASSWORD_FILE`` and the allocator setting
+  ``runner.methods.memory.ALLOCATOR_ENV`` the memory model was measured with;
 * a GPU reservation (``deploy.resources.reservations.devices``, driver ``nvidia``,
   ``device_ids`` = the GPU index or ``MIG-...`` UUID) when the device has a GPU selector.
   Docker cannot cap GPU memory per container; a MIG instance is a hard cap, an index is not;
@@ -105,7 +105,7 @@ PAGE = 4096
 def container_limit(nbytes: int) -> int:
     """A container memory limit the kernel keeps as written: cgroups round a limit down to
     whole pages, so round up to a page here and the limit a client reads from its cgroup
-    (runner/budget.py) is exactly the one in the Compose file."""
+    (runner/emulation/budget.py) is exactly the one in the Compose file."""
     return -(-int(nbytes) // PAGE) * PAGE
 
 
@@ -113,7 +113,7 @@ def client_memory_limit(row: EmulatedDevice, overhead: int | None = None) -> int
     """A client container's memory limit: the runtime overhead (None: ``DEFAULT_RESERVE``)
     plus the device's stand-in budget, page-rounded. The one place this is computed: the
     Compose override and the Kubernetes manifests (testbed/k8s.py) both call it."""
-    from runner.memory import DEFAULT_RESERVE
+    from runner.methods.memory import DEFAULT_RESERVE
 
     overhead = DEFAULT_RESERVE if overhead is None else overhead
     if overhead < 0:
@@ -139,7 +139,7 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                       options: ComposeOptions | None = None,
                       base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The override as a dict (services: broker/server tweaks + one service per client)."""
-    from runner.memory import ALLOCATOR_ENV
+    from runner.methods.memory import ALLOCATOR_ENV
 
     opts = options or ComposeOptions()
     base = base if base is not None else load_base()

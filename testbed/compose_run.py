@@ -7,7 +7,7 @@
 2. the run directory is prepared on the host: ``runtime.json`` (paths as the containers see
    them: the run directory at ``/run/testbed``, the model cache at ``/cache``, the data file
    under ``/data``), ``devices.json``, the broker's config, credentials and ACL
-   (``broker/``, runner/broker.py ``write_container_broker``) and one password file per
+   (``broker/``, runner/distributed/broker.py ``write_container_broker``) and one password file per
    participant (``secrets/``);
 3. the model is materialised on the host first (a GGUF conversion needs the whole model in
    memory, which a small client container must never pay) and the cache mounted;
@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import TrainConfig
+from runner.distributed.runtime import RuntimeOptions, write_config
 from runner.errors import UserError
 from runner.rundir import EVENTS, HOST_PATHS, write_json
-from runner.runtime import RuntimeOptions, write_config
 from testbed.compose import (
     BASE_COMPOSE,
     RUN_MOUNT,
@@ -129,17 +129,17 @@ class ComposeRun:
     # ------------------------------------------------------------------------ prepare
     def _container_train(self) -> tuple[TrainConfig, dict[str, str]]:
         """The TrainConfig with container paths, and the extra bind mounts it needs."""
-        from runner.models import cache_dir, materialise
+        from runner.model.models import cache_dir, materialise
 
         mounts: dict[str, str] = {}
         materialise(self.train.model)  # convert / create on the host, once
         cache = cache_dir()
         mounts[str(cache.resolve())] = CACHE_MOUNT
-        from runner.data import SYNTHETIC, resolve_source
+        from runner.dataset.data import SYNTHETIC, resolve_source
 
         cfg = replace(self.train, devices=f"{RUN_MOUNT}/devices.json")
         # resolved on the host ($TESTBED_DATA, the cache, a download), then mounted: a CSV's
-        # folder, or a whole official release directory (runner/splits.py) as /data itself
+        # folder, or a whole official release directory (runner/dataset/splits.py) as /data itself
         data = resolve_source(self.train.data)
         if data != SYNTHETIC:
             path = Path(data).expanduser().resolve()
@@ -153,7 +153,7 @@ class ComposeRun:
 
     def prepare(self) -> ComposeOptions:
         """Write everything the containers read into the run directory (no Docker calls)."""
-        from runner.broker import free_port, write_container_broker
+        from runner.distributed.broker import free_port, write_container_broker
         from testbed.profiles import write_devices_file
 
         if (self.run_dir / "config.json").exists() and not self.options.overwrite:
@@ -357,7 +357,7 @@ class ComposeRun:
         it back inside them (kill, then ``docker start``: a device that goes away without a
         goodbye). In containers the windows are read as wall-clock seconds since the
         containers started (design choice: containers run in real time; in-process runs
-        read them in virtual time, runner/vtime.py). Returns the (client, change) made."""
+        read them in virtual time, runner/emulation/vtime.py). Returns the (client, change) made."""
         changes = []
         conts = self.containers()
         for name, windows in self.traces().items():

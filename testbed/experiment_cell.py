@@ -45,11 +45,11 @@ def _die_with_parent() -> None:
 def _fair_config(cfg: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
     """``cfg`` with the configuration the fairness rule gives its method (testbed/fairness.py)
     and the decision (None for methods that size themselves or have no device)."""
-    from runner import data as data_mod
-    from runner.devices import load_devices
-    from runner.models import load_config
+    from runner.dataset import data as data_mod
+    from runner.emulation.devices import load_devices
+    from runner.emulation.vtime import DEFAULT_SERVER
+    from runner.model.models import load_config
     from runner.trainer import prepare
-    from runner.vtime import DEFAULT_SERVER
     from testbed import fairness
 
     rule = spec.get("fairness") or {}
@@ -95,7 +95,7 @@ def train(cell_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(cell_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Score the trained cell as ``testbed eval`` does (beam search on the test split)."""
-    from runner.evaluate import DecodeConfig, evaluate_run
+    from runner.evaluation.evaluate import DecodeConfig, evaluate_run
     from runner.rundir import RunDir
 
     ev = spec["eval"]
@@ -119,7 +119,7 @@ def cpu_seconds() -> float:
 def run_cell(cell_dir: Path) -> int:
     """Train and/or evaluate what the cell still lacks; write result.json. Exit code."""
     from runner.errors import UserError
-    from runner.memory import peak_rss_bytes
+    from runner.methods.memory import peak_rss_bytes
     from runner.rundir import write_json
 
     spec = json.loads((cell_dir / CELL).read_text())

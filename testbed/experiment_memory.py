@@ -1,7 +1,7 @@
 """Host memory of an experiment cell: the memory model's estimate and what the host has.
 
 A cell trains in-process: every client, the server and the optimizers live in ONE process,
-so its peak is the sum of the holders' training memory (runner/memory.py, the same model
+so its peak is the sum of the holders' training memory (runner/methods/memory.py, the same model
 ARMSC plans with) plus one runtime. The experiment runner checks the estimate against the
 memory the cells may use before it starts one (testbed/experiment_run.py): a cell that
 cannot fit even alone is refused with one line, one that fits only once others finish
@@ -19,10 +19,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import lora
 from runner.config import CENTRAL_METHODS, HETERO_METHODS, SPLIT_METHODS, TrainConfig
-from runner.devices import DeviceSpec
-from runner.memory import (
+from runner.emulation.devices import DeviceSpec
+from runner.methods.memory import (
     DEFAULT_RESERVE,
     ELEMENT,
     MemoryEstimate,
@@ -30,9 +29,10 @@ from runner.memory import (
     client_memory,
     server_memory,
 )
+from runner.model import lora
 
 MEMINFO = Path("/proc/meminfo")
-# One cell process's runtime: a client's (runner.memory.DEFAULT_RESERVE) plus the CLI, the
+# One cell process's runtime: a client's (runner.methods.memory.DEFAULT_RESERVE) plus the CLI, the
 # data pipeline and the scorer it also imports. Measured: a tiny-llama cell peaks at
 # 480-490 MiB, nearly all of it runtime.
 CELL_RESERVE = max(DEFAULT_RESERVE, 512 * 2**20)
@@ -106,8 +106,8 @@ def available_memory(meminfo: Path = MEMINFO) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        from runner.budget import cgroup_budget
-        from runner.resources import cgroup_usage
+        from runner.emulation.budget import cgroup_budget
+        from runner.emulation.resources import cgroup_usage
 
         limit = cgroup_budget()
         if limit is not None:

@@ -105,7 +105,7 @@ class Outcome:
 def _devices_file(exp: Experiment, cfg: TrainConfig, profile: str | None, out: Path,
                   written: dict[Any, str]) -> str:
     """The device file a cell's trainer reads: the profile's emulation mapping, else the
-    paper's 5-20 GB spread emulated on the model (runner.hetero.emulated_devices, what
+    paper's 5-20 GB spread emulated on the model (runner.methods.hetero.emulated_devices, what
     hsplitlora uses without devices). Every method of a setting shares it, so split
     methods without devices get the same virtual clock and budgets as hsplitlora."""
     if profile is not None:
@@ -123,7 +123,7 @@ def _devices_file(exp: Experiment, cfg: TrainConfig, profile: str | None, out: P
         path = write_devices_file(emulation_map(prof), folder / f"{profile}.json",
                                   [d.availability for d in prof.devices])
     else:
-        from runner.hetero import emulated_devices
+        from runner.methods.hetero import emulated_devices
         from testbed.profiles import model_costs
 
         clients, server = emulated_devices(model_costs(cfg.model), cfg.clients,
@@ -200,7 +200,7 @@ def plan(exp: Experiment, out: Path, *, threads: int, rerun_changed: bool = Fals
         cell = replace(cell, config=cfg)
         if cfg.model not in costs_by_model:
             costs_by_model[cfg.model] = model_costs(cfg.model)
-        from runner.devices import load_devices
+        from runner.emulation.devices import load_devices
 
         devices, _ = load_devices(Path(cfg.devices)) if cfg.devices else ([], None)
         estimate = estimate_cell(cfg, costs_by_model[cfg.model], devices).total
@@ -291,7 +291,7 @@ def _start(p: Planned) -> None:
         shutil.rmtree(p.dir / "eval", ignore_errors=True)
     write_json(p.dir / CELL, p.request)
     threads = str(p.request.get("threads") or 1)
-    from runner.memory import ALLOCATOR_ENV
+    from runner.methods.memory import ALLOCATOR_ENV
 
     env = {**os.environ, **ALLOCATOR_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}

@@ -1,17 +1,17 @@
 """Fair comparison: every method of an experiment meets the same per-device memory budgets.
 
 HSplitLoRA fits each client's budget itself (ARMSC picks its split point and ranks) and
-HetLoRA picks each client's rank from its budget (runner/hetero.py). A method with ONE
-configuration for all clients would otherwise run at its defaults whatever the devices, so
+HetLoRA picks each client's rank from its budget (runner/methods/hetlora.py). A method with
+ONE configuration for all clients would otherwise run at its defaults whatever the devices, so
 a comparison could pit a budget-respecting method against one that silently needs more
 memory than the weakest device has. Here such a method gets the largest configuration that
-fits the smallest device, measured with the same memory model (runner/memory.py
+fits the smallest device, measured with the same memory model (runner/methods/memory.py
 ``client_memory``, planned for the longest batch a client can draw, as ARMSC plans):
 
 * ``fedlora`` (whole model on every client): the largest rank of the rank set that fits;
 * ``splitlora`` (one split point and one rank): the largest rank for which some split point
   in ARMSC's bounds fits; among the split points that fit at that rank, the one with the
-  shortest estimated synchronous step (ARMSC's makespan, runner/armsc.py, all clients at
+  shortest estimated synchronous step (ARMSC's makespan, runner/methods/armsc.py, all clients at
   that split) -- the objective HSplitLoRA's own splits optimise, so neither method is given
   a split the other's planner would call slow -- or, with ``fairness.split: deepest``, the
   deepest one.
@@ -28,11 +28,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runner import armsc, lora
 from runner.config import CENTRAL_METHODS, HETERO_METHODS, TrainConfig
-from runner.devices import DeviceSpec
-from runner.memory import ModelCosts, client_memory
-from runner.methods import registry
+from runner.emulation.devices import DeviceSpec
+from runner.methods import armsc, registry
+from runner.methods.memory import ModelCosts, client_memory
+from runner.model import lora
 
 FIXED_CONFIG_METHODS = registry.having(fixed_config=True)  # splitlora, fedlora
 MIB = 2**20
@@ -69,7 +69,7 @@ def describe(method: str) -> str:
 
 def memory_seq(cfg: TrainConfig, encoded_lengths: Sequence[int]) -> int:
     """The sequence length memory is planned for: the longest training example a client can
-    draw (runner/hetero.py does the same for ARMSC), at least ``plan_seq``."""
+    draw (runner/methods/hetero.py does the same for ARMSC), at least ``plan_seq``."""
     return max([cfg.plan_seq, *encoded_lengths])
 
 

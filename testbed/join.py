@@ -13,7 +13,7 @@ description, the runtime options). Copy it to the device; there
 
 runs ``python -m runner.client`` with that configuration, the broker address as the device
 sees it, and the model and data at their paths on the device. The client finds its own
-memory budget as every client does (runner/budget.py: NVML on a GPU, else its cgroup's
+memory budget as every client does (runner/emulation/budget.py: NVML on a GPU, else its cgroup's
 limit, else the profile's value, reported with its source) and reports it in its
 heartbeats; the server treats it as any other client of the run (join, steps, repair,
 offline detection): nothing on the server knows the client is real.
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runner.broker import parse_broker_url, write_private
+from runner.distributed.broker import parse_broker_url, write_private
 from runner.errors import UserError
 
 FORMAT = "hsplitlora-join/1"
@@ -110,7 +110,7 @@ def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                             env.get("PYTHONPATH")]))})
     budget = _profile_budget(doc.get("devices"), me)
-    if budget is not None:  # the last resort of runner/budget.py, after NVML and cgroups
+    if budget is not None:  # the last resort of runner/emulation/budget.py, after NVML and cgroups
         env["TESTBED_BUDGET_BYTES"] = str(budget)
     return env
 

@@ -5,8 +5,8 @@ user applies to a cluster of their own; nothing here talks to a cluster. Parity 
 is by construction, not by copying: commands and environment come from ``compose.yaml`` and
 ``generate_override`` (only the broker URL differs: the broker Service's name), each client's
 memory limit from :func:`testbed.compose.client_memory_limit`, CPU quotas from the override,
-the broker's config and dynsec state from ``runner.broker.write_container_broker`` and
-``runtime.json`` from ``runner.runtime.write_config``.
+the broker's config and dynsec state from ``runner.distributed.broker.write_container_broker`` and
+``runtime.json`` from ``runner.distributed.runtime.write_config``.
 
 Objects (one file each, listed by ``kustomization.yaml``):
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from runner.broker import MONITOR_USER as MONITOR  # an identity for watching the broker
+from runner.distributed.broker import MONITOR_USER as MONITOR  # an identity for watching the broker
 from runner.errors import ConfigError, UserError
 from runner.rundir import RUN_MOUNT
 from testbed.compose import (
@@ -186,8 +186,8 @@ def run_files(profile: Profile, mapping: EmulationMap, options: ExportOptions, r
               broker_url: str) -> tuple[dict[str, str], dict[str, str], str, list[str]]:
     """What the containers read, produced by the code the compose backend uses:
     (ConfigMap data, passwords by identity, dynsec.json text, notes)."""
-    from runner.broker import write_container_broker
-    from runner.runtime import RuntimeOptions, write_config
+    from runner.distributed.broker import write_container_broker
+    from runner.distributed.runtime import RuntimeOptions, write_config
     from testbed.profiles import train_config, write_devices_file
 
     notes: list[str] = []
@@ -235,7 +235,7 @@ def host_paths() -> str:
     ``testbed report`` resolve the run's container paths once it is copied back here."""
     import json
 
-    from runner.models import cache_dir
+    from runner.model.models import cache_dir
 
     return json.dumps({"run_mount": RUN_MOUNT, "mounts": {CACHE_MOUNT: str(cache_dir())}},
                       indent=2, sort_keys=True) + "\n"

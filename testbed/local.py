@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.broker import Broker, start_broker
 from runner.config import CENTRAL_METHODS, TrainConfig
+from runner.distributed.broker import Broker, start_broker
+from runner.distributed.runtime import RuntimeOptions, default_clients, write_config
 from runner.errors import UserError
 from runner.rundir import write_json
-from runner.runtime import RuntimeOptions, default_clients, write_config
 
 STATE = "testbed-state.json"
 RUNTIME = "runtime.json"
@@ -348,7 +348,7 @@ def _ours(pid: int) -> bool:
     except OSError:
         return True  # no /proc: trust the state file
     return any(k in cmd for k in (b"runner.server", b"runner.client", b"mosquitto",
-                                  b"runner.broker"))
+                                  b"runner.distributed.broker"))
 
 
 def _terminate(pids: list[int], grace: float) -> None:

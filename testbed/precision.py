@@ -5,7 +5,7 @@ checked in fp32, and bf16 autocast is only fast where the hardware has bf16 arit
 GPUs from Ampere on; x86 CPUs with AMX or AVX512-BF16 — measured 1.58x for a SmolLM2 LoRA
 step on the CI machine, ../shared/docs/environment.md). Elsewhere PyTorch emulates bf16 and
 a step gets slower, so ``auto`` picks bf16 only where it pays and says which it picked.
-What bf16 does to a run is in runner/split.py (``autocast``): forwards run in bf16, while
+What bf16 does to a run is in runner/model/split.py (``autocast``): forwards run in bf16, while
 weights, optimizer state and the wire stay fp32.
 """
 

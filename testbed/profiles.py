@@ -17,11 +17,11 @@ This module also holds the emulation rule (docs/emulation.md): when the referenc
 (say LLaMA-2-7B) cannot be loaded here, the stand-in runs instead and every budget is
 rescaled to cover the same fraction of the stand-in's training footprint as it covers of
 the reference's. :func:`emulation_map` computes that mapping, :func:`device_specs` turns it
-into :class:`~runner.devices.DeviceSpec` lists and :func:`write_devices_file` into the
+into :class:`~runner.emulation.devices.DeviceSpec` lists and :func:`write_devices_file` into the
 ``{"clients": [...], "server": {...}}`` file that ``testbed train --devices`` and the
 runtime read.
 
-Heavy imports (torch, transformers through ``runner.memory``) happen only inside the
+Heavy imports (torch, transformers through ``runner.methods.memory``) happen only inside the
 emulation functions, so ``testbed profiles list`` stays instant.
 """
 
@@ -53,10 +53,10 @@ if TYPE_CHECKING:
     from rich.console import Console
     from transformers import PretrainedConfig
 
-    from runner.clock import Availability as ClockAvailability
     from runner.config import TrainConfig
-    from runner.devices import DeviceSpec
-    from runner.memory import MemoryEstimate, ModelCosts
+    from runner.emulation.clock import Availability as ClockAvailability
+    from runner.emulation.devices import DeviceSpec
+    from runner.methods.memory import MemoryEstimate, ModelCosts
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -335,10 +335,10 @@ KNOWN_ARCHS: dict[str, ArchModel] = {
                             vocab=50257, heads=20, positions=1024),
     "gpt2-xl": ArchModel(family="gpt2", hidden=1600, layers=48, intermediate=6400,
                          vocab=50257, heads=25, positions=1024),
-    # SmolLM2-135M: our materialised copy is fp32 (runner.models converts the GGUF).
+    # SmolLM2-135M: our materialised copy is fp32 (runner.model.models converts the GGUF).
     "smollm2-135m": ArchModel(family="llama", hidden=576, layers=30, intermediate=1536,
                               vocab=49152, heads=9, kv_heads=3, tied=True, positions=8192),
-    # runner.models.tiny_config (tests/test_profiles.py checks they agree).
+    # runner.model.models.tiny_config (tests/test_profiles.py checks they agree).
     "tiny-llama": ArchModel(family="llama", hidden=64, layers=4, intermediate=128, vocab=260,
                             heads=4, kv_heads=2, tied=True, positions=512),
     "tiny-gpt2": ArchModel(family="gpt2", hidden=64, layers=4, intermediate=256, vocab=260,
@@ -438,8 +438,8 @@ class Profile(_Strict):
                    for d in [self.server, *self.devices])
 
     def availabilities(self) -> list[ClockAvailability]:
-        """Per-client availability for :class:`runner.clock.VirtualClock`."""
-        from runner.clock import Availability
+        """Per-client availability for :class:`runner.emulation.clock.VirtualClock`."""
+        from runner.emulation.clock import Availability
 
         out = []
         for d in self.devices:
@@ -554,12 +554,12 @@ def arch_config(arch: ArchModel) -> PretrainedConfig:
 def model_costs(name: str, arch: ArchModel | None = None) -> ModelCosts:
     """ModelCosts of a model: from ``arch`` or the known table, else from its materialised
     config (which may convert or download it)."""
-    from runner.memory import ModelCosts
+    from runner.methods.memory import ModelCosts
 
     arch = arch or KNOWN_ARCHS.get(name)
     if arch is not None:
         return ModelCosts.from_config(arch_config(arch))
-    from runner.models import load_config, materialise
+    from runner.model.models import load_config, materialise
 
     return ModelCosts.from_config(load_config(materialise(name)))
 
@@ -568,12 +568,12 @@ def training_footprint(costs: ModelCosts, dtype: str, batch: int, seq: int, rank
                        targets: tuple[str, ...] = ("q", "v")) -> MemoryEstimate:
     """What one client needs to fine-tune the WHOLE model (k = L), runtime reserve excluded.
 
-    ``runner.memory.client_memory`` arithmetic (fp32) with weights, activations and the
+    ``runner.methods.memory.client_memory`` arithmetic (fp32) with weights, activations and the
     boundary tensors rescaled to ``dtype``. Design choice: LoRA parameters, gradients and
     AdamW moments stay fp32 (mixed-precision training keeps trainable state in fp32).
     """
-    from runner.lora import PROJECTIONS
-    from runner.memory import ELEMENT, MemoryEstimate, client_memory
+    from runner.methods.memory import ELEMENT, MemoryEstimate, client_memory
+    from runner.model.lora import PROJECTIONS
 
     table = PROJECTIONS[costs.family]
     unknown = [t for t in targets if t not in table]
@@ -653,7 +653,7 @@ def reference_loadable(profile: Profile) -> tuple[bool, str]:
     present, or every client's reference footprint fits in half of this host's RAM.
     """
     name = profile.experiment.reference_model
-    from runner.models import ALIASES
+    from runner.model.models import ALIASES
 
     if name in ALIASES:
         return True, f"{name} is a built-in model"
@@ -694,7 +694,7 @@ def emulation_map(profile: Profile, emulate: bool | None = None,
     ratio, so a stand-in step takes the same virtual time as a reference step and ARMSC
     sees the reference's compute/communication balance.
     """
-    from runner.memory import DEFAULT_RESERVE
+    from runner.methods.memory import DEFAULT_RESERVE
 
     exp = profile.experiment
     if emulate is None:
@@ -736,9 +736,9 @@ def emulation_map(profile: Profile, emulate: bool | None = None,
 def device_specs(mapping: EmulationMap) -> tuple[list[DeviceSpec], DeviceSpec]:
     """DeviceSpecs the trainer / ARMSC take: clients in profile order, then the server.
 
-    Replaces ``runner.hetero.emulated_devices``' hard-coded spread for profile runs.
+    Replaces ``runner.methods.hetero.emulated_devices``' hard-coded spread for profile runs.
     """
-    from runner.devices import DeviceSpec
+    from runner.emulation.devices import DeviceSpec
 
     def spec(d: EmulatedDevice) -> DeviceSpec:
         return DeviceSpec(d.name, d.memory_bytes, flops=d.flops, bandwidth=d.bandwidth,
@@ -749,7 +749,7 @@ def device_specs(mapping: EmulationMap) -> tuple[list[DeviceSpec], DeviceSpec]:
 
 def write_devices_file(mapping: EmulationMap, path: Path,
                        availability: list[AvailabilitySpec] | None = None) -> Path:
-    """Write ``{"clients": [...], "server": {...}}`` (JSON; runner.devices.load_devices),
+    """Write ``{"clients": [...], "server": {...}}`` (JSON; runner.emulation.devices.load_devices),
     with each client's availability (trace or per-round dropout) when it has one, which the
     trainer's virtual clock applies (runner/trainer.py)."""
     clients, server = device_specs(mapping)

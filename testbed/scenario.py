@@ -98,7 +98,7 @@ def scenario_config(profile: str, sc: Scenario, out: Path, *, steps: int | None,
     """(TrainConfig, RuntimeOptions) of the scenario's run: the profile's experiment mapped
     onto its stand-in, the scenario's length, the devices file (with every client's dropout
     unless ``fault_free``) written into ``out``."""
-    from runner.runtime import RuntimeOptions
+    from runner.distributed.runtime import RuntimeOptions
     from testbed import profiles as P
 
     prof = P.load_profile(profile)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.aggregation import (
+from runner.methods.aggregation import (
     Factors,
     hetlora_aggregate,
     hetlora_weights,

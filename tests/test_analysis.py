@@ -50,7 +50,8 @@ METHODS = {"splitlora": ["--split", "2"], "fedlora": []}
 # report must carry these exact values.
 FAKE_SCORES = {"BLEU": 12.3456, "NIST": 1.23456, "METEOR": 0.23456, "ROUGE_L": 34.5678,
                "CIDEr": 0.45678, "SER": 7.5}
-# ``slot_errors`` of scores.json as runner.slots.slot_errors writes it (two attributes here).
+# ``slot_errors`` of scores.json as runner.evaluation.slots.slot_errors writes it (two attributes
+# here).
 FAKE_SLOT_ERRORS = {
     "SER": 7.5, "slots": 40, "missing": 2, "wrong": 1, "added": 0, "outputs": 4,
     "outputs_with_errors": 2,
@@ -130,10 +131,10 @@ DIST_STEPS = 4
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real distributed SplitLoRA run (``testbed up --backend local``) whose clients and
-    server measure their memory (runner/resources.py). The budget comes from
-    TESTBED_BUDGET_BYTES (the profile value runner/budget.py falls back to here, where no
+    server measure their memory (runner/emulation/resources.py). The budget comes from
+    TESTBED_BUDGET_BYTES (the profile value runner/emulation/budget.py falls back to here, where no
     cgroup limit exists; a limited CI cgroup would win, which the checks allow)."""
-    from runner.broker import find_mosquitto
+    from runner.distributed.broker import find_mosquitto
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
@@ -295,7 +296,7 @@ def test_optional_figures_when_the_fields_exist(runs: dict[str, Path], tmp_path:
             extra = [{"event": "reconfigure", "step": 4, "splits": {"client0": 3, "client1": 1}},
                      {"event": "split_moved", "step": 4, "client": "client0", "old": 2,
                       "new": 3, "bytes": 2_000_000}]
-        else:  # runner.hetero's shape: per-client dicts, planned memory, violations
+        else:  # runner.methods.hetero's shape: per-client dicts, planned memory, violations
             extra = [{"event": "reconfigure", "step": step, "reason": "initial",
                       "clients": {c: {"split": 4, "rank_sum": 16 + step + 8 * i,
                                       "memory_bytes": (350 + 10 * i) * 2**20,

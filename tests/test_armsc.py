@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner import armsc, lora, memory, models, split
-from runner.devices import DeviceSpec, paper_spread
+from runner.emulation.devices import DeviceSpec, paper_spread
+from runner.methods import armsc, memory
+from runner.model import lora, models, split
 
 MIB = 2**20
 
@@ -17,7 +18,7 @@ MIB = 2**20
 @pytest.fixture(scope="module")
 def smol_costs():
     """SmolLM2's sizes from its config alone (no weights needed)."""
-    from runner.models import load_config
+    from runner.model.models import load_config
 
     config = load_config(models.model_info("smollm2-135m").path)
     return memory.ModelCosts.from_config(config), lora.all_candidates(config)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.broker import find_mosquitto
+from runner.distributed.broker import find_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"

@@ -1,5 +1,5 @@
-"""Broker management and the MQTT transport against a real Mosquitto (runner/broker.py,
-runner/transport.py). All traffic stays on 127.0.0.1.
+"""Broker management and the MQTT transport against a real Mosquitto (runner/distributed/broker.py,
+runner/distributed/transport.py). All traffic stays on 127.0.0.1.
 
 Mosquitto must be installed (``apt-get install -y mosquitto``; the Makefile does it for CI);
 without it these tests are skipped with that message, except the amqtt fallback test.
@@ -26,9 +26,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from runner import mqtt_native
-from runner import protocol as P
-from runner.broker import (
+from runner.distributed import mqtt_native
+from runner.distributed import protocol as P
+from runner.distributed.broker import (
     BrokerError,
     Credentials,
     find_mosquitto,
@@ -36,7 +36,7 @@ from runner.broker import (
     parse_broker_url,
     start_broker,
 )
-from runner.transport import PublishRefused, Transport, TransportError
+from runner.distributed.transport import PublishRefused, Transport, TransportError
 
 RUN = "t1"
 CLIENTS = ["c0", "c1"]
@@ -45,7 +45,7 @@ needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
                                      reason="mosquitto not installed (apt-get install -y "
                                             "mosquitto)")
 pytestmark = pytest.mark.timeout(120)
-# Every MQTT client library the transport can run on (runner/transport.py); traffic,
+# Every MQTT client library the transport can run on (runner/distributed/transport.py); traffic,
 # security and failure tests run once per library, against the same brokers.
 BACKENDS = [pytest.param("paho"),
             pytest.param("native", marks=pytest.mark.skipif(
@@ -122,7 +122,7 @@ def test_parse_broker_url() -> None:
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runner import transport as T
+    from runner.distributed import transport as T
 
     monkeypatch.delenv(T.ENV_BACKEND, raising=False)
     assert T.resolve_backend() == T.DEFAULT_BACKEND == "paho"  # by measurement
@@ -194,7 +194,7 @@ def test_broker_files_lifecycle_and_restart_on_same_port() -> None:
 
 @needs_mosquitto
 def test_dynsec_is_the_default_when_installed(broker) -> None:  # type: ignore[no-untyped-def]
-    from runner.broker import find_dynsec_plugin
+    from runner.distributed.broker import find_dynsec_plugin
 
     assert broker.auth == ("dynsec" if find_dynsec_plugin() else "aclfile")
     if broker.auth == "dynsec":

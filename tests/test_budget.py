@@ -1,4 +1,4 @@
-"""Budget discovery (runner/budget.py): NVML, then cgroup, then the profile.
+"""Budget discovery (runner/emulation/budget.py): NVML, then cgroup, then the profile.
 
 There is NO GPU on the machines these tests run on, so the NVML path is exercised with a
 FAKE NVML module (:class:`FakeNVML`, standing in for ``pynvml``) that reports one A100 in
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner.budget import (
+from runner.emulation.budget import (
     Budget,
     cgroup_budget,
     discover_budget,

@@ -1,4 +1,4 @@
-"""The virtual clock (runner/clock.py) against a schedule computed by hand.
+"""The virtual clock (runner/emulation/clock.py) against a schedule computed by hand.
 
 No model, no torch: pure arithmetic on DeviceSpecs, so these tests take milliseconds.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from runner.clock import FORWARD_SHARE, Availability, VirtualClock
-from runner.devices import DeviceSpec
+from runner.emulation.clock import FORWARD_SHARE, Availability, VirtualClock
+from runner.emulation.devices import DeviceSpec
 from runner.errors import ConfigError
 
 # Three clients and a server with round numbers so every time can be checked by hand.

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from runner.errors import ConfigError
-from runner.memory import ALLOCATOR_ENV, DEFAULT_RESERVE
+from runner.methods.memory import ALLOCATOR_ENV, DEFAULT_RESERVE
 from testbed.compose import (
     BASE_COMPOSE,
     TEMPLATE_KEY,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from fleet_cli import ROOT, TESTBED, cli, require_docker, wait_for
 
-from runner.memory import DEFAULT_RESERVE
+from runner.methods.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
 from testbed.compose import compose_command, container_limit
 from testbed.profiles import emulation_map, load_profile
@@ -149,7 +149,7 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     assert summary["virtual_time_s"] >= max(m["virtual_time"] for m in train)
     # the containers are gone, their logs kept
     assert (run / "logs" / "server.log").stat().st_size > 0
-    # a client under a CPU quota below one CPU runs one torch thread (runner/cpu.py)
+    # a client under a CPU quota below one CPU runs one torch thread (runner/emulation/cpu.py)
     assert "torch threads 1 (CPU quota 0." in (run / "logs" / "client0.log").read_text()
     assert "stopped" in cli("down", "--run", str(run)).stdout
     assert "finished: val PPL" in cli("logs", "server", "--run", str(run)).stdout

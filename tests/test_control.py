@@ -1,4 +1,4 @@
-"""Typed control messages (runner/control.py): the wire meta of every operation as
+"""Typed control messages (runner/distributed/control.py): the wire meta of every operation as
 docs/protocol.md gives it, decoding back to the same value, and refusal of bad fields."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from runner import control as C
-from runner import protocol as P
+from runner.distributed import control as C
+from runner.distributed import protocol as P
 
 SPEC = C.PlanSpec(version=3, split=2, ranks={"model.layers.0.self_attn.q_proj": 8}, reinit=7)
 EXAMPLES: list[C.Control] = [

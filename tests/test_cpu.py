@@ -1,4 +1,4 @@
-"""CPU quota -> torch threads (runner/cpu.py), on hand-made cgroup files of both versions.
+"""CPU quota -> torch threads (runner/emulation/cpu.py), on hand-made cgroup files of both versions.
 
 The real quota is read inside containers by tests/test_containers.py (clients log the
 threads they chose); here the parsing and the rounding rules."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.cpu import cpu_quota, fit_threads, threads_for
+from runner.emulation.cpu import cpu_quota, fit_threads, threads_for
 
 
 def _v2(tmp_path: Path, text: str) -> Path:

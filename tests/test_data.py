@@ -1,4 +1,4 @@
-"""Tests for runner.data: finding, loading, splitting, partitioning and encoding E2E data.
+"""Tests for runner.dataset.data: finding, loading, splitting, partitioning and encoding E2E data.
 
 The real E2E development set in shared/data/e2e is used when it is present; otherwise the tests
 fall back to the synthetic generator and say so with a warning. No test contacts a non-loopback
@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from runner import data as D
+from runner.dataset import data as D
 from runner.errors import DataError, UserError
 
 DEVSET = Path(__file__).resolve().parents[1].parent / "shared/data/e2e/devset.csv"

@@ -25,12 +25,13 @@ import pytest
 import torch
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from runner import lora, mqtt_native
-from runner import protocol as P
-from runner.broker import find_mosquitto
 from runner.config import TrainConfig
+from runner.distributed import mqtt_native
+from runner.distributed import protocol as P
+from runner.distributed.broker import find_mosquitto
+from runner.distributed.runtime import RuntimeOptions
+from runner.model import lora
 from runner.rundir import read_jsonl
-from runner.runtime import RuntimeOptions
 from runner.trainer import Trainer
 from testbed.local import LocalRun
 
@@ -60,7 +61,7 @@ def _options(**kw: Any) -> RuntimeOptions:
 def in_process(cfg: TrainConfig, tr: Trainer | None = None,
                before_replan: Any = None) -> dict[tuple[int, str], float]:
     """Per-(step, client) training losses of the in-process trainer (fit's loop): ``tr``
-    (default a new Trainer; a HeteroTrainer for the heterogeneous methods);
+    (default a new Trainer; for the heterogeneous methods their own, plugins.build_trainer);
     ``before_replan(tr, step)`` runs between an aggregation and its re-plan."""
     tr = tr or Trainer(cfg)
     out = {}
@@ -491,7 +492,7 @@ def test_up_with_an_existing_broker(tmp_path: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from runner.broker import start_broker
+    from runner.distributed.broker import start_broker
     from testbed.cli import app
 
     with start_broker("ext", ["client0", "client1"], workdir=tmp_path / "b") as broker:

@@ -107,8 +107,8 @@ def test_trainer_stops_early_and_on_virtual_time(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fairness
 def test_fairness_gives_the_largest_configuration_that_fits_the_smallest_device() -> None:
     from runner.config import TrainConfig
-    from runner.devices import DeviceSpec
-    from runner.memory import ModelCosts, client_memory
+    from runner.emulation.devices import DeviceSpec
+    from runner.methods.memory import ModelCosts, client_memory
     from testbed.fairness import choose
     from testbed.profiles import KNOWN_ARCHS, arch_config
 

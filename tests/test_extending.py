@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from runner import lora
-from runner.broker import find_mosquitto
 from runner.config import TrainConfig
+from runner.distributed.broker import find_mosquitto
+from runner.distributed.runtime import RuntimeOptions
 from runner.methods import plugins, registry
-from runner.runtime import RuntimeOptions
+from runner.model import lora
 from testbed.local import LocalRun
 from tests.test_distributed import events, finish, in_process, train_losses
 

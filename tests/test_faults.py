@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from analysis.audit import audit_lines, audit_records
-from runner import control as C
-from runner.broker import find_mosquitto
+from runner.distributed import control as C
+from runner.distributed.broker import find_mosquitto
 from runner.rundir import RunDir, read_jsonl
 from runner.trainer import Trainer
 from testbed.cli import app
@@ -109,7 +109,7 @@ def test_audit_counts_a_resume_as_rerun_not_as_twice() -> None:
 
 # ------------------------------------------------------------------ control message
 def test_step_announcement_carries_who_sits_out() -> None:
-    from runner import protocol as P
+    from runner.distributed import protocol as P
 
     step, meta = C.encode(C.Step(4, 3, "e1", away=("client1", "client2")))
     assert meta["away"] == ["client1", "client2"]

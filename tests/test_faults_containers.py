@@ -43,9 +43,9 @@ def images() -> None:
 PROBE = r'''
 import json, os, sys
 import torch
-from runner import protocol as P
-from runner.broker import Credentials, parse_broker_url
-from runner.transport import PublishRefused, Transport, TransportError
+from runner.distributed import protocol as P
+from runner.distributed.broker import Credentials, parse_broker_url
+from runner.distributed.transport import PublishRefused, Transport, TransportError
 
 run, me, other = os.environ["TESTBED_RUN_ID"], os.environ["TESTBED_CLIENT_ID"], sys.argv[1]
 addr = parse_broker_url(os.environ["TESTBED_BROKER"])
@@ -84,7 +84,7 @@ def test_client_cannot_read_another_client_through_the_compose_network(
         images: None, tmp_path: Path) -> None:
     import yaml
 
-    from runner.runtime import RuntimeOptions
+    from runner.distributed.runtime import RuntimeOptions
     from testbed.compose_run import ComposeRun
     from testbed.profiles import emulation_map, load_profile, train_config
 
@@ -192,7 +192,7 @@ def test_profile_dropout_applies_to_containers(images: None, tmp_path: Path) -> 
     events are those the in-process clock logs."""
     import yaml
 
-    from runner.clock import dropped_in_round
+    from runner.emulation.clock import dropped_in_round
 
     doc = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     for d in doc["devices"]:

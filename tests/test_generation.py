@@ -1,4 +1,4 @@
-"""Tests for runner.evaluate.generate: batching and sorting change speed, never outputs.
+"""Tests for runner.evaluation.evaluate.generate: batching and sorting change speed, never outputs.
 
 Why: `testbed eval` batches MRs (DecodeConfig.batch_size) and sorts them by prompt length
 (sort_by_length) only because bench/generation.py measured it faster
@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner import data as data_mod
-from runner.evaluate import DecodeConfig, generate
-from runner.models import SMOLLM2_ALIAS, load_full_model, load_tokenizer, model_info
+from runner.dataset import data as data_mod
+from runner.evaluation.evaluate import DecodeConfig, generate
+from runner.model.models import SMOLLM2_ALIAS, load_full_model, load_tokenizer, model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 
-#: What generate() did before batching and sorting were tuned (runner/evaluate.py).
+#: What generate() did before batching and sorting were tuned (runner/evaluation/evaluate.py).
 LEGACY = DecodeConfig(batch_size=4, sort_by_length=False)
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from runner import lora, models, split
 from runner.config import TrainConfig
-from runner.hetero import HeteroTrainer, build_trainer
+from runner.methods.plugins import build_trainer
+from runner.model import lora, models, split
 from runner.rundir import RunDir, read_jsonl
 
 
@@ -26,7 +26,7 @@ def _cfg(**kw) -> TrainConfig:
 def test_naa_merge_keeps_the_single_client_model_exactly():
     """With one client, merging its and the server's adapters into W and re-initialising
     B = 0 must not change the model: the evaluation loss is the same before and after."""
-    tr = HeteroTrainer(_cfg(method="hsplitlora", clients=1))
+    tr = build_trainer(_cfg(method="hsplitlora", clients=1))
     for step in range(2):
         tr.train_step(step)
     before = tr.evaluate()["val_loss"]
@@ -41,7 +41,7 @@ def test_naa_merge_keeps_the_single_client_model_exactly():
 
 
 def test_naa_keeps_every_holders_copy_of_a_block_identical():
-    tr = HeteroTrainer(_cfg(method="hsplitlora", split_bounds=(1, 3)))
+    tr = build_trainer(_cfg(method="hsplitlora", split_bounds=(1, 3)))
     for step in range(2):
         tr.train_step(step)
     tr.aggregate(1)
@@ -87,15 +87,15 @@ def test_fit_exports_the_merged_model_as_an_exact_peft_adapter(tmp_path, method)
 
 
 def test_hetlora_ranks_follow_budgets(tmp_path):
-    from runner.memory import ModelCosts, client_memory
+    from runner.methods.memory import ModelCosts, client_memory
 
     info = models.model_info("tiny-llama")
     config = split.load_unsplit(info.path).config
     costs = ModelCosts.from_config(config)
 
     # Memory is planned for the longest batch a client can draw (HeteroTrainer.mem_seq).
-    seq = HeteroTrainer(_cfg(method="hetlora")).mem_seq
-    from runner import data as data_mod
+    seq = build_trainer(_cfg(method="hetlora")).mem_seq
+    from runner.dataset import data as data_mod
     from runner.trainer import prepare
 
     prep = prepare(_cfg(method="hetlora"))
@@ -113,7 +113,7 @@ def test_hetlora_ranks_follow_budgets(tmp_path):
         {"name": "big", "memory_bytes": need(16) + 1, "flops": 4e12}]}
     path = tmp_path / "devices.json"
     path.write_text(json.dumps(devices))
-    tr = HeteroTrainer(_cfg(method="hetlora", devices=str(path)))
+    tr = build_trainer(_cfg(method="hetlora", devices=str(path)))
     assert [set(h.ranks.values()) for h in tr.clients] == [{2}, {8}, {16}]
     before = [dict(h.ranks) for h in tr.clients]
     for step in range(2):
@@ -132,7 +132,7 @@ def test_every_aggregation_rule_records_its_bytes(tmp_path, method):
 
     cfg = _cfg(method=method, steps=2)
     run = RunDir.create(tmp_path / method, {"train": cfg.to_dict()})
-    summary = HeteroTrainer(cfg, run).fit()
+    summary = build_trainer(cfg, run).fit()
     recs = [m for m in read_jsonl(run.path / "metrics.jsonl") if m["kind"] == "aggregate"]
     evs = [e for e in read_jsonl(run.path / "events.jsonl") if e["event"] == "aggregate"]
     assert len(recs) == len(evs) >= 1
@@ -147,9 +147,9 @@ def test_every_aggregation_rule_records_its_bytes(tmp_path, method):
 @pytest.mark.parametrize("method", ["hetlora", "hsplitlora", "hsplitlora-no-naa"])
 def test_aggregation_bytes_per_client_sum_to_the_totals(tmp_path, method):
     """Every rule says what each client's own link carried (the virtual clock charges a
-    client for its own adapters, runner/vtime.py); the shares add up to the totals, and under
-    hsplitlora a client holding more blocks downloads more."""
-    tr = HeteroTrainer(_cfg(method=method, steps=1))
+    client for its own adapters, runner/emulation/vtime.py); the shares add up to the totals, and
+    under hsplitlora a client holding more blocks downloads more."""
+    tr = build_trainer(_cfg(method=method, steps=1))
     tr.train_step(0)
     out = tr.aggregate(0)
     own = out["per_client"]

@@ -1,9 +1,10 @@
 """HSplitLoRA over a real Mosquitto: per-client split points and ranks, NAA factors, IWI
-probes and ARMSC plans on the wire (runner/hetero_server.py, runner/hetero_client.py).
+probes and ARMSC plans on the wire (runner/methods/hsplitlora_server.py,
+runner/methods/hsplitlora_client.py and what they share with HetLoRA's, hetero_*.py).
 
 Same set-up as tests/test_distributed.py (tiny random Llama, synthetic data, LoRA dropout 0
 so separate processes draw no random numbers the in-process trainer would draw in another
-order): the distributed run must reproduce the in-process HeteroTrainer step for step.
+order): the distributed run must reproduce the in-process trainer step for step.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from runner.broker import find_mosquitto
-from runner.hetero import HeteroTrainer
+from runner.distributed.broker import find_mosquitto
+from runner.methods.hetero import HeteroTrainer
+from runner.methods.plugins import build_trainer
 from runner.rundir import read_jsonl
 from testbed.local import LocalRun
 from tests.test_distributed import (
@@ -58,11 +60,11 @@ def test_hsplitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
         run.start()
         finish(run)
     dist = train_losses(run.run_dir)
-    ref = in_process(cfg, HeteroTrainer(cfg))
+    ref = in_process(cfg, build_trainer(cfg))
     assert set(dist) == set(ref)
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
 
-    tr = HeteroTrainer(cfg, run=None)
+    tr = build_trainer(cfg)
     summary = tr.fit()
     got = plans(run.run_dir)
     assert len(got) == 1 + 3  # initial + one per aggregation
@@ -97,10 +99,10 @@ def test_padded_aggregation_methods_over_mosquitto_equal_in_process(
         run.start()
         finish(run)
     dist = train_losses(run.run_dir)
-    ref = in_process(cfg, HeteroTrainer(cfg))
+    ref = in_process(cfg, build_trainer(cfg))
     assert set(dist) == set(ref)
     assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
-    summary = HeteroTrainer(cfg).fit()
+    summary = build_trainer(cfg).fit()
     s = json.loads((run.run_dir / "summary.json").read_text())
     assert abs(s["final_val_ppl"] - summary["final_val_ppl"]) <= 1e-3
     assert (s["bytes_sent"], s["bytes_received"]) == (summary["bytes_sent"],
@@ -157,7 +159,7 @@ def test_budget_change_moves_a_split_point_with_block_handover(tmp_path: Path) -
         if step + 1 == at:
             tr.set_budget(2, 450_000_000)
 
-    tr = HeteroTrainer(cfg)
+    tr = build_trainer(cfg)
     ref = in_process(cfg, tr, change)
     dist = train_losses(run.run_dir)
     assert set(dist) == set(ref)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from runner import importance, lora, models, split
+from runner.methods import importance
+from runner.model import lora, models, split
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])

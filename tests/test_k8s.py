@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from runner.errors import ConfigError, UserError
-from runner.memory import DEFAULT_RESERVE
+from runner.methods.memory import DEFAULT_RESERVE
 from testbed import k8s as K
 from testbed.compose import PAGE, generate_override, write_override
 from testbed.exportdir import MARKER, write_tree

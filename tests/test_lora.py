@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from runner import lora, models, split
 from runner.errors import ConfigError
+from runner.model import lora, models, split
 
 
 @pytest.fixture(scope="module")

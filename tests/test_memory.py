@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import lora, memory, models, split
+from runner.methods import memory
+from runner.model import lora, models, split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner import aggregation, schedule, seeds
+from runner import schedule, seeds
 from runner.config import (
     CENTRAL_METHODS,
     HETERO_METHODS,
@@ -18,7 +18,7 @@ from runner.config import (
     TrainConfig,
 )
 from runner.errors import ConfigError
-from runner.methods import plugins, registry
+from runner.methods import aggregation, plugins, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,9 +67,9 @@ def test_plugin_paths_resolve() -> None:
         for path in [*t.hooks.values(), *([t.trainer] if t.trainer else [])]:
             assert plugins.resolve(path) is not None
     with pytest.raises(ConfigError, match="package.module:attribute"):
-        plugins.resolve("runner.hetero")
+        plugins.resolve("runner.methods.hetero")
     with pytest.raises(ConfigError, match="cannot load"):
-        plugins.resolve("runner.hetero:Nothing")
+        plugins.resolve("runner.methods.hetero:Nothing")
 
 
 def test_no_method_name_tests_in_the_engines() -> None:

@@ -1,4 +1,4 @@
-"""Tests for runner.models: resolving model names to materialised directories.
+"""Tests for runner.model.models: resolving model names to materialised directories.
 
 Tiny random models and a tiny GGUF written here keep these tests fast; they use a fresh
 ``$TESTBED_CACHE`` under ``tmp_path``. The one ``slow`` test uses the real SmolLM2-135M from the
@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from runner import models as M
 from runner.errors import ConfigError, ModelError, UserError
+from runner.model import models as M
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Mixed precision (``--precision bf16``): what runs in bf16, what stays fp32, and the choice.
 
-runner/split.py ``autocast``: forwards of a bf16 segment run their matmuls in bf16, while the
+runner/model/split.py ``autocast``: forwards of a bf16 segment run their matmuls in bf16, while the
 boundary activations (what crosses the wire), the LoRA weights and their gradients stay
 fp32; split bf16 equals unsplit bf16 exactly as split fp32 equals unsplit fp32 (the same ops
 in the same order). testbed/precision.py: ``auto`` picks bf16 only where the hardware has
@@ -15,9 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from runner import lora, models, split
 from runner.config import TrainConfig
 from runner.errors import ConfigError, UserError
+from runner.model import lora, models, split
 from testbed import precision as P
 from tests.test_split import _batch
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runner.devices import load_devices
+from runner.emulation.devices import load_devices
 from runner.errors import UserError
 from testbed.profiles import (
     KNOWN_ARCHS,
@@ -104,7 +104,7 @@ def test_hetero_llama2_is_the_papers_setting() -> None:
 
 
 def test_known_archs_match_the_real_configs() -> None:
-    from runner.models import cache_dir, tiny_config
+    from runner.model.models import cache_dir, tiny_config
 
     for alias in ("tiny-llama", "tiny-gpt2"):
         ours = arch_config(KNOWN_ARCHS[alias]).to_dict()
@@ -211,7 +211,7 @@ def test_reference_footprint_by_hand() -> None:
 
 
 def test_emulation_rule_preserves_fractions() -> None:
-    from runner.memory import DEFAULT_RESERVE
+    from runner.methods.memory import DEFAULT_RESERVE
 
     p = load_profile("hetero-llama2")
     m = emulation_map(p, emulate=True)

@@ -1,4 +1,5 @@
-"""The wire protocol (runner/protocol.py, docs/protocol.md): topics, envelope, strict decoding.
+"""The wire protocol (runner/distributed/protocol.py, docs/protocol.md): topics, envelope, strict
+decoding.
 
 No broker here: these tests feed bytes to the encoder and decoder directly. The envelope is
 rebuilt by ``forge`` below from the layout docs/protocol.md specifies (prefix, checksums
@@ -21,8 +22,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from runner import protocol as P
-from runner.protocol import Expect, Kind, Message, ProtocolError, Reason
+from runner.distributed import protocol as P
+from runner.distributed.protocol import Expect, Kind, Message, ProtocolError, Reason
 
 RUN = "r1"
 HIDDEN = 8

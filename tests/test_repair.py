@@ -1,5 +1,5 @@
-"""The server's repair policy (runner/repair.py) rule by rule: a heartbeat and the server's
-view -> the one repair docs/protocol.md prescribes."""
+"""The server's repair policy (runner/distributed/repair.py) rule by rule: a heartbeat and the
+server's view -> the one repair docs/protocol.md prescribes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from runner.repair import ClientStatus, ServerView, repair
+from runner.distributed.repair import ClientStatus, ServerView, repair
 
 OK = ClientStatus(synced=True, epoch="e", done=4, pending=None, global_=3)
 VIEW = ServerView(now=100.0, epoch="e", global_step=3, global_settled=True, stale=False,

@@ -1,4 +1,4 @@
-"""Measured resource use (runner/resources.py): cgroup, RSS, and GPU memory of a process.
+"""Measured resource use (runner/emulation/resources.py): cgroup, RSS, and GPU memory of a process.
 
 The cgroup paths read fake cgroup files written into ``tmp_path`` (the root, the
 /proc/self/cgroup file and the PIDs are injectable), for v2 and v1 and for the cases where
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner.resources import (
+from runner.emulation.resources import (
     Meter,
     Usage,
     cgroup_usage,

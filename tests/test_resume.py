@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.broker import find_mosquitto
-from runner.hetero import HeteroTrainer
-from runner.trainer import Trainer
+from runner.distributed.broker import find_mosquitto
+from runner.methods.plugins import build_trainer
 from testbed.local import LocalRun
 from tests.test_distributed import (
     _cfg,
@@ -65,7 +64,7 @@ def test_server_killed_and_resumed_keeps_optimizer_state(tmp_path: Path, method:
             finish(run, timeout=200)
     resumed = [e for e in events(run.run_dir) if e["event"] == "server_resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] == saved + 1
-    ref_trainer = Trainer(cfg) if method == "ft" else HeteroTrainer(cfg)
+    ref_trainer = build_trainer(cfg)
     dist, ref = train_losses(run.run_dir), in_process(cfg, ref_trainer)
     assert set(dist) == set(ref)
     after = [k for k in ref if k[0] > saved]

@@ -1,4 +1,4 @@
-"""Tests for runner.scoring: the five E2E metrics on known inputs, with numbers checked.
+"""Tests for runner.evaluation.scoring: the five E2E metrics on known inputs, with numbers checked.
 
 Why these tests: the papers' BLEU/NIST/METEOR/ROUGE-L/CIDEr are the comparison targets, so
 the decisive checks are the official E2E scorer's own figures on the two reference cases of
@@ -23,8 +23,15 @@ import pytest
 from nltk.translate.bleu_score import corpus_bleu
 from nltk.translate.nist_score import corpus_nist
 
-from runner import nist, scoring
-from runner.scoring import METRICS, MeteorScorer, ptb_tokenize, score_e2e, tokenize, write_scores
+from runner.evaluation import nist, scoring
+from runner.evaluation.scoring import (
+    METRICS,
+    MeteorScorer,
+    ptb_tokenize,
+    score_e2e,
+    tokenize,
+    write_scores,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_E2E = ROOT.parent / "shared" / "data" / "e2e"

@@ -1,4 +1,4 @@
-"""Tests for runner.slots: the slot error rate (SER) of E2E outputs.
+"""Tests for runner.evaluation.slots: the slot error rate (SER) of E2E outputs.
 
 Why these tests: SER exists to catch outputs that contradict their MR, which the word-overlap
 metrics barely see, so each error kind gets hand-made cases, including the four a real
@@ -7,7 +7,7 @@ restaurant", ``eatType[pub]`` as "restaurant", ``priceRange[more than £30]`` as
 range of £30" (wrong), ``food[French]`` left out (missing). A matcher that flags correct
 paraphrases would bury those errors in noise, so paraphrases that must *not* count are
 tested as firmly. The human references of the real E2E dev set bound the false alarms
-(and the real errors those references contain; see runner/slots.py for the figure).
+(and the real errors those references contain; see runner/evaluation/slots.py for the figure).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from runner import data, slots
-from runner.slots import check_output, slot_errors
+from runner.dataset import data
+from runner.evaluation import slots
+from runner.evaluation.slots import check_output, slot_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVSET = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 
-#: Measured on the dev set's 4,672 human references (runner/slots.py docstring).
+#: Measured on the dev set's 4,672 human references (runner/evaluation/slots.py docstring).
 DEVSET_SER_BOUND = 10.0
 
 
@@ -149,7 +150,7 @@ def test_added(mr: str, text: str, added: tuple[str, ...]) -> None:
     ("name[The Eagle], near[Raja Indian Cuisine]", "The Eagle is near Raja Indian Cuisine."),
     ("name[The Eagle], near[Rainbow Vegetarian Café]",
      "The Eagle is near Rainbow Vegetarian Café."),
-    # "restaurant" is the generic noun for any venue (runner/slots.py)
+    # "restaurant" is the generic noun for any venue (runner/evaluation/slots.py)
     ("name[The Eagle], area[riverside]", "The Eagle is a restaurant by the river."),
     ("name[The Eagle], eatType[pub]", "The Eagle is a pub and restaurant."),
     # a negation does not reach across a conjunction
@@ -203,7 +204,7 @@ def test_slot_errors_takes_pairs_and_nothing() -> None:
 
 
 def test_every_synthetic_value_is_known_and_synthetic_references_are_clean() -> None:
-    """The generator's vocabulary (runner/data.py) is the matcher's, and its templated
+    """The generator's vocabulary (runner/dataset/data.py) is the matcher's, and its templated
     references, which state every attribute, score no error: a pattern gap or a false
     alarm in the templates' wording fails here."""
     for attr, values in data._VALUES.items():

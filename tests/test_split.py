@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from runner import lora, models, split
+from runner.model import lora, models, split
 
 TOL = 1e-5
 
@@ -113,7 +113,7 @@ def test_segments_hold_only_their_blocks():
 
 _PEAK = textwrap.dedent("""
     import json, resource, sys, torch
-    from runner import models, split
+    from runner.model import models, split
 
     def resident_kib():  # current RSS, not the peak: earlier transients cannot mask growth
         with open("/proc/self/statm") as f:

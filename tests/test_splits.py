@@ -1,4 +1,5 @@
-"""The data protocol (runner/splits.py) and `testbed eval --test-data` (issue 12, parts 2-3).
+"""The data protocol (runner/dataset/splits.py) and `testbed eval --test-data` (issue 12, parts
+2-3).
 
 Acceptance: given a directory holding the three files of the official E2E release, training
 reads trainset only, validation devset only, and `testbed eval` generates for every MR of
@@ -17,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner import data as D
-from runner import splits as S
 from runner.config import TrainConfig
+from runner.dataset import data as D
+from runner.dataset import splits as S
 from runner.errors import DataError
 from tests.test_cli import REPO, assert_user_error, run_cli, tree_digest
 
@@ -65,8 +66,8 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every file ``runner.data.load_e2e`` reads, in order (the module's own reference is
-    patched, which is the one runner/splits.py calls)."""
+    """Every file ``runner.dataset.data.load_e2e`` reads, in order (the module's own reference is
+    patched, which is the one runner/dataset/splits.py calls)."""
     seen: list[str] = []
     real = D.load_e2e
 
@@ -131,7 +132,7 @@ def test_the_cache_holding_the_whole_release_gives_the_official_split(isolated: 
 
 def test_a_downloaded_release_gives_the_official_split(isolated: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The download (runner/data.py, a zip served on loopback here) extracts all three files
+    """The download (runner/dataset/data.py, a zip served on loopback here) extracts all three files
     into the cache, and the run then uses them as the official split."""
     import functools
     import http.server
@@ -223,7 +224,7 @@ def test_train_prints_and_records_the_official_protocol(official_run) -> None:
 
 
 def test_eval_uses_only_the_testset_and_every_one_of_its_mrs(official_run, spy) -> None:
-    from runner.evaluate import DecodeConfig, evaluate_run
+    from runner.evaluation.evaluate import DecodeConfig, evaluate_run
     from runner.rundir import RunDir
 
     run, frames, _ = official_run

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from fleet_cli import cli, require_docker, wait_for
 
-from runner.memory import DEFAULT_RESERVE
+from runner.methods.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
 from testbed.compose import ComposeOptions, container_limit, generate_override
 from testbed.profiles import emulation_map, load_profile, parse_profile, train_config

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from runner import lora
 from runner.config import TrainConfig
+from runner.model import lora
 from runner.rundir import RunDir, read_jsonl
 from runner.trainer import Trainer, prepare
 
@@ -71,7 +71,7 @@ def test_server_concatenation_equals_separate_passes():
     payloads = []
     for h in tr.clients:
         batch = h.batches.next()
-        from runner import split
+        from runner.model import split
 
         acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
         payloads.append((acts.detach(), batch["attention_mask"], batch["labels"], h.seg.end))

@@ -1,5 +1,5 @@
-"""Virtual time in in-process runs (runner/vtime.py): the step costs fed to the clock match a
-hand computation, and availability traces in a device file decide who trains."""
+"""Virtual time in in-process runs (runner/emulation/vtime.py): the step costs fed to the clock
+match a hand computation, and availability traces in a device file decide who trains."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from runner.clock import FORWARD_SHARE
 from runner.config import TrainConfig
-from runner.devices import DeviceSpec
-from runner.memory import ModelCosts
-from runner.models import load_config, materialise
+from runner.emulation.clock import FORWARD_SHARE
+from runner.emulation.devices import DeviceSpec
+from runner.emulation.vtime import StepClock
+from runner.methods.memory import ModelCosts
+from runner.model.models import load_config, materialise
 from runner.rundir import RunDir, read_jsonl
 from runner.trainer import Trainer
-from runner.vtime import StepClock
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runner import aggregation
+from runner.methods import aggregation
 
 if TYPE_CHECKING:  # type names only
-    from runner import protocol as P
-    from runner.control import Control, Resync
+    from runner.distributed import protocol as P
+    from runner.distributed.control import Control, Resync
+    from runner.emulation.vtime import StepClock
     from runner.trainer import Trainer
-    from runner.vtime import StepClock
 
 # The engines (runner.server.Server and its Peer records, runner.client.Client) import this
 # module to build their hooks, so it names them without importing them, not even for type
@@ -59,7 +59,7 @@ class ServerHooks:
         """Work after the clients joined and before the first step (HSplitLoRA plans)."""
 
     def make_clock(self) -> StepClock | None:
-        """The run's virtual clock (runner/vtime.py), or None."""
+        """The run's virtual clock (runner/emulation/vtime.py), or None."""
         return self.server.default_clock()
 
     # ------------------------------------------------------------------- steps
@@ -147,7 +147,7 @@ class ClientHooks:
 
     def handle(self, msg: P.Message, ctrl: Control | None) -> bool:
         """A message the method consumes itself (True), before the engine's handlers.
-        ``ctrl``: a ``config`` message's typed operation (runner/control.py), None for
+        ``ctrl``: a ``config`` message's typed operation (runner/distributed/control.py), None for
         other kinds and for an ``op`` of the method's own (read ``msg.meta``)."""
         return False
 

@@ -30,7 +30,7 @@ from runner.errors import ConfigError
 # process of a run inherits it: the CLI, the distributed server and the clients.
 PLUGINS_ENV = "TESTBED_METHODS"
 
-# Aggregation rules (runner/aggregation.py): what happens to client adapters every I steps.
+# Aggregation rules (runner/methods/aggregation.py): what happens to client adapters every I steps.
 FEDAVG = "fedavg"  # FedAvg of A and B weighted by p_i
 NAA = "naa"  # HSplitLoRA's noise-free concatenation, merged into the frozen weights
 PADDED_FEDAVG = "padded-fedavg"  # zero-padded FedAvg over mixed ranks (hsplitlora-no-naa)
@@ -46,7 +46,8 @@ class Traits:
     ``split``: clients hold blocks ``[0, k)`` and the server the rest (else every client holds
     the whole model). ``central``: one model trained on the pooled data (no clients to
     aggregate). ``full``: full fine-tuning (whole weights, not adapters). ``hetero``: split
-    points and ranks per client from the devices (runner/hetero.py's HeteroTrainer).
+    points and ranks per client from the devices (runner/methods/hetero.py's HeteroTrainer,
+    the base of hsplitlora.py's and hetlora.py's trainers).
     ``iwi`` / ``armsc`` / ``naa``: HSplitLoRA's three parts (off in its ablations).
     ``fixed_config``: one split point and rank for every client, which the fairness rule
     (testbed/fairness.py) may choose for a profile. ``hooks``: ``"module:Class"`` of the
@@ -83,16 +84,20 @@ class Traits:
         return not self.central
 
 
-_HETERO_SERVER = "runner.hetero_server:HeteroServerHooks"
-_HETERO_CLIENT = "runner.hetero_client:HeteroClientHooks"
-_HETERO_TRAINER = "runner.hetero:HeteroTrainer"
+# Each role of a method in a file of its own (runner/methods/); hetero*.py is what the two
+# heterogeneous methods share (HetLoRA's clients need nothing beyond it).
+_HSPLIT_TRAINER = "runner.methods.hsplitlora:HSplitLoRATrainer"
+_HSPLIT_HOOKS = {"server": "runner.methods.hsplitlora_server:HSplitLoRAServerHooks",
+                 "client": "runner.methods.hsplitlora_client:HSplitLoRAClientHooks"}
+_HETLORA_TRAINER = "runner.methods.hetlora:HetLoRATrainer"
+_HETLORA_HOOKS = {"server": "runner.methods.hetlora_server:HetLoRAServerHooks",
+                  "client": "runner.methods.hetero_client:HeteroClientHooks"}
 
 
 def _hsplit(name: str, summary: str, **off: bool) -> Traits:
     on = {"iwi": True, "armsc": True, "naa": True, **off}
     return Traits(name, split=True, hetero=True, aggregation=NAA if on["naa"] else PADDED_FEDAVG,
-                  summary=summary, hooks={"server": _HETERO_SERVER, "client": _HETERO_CLIENT},
-                  trainer=_HETERO_TRAINER, **on)
+                  summary=summary, hooks=dict(_HSPLIT_HOOKS), trainer=_HSPLIT_TRAINER, **on)
 
 
 _REGISTRY: dict[str, Traits] = {}
@@ -116,7 +121,7 @@ for _t in (
     Traits("ft", split=False, central=True, full=True, aggregation=NONE, default_lr=5e-5,
            summary="full fine-tuning on the pooled data"),
     Traits("hetlora", split=False, hetero=True, aggregation=HETLORA,
-           hooks={"server": _HETERO_SERVER, "client": _HETERO_CLIENT}, trainer=_HETERO_TRAINER,
+           hooks=dict(_HETLORA_HOOKS), trainer=_HETLORA_TRAINER,
            summary="HetLoRA: whole model per client, rank from its budget"),
     _hsplit("hsplitlora", "HSplitLoRA: IWI + ARMSC + NAA"),
     _hsplit("hsplitlora-no-iwi", "ablation: uniform importance", iwi=False),

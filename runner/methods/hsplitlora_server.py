@@ -1,0 +1,230 @@
+"""The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA") and its
+ablations.
+
+:class:`HSplitLoRAServerHooks` plug into the SplitLoRA server engine
+(:class:`runner.server.Server`, through runner/methods/hooks.py); the training maths is the
+in-process :class:`runner.methods.hsplitlora.HSplitLoRATrainer`, unchanged: the trainer's
+client holders are *shadows* of the real clients (same split point, ranks and merged block
+weights; their adapters are loaded from the clients' uploads at every aggregation). Only the
+steps that need a client's data or state go over the wire (docs/protocol.md, "HSplitLoRA"):
+
+1. training steps: as SplitLoRA, but each client at its own split point (the server batches
+   equal split points together, deepest first, exactly as in-process);
+2. aggregation: the clients upload their adapters; NAA runs on the shadows and the server's
+   blocks; each client receives ``merge``: the concatenated factors (or the dense update
+   when smaller) of the weights in its blocks, merges them and re-initialises its adapters;
+3. IWI: ``probe``: each online client runs one probe batch with importance hooks and sends
+   the boundary activations; the server runs its blocks with its own hooks, returns the
+   gradients, and the clients send their numerators back;
+4. ARMSC: the trainer re-plans; every client receives ``plan`` (split point, ranks, the step
+   that seeds its adapters) and, if its split point moved up, the current weights of the
+   blocks it takes over (the bytes are counted as in-process).
+
+What HetLoRA's server shares with this one (shadows, plans, the padded rules that
+``hsplitlora-no-naa`` uses, resynchronisation, checkpoints) is runner/methods/hetero_server.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from runner.distributed import control
+from runner.distributed import protocol as P
+from runner.distributed.runtime import meta_int
+from runner.methods import aggregation as agg
+from runner.methods.hetero_server import HeteroServerHooks, ShadowTrainer
+from runner.methods.hsplitlora import HSplitLoRATrainer, Probe, probe_server
+from runner.model import lora
+from runner.trainer import Holder
+
+if TYPE_CHECKING:
+    from runner.server import Peer, Server
+
+
+class HSplitLoRAShadow(ShadowTrainer, HSplitLoRATrainer):
+    """HSplitLoRATrainer on shadows: probes go through the server (``net``: the hooks, which
+    own the probe round); NAA's per-weight results and split moves are recorded for the wire.
+    """
+
+    def initial_plan(self) -> None:
+        if not self.deferred:
+            super().initial_plan()
+
+    def _probe(self, holders: list[Holder]) -> Probe:
+        return self.net.probe_round(holders)
+
+    def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
+                holders: list[Holder]) -> None:
+        self.net.outbox.append((name, b_cat, a_cat, delta, {h.name for h in holders}))
+
+    def _move_split(self, h: Holder, k: int, step: int) -> None:
+        self.net.moved.setdefault(h.name, h.seg.end)
+        super()._move_split(h, k, step)
+
+
+class HSplitLoRAServerHooks(HeteroServerHooks):
+    """Server side of hsplitlora and its ablations."""
+
+    shadow_class = HSplitLoRAShadow
+
+    def __init__(self, server: Server):
+        super().__init__(server)
+        self.outbox: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]] = []
+        self.probe_at = 0
+        self.probe_step: int | None = None
+        self.probe_expected: set[str] = set()
+        self.probe_acts: dict[str, P.Message] = {}
+        self.probe_nums: dict[str, dict[str, float]] = {}
+
+    @property
+    def htr(self) -> HSplitLoRAShadow:
+        tr = self.server.tr
+        assert isinstance(tr, HSplitLoRAShadow)
+        return tr
+
+    def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
+        if h.meta.get("probe") is not None:
+            return {}  # importance numerators travel in the meta
+        return super().upload_shapes(h)
+
+    def plan_first(self) -> None:
+        """The initial plan: a probe on the clients' data, ARMSC, adapters."""
+        self._sync_offline()
+        self.probe_at = 0
+        self.htr.initial_plan()
+
+    # ------------------------------------------------------------------- messages
+    def on_act(self, p: Peer, msg: P.Message) -> bool:
+        if not msg.meta.get("probe"):
+            return False
+        if msg.step == self.probe_step and p.cid in self.probe_expected:
+            if p.cid not in self.probe_acts:
+                self.probe_acts[p.cid] = msg
+                p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+        elif msg.step > self.probe_at:
+            self.server._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
+        return True
+
+    def on_adapt(self, p: Peer, msg: P.Message) -> bool:
+        if msg.meta.get("probe") is None:
+            return False
+        if msg.step != self.probe_step or p.cid not in self.probe_acts:
+            return True  # late or repeated
+        nums = msg.meta.get("importance")
+        mine = set(self.htr.client_candidates(self.split_of(p)))
+        if not isinstance(nums, dict) or not all(
+                k in mine and isinstance(v, int | float) and not isinstance(v, bool)
+                and math.isfinite(v) for k, v in nums.items()):
+            self.server._reject(p, msg, "bad-meta", "importance must map this client's "
+                                                    "candidate weights to finite numbers")
+            return True
+        self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
+        p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+        return True
+
+    # ------------------------------------------------------------------------ probe
+    def probe_round(self, holders: list[Holder]) -> Probe:
+        """IWI over the wire for the online clients among ``holders`` (one batch each)."""
+        s, tr = self.server, self.htr
+        step = self.probe_at
+        peers = [self.by_name[h.name] for h in holders if self.by_name[h.name].online]
+        self.probe_step, self.probe_acts, self.probe_nums = step, {}, {}
+        self.probe_expected = {p.cid for p in peers}
+
+        def ask(p: Peer) -> None:
+            s.tell(control.Probe(step, s.global_step, s.epoch), to=p.cid)
+
+        for p in peers:
+            ask(p)
+        s.wait_for(lambda: [p for p in peers if p.online and p.cid not in self.probe_acts],
+                   step, "probe", ask)
+        answered = [p for p in peers if p.cid in self.probe_acts]
+        server_nums: dict[str, float] = {}
+        if answered:
+            msgs = [self.probe_acts[p.cid] for p in answered]
+            srv = tr.server
+            assert srv is not None
+            srv.seg.model.eval()
+            try:
+                grads, server_nums = probe_server(
+                    srv.seg, [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS],
+                               self.split_of(p)) for p, m in zip(answered, msgs, strict=True)],
+                    tr.server_candidates([self.split_of(p) for p in answered]))
+            finally:
+                srv.seg.model.train()
+            sent = {}
+
+            def give(p: Peer) -> None:
+                sent[p.cid] = s.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
+                                     {"probe": True}, to=p.cid, wire=s.o.wire)
+
+            for p in answered:
+                give(p)
+            s.wait_for(lambda: [p for p in answered
+                                if p.online and p.cid not in self.probe_nums],
+                       step, "probe", give)
+            self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
+                x.nbytes for x in sent.values() if x is not None)
+        done = [p for p in answered if p.cid in self.probe_nums]
+        s.event("probe", step=step, clients=[p.name for p in done],
+                missing=[p.name for p in peers if p not in done])
+        self.probe_step = None
+        s.global_sent_at = time.monotonic()
+        return Probe([self.shadow(p) for p in done], [self.probe_nums[p.cid] for p in done],
+                     server_nums)
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
+        """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
+        self.outbox = []
+        return super().aggregate(step, participants)
+
+    def after_uploads(self, step: int, got: list[Peer], bytes_: dict[str, Any]) -> dict[str, Any]:
+        if not self.naa:
+            return super().after_uploads(step, got, bytes_)
+        s, tr = self.server, self.htr
+        names = {p.name for p in got}
+        # Online clients that did not take part (they joined or were skipped this round)
+        # still hold blocks that changed: their shadows take the server's merged weights,
+        # and they get the same merge message.
+        late = [p for p in s.peers.values() if p.online and p.name not in names]
+        for p in late:
+            seg = self.shadow(p).seg
+            if hasattr(seg.model, "peft_config"):  # after_aggregate re-attaches adapters
+                seg.model = seg.model.unload()
+            tr._sync_blocks(seg, seg.end)
+        self._send_merges(step, got + late)
+        self.probe_at, self.moved = step + 1, {}
+        extra = tr.after_aggregate(step)
+        for p in s.peers.values():
+            p.agg_drawn = p.drawn
+            p.agg_opt_steps = p.opt_steps
+        self.publish_plan(step + 1)
+        self._sync_offline()
+        return {**bytes_, **{k: bytes_.get(k, 0) + extra.get(k, 0)
+                             for k in ("bytes_up", "bytes_down")}}
+
+    def _send_merges(self, step: int, got: list[Peer]) -> None:
+        """Each participant gets the NAA result of the weights in its blocks (method.md: the
+        concatenated factors, the dense update only when that is smaller)."""
+        s = self.server
+        for name, *_ in self.outbox:
+            self.merged_names.add(name)
+        for p in got:
+            tensors: dict[str, torch.Tensor] = {}
+            forms: dict[str, str] = {}
+            for name, b_cat, a_cat, delta, _ in self.outbox:
+                if lora.block_of(name) >= self.split_of(p):
+                    continue
+                _, form = agg.wire_bytes(delta.shape[0], delta.shape[1], a_cat.shape[0])
+                forms[name] = form
+                if form == "factors":
+                    tensors[f"{name}.B"], tensors[f"{name}.A"] = b_cat, a_cat
+                else:
+                    tensors[f"{name}.delta"] = delta
+            s.tell(control.Merge(step, forms, step + 1, s.epoch), to=p.cid, tensors=tensors)
+        s.global_sent_at = time.monotonic()
