@@ -280,6 +280,8 @@ class HSplitLoRATrainer(HeteroTrainer):
         # (B = 0) before probing, so the probe sees the merged model exactly once.
         for h in self.all_holders():
             self._reinit(h, h.ranks, done)
+        if done >= self.cfg.steps:  # the last aggregation: no step follows to plan for, so
+            return {"bytes_up": 0, "bytes_down": 0}  # no IWI probe and no ARMSC re-plan
         imp = self._importance(done)
         members = [h.name for h in self._online()]
         budgets = [d.memory_bytes for d in self.devices]
