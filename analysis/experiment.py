@@ -170,11 +170,8 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
         table[col] = np.nan
     table["reached"] = False
     for i, c in table.iterrows():
-        mine = ev[(ev["run"] == c["id"]) & (ev["step"] > 0)
-                  & (ev["val_ppl"] <= c["target_ppl"])] \
-            if not ev.empty and finite(c["target_ppl"]) else pd.DataFrame()
-        if len(mine):
-            hit = mine.iloc[0]
+        hit = first_at(ev, c["id"], c["target_ppl"])
+        if hit is not None:
             table.loc[i, ["ttt_steps", "ttt_virtual_s", "ttt_wall_s"]] = [
                 float(hit["step"]), float(hit["virtual_time"]), float(hit["train_time_s"])]
             table.loc[i, "reached"] = True
@@ -193,6 +190,15 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
                                      and ref.get(k, np.nan) > 0 else np.nan
                                      for k, o in zip(keys, table[col], strict=True)]
     return table
+
+
+def first_at(ev: pd.DataFrame, cell_id: str, target: float) -> pd.Series | None:
+    """A cell's first evaluation after training began at or below ``target`` (the module
+    docstring's time to target), None when it never got there."""
+    if ev.empty or not finite(target):
+        return None
+    hit = ev[(ev["run"] == cell_id) & (ev["step"] > 0) & (ev["val_ppl"] <= target)]
+    return hit.iloc[0] if len(hit) else None
 
 
 def _read_result(cell_dir: Path) -> dict[str, Any]:
@@ -283,11 +289,10 @@ def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.Dat
     ev = _evals(exp)
     done = cells[cells["finished"]]
 
-    def first_at(cell_id: str, target: float) -> tuple[float, float]:
-        hit = ev[(ev["run"] == cell_id) & (ev["step"] > 0) & (ev["val_ppl"] <= target)]
-        if hit.empty:
-            return np.nan, np.nan
-        return float(hit["virtual_time"].iloc[0]), float(hit["train_time_s"].iloc[0])
+    def times(cell_id: str, target: float) -> tuple[float, float]:
+        hit = first_at(ev, cell_id, target)
+        return (np.nan, np.nan) if hit is None else (float(hit["virtual_time"]),
+                                                     float(hit["train_time_s"]))
 
     rows = []
     for setting, part in done.groupby("setting", sort=False):
@@ -302,14 +307,14 @@ def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.Dat
                 target = max(float(c.final_val_ppl), float(b["final_val_ppl"]))
                 targets.append(target)
                 diffs.append(float(c.final_val_ppl) - float(b["final_val_ppl"]))
-                own, theirs = first_at(c.id, target), first_at(str(b["id"]), target)
+                own, theirs = times(c.id, target), times(str(b["id"]), target)
                 for i, kind in enumerate(("virtual", "wall")):
                     if finite(own[i]) and finite(theirs[i]) and theirs[i] > 0:
                         ratios[kind].append(own[i] / theirs[i])
             if not targets:
                 continue
             row: dict[str, Any] = {"setting": setting, "method": method, "base": base,
-                                   "pairs": len(targets), "seeds": len(targets),
+                                   "seeds": len(targets),
                                    "target_mean": float(np.mean(targets))}
             for kind, values in (("ppl_diff", diffs), *(
                     (f"ratio_{k}", v) for k, v in ratios.items())):

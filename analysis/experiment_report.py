@@ -96,7 +96,7 @@ def pairwise_markdown(pairs: pd.DataFrame) -> list[str]:
              "| its time / base's (virtual) | its time / base's (wall) |",
              "|:---|---:|---:|---:|---:|---:|"]
     for _, row in pairs.iterrows():
-        lines.append(f"| {row['method']} | {int(row['pairs'])} | {_ci(row, 'ppl_diff', '+.3f')} "
+        lines.append(f"| {row['method']} | {int(row['seeds'])} | {_ci(row, 'ppl_diff', '+.3f')} "
                      f"| {row['target_mean']:.3f} | {_ci(row, 'ratio_virtual', '.2f')} "
                      f"| {_ci(row, 'ratio_wall', '.2f')} |")
     return lines

@@ -23,14 +23,10 @@ from rich.console import Console
 RunOpt = Annotated[Path, typer.Option(
     "--run", "--out", help="Run directory (default runs/latest; without one, the run last "
                            "started under runs/)")]
-_DEF = "(default: the profile's, else "  # the help of an option a profile also sets
-
-# `testbed up`'s training options and their values without a profile. With --profile an
-# option the user gives overrides the profile's experiment; one not given keeps it.
-UP_DEFAULTS: dict[str, Any] = {
-    "rank": 8, "targets": "q,v", "batch_size": 8, "agg_interval": 5, "partition": "iid",
-    "dirichlet_alpha": 0.5, "eval_every": 50, "eval_max_examples": 256, "lora_dropout": 0.1,
-    "max_len": 128, "seed": 0}
+# The help of a training option a profile also sets. Without a profile an option not given
+# keeps TrainConfig's default (runner/config.py; the help repeats it); with --profile it
+# keeps the profile's experiment, and an option given overrides it.
+_DEF = "(default: the profile's, else "
 
 
 def up(
@@ -197,7 +193,7 @@ def up(
         cfg = train_config(
             method=method or "splitlora", model=model or "smollm2-135m", data=data,
             clients=3 if clients is None else clients, steps=200 if steps is None else steps,
-            precision=_precision(precision, console), **{**UP_DEFAULTS, **given})
+            precision=_precision(precision, console), **given)
         cfg.validate()
         _up_local(cfg, out, opts, detach, console, external, joins)
     except UserError as exc:
@@ -335,6 +331,7 @@ def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None
     from runner.errors import UserError
     from testbed import profiles as P
     from testbed.reduction import gpu_visible, reduce_for_cpu
+    from testbed.training import config_values
 
     prof = P.load_profile(name)
     mapping = P.emulation_map(prof)
@@ -347,11 +344,7 @@ def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None
         changes["steps"] = steps
     if data is not None:
         changes["data"] = data
-    changes.update(given)
-    if "targets" in given:
-        changes["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
-    if "eval_max_examples" in given:
-        changes["eval_max_examples"] = given["eval_max_examples"] or None
+    changes.update(config_values(**given))
     if changes:
         console.print("overriding the profile's experiment: " + ", ".join(
             f"{k}={v}" for k, v in changes.items()), highlight=False)

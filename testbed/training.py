@@ -13,12 +13,23 @@ from rich.console import Console
 from testbed.console import progress
 
 
-def train_config(*, targets: str, eval_max_examples: int, **options):
-    """TrainConfig from CLI options shared by `train` and `up` (comma lists, 0 = all)."""
+def config_values(**options):
+    """CLI option values as TrainConfig fields: ``targets`` a comma list, ``eval_max_examples``
+    0 = all (None); either may be absent (`up --profile` converts only what was given)."""
+    if "targets" in options:
+        options["targets"] = tuple(t.strip() for t in options["targets"].split(",")
+                                   if t.strip())
+    if "eval_max_examples" in options:
+        options["eval_max_examples"] = options["eval_max_examples"] or None
+    return options
+
+
+def train_config(**options):
+    """TrainConfig from CLI options shared by `train` and `up`; an option not given keeps
+    TrainConfig's default."""
     from runner.config import TrainConfig
 
-    return TrainConfig(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                       eval_max_examples=eval_max_examples or None, **options)
+    return TrainConfig(**config_values(**options))
 
 
 def run_training(cfg, out_dir: Path, overwrite: bool, on_run=None) -> dict:
