@@ -66,6 +66,12 @@ class TrainConfig:
     split_bounds: tuple[int, int] | None = None
     plan_seq: int = 64
     iwi_batches: int = 1
+    # Clients per server forward/backward pass (0: all of a step's clients in one
+    # concatenated batch, method.md step a3). A positive value bounds the server's autograd
+    # graph, the part of its memory that grows with the number of clients: chunks are
+    # back-propagated one after the other and the adapter gradients accumulate, the same
+    # gradient up to float summation order.
+    server_chunk: int = 0
     # Stopping rules (runner/stopping.py): ``steps`` is the cap; a budget of virtual seconds
     # (the run's virtual clock) and early stopping on validation PPL (``patience``
     # evaluations without an improvement of more than ``min_delta`` PPL) may end it sooner.
@@ -90,6 +96,8 @@ class TrainConfig:
             (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
             (0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.server_chunk >= 0,
+             f"--server-chunk must be >= 0 clients (0: all at once), got {self.server_chunk}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (bool(self.targets), "--targets must name at least one projection"),
             (self.precision in PRECISIONS,

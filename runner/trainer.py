@@ -158,6 +158,11 @@ def split_point(cfg: TrainConfig, info: ModelInfo) -> int:
 class Trainer:
     """Runs one method in-process and writes the run directory."""
 
+    # Whether the segments this trainer holds share their frozen block weights
+    # (split.SharedFrozen): no for the in-process trainer, whose clients are separate
+    # devices; yes for the distributed server's mirrors of its clients (ShadowTrainer).
+    share_blocks: bool = False
+
     def __init__(self, cfg: TrainConfig, run: RunDir | None = None,
                  progress: ProgressFn | None = None, prepared: Prepared | None = None):
         self.cfg = cfg
@@ -174,7 +179,8 @@ class Trainer:
         # One copy of the frozen embedding/norm/head for all segments this process holds
         # (issue 15 part 4: a copy per client segment grew the server by 113 MB per client
         # for SmolLM2); full fine-tuning trains them, so every segment keeps its own.
-        self.frozen: split.SharedFrozen | None = None if self.traits.full else {}
+        self.frozen: split.SharedFrozen | None = (
+            None if self.traits.full else split.SharedFrozen(blocks=self.share_blocks))
         self._build()
         self.val_examples = data_mod.encode_frame(self.prep.tokenizer,
                                                   self.prep.frames["validation"], cfg.max_len)
@@ -348,6 +354,10 @@ class Trainer:
         Returns, per payload, the gradient w.r.t. its activations and its (loss sum, target
         tokens). Activations of equal split points are right-padded to a common length and
         concatenated; padded positions are masked, so the result equals separate passes.
+        With ``cfg.server_chunk`` > 0, each group is cut into chunks of that many clients,
+        each back-propagated at once (its graph freed before the next): the loss is the
+        same sum over all target tokens, so the adapter gradient is the same up to float
+        summation order, and the server's memory stops growing with the number of clients.
         """
         server = self.server
         assert server is not None
@@ -355,11 +365,15 @@ class Trainer:
         for idx, (_, _, _, k) in enumerate(batches):
             groups.setdefault(k, []).append(idx)
         leaves = [b[0].detach().requires_grad_(True) for b in batches]
-        total_loss = None
         total_tokens = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
         per_client: list[tuple[float, int]] = [(0.0, 0)] * len(batches)
-        for k in sorted(groups, reverse=True):
-            idxs = groups[k]
+        chunk = self.cfg.server_chunk
+        passes: list[tuple[int, list[int]]] = [
+            (k, groups[k][i:i + chunk] if chunk else groups[k])
+            for k in sorted(groups, reverse=True)
+            for i in (range(0, len(groups[k]), chunk) if chunk else (0,))]
+        total_loss = None
+        for k, idxs in passes:
             width = max(batches[i][0].shape[1] for i in idxs)
             acts = torch.cat([_pad(leaves[i], width, 0.0) for i in idxs])
             mask = torch.cat([_pad(batches[i][1], width, 0) for i in idxs])
@@ -372,10 +386,13 @@ class Trainer:
                 n = int((batches[i][2][:, 1:] != -100).sum())
                 per_client[i] = (float(rows[start:start + b].detach().sum()), n)
                 start += b
-            group_loss = rows.sum() / max(total_tokens, 1)
-            total_loss = group_loss if total_loss is None else total_loss + group_loss
-        assert total_loss is not None
-        total_loss.backward()
+            pass_loss = rows.sum() / max(total_tokens, 1)
+            if chunk:
+                pass_loss.backward()
+            else:
+                total_loss = pass_loss if total_loss is None else total_loss + pass_loss
+        if total_loss is not None:
+            total_loss.backward()
         server.step()
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                  for leaf in leaves]

@@ -69,6 +69,9 @@ def train(
              "latency; optional server) for hsplitlora*/hetlora; default: the paper's "
              "5-20 GB spread emulated on the model")] = None,
     rank_set: Annotated[str, typer.Option(help="Rank set Q for ARMSC / HetLoRA")] = "0,2,4,8,16",
+    server_chunk: Annotated[int, typer.Option(
+        help="Clients per server forward/backward pass (0 = all at once); bounds the "
+             "server's memory at many clients (same gradient up to float rounding)")] = 0,
     precision: Annotated[str, typer.Option(
         help="fp32 | bf16 (forwards under autocast; weights and optimizer stay fp32) | auto "
              "(bf16 where the GPU or CPU has bf16 arithmetic)")] = "fp32",
@@ -109,7 +112,7 @@ def train(
         eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
         seed=seed, dropouts=dropouts, devices=str(devices) if devices else None,
         rank_set=tuple(int(r) for r in rank_set.split(",") if r.strip()),
-        precision=precision, stop_virtual_time=stop_virtual_time,
+        precision=precision, stop_virtual_time=stop_virtual_time, server_chunk=server_chunk,
         early_stop_patience=early_stop_patience, early_stop_min_delta=early_stop_min_delta,
     )
     try:

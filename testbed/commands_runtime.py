@@ -71,6 +71,10 @@ def up(
     max_len: Annotated[int | None, typer.Option(help="Max tokens per example (default 128)")
                        ] = None,
     seed: Annotated[int | None, typer.Option(help=f"Random seed {_DEF}0)")] = None,
+    server_chunk: Annotated[int | None, typer.Option(
+        help="Clients per server forward/backward pass, 0 = all at once (default 0); bounds "
+             "the server's memory at many clients (same gradient up to float rounding)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
     backend: Annotated[str, typer.Option(
@@ -169,7 +173,8 @@ def up(
             "lr": lr, "agg_interval": agg_interval, "partition": partition,
             "dirichlet_alpha": dirichlet_alpha, "eval_every": eval_every,
             "eval_max_examples": eval_max_examples, "lora_dropout": lora_dropout,
-            "max_len": max_len, "seed": seed}.items() if v is not None}
+            "max_len": max_len, "seed": seed, "server_chunk": server_chunk,
+        }.items() if v is not None}
         if profile is not None:
             for flag, value in (("--model", model), ("--clients", clients)):
                 if value is not None:

@@ -165,7 +165,7 @@ def test_shared_frozen_tensors_exist_once(name):
     """Segments loaded with one ``shared`` dict hold one embedding (also the tied head) and
     their own block weights: NAA merges into each holder's blocks in place (issue 15)."""
     info = models.model_info(name)
-    shared: split.SharedFrozen = {}
+    shared = split.SharedFrozen()
     a = split.load_client(info.path, 2, shared=shared)
     b = split.load_client(info.path, 1, shared=shared)
     srv = split.load_server(info.path, 1, info.num_layers, shared=shared)
@@ -178,3 +178,19 @@ def test_shared_frozen_tensors_exist_once(name):
     fresh = split.load_client(info.path, 2)
     torch.testing.assert_close(fresh.model.state_dict(), a.model.state_dict(), rtol=0, atol=0)
     assert split.parts(fresh.model).embed.weight.data_ptr() != pa.embed.weight.data_ptr()
+
+
+def test_shared_blocks_are_one_copy():
+    """``SharedFrozen(blocks=True)`` (the distributed server's shadows): every segment of the
+    process holds the same block tensors, loaded with the same values."""
+    info = models.model_info("tiny-llama")
+    shared = split.SharedFrozen(blocks=True)
+    a = split.load_client(info.path, 2, shared=shared)
+    srv = split.load_segment(info.path, 0, info.num_layers, embed=False, head=True,
+                             shared=shared)
+    wa = dict(split.parts(a.model).layers[1].named_parameters())
+    ws = dict(split.parts(srv.model).layers[1].named_parameters())
+    assert wa.keys() == ws.keys()
+    assert all(wa[n].data_ptr() == ws[n].data_ptr() for n in wa)
+    fresh = split.load_client(info.path, 2)
+    torch.testing.assert_close(fresh.model.state_dict(), a.model.state_dict(), rtol=0, atol=0)

@@ -164,3 +164,38 @@ def test_scheduled_dropout_reweights_and_resyncs(tmp_path):
     assert aggs[2]["participants"] == ["client0", "client2"]
     assert abs(sum(aggs[2]["weights"]) - 1) < 1e-9
     assert aggs[1]["participants"] == ["client0", "client1", "client2"]
+
+
+def test_server_chunks_give_the_concatenated_gradient():
+    """--server-chunk: chunks back-propagated one by one give every client the gradient and
+    loss of the one concatenated pass, and the server's adapters the same gradient (up to
+    float summation order)."""
+    from runner.model import split
+
+    tr = Trainer(_cfg(method="splitlora", clients=5, lora_dropout=0.0))
+    payloads = []
+    for h in tr.clients:
+        batch = h.batches.next()
+        acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
+        payloads.append((acts.detach(), batch["attention_mask"], batch["labels"], h.seg.end))
+    tr.server.opt = None  # keep the gradients (no step, no zero_grad)
+    params = [p for p in tr.server.seg.model.parameters() if p.requires_grad]
+
+    def run(chunk: int):
+        tr.cfg.server_chunk = chunk
+        for p in params:
+            p.grad = None
+        grads, losses = tr.server_step(payloads)
+        return grads, losses, [p.grad.clone() for p in params]
+
+    whole = run(0)
+    for chunk in (1, 2, 3):
+        grads, losses, pgrads = run(chunk)
+        assert [n for _, n in losses] == [n for _, n in whole[1]]
+        for (a, _), (b, _) in zip(losses, whole[1], strict=True):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(b))
+        for g, w in zip(grads, whole[0], strict=True):
+            assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+        assert any(float(w.abs().max()) > 0 for w in whole[2])
+        for g, w in zip(pgrads, whole[2], strict=True):
+            assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)

@@ -49,6 +49,13 @@ class ShadowTrainer(HeteroTrainer):
     initial plan waits for the clients (HSplitLoRA's probe needs their data).
     """
 
+    # The shadows mirror remote segments of one model: one copy of each frozen block for all
+    # of them and the server segment (issue 15 part 4: a copy per client grew the server
+    # with the number of clients). An offline shadow thus sees merges it has not received;
+    # nothing reads a shadow's base weights while its client is away, and on return the
+    # client is resynchronised from the server's weights anyway.
+    share_blocks = True
+
     def __init__(self, cfg: Any, net: HeteroServerHooks, prepared: Any):
         self.net = net
         self.deferred = True

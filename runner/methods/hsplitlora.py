@@ -237,9 +237,13 @@ class HSplitLoRATrainer(HeteroTrainer):
             wire, _ = agg.wire_bytes(d_out, d_in, sum(f.rank for f in factors))
             holders = [h for h in online if lora.block_of(name) < h.seg.end]
             self._merged(name, b_cat, a_cat, delta, holders)
+            merged: set[int] = set()  # shared block weights (shadows) take a merge once
             for h in holders + [self.server]:
                 lin = _linear(h.seg.model, name)
-                agg.merge_into(lin.weight, delta, transposed=type(lin).__name__ == "Conv1D")
+                if lin.weight.data_ptr() not in merged:
+                    merged.add(lin.weight.data_ptr())
+                    agg.merge_into(lin.weight, delta,
+                                   transposed=type(lin).__name__ == "Conv1D")
             for h, f in parts:
                 if h is not self.server:
                     own.add(h.name, up=tensor_bytes(f.A, f.B))

@@ -128,18 +128,28 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-SharedFrozen = dict[tuple[str, str], torch.Tensor]
-"""Frozen tensors outside the blocks (embeddings, final norm, head) of segments loaded by one
-process, keyed by (model directory, checkpoint key); see :func:`load_segment`."""
+class SharedFrozen(dict[tuple[str, str], torch.Tensor]):
+    """Frozen tensors of the segments one process loads, keyed by (model directory,
+    checkpoint key); see :func:`load_segment`. Tensors outside the blocks (embeddings, final
+    norm, head) are always shared. ``blocks=True`` shares the block weights too: for a
+    process whose segments are mirrors of one model (the distributed server's shadows of its
+    clients, runner/methods/hetero_server.py), which must then merge an update into each
+    distinct tensor once (runner/methods/hsplitlora.py ``_aggregate_naa``)."""
+
+    def __init__(self, blocks: bool = False) -> None:
+        super().__init__()
+        self.blocks = blocks
 
 
-def _shareable(name: str, config: PretrainedConfig) -> bool:
-    """Whether a tensor may be shared between segments: everything outside the blocks.
+def _shareable(name: str, config: PretrainedConfig, shared: SharedFrozen) -> bool:
+    """Whether a tensor may be shared between segments: everything outside the blocks, and
+    the blocks when ``shared.blocks``.
 
-    Block weights are not: NAA merges adapter updates into each holder's copy in place, and a
-    merge applied to a shared tensor would land once per holder (method.md "NAA").
+    Block weights are not shared by default: the in-process trainer's segments are separate
+    devices, NAA merges into each holder's copy in place, and an offline client's copy lags
+    until it returns (method.md "NAA").
     """
-    return f"{layer_prefix(config)}." not in name
+    return shared.blocks or f"{layer_prefix(config)}." not in name
 
 
 def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path,
@@ -184,7 +194,7 @@ def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path,
         with safe_open(str(f), framework="pt") as sf:
             for name, key in pairs:
                 slot = (str(path), key)
-                if shared is not None and _shareable(name, config):
+                if shared is not None and _shareable(name, config, shared):
                     if slot not in shared:
                         shared[slot] = sf.get_tensor(key).to(torch.float32)
                     state[name] = shared[slot]
