@@ -49,8 +49,8 @@ def _number(pattern: str, text: str) -> float:
 
 def test_bench_scripts_are_all_covered() -> None:
     assert sorted(p.name for p in BENCH.glob("*.py")) == [
-        "distributed_overhead.py", "generation.py", "memory_model.py", "split_overhead.py",
-        "transport.py"]
+        "distributed_overhead.py", "fleet_scaling.py", "generation.py", "memory_model.py",
+        "split_overhead.py", "transport.py"]
 
 
 def test_split_overhead_one_step() -> None:
@@ -97,3 +97,17 @@ def test_distributed_overhead_two_steps() -> None:
     _number(rf"in-process\s+median step\s+{NUMBER} ms", out)
     _number(rf"distributed median step\s+{NUMBER} ms", out)
     _number(rf"ratio distributed / in-process: {NUMBER}", out)
+
+
+@needs_mosquitto
+def test_fleet_scaling_two_sizes() -> None:
+    out = _bench("fleet_scaling.py", "--model", "tiny-llama", "--methods", "splitlora",
+                 "--clients", "2,3", "--steps", "2", "--batch", "2", "--max-len", "16",
+                 "--server-chunk", "2")
+    for n in (2, 3):
+        line = next((x for x in out.splitlines() if f" {n} clients:" in x), "")
+        _number(rf"server peak RSS\s+{NUMBER} MB", line)
+        _number(rf"whole run PSS\s+{NUMBER} MB", line)
+        _number(rf"step {NUMBER} s", line)
+        # every client was sampled: the smallest client peak is a real figure
+        _number(rf"clients peak RSS {NUMBER}/", line)
