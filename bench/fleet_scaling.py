@@ -13,9 +13,11 @@ steps while this script samples, once a second, every process of the run:
 
 Step time is the median gap between the first ``train`` record of consecutive steps in the
 run's metrics (the server writes them as each step closes), and ``server_s`` the server's
-compute share of a step. ``--server-chunk`` (clients per server forward/backward) is passed
-to the runs: 0 concatenates all clients in one pass (method.md step a3), whose autograd
-graph grows with N; a positive value bounds it.
+compute share of a step. ``--fork-clients`` forks the clients from one process that has
+imported their runtime (runner/forkserver.py, sampled too), which shares its pages.
+``--server-chunk`` (clients per server forward/backward) is passed to the runs: 0
+concatenates all clients in one pass (method.md step a3), whose autograd graph grows with N;
+a positive value bounds it.
 
 The table's last column is each row's server peak RSS against the same method's row with
 the fewest clients (the issue's target: at most 1.5x at 32 clients against 5).
@@ -117,9 +119,11 @@ def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
         opts = RuntimeOptions(step_timeout=1800, join_timeout=1800, offline_after=300,
                               heartbeat=2.0)
         t0 = time.monotonic()
-        with LocalRun(cfg, out, opts) as run:
+        with LocalRun(cfg, out, opts, fork_clients=args.fork_clients) as run:
             run.start()
             pids = {who: p.pid for who, p in run.procs.items() if who != "broker"}
+            if run.forkserver is not None:  # its pages are the clients' shared runtime
+                pids["forkserver"] = run.forkserver.pid
             with Sampler(pids) as sampler:
                 rc = run.wait(args.timeout)
             if rc != 0:
@@ -132,10 +136,11 @@ def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
     steps = sorted(first)
     gaps = [first[b] - first[a] for a, b in zip(steps, steps[1:], strict=False) if b == a + 1]
     server_s = [r["server_s"] for r in train if r.get("server_s") is not None]
-    clients = [v for who, v in sampler.hwm.items() if who != "server"]
-    client_pss = [v for who, v in sampler.pss.items() if who != "server"]
+    clients = [v for who, v in sampler.hwm.items() if who.startswith("client")]
+    client_pss = [v for who, v in sampler.pss.items() if who.startswith("client")]
     return {
         "method": method, "clients": n, "server_chunk": args.server_chunk,
+        "fork_clients": args.fork_clients,
         "server_peak_rss_mb": sampler.hwm.get("server", 0) / MB,
         "server_peak_pss_mb": sampler.pss.get("server", 0) / MB,
         "client_peak_rss_mb": [min(clients) / MB, statistics.median(clients) / MB,
@@ -159,6 +164,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--server-chunk", type=int, default=0)
+    ap.add_argument("--fork-clients", action="store_true",
+                    help="fork the clients from one process that imported their runtime "
+                         "(runner/forkserver.py)")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

@@ -119,6 +119,10 @@ def up(
         "--join-slot", help="Leave this client's slot to a device that joins with `testbed "
                             "join` (local backend; repeatable): its join file goes to "
                             "RUN/join/CLIENT.json")] = None,
+    fork_clients: Annotated[bool, typer.Option(
+        help="local: fork every client from one process that has imported the client "
+             "runtime, so the clients share its pages (~290 MB less per client; many "
+             "clients on one host, docs/benchmarks.md)")] = False,
     listen: Annotated[str, typer.Option(
         help="Address the run's broker listens on (local backend); 0.0.0.0 lets devices on "
              "the network join")] = "127.0.0.1",
@@ -164,10 +168,11 @@ def up(
         if external and backend in ("compose", "swarm"):
             raise UserError(f"--broker is for the local backend (the {backend} backend runs its "
                             "own broker container)")
-        joins = JoinSlots(tuple(join_slot or ()), listen)
-        if (joins.names or listen != "127.0.0.1") and backend in ("compose", "swarm"):
-            raise UserError("--join-slot and --listen are for the local backend (add "
-                            "--backend local)")
+        joins = LocalLaunch(tuple(join_slot or ()), listen, fork_clients)
+        if (joins.names or listen != "127.0.0.1" or fork_clients) and backend in (
+                "compose", "swarm"):
+            raise UserError("--join-slot, --listen and --fork-clients are for the local "
+                            "backend (add --backend local)")
         given = {k: v for k, v in {
             "split": split, "rank": rank, "targets": targets, "batch_size": batch_size,
             "lr": lr, "agg_interval": agg_interval, "partition": partition,
@@ -249,23 +254,26 @@ def _external_broker(url: str | None, passwords: Path | None
 
 
 @dataclass(frozen=True)
-class JoinSlots:
-    """``--join-slot`` clients (left to devices running ``testbed join``, testbed/join.py)
-    and the broker's ``--listen`` address."""
+class LocalLaunch:
+    """How the local backend launches a run: ``--join-slot`` clients (left to devices
+    running ``testbed join``, testbed/join.py), the broker's ``--listen`` address, and
+    ``--fork-clients`` (clients forked from one process, runner/forkserver.py)."""
 
     names: tuple[str, ...] = ()
     listen: str = "127.0.0.1"
+    fork_clients: bool = False
 
 
 def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
               external: tuple[str, dict[str, str] | None] | None = None,
-              joins: JoinSlots = JoinSlots()) -> None:
+              joins: LocalLaunch = LocalLaunch()) -> None:
     """Local backend: broker (or ``--broker``), server and clients as processes here."""
     from testbed.console import fail as _fail
     from testbed.local import LocalRun
 
     _print_data(cfg, console)
-    run = LocalRun(cfg, out, opts, join_slots=joins.names, listen=joins.listen)
+    run = LocalRun(cfg, out, opts, join_slots=joins.names, listen=joins.listen,
+                   fork_clients=joins.fork_clients)
     if external is not None:
         url, passwords = external
         run.broker_url = url
@@ -322,7 +330,7 @@ def _print_summary(out: Path, console: Console) -> None:
                   f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
 
 
-def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None,
+def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(), method: str | None,
                 steps: int | None, data: str | None,
                 given: dict[str, Any], out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
@@ -369,7 +377,7 @@ def _up_profile(name: str, *, joins: JoinSlots = JoinSlots(), method: str | None
                 cfg = replace(cfg, extra={**cfg.extra, "cpu_reduction": reduction.to_dict()})
     cfg.validate()
     if backend == "auto":
-        backend = _auto_backend(external, console)
+        backend = _auto_backend(external, console, joins)
     if backend == "local":
         out.mkdir(parents=True, exist_ok=True)
         devices = P.write_devices_file(mapping, out / "devices.json",
@@ -396,7 +404,7 @@ def _precision(choice: str, console: Console) -> str:
     return chosen
 
 
-def _auto_backend(external: Any, console: Console) -> str:
+def _auto_backend(external: Any, console: Console, joins: LocalLaunch = LocalLaunch()) -> str:
     """compose when a Docker daemon and Compose answer, else local, saying why in one line
     (the local backend runs the same fleet without memory caps)."""
     from testbed.compose import compose_command
@@ -404,6 +412,10 @@ def _auto_backend(external: Any, console: Console) -> str:
 
     if external is not None:
         console.print("backend: local (--broker given)", highlight=False)
+        return "local"
+    if joins.names or joins.listen != "127.0.0.1" or joins.fork_clients:
+        console.print("backend: local (--join-slot, --listen or --fork-clients given)",
+                      highlight=False)
         return "local"
     why = ("no Docker daemon answers" if not daemon_available() else
            "neither `docker compose` nor `docker-compose` is installed"

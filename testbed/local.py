@@ -65,6 +65,49 @@ def pid_state(pid: int | None) -> str:
 
 
 @dataclass
+class ForkedProcess:
+    """A client forked by runner/forkserver.py, with what LocalRun uses of a Popen. It is
+    the fork server's child, not ours, so its exit code comes from the file the fork server
+    writes when it reaps it (``<log>.exit``)."""
+
+    pid: int
+    exit_file: Path
+    server: subprocess.Popen[bytes]
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            info = json.loads(self.exit_file.read_text())
+            if info.get("pid") == self.pid:
+                self.returncode = int(info["returncode"])
+        except (OSError, ValueError, KeyError, TypeError):
+            if not pid_alive(self.pid) and self.server.poll() is not None:
+                self.returncode = -1  # exited, and nobody is left to tell us how
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"client pid {self.pid}", timeout or 0)
+            time.sleep(0.05)
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+@dataclass
 class LocalRun:
     """One local distributed run: start, inspect, inject faults, stop.
 
@@ -80,7 +123,11 @@ class LocalRun:
     passwords: dict[str, str] | None = None
     env_extra: dict[str, str] = field(default_factory=dict)
     broker: Broker | None = None
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes] | ForkedProcess] = field(default_factory=dict)
+    # Clients forked from one process that has imported their runtime (runner/forkserver.py):
+    # they share its pages, ~290 MB per client otherwise (issue 15 part 4).
+    fork_clients: bool = False
+    forkserver: subprocess.Popen[bytes] | None = None
     join_slots: tuple[str, ...] = ()  # clients left to devices (`testbed join`)
     listen: str = "127.0.0.1"  # the per-run broker's address
     join_files: dict[str, Path] = field(default_factory=dict)
@@ -161,7 +208,7 @@ class LocalRun:
         return env
 
     def spawn(self, who: str, *, resume: bool = False,
-              record: bool = True) -> subprocess.Popen[bytes]:
+              record: bool = True) -> subprocess.Popen[bytes] | ForkedProcess:
         """Start (or restart) the server or a client; its output goes to logs/<who>.log.
 
         ``record``: rewrite the state file (False when another process owns it, see
@@ -169,14 +216,47 @@ class LocalRun:
         module = "runner.server" if who == "server" else "runner.client"
         argv = [sys.executable, "-m", module] + (["--resume"] if resume else [])
         self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"{who}.log", "ab") as out:
-            proc = subprocess.Popen(argv, env=self.env(who), stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(ROOT), start_new_session=True)
+        proc: subprocess.Popen[bytes] | ForkedProcess
+        if who != "server" and self.fork_clients:
+            proc = self._fork(who, argv[3:])
+        else:
+            with open(self.logs / f"{who}.log", "ab") as out:
+                proc = subprocess.Popen(argv, env=self.env(who), stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=str(ROOT), start_new_session=True)
         self.procs[who] = proc
         if record:
             self.write_state()
         return proc
+
+    def _fork(self, who: str, argv: list[str]) -> ForkedProcess:
+        """A client forked by the run's fork server (started on first use)."""
+        fs = self.forkserver
+        if fs is None or fs.poll() is not None:
+            env = dict(os.environ)
+            env.update(self.env_extra)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                              env.get("PYTHONPATH")]))
+            with open(self.logs / "forkserver.log", "ab") as log:
+                fs = self.forkserver = subprocess.Popen(
+                    [sys.executable, "-m", "runner.forkserver"], env=env, cwd=str(ROOT),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                    start_new_session=True)
+        assert fs.stdin is not None and fs.stdout is not None
+        log_path = self.logs / f"{who}.log"
+        request = {"who": who, "argv": argv, "env": self.env(who), "cwd": str(ROOT),
+                   "log": str(log_path)}
+        try:
+            fs.stdin.write((json.dumps(request) + "\n").encode())
+            fs.stdin.flush()
+            answer = fs.stdout.readline()
+        except BrokenPipeError:
+            answer = b""
+        if not answer:
+            tail = (self.logs / "forkserver.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the fork server exited before starting {who}:\n{tail}")
+        return ForkedProcess(int(json.loads(answer)["pid"]),
+                             Path(str(log_path) + ".exit"), fs)
 
     # ---------------------------------------------------------------------- state
     def write_state(self) -> None:
@@ -250,6 +330,16 @@ class LocalRun:
                   if info.get("pid") and int(info["pid"]) not in mine
                   and _ours(int(info["pid"]))]
         _terminate(others, grace)
+        if self.forkserver is not None:  # it exits once its input ends and no child is left
+            fs, self.forkserver = self.forkserver, None
+            with contextlib.suppress(OSError):
+                assert fs.stdin is not None
+                fs.stdin.close()
+            try:
+                fs.wait(grace + 2.0)
+            except subprocess.TimeoutExpired:
+                fs.kill()
+                fs.wait()
         if self.broker is not None:
             self.broker.stop()
 
@@ -347,8 +437,8 @@ def _ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return True  # no /proc: trust the state file
-    return any(k in cmd for k in (b"runner.server", b"runner.client", b"mosquitto",
-                                  b"runner.distributed.broker"))
+    return any(k in cmd for k in (b"runner.server", b"runner.client", b"runner.forkserver",
+                                  b"mosquitto", b"runner.distributed.broker"))
 
 
 def _terminate(pids: list[int], grace: float) -> None:

@@ -171,6 +171,26 @@ def test_splitlora_over_mosquitto_equals_in_process(tmp_path: Path, backend: str
     assert ev["client_offline"] == 0 and ev["message_rejected"] == 0
 
 
+def test_forked_clients_equal_in_process(tmp_path: Path) -> None:
+    """--fork-clients: clients forked from one process that imported their runtime
+    (runner/forkserver.py) train exactly as spawned ones; each is the fork server's child,
+    its exit code comes back through the fork server, which leaves when the run is over."""
+    cfg = _cfg(steps=4)
+    with LocalRun(cfg, tmp_path / "run", _options(), fork_clients=True) as run:
+        run.start()
+        fs = run.forkserver
+        assert fs is not None
+        for who in run.clients:
+            stat = Path(f"/proc/{run.procs[who].pid}/stat").read_text()
+            assert int(stat.rsplit(")", 1)[1].split()[1]) == fs.pid, who
+        finish(run)
+        assert [run.procs[who].wait(30) for who in run.clients] == [0] * len(run.clients)
+    assert fs.poll() is not None
+    dist, ref = train_losses(run.run_dir), in_process(cfg)
+    assert set(dist) == set(ref)
+    assert max(abs(dist[k] - ref[k]) for k in ref) <= 1e-5
+
+
 def test_fedlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     """The local-step path (no server segment): records come in heartbeats."""
     cfg = _cfg(method="fedlora", clients=2, steps=4)
