@@ -65,16 +65,22 @@ def test_fedavg_aggregation_is_the_weighted_mean():
             assert torch.allclose(lora.adapter_state(h.seg.model)[key], expected, atol=1e-7)
 
 
-def test_server_concatenation_equals_separate_passes():
-    """Paper step a3: concatenating clients' activations gives each the same gradient."""
-    tr = Trainer(_cfg(method="splitlora", clients=2, lora_dropout=0.0))
+def _client_payloads(tr: Trainer) -> list:
+    """One client forward per client: what each sends the server (acts, mask, labels, k)."""
+    from runner.model import split
+
     payloads = []
     for h in tr.clients:
         batch = h.batches.next()
-        from runner.model import split
-
         acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
         payloads.append((acts.detach(), batch["attention_mask"], batch["labels"], h.seg.end))
+    return payloads
+
+
+def test_server_concatenation_equals_separate_passes():
+    """Paper step a3: concatenating clients' activations gives each the same gradient."""
+    tr = Trainer(_cfg(method="splitlora", clients=2, lora_dropout=0.0))
+    payloads = _client_payloads(tr)
     server_state = {k: v.detach().clone()
                     for k, v in lora.adapter_state(tr.server.seg.model).items()}
     tr.server.opt = None  # no step: keep the server fixed for the comparison
@@ -170,14 +176,8 @@ def test_server_chunks_give_the_concatenated_gradient():
     """--server-chunk: chunks back-propagated one by one give every client the gradient and
     loss of the one concatenated pass, and the server's adapters the same gradient (up to
     float summation order)."""
-    from runner.model import split
-
     tr = Trainer(_cfg(method="splitlora", clients=5, lora_dropout=0.0))
-    payloads = []
-    for h in tr.clients:
-        batch = h.batches.next()
-        acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
-        payloads.append((acts.detach(), batch["attention_mask"], batch["labels"], h.seg.end))
+    payloads = _client_payloads(tr)
     tr.server.opt = None  # keep the gradients (no step, no zero_grad)
     params = [p for p in tr.server.seg.model.parameters() if p.requires_grad]
 
