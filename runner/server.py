@@ -29,7 +29,6 @@ answer is keyed by (client, step) on both sides.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 
 from runner import schedule
-from runner.distributed import control
+from runner.distributed import checkpoint, control
 from runner.distributed import protocol as P
 from runner.distributed.repair import ClientStatus, ServerView, repair
 from runner.distributed.runtime import (
@@ -66,11 +65,10 @@ from runner.methods.hooks import ServerHooks
 from runner.methods.memory import ModelCosts
 from runner.model import lora, split
 from runner.model.models import load_config as load_model_config
-from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
+from runner.rundir import CONFIG, RunDir
 from runner.trainer import Holder, Trainer, prepare, tensor_bytes
 
 log = logging.getLogger("runner.server")
-CHECKPOINT = Path("checkpoint") / "server.pt"
 
 
 class ServerTrainer(Trainer):
@@ -279,97 +277,48 @@ class Server:
             self.run.event(kind, **fields)
 
     def checkpoint(self, step: int) -> None:
-        """Everything the server needs to continue after ``step`` (written atomically).
-
-        Adapters and optimizer of the server segment, the global client adapters, each
-        client's stream and optimizer position at this aggregation, the RNG, the evaluation
-        history and byte totals. Clients keep matching in-memory snapshots (runner.client).
-        """
+        """Everything the server needs to continue after ``step``
+        (runner/distributed/checkpoint.py, written atomically)."""
         assert self.run is not None
-        state = {
-            "version": 1, "step": step, "global_step": self.global_step,
-            "model": self.hooks.model_state(),
-            "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps,
-                              "present": p.online or p.away}
-                      for p in self.peers.values()},
-            "history": self.tr.history, "totals": self.totals, "first": self.first,
-            "last": self.last, "rng": torch.get_rng_state(), "elapsed": self.run.elapsed(),
-        }
-        path = self.run.path / CHECKPOINT
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-
-    def default_model_state(self) -> dict[str, Any]:
-        """The model part of a checkpoint: server adapters and optimizer, global adapters."""
-        srv = self.tr.server
-        return {
-            "global_state": self.tr.global_state,
-            "server_adapters": ({k: v.detach().clone() for k, v in
-                                 lora.adapter_state(srv.seg.model).items()} if srv else None),
-            "server_opt": srv.opt.state_dict() if srv and srv.opt else None,
-            "server_sched": srv.sched.state_dict() if srv and srv.sched else None}
-
-    def default_load_model_state(self, state: dict[str, Any]) -> None:
-        srv = self.tr.server
-        if srv is not None and state["server_adapters"] is not None:
-            lora.load_adapter_state(srv.seg.model, state["server_adapters"])
-            if srv.opt is not None:
-                srv.opt.load_state_dict(state["server_opt"])
-                srv.sched.load_state_dict(state["server_sched"])
-        if state["global_state"] is not None:
-            self.tr.global_state = state["global_state"]
-            lora.load_trained_state(self.tr.clients[0].seg.model, state["global_state"],
-                                    self.full)
+        checkpoint.write(self.run.path, checkpoint.ServerCheckpoint(
+            step=step, global_step=self.global_step, model=self.hooks.model_state(),
+            peers={p.cid: checkpoint.PeerPosition(p.agg_drawn, p.agg_opt_steps,
+                                                  p.online or p.away)
+                   for p in self.peers.values()},
+            history=self.tr.history, totals=self.totals, first=self.first, last=self.last,
+            rng=torch.get_rng_state(), elapsed=self.run.elapsed()))
 
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
         assert self.run is not None
         self.resumed = True
-        path = self.run.path / CHECKPOINT
-        ckpt = torch.load(path, weights_only=False) if path.is_file() else None
+        ckpt = checkpoint.read(self.run.path)
         g = -1
         if ckpt is not None:
-            g = int(ckpt["step"])
-            self.hooks.load_model_state(ckpt["model"])
-            self.global_step = int(ckpt["global_step"])
-            for cid, pos in ckpt["peers"].items():
+            g = ckpt.step
+            self.hooks.load_model_state(ckpt.model)
+            self.global_step = ckpt.global_step
+            for cid, pos in ckpt.peers.items():
                 if cid in self.peers:
                     p = self.peers[cid]
-                    p.drawn = p.agg_drawn = int(pos["drawn"])
-                    p.opt_steps = p.agg_opt_steps = int(pos["opt_steps"])
-                    if not pos.get("present", True):
+                    p.drawn = p.agg_drawn = pos.drawn
+                    p.opt_steps = p.agg_opt_steps = pos.opt_steps
+                    if not pos.present:
                         self.gone.add(cid)
-            self.tr.history = list(ckpt["history"])
-            self.totals = dict(ckpt["totals"])
-            self.first, self.last = ckpt["first"], ckpt["last"]
-            torch.set_rng_state(ckpt["rng"])
-            self.run.t0 = time.monotonic() - float(ckpt["elapsed"])
+            self.tr.history = ckpt.history
+            self.totals = ckpt.totals
+            self.first, self.last = ckpt.first, ckpt.last
+            torch.set_rng_state(ckpt.rng)
+            self.run.t0 = time.monotonic() - ckpt.elapsed
         self.start_step = g + 1
         self.closed_step = g
         self.current = g
-        # metrics.jsonl: keep only what the checkpoint includes (no step appears twice).
-        metrics = self.run.path / METRICS
-        rows = read_jsonl(metrics)
-        # What the killed server had reached and how long ago it last wrote a record: the
-        # exactly-once audit (analysis/audit.py) reports the steps run again and the outage.
-        reached = max((int(r["step"]) + 1 for r in rows if r.get("kind") == "train"),
-                      default=0)
-        try:
-            down = max(0.0, time.time() - metrics.stat().st_mtime)
-        except OSError:
-            down = None
-        keep = [r for r in rows if g >= 0 and (
-            r.get("step", 0) <= (g + 1 if r.get("kind") == "eval" else g))]
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in keep))
-        os.replace(tmp, metrics)
-        (self.run.path / SUMMARY).unlink(missing_ok=True)
+        rewind = checkpoint.rewind_metrics(self.run.path, g)
         self.event("server_resumed", step=self.start_step, checkpoint=ckpt is not None,
-                   dropped_records=len(rows) - len(keep), epoch=self.epoch,
-                   reached_step=reached, steps_rerun=max(0, reached - self.start_step),
-                   down_s=None if down is None else round(down, 3))
+                   dropped_records=rewind.dropped, epoch=self.epoch,
+                   reached_step=rewind.reached,
+                   steps_rerun=max(0, rewind.reached - self.start_step),
+                   down_s=None if rewind.down_s is None else round(rewind.down_s, 3))
         log.info("resumed at step %d (checkpoint: %s)", self.start_step, ckpt is not None)
 
     # ----------------------------------------------------------------------- network

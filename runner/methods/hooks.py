@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runner.distributed import checkpoint
 from runner.methods import aggregation
 
 if TYPE_CHECKING:  # type names only
@@ -115,12 +116,13 @@ class ServerHooks:
 
     # ------------------------------------------------------------- checkpoints
     def model_state(self) -> dict[str, Any]:
-        """The model part of a checkpoint (runner/server.py ``checkpoint``)."""
-        return self.server.default_model_state()
+        """The model part of a checkpoint (runner/distributed/checkpoint.py); SplitLoRA's:
+        server adapters and optimizer, global client adapters."""
+        return checkpoint.default_model_state(self.server.tr)
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`model_state` wrote (``--resume``)."""
-        self.server.default_load_model_state(state)
+        checkpoint.load_default_model_state(self.server.tr, state, self.server.full)
 
 
 class ClientHooks:
