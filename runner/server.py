@@ -47,12 +47,11 @@ import torch
 from runner import schedule
 from runner.distributed import checkpoint, control
 from runner.distributed import protocol as P
-from runner.distributed.repair import ClientStatus, ServerView, repair
+from runner.distributed.repair import ServerView, repair
 from runner.distributed.runtime import (
     RuntimeConfig,
     is_split,
     load_config,
-    meta_int,
     setup_logging,
 )
 from runner.distributed.transport import Transport, TransportError
@@ -107,7 +106,7 @@ class Peer:
     online: bool = False
     inc: str | None = None  # incarnation (process) id from its messages
     last_seen: float = 0.0
-    status: dict[str, Any] = field(default_factory=dict)
+    status: control.Heartbeat = field(default_factory=control.Heartbeat)  # its last heartbeat
     drawn: int = 0  # batches drawn, as of its last processed activations
     opt_steps: int = 0  # optimizer steps it has applied (as far as the server knows)
     agg_drawn: int = 0  # the same two at the last aggregation (checkpointed)
@@ -115,6 +114,11 @@ class Peer:
     grad: tuple[int, torch.Tensor] | None = None  # last answered step and its gradient
     last_repair: float = 0.0
     away: bool = False  # sits the current round out (per-round dropout): offline meanwhile
+
+
+def _known(value: int | None, default: int) -> int:
+    """A position a message reported, or ``default`` (what the server knew) without one."""
+    return default if value is None else value
 
 
 class Server:
@@ -147,10 +151,11 @@ class Server:
         self.collecting = False
         self.step_started = 0.0
         self.expected: set[str] = set()
-        self.answers: dict[str, Any] = {}
+        # this step's answers: activations (split methods) or step records (local ones)
+        self.answers: dict[str, control.ActReport | control.LocalRecord] = {}
         self.agg_step: int | None = None
         self.agg_expected: set[str] = set()
-        self.adapts: dict[str, P.Message] = {}
+        self.adapts: dict[str, control.AdaptReport] = {}
         self.global_step = -1
         self.global_sent_at = 0.0
         self.totals = {"bytes_sent": 0, "bytes_received": 0}
@@ -441,82 +446,81 @@ class Server:
         if p is None:  # the receiver only lets our clients through; be safe anyway
             return
         if msg.kind is P.Kind.STATE:
-            state = msg.meta.get("state")
-            if state == "done":
-                p.online = False  # finished as told: not a dropout
-            elif state == "offline" and p.online:
-                reason = str(msg.meta.get("reason", "offline"))
-                if reason == "lost":  # a last will: judged after a grace period (see pump)
-                    assert self.t is not None
-                    self.wills[p.cid] = (time.monotonic(), self.t.disconnects)
-                else:
-                    self.set_offline(p, reason)
+            self.on_presence(p, control.decode_presence(msg))
             return
         p.last_seen = time.monotonic()
-        inc = msg.meta.get("inc")
-        if not isinstance(inc, str):
-            self._reject(p, msg, "bad-meta", f"{msg.kind.value} without an incarnation id")
+        try:  # decoded and validated once (runner/distributed/control.py)
+            sender, report = control.decode_report(msg)
+        except control.ControlError as e:
+            self._reject(p, msg, "bad-meta", str(e))
             return
         if p.away:
             # sitting a round out: alive (last_seen), but no repairs and nothing to collect
-            if msg.kind is P.Kind.HB:
-                p.status = msg.meta
+            if isinstance(report, control.Heartbeat):
+                p.status = report
             return
-        if not p.online or inc != p.inc:
-            self.set_online(p, inc, msg.meta)
-        if msg.kind is P.Kind.HB:
-            p.status = msg.meta
-            self.on_budget(p, msg.meta)
-            self.on_resources(p, msg.meta)
+        if not p.online or sender.inc != p.inc:
+            self.set_online(p, sender)
+        if isinstance(report, control.Heartbeat):
+            p.status = report
+            self.on_budget(p, report)
+            self.on_resources(p, report)
             self.on_status(p)
-        elif msg.kind is P.Kind.ACT:
-            self.on_act(p, msg)
-        elif msg.kind is P.Kind.ADAPT:
-            self.on_adapt(p, msg)
+        elif isinstance(report, control.ActReport):
+            self.on_act(p, report)
+        elif isinstance(report, control.AdaptReport):
+            self.on_adapt(p, report)
 
-    def on_budget(self, p: Peer, meta: dict[str, Any]) -> None:
+    def on_presence(self, p: Peer, st: control.Presence) -> None:
+        """A ``state`` message: a client that finished as told, or went offline."""
+        if st.state == "done":
+            p.online = False  # finished as told: not a dropout
+        elif st.state == "offline" and p.online:
+            if st.reason == "lost":  # a last will: judged after a grace period (see pump)
+                assert self.t is not None
+                self.wills[p.cid] = (time.monotonic(), self.t.disconnects)
+            else:
+                self.set_offline(p, st.reason)
+
+    def on_budget(self, p: Peer, hb: control.Heartbeat) -> None:
         """Record a client's reported memory budget: the first report, and every change of
         more than 10 % (method.md "ARMSC": the threshold that re-triggers ARMSC for the
         heterogeneous methods; the homogeneous ones only log it)."""
-        budget = meta.get("budget")
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+        budget = hb.budget
+        if budget is None:
             return
         old = self.budgets.get(p.cid)
         if old is None or abs(budget - old) > 0.1 * old:
             self.budgets[p.cid] = budget
             self.event("client_budget" if old is None else "budget_changed",
                        step=max(self.current, 0), client=p.name, budget_bytes=budget,
-                       source=str(meta.get("budget_source", "?")),
+                       source=hb.budget_source,
                        **({} if old is None else {"previous_bytes": old}))
             if budget != old:
-                self.hooks.budget_changed(p, old, budget, meta)
+                self.hooks.budget_changed(p, old, budget, hb)
 
-    def measured(self, p: Peer, meta: dict[str, Any]) -> dict[str, Any]:
-        """A client's measured memory from a message's meta (runner/emulation/resources.py
-        ``usage_fields``: ``memory_bytes`` = its peak so far) and its last reported budget
-        (``budget_bytes``): the fields its records carry."""
-        out = usage_fields(meta)
+    def measured(self, p: Peer, usage: dict[str, Any]) -> dict[str, Any]:
+        """A client's measured memory as a message reported it (``usage``: decoded by
+        runner/emulation/resources.py ``usage_fields``, ``memory_bytes`` = its peak so far)
+        and its last reported budget (``budget_bytes``): the fields its records carry."""
+        out = dict(usage)
         if p.cid in self.budgets:
             out["budget_bytes"] = self.budgets[p.cid]
         return out
 
-    def on_resources(self, p: Peer, meta: dict[str, Any]) -> None:
+    def on_resources(self, p: Peer, hb: control.Heartbeat) -> None:
         """A heartbeat that reports a step this client finished since its last one: one
         ``resources`` record (its compute time of that step: forward, backward + optimizer;
         its memory as measured at the heartbeat). Steps before this server's first (a
         resumed run) are not recorded again."""
-        c = meta.get("compute")
-        if not isinstance(c, dict) or self.run is None:
+        c = hb.compute
+        if c is None or self.run is None:
             return
-        step = c.get("step")
-        if (not isinstance(step, int) or isinstance(step, bool) or step < self.start_step
-                or step <= self.compute_seen.get(p.cid, -1)):
+        if c.step < self.start_step or c.step <= self.compute_seen.get(p.cid, -1):
             return
-        self.compute_seen[p.cid] = step
-        times = {k: float(c[k]) for k in ("forward_s", "backward_s", "compute_s")
-                 if isinstance(c.get(k), int | float) and not isinstance(c.get(k), bool)}
-        self.run.metric(kind="resources", step=step, client=p.name, **times,
-                        **self.measured(p, meta))
+        self.compute_seen[p.cid] = c.step
+        self.run.metric(kind="resources", step=c.step, client=p.name, **c.times,
+                        **self.measured(p, hb.usage))
 
     def server_resources(self, step: int, server_s: float | None) -> None:
         """The server's own ``resources`` record (client ``server``) after each step: its
@@ -552,7 +556,8 @@ class Server:
         self.event("client_offline", step=max(self.current, 0), client=p.name, reason=reason)
         log.warning("%s offline at step %d (%s)", p.cid, self.current, reason)
 
-    def set_online(self, p: Peer, inc: str, meta: dict[str, Any]) -> None:
+    def set_online(self, p: Peer, sender: control.Sender) -> None:
+        inc = sender.inc
         if self.finished:  # back after the end: _say_done tells it to exit, nothing to log
             p.online, p.inc = True, inc
             return
@@ -567,7 +572,7 @@ class Server:
                        reason=reason, resync=True)
             log.info("%s back online at step %d (%s)", p.cid, self.current, reason)
         p.online, p.inc = True, inc
-        p.status = {"epoch": meta.get("epoch")}
+        p.status = control.Heartbeat(epoch=sender.epoch)
         self.send_resync(p)
 
     def send_resync(self, p: Peer) -> None:
@@ -581,7 +586,7 @@ class Server:
         checkpoint's state), "rejoin" otherwise (in-process semantics: a returning client
         receives the last aggregate).
         """
-        mode = "rollback" if self.resumed and p.status.get("epoch") != self.epoch else "rejoin"
+        mode = "rollback" if self.resumed and p.status.epoch != self.epoch else "rejoin"
         tensors = dict(self.tr.global_state) if self.tr.global_state is not None else None
         drawn, steps = ((p.agg_drawn, p.agg_opt_steps) if mode == "rollback"
                         else (p.drawn, p.opt_steps))
@@ -593,19 +598,18 @@ class Server:
         """Compare a heartbeat with the server's view; repair one difference."""
         s = p.status
         # Local (non-split) methods report their step record in the heartbeat.
-        rec = s.get("record")
-        if (not self.split and self.collecting and isinstance(rec, dict)
-                and rec.get("step") == self.current and p.cid in self.expected
+        rec = s.record
+        if (not self.split and self.collecting and rec is not None
+                and rec.step == self.current and p.cid in self.expected
                 and p.cid not in self.answers):
             self.answers[p.cid] = rec
-            p.drawn = meta_int(rec, "drawn", p.drawn)
-            p.opt_steps = meta_int(s, "opt_steps", p.opt_steps)
+            p.drawn = _known(rec.drawn, p.drawn)
+            p.opt_steps = _known(s.opt_steps, p.opt_steps)
         now = time.monotonic()
         if (now - p.last_repair < self.o.repair_interval
                 or now - self.awake_at < self.o.repair_interval):
             return
-        status = ClientStatus.from_meta(s)
-        action = repair(status, ServerView(
+        action = repair(s, ServerView(
             now=now, epoch=self.epoch, global_step=self.global_step,
             global_settled=now - max(self.global_sent_at, self.awake_at) > self.global_grace(),
             stale=self.stale(p, s, now), closed_step=self.closed_step, closed_at=self.closed_at,
@@ -618,12 +622,12 @@ class Server:
             return
         p.last_repair = now
         log.info("repair %s for %s (status %s)", action, p.cid,
-                 {k: s.get(k) for k in ("done", "pending", "global", "epoch")})
+                 {"done": s.done, "pending": s.pending, "global": s.global_, "epoch": s.epoch})
         if action == "resync":
             self.send_resync(p)
         elif action == "answer":
-            assert status.pending is not None
-            self.answer_old(p, status.pending)
+            assert s.pending is not None
+            self.answer_old(p, s.pending)
         elif action == "announce":
             self.announce(self.current, to=p.cid)
         elif action == "resend":
@@ -660,20 +664,18 @@ class Server:
         """Whether ``p`` is alive and computing for ``step`` (its last heartbeat says so):
         past ``step_timeout`` the server waits on for it, up to ten times that."""
         s = p.status
-        busy = s.get("busy")
         fresh = time.monotonic() - p.last_seen < max(3 * self.o.heartbeat, 1.0)
         return p.online and fresh and (
-            isinstance(busy, list) and len(busy) == 2 and busy[1] == step
-            or s.get("pending") == step)
+            s.busy is not None and s.busy[1] == step or s.pending == step)
 
     def global_grace(self) -> float:
         """Seconds after the last aggregate went out before a client still behind it gets
         a resync (its copy was lost)."""
         return self.hooks.global_grace()
 
-    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+    def stale(self, p: Peer, hb: control.Heartbeat, now: float) -> bool:
         """Whether a client's reported state needs a resync (beyond the global step)."""
-        return self.hooks.stale(p, status, now)
+        return self.hooks.stale(p, hb, now)
 
     def answer_old(self, p: Peer, step: int) -> None:
         """Activations of a closed step: the cached gradient if that step was processed for
@@ -684,31 +686,31 @@ class Server:
             self.tell(control.Skip(step), to=p.cid)
             self.event("step_skipped", step=step, client=p.name)
 
-    def on_act(self, p: Peer, msg: P.Message) -> None:
-        if self.hooks.on_act(p, msg):
+    def on_act(self, p: Peer, act: control.ActReport) -> None:
+        if self.hooks.on_act(p, act):
             return
-        t = msg.step
+        t = act.step
         if self.collecting and t == self.current:
             if p.cid in self.answers:
                 return  # a resend of what we have
             if p.cid in self.expected:
-                self.answers[p.cid] = msg
+                self.answers[p.cid] = act
             else:  # came online after the step began: not part of this round
                 self.answer_old(p, t)
             return
         if t <= self.closed_step:
             self.answer_old(p, t)
             return
-        self._reject(p, msg, "future-step", f"activations for step {t}; current step is "
-                                            f"{self.current}")
+        self._reject(p, act.msg, "future-step", f"activations for step {t}; current step is "
+                                                f"{self.current}")
 
-    def on_adapt(self, p: Peer, msg: P.Message) -> None:
-        if self.hooks.on_adapt(p, msg):
+    def on_adapt(self, p: Peer, up: control.AdaptReport) -> None:
+        if self.hooks.on_adapt(p, up):
             return
-        if msg.step == self.agg_step and p.cid in self.agg_expected:
-            self.adapts.setdefault(p.cid, msg)
-        elif msg.step > max(self.current, self.global_step):
-            self._reject(p, msg, "future-step", f"adapters for step {msg.step}")
+        if up.step == self.agg_step and p.cid in self.agg_expected:
+            self.adapts.setdefault(p.cid, up)
+        elif up.step > max(self.current, self.global_step):
+            self._reject(p, up.msg, "future-step", f"adapters for step {up.step}")
         # else: a late or repeated upload of a finished aggregation; nothing to do
 
     # --------------------------------------------------------------------- the round
@@ -762,16 +764,14 @@ class Server:
         return records
 
     def _local_record(self, p: Peer) -> dict[str, Any]:
-        rec = dict(self.answers[p.cid])
-        rec.pop("drawn", None)
-        for key in [k for k in rec if k.startswith(("memory_", "cuda_", "host_memory_"))]:
-            rec.pop(key)  # re-added validated
-        rec.update(self.measured(p, self.answers[p.cid]))
-        rec["client"] = p.name
-        return rec
+        r = self.answers[p.cid]
+        assert isinstance(r, control.LocalRecord)
+        # the client's record without its stream position; its memory figures validated
+        return {**r.fields, **self.measured(p, r.usage), "client": p.name}
 
     def _server_half(self, step: int, answered: list[Peer]) -> list[dict[str, Any]]:
         msgs = [self.answers[p.cid] for p in answered]
+        assert all(isinstance(m, control.ActReport) for m in msgs)
         payloads = [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS], self.split_of(p))
                     for p, m in zip(answered, msgs, strict=True)]
         t0 = time.perf_counter()
@@ -782,21 +782,17 @@ class Server:
         for p, m, grad, (loss_sum, n) in zip(answered, msgs, grads, losses, strict=True):
             sent = self.send(P.Kind.GRAD, step, {P.GRAD: grad}, to=p.cid, wire=self.o.wire)
             p.grad = (step, grad)
-            p.drawn = meta_int(m.meta, "drawn", p.drawn)
-            p.opt_steps = meta_int(m.meta, "opt_steps", p.opt_steps) + 1
+            p.drawn = _known(m.drawn, p.drawn)
+            p.opt_steps = _known(m.opt_steps, p.opt_steps) + 1
             acts = m.tensors[P.ACTS]
             up = acts.numel() * item + tensor_bytes(m.tensors[P.MASK], m.tensors[P.LABELS])
-            lr = m.meta.get("lr")
-            compute = m.meta.get("compute_s")
             records.append(dict(
                 step=step, client=p.name, loss=loss_sum / max(n, 1), tokens=n,
                 seq_tokens=int(m.tensors[P.MASK].numel()),
-                bytes_sent=up, bytes_received=grad.numel() * item,
-                lr=float(lr) if isinstance(lr, int | float) else None,
-                compute_s=float(compute) if isinstance(compute, int | float) else None,
-                server_s=server_s, wire_bytes_sent=m.nbytes,
+                bytes_sent=up, bytes_received=grad.numel() * item, lr=m.lr,
+                compute_s=m.compute_s, server_s=server_s, wire_bytes_sent=m.msg.nbytes,
                 wire_bytes_received=sent.nbytes if sent is not None else None,
-                **self.measured(p, m.meta)))
+                **self.measured(p, m.usage)))
         return records
 
     def collect_uploads(self, step: int, participants: list[str]) -> list[Peer]:
@@ -826,9 +822,9 @@ class Server:
         avg, weights = self.hooks.average([self.adapts[p.cid].tensors for p in got],
                                           [p.weight for p in got])
         for p in got:
-            meta = self.adapts[p.cid].meta
-            p.agg_drawn = meta_int(meta, "drawn", p.drawn)
-            p.agg_opt_steps = meta_int(meta, "opt_steps", p.opt_steps)
+            up = self.adapts[p.cid]
+            p.agg_drawn = _known(up.drawn, p.drawn)
+            p.agg_opt_steps = _known(up.opt_steps, p.opt_steps)
         self.tr.global_state = avg
         lora.load_trained_state(self.tr.shadow.seg.model, avg, self.full)
         self.global_step = step

@@ -29,7 +29,6 @@ import torch
 
 from runner.distributed import control
 from runner.distributed import protocol as P
-from runner.distributed.runtime import meta_int
 from runner.emulation.vtime import StepClock
 from runner.methods.hetero import HeteroTrainer, _linear
 from runner.methods.hooks import ServerHooks
@@ -115,8 +114,7 @@ class HeteroServerHooks(ServerHooks):
     # ------------------------------------------------------------------------ start
     def joined(self, p: Peer) -> bool:
         """Resynchronised by this server (its epoch)."""
-        return p.online and bool(p.status.get("synced")) \
-            and p.status.get("epoch") == self.server.epoch
+        return p.online and p.status.synced and p.status.epoch == self.server.epoch
 
     def start(self) -> None:
         """The initial plan (HSplitLoRA: a probe on the clients' data, ARMSC, adapters),
@@ -139,13 +137,13 @@ class HeteroServerHooks(ServerHooks):
 
     # ------------------------------------------------------------------- messages
     def budget_changed(self, p: Peer, old: int | None, new: int,
-                       meta: dict[str, Any]) -> None:
+                       hb: control.Heartbeat) -> None:
         """A budget change feeds ARMSC (method.md "Trigger"): an injected budget is the
         device's new budget as stated; a measured one (NVML, cgroup) scales the planned
         budget by its change since the first report (what it measures includes the runtime
         reserve and the emulation's rescaling, so only its ratio carries over)."""
         dev = self.htr.devices[p.index]
-        if meta.get("budget_source") == "injected":
+        if hb.budget_source == "injected":
             target = new
         elif old is not None:
             target = int(dev.memory_bytes * new / old)
@@ -155,11 +153,11 @@ class HeteroServerHooks(ServerHooks):
             self.htr.set_budget(p.index, target)
             self.server.event("armsc_budget", step=max(self.server.current, 0), client=p.name,
                               previous_bytes=dev.memory_bytes, budget_bytes=target,
-                              source=str(meta.get("budget_source", "?")))
+                              source=hb.budget_source)
 
-    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+    def stale(self, p: Peer, hb: control.Heartbeat, now: float) -> bool:
         """A client that missed a plan (lost message, pause) is resynchronised."""
-        return (status.get("busy") is None and meta_int(status, "plan") < self.plan_version
+        return (hb.busy is None and hb.plan < self.plan_version
                 and now - max(self.plan_sent_at, self.server.awake_at) > self.global_grace())
 
     def step_plan(self) -> int | None:
@@ -174,9 +172,9 @@ class HeteroServerHooks(ServerHooks):
         names = {p.name for p in got}
         tr.offline = {h.name for h in tr.clients if h.name not in names}
         for p in got:
-            msg = s.adapts[p.cid]
-            lora.load_adapter_state(self.shadow(p).seg.model, msg.tensors)
-            p.agg_drawn = meta_int(msg.meta, "drawn", p.drawn)
+            up = s.adapts[p.cid]
+            lora.load_adapter_state(self.shadow(p).seg.model, up.tensors)
+            p.agg_drawn = p.drawn if up.drawn is None else up.drawn
         bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
         s.global_step = step
         return self.after_uploads(step, got, bytes_)
@@ -248,7 +246,7 @@ class HeteroServerHooks(ServerHooks):
         (after ``--resume``): the checkpoint's plan, whose seed step is in the plan.
         """
         s = self.server
-        mode = "rollback" if s.resumed and p.status.get("epoch") != s.epoch else "rejoin"
+        mode = "rollback" if s.resumed and p.status.epoch != s.epoch else "rejoin"
         h = self.shadow(p)
         if mode == "rejoin" and self.plan_version > 0 and s.closed_step >= 0:
             s.tr.resync(h, s.closed_step + 1)

@@ -26,7 +26,6 @@ What HetLoRA's server shares with this one (shadows, plans, the padded rules tha
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,6 @@ import torch
 
 from runner.distributed import control
 from runner.distributed import protocol as P
-from runner.distributed.runtime import meta_int
 from runner.methods import aggregation as agg
 from runner.methods.hetero_server import HeteroServerHooks, ShadowTrainer
 from runner.methods.hsplitlora import HSplitLoRATrainer, Probe, probe_server
@@ -77,7 +75,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         self.probe_at = 0
         self.probe_step: int | None = None
         self.probe_expected: set[str] = set()
-        self.probe_acts: dict[str, P.Message] = {}
+        self.probe_acts: dict[str, control.ActReport] = {}
         self.probe_nums: dict[str, dict[str, float]] = {}
 
     @property
@@ -87,7 +85,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         return tr
 
     def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
-        if h.meta.get("probe") is not None:
+        if control.is_probe_upload(h):
             return {}  # importance numerators travel in the meta
         return super().upload_shapes(h)
 
@@ -98,32 +96,31 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         self.htr.initial_plan()
 
     # ------------------------------------------------------------------- messages
-    def on_act(self, p: Peer, msg: P.Message) -> bool:
-        if not msg.meta.get("probe"):
+    def on_act(self, p: Peer, act: control.ActReport) -> bool:
+        if not act.probe:
             return False
-        if msg.step == self.probe_step and p.cid in self.probe_expected:
+        if act.step == self.probe_step and p.cid in self.probe_expected:
             if p.cid not in self.probe_acts:
-                self.probe_acts[p.cid] = msg
-                p.drawn = meta_int(msg.meta, "drawn", p.drawn)
-        elif msg.step > self.probe_at:
-            self.server._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
+                self.probe_acts[p.cid] = act
+                p.drawn = p.drawn if act.drawn is None else act.drawn
+        elif act.step > self.probe_at:
+            self.server._reject(p, act.msg, "future-step",
+                                f"probe activations for step {act.step}")
         return True
 
-    def on_adapt(self, p: Peer, msg: P.Message) -> bool:
-        if msg.meta.get("probe") is None:
+    def on_adapt(self, p: Peer, up: control.AdaptReport) -> bool:
+        if not up.probe:
             return False
-        if msg.step != self.probe_step or p.cid not in self.probe_acts:
+        if up.step != self.probe_step or p.cid not in self.probe_acts:
             return True  # late or repeated
-        nums = msg.meta.get("importance")
+        nums = up.importance  # None: not a mapping of names to finite numbers
         mine = set(self.htr.client_candidates(self.split_of(p)))
-        if not isinstance(nums, dict) or not all(
-                k in mine and isinstance(v, int | float) and not isinstance(v, bool)
-                and math.isfinite(v) for k, v in nums.items()):
-            self.server._reject(p, msg, "bad-meta", "importance must map this client's "
-                                                    "candidate weights to finite numbers")
+        if nums is None or not all(k in mine for k in nums):
+            self.server._reject(p, up.msg, "bad-meta", "importance must map this client's "
+                                                       "candidate weights to finite numbers")
             return True
-        self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
-        p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+        self.probe_nums.setdefault(p.cid, dict(nums))
+        p.drawn = p.drawn if up.drawn is None else up.drawn
         return True
 
     # ------------------------------------------------------------------------ probe
@@ -160,14 +157,14 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
 
             def give(p: Peer) -> None:
                 sent[p.cid] = s.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
-                                     {"probe": True}, to=p.cid, wire=s.o.wire)
+                                     control.probe_grad_meta(), to=p.cid, wire=s.o.wire)
 
             for p in answered:
                 give(p)
             s.wait_for(lambda: [p for p in answered
                                 if p.online and p.cid not in self.probe_nums],
                        step, "probe", give)
-            self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
+            self.probe_bytes += sum(m.msg.nbytes for m in msgs) + sum(
                 x.nbytes for x in sent.values() if x is not None)
         done = [p for p in answered if p.cid in self.probe_nums]
         s.event("probe", step=step, clients=[p.name for p in done],
