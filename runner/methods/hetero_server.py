@@ -44,40 +44,43 @@ class ShadowTrainer(HeteroTrainer):
     """A method's trainer whose clients are shadows of remote processes (the base of
     ``HSplitLoRAShadow``, ``HetLoRAShadow``: ``class X(ShadowTrainer, TheMethodsTrainer)``).
 
-    ``net``: the server hooks, which own the rounds that need the clients; ``deferred``: the
-    initial plan waits for the clients (HSplitLoRA's probe needs their data).
+    It knows nothing of the network: what its aggregation did that the clients must learn
+    is left in fields the hooks read after it (``moved``: client -> split point before this
+    round's block moves); a round that needs the clients is a callable the hooks inject
+    (HSplitLoRA's probe). ``deferred``: the initial plan waits for the clients (HSplitLoRA's
+    probe needs their data); ``probe_bytes``: the IWI probes' traffic, which the hooks count.
     """
 
-    def __init__(self, cfg: Any, net: HeteroServerHooks, prepared: Any):
-        self.net = net
+    def __init__(self, cfg: Any, prepared: Any):
         self.deferred = True
+        self.moved: dict[str, int] = {}
+        self.probe_bytes = 0
         super().__init__(cfg, None, None, prepared)
 
     def summary_extra(self) -> dict[str, Any]:
         """Plus the IWI probes' bytes (in-process runs do not count them)."""
-        return {**super().summary_extra(), "probe_bytes": self.net.probe_bytes}
+        return {**super().summary_extra(), "probe_bytes": self.probe_bytes}
 
 
 class HeteroServerHooks(ServerHooks):
     """Server side shared by hsplitlora (and its ablations) and hetlora; a method's subclass
-    names its shadow trainer (``shadow_class``)."""
+    names its shadow trainer (``shadow_class``), or builds it (``make_trainer``: HSplitLoRA's
+    takes the probe round)."""
 
     shadow_class: type[ShadowTrainer]
 
     def __init__(self, server: Server):
         super().__init__(server)
-        self.moved: dict[str, int] = {}  # client -> split point before this round's moves
         self.merged_names: set[str] = set()  # weights that differ from the pretrained ones
         self.plan_version = 0  # 0: split points without adapters (before the first probe)
         self.plan_reinit = 0
         self.plan_sent_at = 0.0
-        self.probe_bytes = 0
         self.shapes: dict[str, dict[str, list[int]]] = {}
         self.build_violations: list[str] = []
         self.by_name: dict[str, Peer] = {}
 
     def make_trainer(self) -> ShadowTrainer:
-        return self.shadow_class(self.server.cfg, self, self.server.prep)
+        return self.shadow_class(self.server.cfg, self.server.prep)
 
     def ready(self) -> None:
         self.build_violations = list(self.htr.violations)
@@ -232,10 +235,10 @@ class HeteroServerHooks(ServerHooks):
             if not p.online:
                 continue  # resynchronised with the current plan when it returns
             h = self.shadow(p)
-            old = self.moved.get(p.name, h.seg.end)
+            old = self.htr.moved.get(p.name, h.seg.end)
             tensors = self.block_weights(old, h.seg.end) if h.seg.end > old else {}
             s.tell(control.Plan(reinit, self._plan_spec(h), s.epoch), to=p.cid, tensors=tensors)
-        self.moved = {}
+        self.htr.moved = {}
         self.plan_sent_at = time.monotonic()
 
     def send_resync(self, p: Peer) -> None:
@@ -285,7 +288,7 @@ class HeteroServerHooks(ServerHooks):
             "plan_reinit": self.plan_reinit, "tracker": tr.tracker, "trigger": tr.trigger,
             "plan": tr.plan if hasattr(tr, "plan") else None,
             "reconfigurations": tr.reconfigurations, "violations": list(tr.violations),
-            "moved_bytes": tr.moved_bytes, "probe_bytes": self.probe_bytes}
+            "moved_bytes": tr.moved_bytes, "probe_bytes": tr.probe_bytes}
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         tr = self.htr
@@ -319,7 +322,7 @@ class HeteroServerHooks(ServerHooks):
         tr.reconfigurations = state["reconfigurations"]
         tr.violations = list(state["violations"])
         tr.moved_bytes = state["moved_bytes"]
-        self.probe_bytes = state["probe_bytes"]
+        tr.probe_bytes = state["probe_bytes"]
         self._refresh_shapes()
 
     # ----------------------------------------------------------------------- report
