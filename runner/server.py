@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import sys
 import threading
@@ -38,8 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -47,6 +45,8 @@ import torch
 from runner import schedule
 from runner.distributed import checkpoint, control
 from runner.distributed import protocol as P
+from runner.distributed.dropout import RoundDropout, away_ids
+from runner.distributed.liveness import Liveness, Peer
 from runner.distributed.repair import ServerView, repair
 from runner.distributed.runtime import (
     RuntimeConfig,
@@ -55,8 +55,7 @@ from runner.distributed.runtime import (
     setup_logging,
 )
 from runner.distributed.transport import Transport, TransportError
-from runner.emulation.clock import dropped_in_round
-from runner.emulation.resources import Meter, usage_fields
+from runner.distributed.usage import ResourceLog
 from runner.emulation.vtime import StepClock, clock_devices
 from runner.errors import UserError
 from runner.methods import plugins, registry
@@ -93,27 +92,6 @@ class ServerTrainer(Trainer):
     @property
     def shadow(self) -> Holder:
         return self.clients[0]
-
-
-@dataclass
-class Peer:
-    """The server's view of one client."""
-
-    cid: str
-    index: int
-    name: str
-    weight: float
-    online: bool = False
-    inc: str | None = None  # incarnation (process) id from its messages
-    last_seen: float = 0.0
-    status: control.Heartbeat = field(default_factory=control.Heartbeat)  # its last heartbeat
-    drawn: int = 0  # batches drawn, as of its last processed activations
-    opt_steps: int = 0  # optimizer steps it has applied (as far as the server knows)
-    agg_drawn: int = 0  # the same two at the last aggregation (checkpointed)
-    agg_opt_steps: int = 0
-    grad: tuple[int, torch.Tensor] | None = None  # last answered step and its gradient
-    last_repair: float = 0.0
-    away: bool = False  # sits the current round out (per-round dropout): offline meanwhile
 
 
 def _known(value: int | None, default: int) -> int:
@@ -170,16 +148,12 @@ class Server:
         self.finished = False
         self.run: RunDir | None = None
         self.t: Transport | None = None
-        self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
-        self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
-        self.meter = Meter()  # the server's own measured memory (runner/emulation/resources.py)
-        # its budget (runner/emulation/budget.py), read at the start
-        self.own_budget: int | None = None
-        self.compute_seen: dict[str, int] = {}  # client -> last step with a resources record
-        self._connects = 1
-        self.reconnected_at = 0.0
-        self.awake_at = self.last_pump = 0.0  # see pump
-        self.dropout = self._dropout_odds()  # client -> per-round dropout probability
+        self.live = Liveness(self.o)  # wills, silences (runner/distributed/liveness.py)
+        # budgets, measured memory, compute times (runner/distributed/usage.py)
+        self.usage = ResourceLog(self.event)
+        self.dropout = RoundDropout.from_devices(  # runner/distributed/dropout.py
+            self.cfg.devices, self.traits.central, self.peers.values(), self.cfg.seed,
+            self.cfg.agg_interval)
         # clients offline at the checkpoint a resume starts from: not waited for at the start
         # (a client lost for good must not cost a join_timeout); they rejoin when they can
         self.gone: set[str] = set()
@@ -198,56 +172,29 @@ class Server:
         return self.hooks.upload_shapes(h)
 
     # ---------------------------------------------------------------- per-round dropout
-    def _dropout_odds(self) -> dict[str, float]:
-        """Each client's per-round dropout probability from the run's devices file (a
-        profile's ``availability: {dropout: p}``); {} without one. Central methods have no
-        rounds, as in-process (runner/trainer.py ``clock_devices``)."""
-        if not self.cfg.devices or self.traits.central:
-            return {}
-        from runner.emulation.devices import load_availability
-
-        entries = load_availability(Path(self.cfg.devices))
-        out = {}
-        for p in self.peers.values():
-            entry = entries[p.index] if p.index < len(entries) else None
-            odds = float((entry or {}).get("dropout") or 0.0)
-            if odds > 0.0:
-                out[p.cid] = odds
-        return out
-
     def apply_dropout(self, step: int) -> None:
-        """The profile's per-round dropout, applied to the real clients: before ``step``, a
-        client the seeded draw of its round (runner/emulation/clock.py ``dropped_in_round``, the
-        in-process clock's own) takes out sits the round out (``client_offline``, reason
-        ``dropout``; announcements name it in ``away``, so it draws no batch and trains
-        nothing), and one whose round is over comes back (``client_online``, resync with
-        the current global state: the in-process returning client's rule). A client that
-        is not online is not drawn; one that went silent while away stays offline."""
+        """The profile's per-round dropout, applied to the real clients before ``step``
+        (runner/distributed/dropout.py): a client its round's seeded draw takes out sits the
+        round out (``client_offline``, reason ``dropout``; announcements name it in
+        ``away``, so it draws no batch and trains nothing), and one whose round is over
+        comes back (``client_online``, resync with the current global state: the in-process
+        returning client's rule)."""
         if not self.dropout:
             return
         if any(p.away for p in self.peers.values()):
             # after a long evaluation or checkpoint the heartbeats of the clients sitting
             # out wait in the inbox: read them before judging who is still alive
             self.pump(0.0)
-        rnd = step // self.cfg.agg_interval
-        for p in self.peers.values():
-            out = dropped_in_round(self.cfg.seed, rnd, p.index, self.dropout.get(p.cid, 0.0))
-            if out and p.online and not p.away:
-                p.away, p.online = True, False
+        for p, leaves in self.dropout.turn(step, self.peers.values(), time.monotonic(),
+                                           self.o.offline_after):
+            if leaves:
                 self.offline_events += 1
                 self.event("client_offline", step=step, client=p.name, reason="dropout")
-                log.info("%s sits out round %d (dropout)", p.cid, rnd)
-            elif not out and p.away:
-                p.away = False
-                if time.monotonic() - p.last_seen < self.o.offline_after:
-                    p.online = True
-                    self.event("client_online", step=step, client=p.name, reason="dropout",
-                               resync=True)
-                    self.send_resync(p)
-
-    def away_ids(self) -> tuple[str, ...]:
-        """Clients sitting the current round out (named in step announcements)."""
-        return tuple(sorted(p.cid for p in self.peers.values() if p.away))
+                log.info("%s sits out round %d (dropout)", p.cid, self.dropout.round_of(step))
+            else:
+                self.event("client_online", step=step, client=p.name, reason="dropout",
+                           resync=True)
+                self.send_resync(p)
 
     # ------------------------------------------------------------------ run directory
     def _snapshot(self) -> dict[str, Any]:
@@ -269,11 +216,11 @@ class Server:
         path = self.rt.run_dir
         if self.rt.resume and (path / CONFIG).is_file():
             self.run = RunDir.open(path)
-            self.tr.run = self.run
+            self.tr.run = self.usage.run = self.run
             self._resume()
         else:
             self.run = RunDir.create(path, self._snapshot(), overwrite=self.o.overwrite)
-            self.tr.run = self.run
+            self.tr.run = self.usage.run = self.run
 
     def event(self, kind: str, **fields: Any) -> None:
         """Events come from the main thread and from the network thread (rejections)."""
@@ -404,10 +351,7 @@ class Server:
         check liveness: after a long computation the inbox holds heartbeats that arrived
         meanwhile, and a client must not be judged silent before they are read."""
         assert self.t is not None
-        if time.monotonic() - self.last_pump > self.o.repair_interval:
-            # We were busy (a server step, an evaluation, a checkpoint): the heartbeats in
-            # the inbox describe the clients as they were before; no repair on them.
-            self.awake_at = time.monotonic()
+        self.live.woke(time.monotonic())
         msg = self.t.recv(max(0.0, timeout))
         handled = 0
         while msg is not None and handled < 1000:
@@ -417,29 +361,14 @@ class Server:
         if msg is not None:
             self.dispatch(msg)
         now = time.monotonic()
-        if not self.t.connected or self.t.connects != self._connects:
-            # Our own link is (or was) down: silence is not the clients' fault.
-            if self.t.connected and self.run is not None:
-                # back after a broker restart or a network fault: recorded for the audit
-                self.event("broker_reconnected", step=max(self.current, 0),
-                           outage_s=round(max(0.0, now - self.t.disconnected_at), 3))
-            self._connects = self.t.connects
-            self.reconnected_at = now
-        for cid, (at, disconnects) in list(self.wills.items()):
-            if now - at < self.o.will_grace:
-                continue
-            del self.wills[cid]
-            p = self.peers[cid]
-            # Mosquitto publishes every client's will when it shuts down: if our own
-            # connection dropped too, or the client spoke after its will, it is not gone.
-            if (self.t.disconnects == disconnects and self.t.connected
-                    and p.last_seen < at and p.online):
-                self.set_offline(p, "lost")
-        for p in self.peers.values():
-            if (p.online and self.t.connected and now - max(
-                    p.last_seen, self.reconnected_at, self.awake_at) > self.o.offline_after):
-                self.set_offline(p, "heartbeat-timeout")
-        self.last_pump = time.monotonic()
+        outage = self.live.link(self.t, now)
+        if outage is not None and self.run is not None:
+            # back after a broker restart or a network fault: recorded for the audit
+            self.event("broker_reconnected", step=max(self.current, 0),
+                       outage_s=round(outage, 3))
+        for p, reason in self.live.gone(self.peers, self.t, now):
+            self.set_offline(p, reason)
+        self.live.last_pump = time.monotonic()
 
     def dispatch(self, msg: P.Message) -> None:
         p = self.peers.get(msg.client)
@@ -464,7 +393,7 @@ class Server:
         if isinstance(report, control.Heartbeat):
             p.status = report
             self.on_budget(p, report)
-            self.on_resources(p, report)
+            self.usage.client(p, report, self.start_step)
             self.on_status(p)
         elif isinstance(report, control.ActReport):
             self.on_act(p, report)
@@ -478,75 +407,16 @@ class Server:
         elif st.state == "offline" and p.online:
             if st.reason == "lost":  # a last will: judged after a grace period (see pump)
                 assert self.t is not None
-                self.wills[p.cid] = (time.monotonic(), self.t.disconnects)
+                self.live.will(p.cid, time.monotonic(), self.t.disconnects)
             else:
                 self.set_offline(p, st.reason)
 
     def on_budget(self, p: Peer, hb: control.Heartbeat) -> None:
-        """Record a client's reported memory budget: the first report, and every change of
-        more than 10 % (method.md "ARMSC": the threshold that re-triggers ARMSC for the
-        heterogeneous methods; the homogeneous ones only log it)."""
-        budget = hb.budget
-        if budget is None:
-            return
-        old = self.budgets.get(p.cid)
-        if old is None or abs(budget - old) > 0.1 * old:
-            self.budgets[p.cid] = budget
-            self.event("client_budget" if old is None else "budget_changed",
-                       step=max(self.current, 0), client=p.name, budget_bytes=budget,
-                       source=hb.budget_source,
-                       **({} if old is None else {"previous_bytes": old}))
-            if budget != old:
-                self.hooks.budget_changed(p, old, budget, hb)
-
-    def measured(self, p: Peer, usage: dict[str, Any]) -> dict[str, Any]:
-        """A client's measured memory as a message reported it (``usage``: decoded by
-        runner/emulation/resources.py ``usage_fields``, ``memory_bytes`` = its peak so far)
-        and its last reported budget (``budget_bytes``): the fields its records carry."""
-        out = dict(usage)
-        if p.cid in self.budgets:
-            out["budget_bytes"] = self.budgets[p.cid]
-        return out
-
-    def on_resources(self, p: Peer, hb: control.Heartbeat) -> None:
-        """A heartbeat that reports a step this client finished since its last one: one
-        ``resources`` record (its compute time of that step: forward, backward + optimizer;
-        its memory as measured at the heartbeat). Steps before this server's first (a
-        resumed run) are not recorded again."""
-        c = hb.compute
-        if c is None or self.run is None:
-            return
-        if c.step < self.start_step or c.step <= self.compute_seen.get(p.cid, -1):
-            return
-        self.compute_seen[p.cid] = c.step
-        self.run.metric(kind="resources", step=c.step, client=p.name, **c.times,
-                        **self.measured(p, hb.usage))
-
-    def server_resources(self, step: int, server_s: float | None) -> None:
-        """The server's own ``resources`` record (client ``server``) after each step: its
-        measured memory (evaluation included when the step had one), its budget when one
-        is known, its compute time for the step."""
-        assert self.run is not None
-        if self.own_budget is None:
-            from runner.emulation.budget import discover_budget
-            from runner.errors import ConfigError
-
-            env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
-            try:
-                self.own_budget = discover_budget(int(env_bytes) if env_bytes.isdigit()
-                                                  else None).bytes
-            except (ConfigError, OSError, ValueError):
-                self.own_budget = 0  # none: do not look again
-        try:
-            fields = self.meter.sample().fields()
-        except Exception:  # noqa: BLE001 - a measurement must never stop training
-            return
-        fields = usage_fields(fields)
-        if self.own_budget:
-            fields["budget_bytes"] = self.own_budget
-        if server_s is not None:
-            fields["compute_s"] = server_s
-        self.run.metric(kind="resources", step=step, client="server", **fields)
+        """A reported memory budget: recorded (runner/distributed/usage.py); a change goes
+        to the method's hooks (ARMSC)."""
+        change = self.usage.budget(p, hb, max(self.current, 0))
+        if change is not None:
+            self.hooks.budget_changed(p, *change, hb)
 
     def set_offline(self, p: Peer, reason: str) -> None:
         p.online = False
@@ -607,11 +477,12 @@ class Server:
             p.opt_steps = _known(s.opt_steps, p.opt_steps)
         now = time.monotonic()
         if (now - p.last_repair < self.o.repair_interval
-                or now - self.awake_at < self.o.repair_interval):
+                or now - self.live.awake_at < self.o.repair_interval):
             return
         action = repair(s, ServerView(
             now=now, epoch=self.epoch, global_step=self.global_step,
-            global_settled=now - max(self.global_sent_at, self.awake_at) > self.global_grace(),
+            global_settled=now - max(self.global_sent_at, self.live.awake_at)
+            > self.global_grace(),
             stale=self.stale(p, s, now), closed_step=self.closed_step, closed_at=self.closed_at,
             collecting=self.collecting, current=self.current, step_started=self.step_started,
             awaited=p.cid in self.expected and p.cid not in self.answers,
@@ -648,7 +519,7 @@ class Server:
         while waiting := missing():
             now = time.monotonic()
             if now >= deadline:
-                if now < hard and all(self.working(p, step) for p in waiting):
+                if now < hard and all(self.live.working(p, step, now) for p in waiting):
                     self.pump(0.1)  # alive and computing: a slow device
                     continue
                 for p in waiting:
@@ -659,14 +530,6 @@ class Server:
                     resend(p)
                 asked = now
             self.pump(min(0.1, deadline - now))
-
-    def working(self, p: Peer, step: int) -> bool:
-        """Whether ``p`` is alive and computing for ``step`` (its last heartbeat says so):
-        past ``step_timeout`` the server waits on for it, up to ten times that."""
-        s = p.status
-        fresh = time.monotonic() - p.last_seen < max(3 * self.o.heartbeat, 1.0)
-        return p.online and fresh and (
-            s.busy is not None and s.busy[1] == step or s.pending == step)
 
     def global_grace(self) -> float:
         """Seconds after the last aggregate went out before a client still behind it gets
@@ -716,7 +579,7 @@ class Server:
     # --------------------------------------------------------------------- the round
     def announce(self, step: int, to: str | None = None) -> None:
         self.tell(control.Step(step, self.global_step, self.epoch, self.resumed,
-                               self.hooks.step_plan(), self.away_ids()), to=to)
+                               self.hooks.step_plan(), away_ids(self.peers.values())), to=to)
 
     def wait_online(self, what: str) -> None:
         deadline = time.monotonic() + self.o.join_timeout
@@ -767,7 +630,7 @@ class Server:
         r = self.answers[p.cid]
         assert isinstance(r, control.LocalRecord)
         # the client's record without its stream position; its memory figures validated
-        return {**r.fields, **self.measured(p, r.usage), "client": p.name}
+        return {**r.fields, **self.usage.measured(p, r.usage), "client": p.name}
 
     def _server_half(self, step: int, answered: list[Peer]) -> list[dict[str, Any]]:
         msgs = [self.answers[p.cid] for p in answered]
@@ -792,7 +655,7 @@ class Server:
                 bytes_sent=up, bytes_received=grad.numel() * item, lr=m.lr,
                 compute_s=m.compute_s, server_s=server_s, wire_bytes_sent=m.msg.nbytes,
                 wire_bytes_received=sent.nbytes if sent is not None else None,
-                **self.measured(p, m.usage)))
+                **self.usage.measured(p, m.usage)))
         return records
 
     def collect_uploads(self, step: int, participants: list[str]) -> list[Peer]:
@@ -885,7 +748,7 @@ class Server:
                 self.last = self.tr.evaluate()
                 self.tr._log_eval(done, self.last)
                 line += f" val_ppl {self.last['val_ppl']:.3f}"
-            self.server_resources(step, records[0].get("server_s") if records else None)
+            self.usage.server(step, records[0].get("server_s") if records else None)
             log.info("%s (%d/%d clients)", line, len(records), len(self.peers))
             while (left := self.o.min_step_time - (time.monotonic() - t_step)) > 0:
                 self.pump(min(left, 0.1))

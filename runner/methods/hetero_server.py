@@ -161,7 +161,7 @@ class HeteroServerHooks(ServerHooks):
     def stale(self, p: Peer, hb: control.Heartbeat, now: float) -> bool:
         """A client that missed a plan (lost message, pause) is resynchronised."""
         return (hb.busy is None and hb.plan < self.plan_version
-                and now - max(self.plan_sent_at, self.server.awake_at) > self.global_grace())
+                and now - max(self.plan_sent_at, self.server.live.awake_at) > self.global_grace())
 
     def step_plan(self) -> int | None:
         return self.plan_version
