@@ -24,6 +24,12 @@ Faults are handled by comparing every client heartbeat with the server's own vie
 the one message that repairs the difference (a repeated step announcement, a cached gradient,
 ``skip``, ``resync``, ``upload``, ``resend``); a step is applied at most once because every
 answer is keyed by (client, step) on both sides.
+
+What the server owns, each a concept of its own under runner/distributed/: the decoded
+messages (control.py: what clients send is decoded once in :meth:`Server.dispatch`), the
+repair policy (repair.py), liveness (liveness.py: wills, silences), the profile's per-round
+dropout (dropout.py), resource records (usage.py: budgets, memory, compute times) and the
+checkpoint (checkpoint.py). What a method changes is its hooks' (runner/methods/hooks.py).
 """
 
 from __future__ import annotations
