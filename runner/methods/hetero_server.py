@@ -36,7 +36,8 @@ from runner.model import lora, split
 from runner.trainer import Holder
 
 if TYPE_CHECKING:
-    from runner.server import Peer, Server
+    from runner.distributed.liveness import Peer
+    from runner.server import Server
 
 
 

@@ -41,7 +41,8 @@ from runner.model import lora
 from runner.trainer import Holder
 
 if TYPE_CHECKING:
-    from runner.server import Peer, Server
+    from runner.distributed.liveness import Peer
+    from runner.server import Server
 
 
 Merged = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]
