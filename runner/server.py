@@ -191,8 +191,7 @@ class Server:
             # after a long evaluation or checkpoint the heartbeats of the clients sitting
             # out wait in the inbox: read them before judging who is still alive
             self.pump(0.0)
-        for p, leaves in self.dropout.turn(step, self.peers.values(), time.monotonic(),
-                                           self.o.offline_after):
+        for p, leaves in self.dropout.turn(step, self.peers.values(), self.o.offline_after):
             if leaves:
                 self.offline_events += 1
                 self.event("client_offline", step=step, client=p.name, reason="dropout")

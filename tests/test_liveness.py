@@ -77,11 +77,11 @@ def test_round_dropout_follows_the_seeded_draw() -> None:
     assert d and not RoundDropout({}, 3, 2)
     rnd = next(r for r in range(50) if dropped_in_round(3, r, 0, 0.5))
     back = next(r for r in range(rnd + 1, 99) if not dropped_in_round(3, r, 0, 0.5))
-    assert d.turn(2 * rnd, peers.values(), 100.0, 5.0) == [(peers["a"], True)]
+    assert list(d.turn(2 * rnd, peers.values(), 5.0, lambda: 100.0)) == [(peers["a"], True)]
     assert peers["a"].away and not peers["a"].online and away_ids(peers.values()) == ("a",)
-    assert d.turn(2 * back, peers.values(), 101.0, 5.0) == [(peers["a"], False)]
+    assert list(d.turn(2 * back, peers.values(), 5.0, lambda: 101.0)) == [(peers["a"], False)]
     assert peers["a"].online and not peers["a"].away
-    d.turn(2 * rnd, peers.values(), 100.0, 5.0)
+    list(d.turn(2 * rnd, peers.values(), 5.0, lambda: 100.0))
     # one that went silent while away stays offline when its round is over
-    assert d.turn(2 * back, peers.values(), 200.0, 5.0) == []
+    assert list(d.turn(2 * back, peers.values(), 5.0, lambda: 200.0)) == []
     assert not peers["a"].online and not peers["a"].away

@@ -12,7 +12,8 @@ list of step announcements, the resync of a client whose round is over).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,26 +51,25 @@ class RoundDropout:
     def round_of(self, step: int) -> int:
         return step // self.agg_interval
 
-    def turn(self, step: int, peers: Iterable[Peer], now: float,
-             offline_after: float) -> list[tuple[Peer, bool]]:
-        """Before ``step``: who sits its round out and who comes back, in peer order
-        (``(peer, True)``: leaves, ``(peer, False)``: returns). A client that is not online
-        is not drawn; one whose round is over stops being away, and returns only if it was
-        heard within ``offline_after`` (one that went silent while away stays offline).
-        Updates the peers' ``away`` / ``online`` flags."""
+    def turn(self, step: int, peers: Iterable[Peer], offline_after: float,
+             clock: Callable[[], float] = time.monotonic) -> Iterator[tuple[Peer, bool]]:
+        """Before ``step``: who sits its round out and who comes back, one peer at a time in
+        peer order (``(peer, True)``: leaves, ``(peer, False)``: returns; the caller acts on
+        each before the next is judged). A client that is not online is not drawn; one whose
+        round is over stops being away, and returns only if it was heard within
+        ``offline_after`` (one that went silent while away stays offline). Updates the
+        peers' ``away`` / ``online`` flags."""
         rnd = self.round_of(step)
-        out: list[tuple[Peer, bool]] = []
         for p in peers:
             drawn = dropped_in_round(self.seed, rnd, p.index, self.odds.get(p.cid, 0.0))
             if drawn and p.online and not p.away:
                 p.away, p.online = True, False
-                out.append((p, True))
+                yield p, True
             elif not drawn and p.away:
                 p.away = False
-                if now - p.last_seen < offline_after:
+                if clock() - p.last_seen < offline_after:
                     p.online = True
-                    out.append((p, False))
-        return out
+                    yield p, False
 
 
 def away_ids(peers: Iterable[Peer]) -> tuple[str, ...]:
