@@ -392,7 +392,7 @@ class Client:
             try:  # decoded and validated once (runner/distributed/control.py)
                 ctrl = control.decode(msg)
             except control.ControlError as e:
-                log.warning("%s of step %d refused: %s", msg.meta.get("op"), msg.step, e)
+                log.warning("%s of step %d refused: %s", control.op_of(msg), msg.step, e)
                 return
         if self.hooks.handle(msg, ctrl):
             return

@@ -24,14 +24,18 @@ Faults are handled by comparing every client heartbeat with the server's own vie
 the one message that repairs the difference (a repeated step announcement, a cached gradient,
 ``skip``, ``resync``, ``upload``, ``resend``); a step is applied at most once because every
 answer is keyed by (client, step) on both sides.
+
+What the server owns, each a concept of its own under runner/distributed/: the decoded
+messages (control.py: what clients send is decoded once in :meth:`Server.dispatch`), the
+repair policy (repair.py), liveness (liveness.py: wills, silences), the profile's per-round
+dropout (dropout.py), resource records (usage.py: budgets, memory, compute times) and the
+checkpoint (checkpoint.py). What a method changes is its hooks' (runner/methods/hooks.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import platform
 import sys
 import threading
@@ -39,26 +43,25 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from runner import schedule
-from runner.distributed import control
+from runner.distributed import checkpoint, control
 from runner.distributed import protocol as P
-from runner.distributed.repair import ClientStatus, ServerView, repair
+from runner.distributed.dropout import RoundDropout, away_ids
+from runner.distributed.liveness import Liveness, Peer
+from runner.distributed.repair import ServerView, repair
 from runner.distributed.runtime import (
     RuntimeConfig,
     is_split,
     load_config,
-    meta_int,
     setup_logging,
 )
 from runner.distributed.transport import Transport, TransportError
-from runner.emulation.clock import dropped_in_round
-from runner.emulation.resources import Meter, usage_fields
+from runner.distributed.usage import ResourceLog
 from runner.emulation.vtime import StepClock, clock_devices
 from runner.errors import UserError
 from runner.methods import plugins, registry
@@ -66,11 +69,10 @@ from runner.methods.hooks import ServerHooks
 from runner.methods.memory import ModelCosts
 from runner.model import lora, split
 from runner.model.models import load_config as load_model_config
-from runner.rundir import CONFIG, METRICS, SUMMARY, RunDir, _clean, read_jsonl
+from runner.rundir import CONFIG, RunDir
 from runner.trainer import Holder, Trainer, prepare, tensor_bytes
 
 log = logging.getLogger("runner.server")
-CHECKPOINT = Path("checkpoint") / "server.pt"
 
 
 class ServerTrainer(Trainer):
@@ -98,25 +100,9 @@ class ServerTrainer(Trainer):
         return self.clients[0]
 
 
-@dataclass
-class Peer:
-    """The server's view of one client."""
-
-    cid: str
-    index: int
-    name: str
-    weight: float
-    online: bool = False
-    inc: str | None = None  # incarnation (process) id from its messages
-    last_seen: float = 0.0
-    status: dict[str, Any] = field(default_factory=dict)
-    drawn: int = 0  # batches drawn, as of its last processed activations
-    opt_steps: int = 0  # optimizer steps it has applied (as far as the server knows)
-    agg_drawn: int = 0  # the same two at the last aggregation (checkpointed)
-    agg_opt_steps: int = 0
-    grad: tuple[int, torch.Tensor] | None = None  # last answered step and its gradient
-    last_repair: float = 0.0
-    away: bool = False  # sits the current round out (per-round dropout): offline meanwhile
+def _known(value: int | None, default: int) -> int:
+    """A position a message reported, or ``default`` (what the server knew) without one."""
+    return default if value is None else value
 
 
 class Server:
@@ -149,10 +135,11 @@ class Server:
         self.collecting = False
         self.step_started = 0.0
         self.expected: set[str] = set()
-        self.answers: dict[str, Any] = {}
+        # this step's answers: activations (split methods) or step records (local ones)
+        self.answers: dict[str, control.ActReport | control.LocalRecord] = {}
         self.agg_step: int | None = None
         self.agg_expected: set[str] = set()
-        self.adapts: dict[str, P.Message] = {}
+        self.adapts: dict[str, control.AdaptReport] = {}
         self.global_step = -1
         self.global_sent_at = 0.0
         self.totals = {"bytes_sent": 0, "bytes_received": 0}
@@ -167,16 +154,12 @@ class Server:
         self.finished = False
         self.run: RunDir | None = None
         self.t: Transport | None = None
-        self.wills: dict[str, tuple[float, int]] = {}  # client -> (time, our disconnects)
-        self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
-        self.meter = Meter()  # the server's own measured memory (runner/emulation/resources.py)
-        # its budget (runner/emulation/budget.py), read at the start
-        self.own_budget: int | None = None
-        self.compute_seen: dict[str, int] = {}  # client -> last step with a resources record
-        self._connects = 1
-        self.reconnected_at = 0.0
-        self.awake_at = self.last_pump = 0.0  # see pump
-        self.dropout = self._dropout_odds()  # client -> per-round dropout probability
+        self.live = Liveness(self.o)  # wills, silences (runner/distributed/liveness.py)
+        # budgets, measured memory, compute times (runner/distributed/usage.py)
+        self.usage = ResourceLog(self.event)
+        self.dropout = RoundDropout.from_devices(  # runner/distributed/dropout.py
+            self.cfg.devices, self.traits.central, self.peers.values(), self.cfg.seed,
+            self.cfg.agg_interval)
         # clients offline at the checkpoint a resume starts from: not waited for at the start
         # (a client lost for good must not cost a join_timeout); they rejoin when they can
         self.gone: set[str] = set()
@@ -195,56 +178,28 @@ class Server:
         return self.hooks.upload_shapes(h)
 
     # ---------------------------------------------------------------- per-round dropout
-    def _dropout_odds(self) -> dict[str, float]:
-        """Each client's per-round dropout probability from the run's devices file (a
-        profile's ``availability: {dropout: p}``); {} without one. Central methods have no
-        rounds, as in-process (runner/trainer.py ``clock_devices``)."""
-        if not self.cfg.devices or self.traits.central:
-            return {}
-        from runner.emulation.devices import load_availability
-
-        entries = load_availability(Path(self.cfg.devices))
-        out = {}
-        for p in self.peers.values():
-            entry = entries[p.index] if p.index < len(entries) else None
-            odds = float((entry or {}).get("dropout") or 0.0)
-            if odds > 0.0:
-                out[p.cid] = odds
-        return out
-
     def apply_dropout(self, step: int) -> None:
-        """The profile's per-round dropout, applied to the real clients: before ``step``, a
-        client the seeded draw of its round (runner/emulation/clock.py ``dropped_in_round``, the
-        in-process clock's own) takes out sits the round out (``client_offline``, reason
-        ``dropout``; announcements name it in ``away``, so it draws no batch and trains
-        nothing), and one whose round is over comes back (``client_online``, resync with
-        the current global state: the in-process returning client's rule). A client that
-        is not online is not drawn; one that went silent while away stays offline."""
+        """The profile's per-round dropout, applied to the real clients before ``step``
+        (runner/distributed/dropout.py): a client its round's seeded draw takes out sits the
+        round out (``client_offline``, reason ``dropout``; announcements name it in
+        ``away``, so it draws no batch and trains nothing), and one whose round is over
+        comes back (``client_online``, resync with the current global state: the in-process
+        returning client's rule)."""
         if not self.dropout:
             return
         if any(p.away for p in self.peers.values()):
             # after a long evaluation or checkpoint the heartbeats of the clients sitting
             # out wait in the inbox: read them before judging who is still alive
             self.pump(0.0)
-        rnd = step // self.cfg.agg_interval
-        for p in self.peers.values():
-            out = dropped_in_round(self.cfg.seed, rnd, p.index, self.dropout.get(p.cid, 0.0))
-            if out and p.online and not p.away:
-                p.away, p.online = True, False
+        for p, leaves in self.dropout.turn(step, self.peers.values(), self.o.offline_after):
+            if leaves:
                 self.offline_events += 1
                 self.event("client_offline", step=step, client=p.name, reason="dropout")
-                log.info("%s sits out round %d (dropout)", p.cid, rnd)
-            elif not out and p.away:
-                p.away = False
-                if time.monotonic() - p.last_seen < self.o.offline_after:
-                    p.online = True
-                    self.event("client_online", step=step, client=p.name, reason="dropout",
-                               resync=True)
-                    self.send_resync(p)
-
-    def away_ids(self) -> tuple[str, ...]:
-        """Clients sitting the current round out (named in step announcements)."""
-        return tuple(sorted(p.cid for p in self.peers.values() if p.away))
+                log.info("%s sits out round %d (dropout)", p.cid, self.dropout.round_of(step))
+            else:
+                self.event("client_online", step=step, client=p.name, reason="dropout",
+                           resync=True)
+                self.send_resync(p)
 
     # ------------------------------------------------------------------ run directory
     def _snapshot(self) -> dict[str, Any]:
@@ -266,11 +221,11 @@ class Server:
         path = self.rt.run_dir
         if self.rt.resume and (path / CONFIG).is_file():
             self.run = RunDir.open(path)
-            self.tr.run = self.run
+            self.tr.run = self.usage.run = self.run
             self._resume()
         else:
             self.run = RunDir.create(path, self._snapshot(), overwrite=self.o.overwrite)
-            self.tr.run = self.run
+            self.tr.run = self.usage.run = self.run
 
     def event(self, kind: str, **fields: Any) -> None:
         """Events come from the main thread and from the network thread (rejections)."""
@@ -279,97 +234,48 @@ class Server:
             self.run.event(kind, **fields)
 
     def checkpoint(self, step: int) -> None:
-        """Everything the server needs to continue after ``step`` (written atomically).
-
-        Adapters and optimizer of the server segment, the global client adapters, each
-        client's stream and optimizer position at this aggregation, the RNG, the evaluation
-        history and byte totals. Clients keep matching in-memory snapshots (runner.client).
-        """
+        """Everything the server needs to continue after ``step``
+        (runner/distributed/checkpoint.py, written atomically)."""
         assert self.run is not None
-        state = {
-            "version": 1, "step": step, "global_step": self.global_step,
-            "model": self.hooks.model_state(),
-            "peers": {p.cid: {"drawn": p.agg_drawn, "opt_steps": p.agg_opt_steps,
-                              "present": p.online or p.away}
-                      for p in self.peers.values()},
-            "history": self.tr.history, "totals": self.totals, "first": self.first,
-            "last": self.last, "rng": torch.get_rng_state(), "elapsed": self.run.elapsed(),
-        }
-        path = self.run.path / CHECKPOINT
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-
-    def default_model_state(self) -> dict[str, Any]:
-        """The model part of a checkpoint: server adapters and optimizer, global adapters."""
-        srv = self.tr.server
-        return {
-            "global_state": self.tr.global_state,
-            "server_adapters": ({k: v.detach().clone() for k, v in
-                                 lora.adapter_state(srv.seg.model).items()} if srv else None),
-            "server_opt": srv.opt.state_dict() if srv and srv.opt else None,
-            "server_sched": srv.sched.state_dict() if srv and srv.sched else None}
-
-    def default_load_model_state(self, state: dict[str, Any]) -> None:
-        srv = self.tr.server
-        if srv is not None and state["server_adapters"] is not None:
-            lora.load_adapter_state(srv.seg.model, state["server_adapters"])
-            if srv.opt is not None:
-                srv.opt.load_state_dict(state["server_opt"])
-                srv.sched.load_state_dict(state["server_sched"])
-        if state["global_state"] is not None:
-            self.tr.global_state = state["global_state"]
-            lora.load_trained_state(self.tr.clients[0].seg.model, state["global_state"],
-                                    self.full)
+        checkpoint.write(self.run.path, checkpoint.ServerCheckpoint(
+            step=step, global_step=self.global_step, model=self.hooks.model_state(),
+            peers={p.cid: checkpoint.PeerPosition(p.agg_drawn, p.agg_opt_steps,
+                                                  p.online or p.away)
+                   for p in self.peers.values()},
+            history=self.tr.history, totals=self.totals, first=self.first, last=self.last,
+            rng=torch.get_rng_state(), elapsed=self.run.elapsed()))
 
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
         assert self.run is not None
         self.resumed = True
-        path = self.run.path / CHECKPOINT
-        ckpt = torch.load(path, weights_only=False) if path.is_file() else None
+        ckpt = checkpoint.read(self.run.path)
         g = -1
         if ckpt is not None:
-            g = int(ckpt["step"])
-            self.hooks.load_model_state(ckpt["model"])
-            self.global_step = int(ckpt["global_step"])
-            for cid, pos in ckpt["peers"].items():
+            g = ckpt.step
+            self.hooks.load_model_state(ckpt.model)
+            self.global_step = ckpt.global_step
+            for cid, pos in ckpt.peers.items():
                 if cid in self.peers:
                     p = self.peers[cid]
-                    p.drawn = p.agg_drawn = int(pos["drawn"])
-                    p.opt_steps = p.agg_opt_steps = int(pos["opt_steps"])
-                    if not pos.get("present", True):
+                    p.drawn = p.agg_drawn = pos.drawn
+                    p.opt_steps = p.agg_opt_steps = pos.opt_steps
+                    if not pos.present:
                         self.gone.add(cid)
-            self.tr.history = list(ckpt["history"])
-            self.totals = dict(ckpt["totals"])
-            self.first, self.last = ckpt["first"], ckpt["last"]
-            torch.set_rng_state(ckpt["rng"])
-            self.run.t0 = time.monotonic() - float(ckpt["elapsed"])
+            self.tr.history = ckpt.history
+            self.totals = ckpt.totals
+            self.first, self.last = ckpt.first, ckpt.last
+            torch.set_rng_state(ckpt.rng)
+            self.run.t0 = time.monotonic() - ckpt.elapsed
         self.start_step = g + 1
         self.closed_step = g
         self.current = g
-        # metrics.jsonl: keep only what the checkpoint includes (no step appears twice).
-        metrics = self.run.path / METRICS
-        rows = read_jsonl(metrics)
-        # What the killed server had reached and how long ago it last wrote a record: the
-        # exactly-once audit (analysis/audit.py) reports the steps run again and the outage.
-        reached = max((int(r["step"]) + 1 for r in rows if r.get("kind") == "train"),
-                      default=0)
-        try:
-            down = max(0.0, time.time() - metrics.stat().st_mtime)
-        except OSError:
-            down = None
-        keep = [r for r in rows if g >= 0 and (
-            r.get("step", 0) <= (g + 1 if r.get("kind") == "eval" else g))]
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in keep))
-        os.replace(tmp, metrics)
-        (self.run.path / SUMMARY).unlink(missing_ok=True)
+        rewind = checkpoint.rewind_metrics(self.run.path, g)
         self.event("server_resumed", step=self.start_step, checkpoint=ckpt is not None,
-                   dropped_records=len(rows) - len(keep), epoch=self.epoch,
-                   reached_step=reached, steps_rerun=max(0, reached - self.start_step),
-                   down_s=None if down is None else round(down, 3))
+                   dropped_records=rewind.dropped, epoch=self.epoch,
+                   reached_step=rewind.reached,
+                   steps_rerun=max(0, rewind.reached - self.start_step),
+                   down_s=None if rewind.down_s is None else round(rewind.down_s, 3))
         log.info("resumed at step %d (checkpoint: %s)", self.start_step, ckpt is not None)
 
     # ----------------------------------------------------------------------- network
@@ -450,10 +356,7 @@ class Server:
         check liveness: after a long computation the inbox holds heartbeats that arrived
         meanwhile, and a client must not be judged silent before they are read."""
         assert self.t is not None
-        if time.monotonic() - self.last_pump > self.o.repair_interval:
-            # We were busy (a server step, an evaluation, a checkpoint): the heartbeats in
-            # the inbox describe the clients as they were before; no repair on them.
-            self.awake_at = time.monotonic()
+        self.live.woke(time.monotonic())
         msg = self.t.recv(max(0.0, timeout))
         handled = 0
         while msg is not None and handled < 1000:
@@ -463,137 +366,62 @@ class Server:
         if msg is not None:
             self.dispatch(msg)
         now = time.monotonic()
-        if not self.t.connected or self.t.connects != self._connects:
-            # Our own link is (or was) down: silence is not the clients' fault.
-            if self.t.connected and self.run is not None:
-                # back after a broker restart or a network fault: recorded for the audit
-                self.event("broker_reconnected", step=max(self.current, 0),
-                           outage_s=round(max(0.0, now - self.t.disconnected_at), 3))
-            self._connects = self.t.connects
-            self.reconnected_at = now
-        for cid, (at, disconnects) in list(self.wills.items()):
-            if now - at < self.o.will_grace:
-                continue
-            del self.wills[cid]
-            p = self.peers[cid]
-            # Mosquitto publishes every client's will when it shuts down: if our own
-            # connection dropped too, or the client spoke after its will, it is not gone.
-            if (self.t.disconnects == disconnects and self.t.connected
-                    and p.last_seen < at and p.online):
-                self.set_offline(p, "lost")
-        for p in self.peers.values():
-            if (p.online and self.t.connected and now - max(
-                    p.last_seen, self.reconnected_at, self.awake_at) > self.o.offline_after):
-                self.set_offline(p, "heartbeat-timeout")
-        self.last_pump = time.monotonic()
+        outage = self.live.link(self.t, now)
+        if outage is not None and self.run is not None:
+            # back after a broker restart or a network fault: recorded for the audit
+            self.event("broker_reconnected", step=max(self.current, 0),
+                       outage_s=round(outage, 3))
+        for p, reason in self.live.gone(self.peers, self.t, now):
+            self.set_offline(p, reason)
+        self.live.last_pump = time.monotonic()
 
     def dispatch(self, msg: P.Message) -> None:
         p = self.peers.get(msg.client)
         if p is None:  # the receiver only lets our clients through; be safe anyway
             return
         if msg.kind is P.Kind.STATE:
-            state = msg.meta.get("state")
-            if state == "done":
-                p.online = False  # finished as told: not a dropout
-            elif state == "offline" and p.online:
-                reason = str(msg.meta.get("reason", "offline"))
-                if reason == "lost":  # a last will: judged after a grace period (see pump)
-                    assert self.t is not None
-                    self.wills[p.cid] = (time.monotonic(), self.t.disconnects)
-                else:
-                    self.set_offline(p, reason)
+            self.on_presence(p, control.decode_presence(msg))
             return
         p.last_seen = time.monotonic()
-        inc = msg.meta.get("inc")
-        if not isinstance(inc, str):
-            self._reject(p, msg, "bad-meta", f"{msg.kind.value} without an incarnation id")
+        try:  # decoded and validated once (runner/distributed/control.py)
+            sender, report = control.decode_report(msg)
+        except control.ControlError as e:
+            self._reject(p, msg, "bad-meta", str(e))
             return
         if p.away:
             # sitting a round out: alive (last_seen), but no repairs and nothing to collect
-            if msg.kind is P.Kind.HB:
-                p.status = msg.meta
+            if isinstance(report, control.Heartbeat):
+                p.status = report
             return
-        if not p.online or inc != p.inc:
-            self.set_online(p, inc, msg.meta)
-        if msg.kind is P.Kind.HB:
-            p.status = msg.meta
-            self.on_budget(p, msg.meta)
-            self.on_resources(p, msg.meta)
+        if not p.online or sender.inc != p.inc:
+            self.set_online(p, sender)
+        if isinstance(report, control.Heartbeat):
+            p.status = report
+            self.on_budget(p, report)
+            self.usage.client(p, report, self.start_step)
             self.on_status(p)
-        elif msg.kind is P.Kind.ACT:
-            self.on_act(p, msg)
-        elif msg.kind is P.Kind.ADAPT:
-            self.on_adapt(p, msg)
+        elif isinstance(report, control.ActReport):
+            self.on_act(p, report)
+        elif isinstance(report, control.AdaptReport):
+            self.on_adapt(p, report)
 
-    def on_budget(self, p: Peer, meta: dict[str, Any]) -> None:
-        """Record a client's reported memory budget: the first report, and every change of
-        more than 10 % (method.md "ARMSC": the threshold that re-triggers ARMSC for the
-        heterogeneous methods; the homogeneous ones only log it)."""
-        budget = meta.get("budget")
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-            return
-        old = self.budgets.get(p.cid)
-        if old is None or abs(budget - old) > 0.1 * old:
-            self.budgets[p.cid] = budget
-            self.event("client_budget" if old is None else "budget_changed",
-                       step=max(self.current, 0), client=p.name, budget_bytes=budget,
-                       source=str(meta.get("budget_source", "?")),
-                       **({} if old is None else {"previous_bytes": old}))
-            if budget != old:
-                self.hooks.budget_changed(p, old, budget, meta)
+    def on_presence(self, p: Peer, st: control.Presence) -> None:
+        """A ``state`` message: a client that finished as told, or went offline."""
+        if st.state == "done":
+            p.online = False  # finished as told: not a dropout
+        elif st.state == "offline" and p.online:
+            if st.reason == "lost":  # a last will: judged after a grace period (see pump)
+                assert self.t is not None
+                self.live.will(p.cid, time.monotonic(), self.t.disconnects)
+            else:
+                self.set_offline(p, st.reason)
 
-    def measured(self, p: Peer, meta: dict[str, Any]) -> dict[str, Any]:
-        """A client's measured memory from a message's meta (runner/emulation/resources.py
-        ``usage_fields``: ``memory_bytes`` = its peak so far) and its last reported budget
-        (``budget_bytes``): the fields its records carry."""
-        out = usage_fields(meta)
-        if p.cid in self.budgets:
-            out["budget_bytes"] = self.budgets[p.cid]
-        return out
-
-    def on_resources(self, p: Peer, meta: dict[str, Any]) -> None:
-        """A heartbeat that reports a step this client finished since its last one: one
-        ``resources`` record (its compute time of that step: forward, backward + optimizer;
-        its memory as measured at the heartbeat). Steps before this server's first (a
-        resumed run) are not recorded again."""
-        c = meta.get("compute")
-        if not isinstance(c, dict) or self.run is None:
-            return
-        step = c.get("step")
-        if (not isinstance(step, int) or isinstance(step, bool) or step < self.start_step
-                or step <= self.compute_seen.get(p.cid, -1)):
-            return
-        self.compute_seen[p.cid] = step
-        times = {k: float(c[k]) for k in ("forward_s", "backward_s", "compute_s")
-                 if isinstance(c.get(k), int | float) and not isinstance(c.get(k), bool)}
-        self.run.metric(kind="resources", step=step, client=p.name, **times,
-                        **self.measured(p, meta))
-
-    def server_resources(self, step: int, server_s: float | None) -> None:
-        """The server's own ``resources`` record (client ``server``) after each step: its
-        measured memory (evaluation included when the step had one), its budget when one
-        is known, its compute time for the step."""
-        assert self.run is not None
-        if self.own_budget is None:
-            from runner.emulation.budget import discover_budget
-            from runner.errors import ConfigError
-
-            env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
-            try:
-                self.own_budget = discover_budget(int(env_bytes) if env_bytes.isdigit()
-                                                  else None).bytes
-            except (ConfigError, OSError, ValueError):
-                self.own_budget = 0  # none: do not look again
-        try:
-            fields = self.meter.sample().fields()
-        except Exception:  # noqa: BLE001 - a measurement must never stop training
-            return
-        fields = usage_fields(fields)
-        if self.own_budget:
-            fields["budget_bytes"] = self.own_budget
-        if server_s is not None:
-            fields["compute_s"] = server_s
-        self.run.metric(kind="resources", step=step, client="server", **fields)
+    def on_budget(self, p: Peer, hb: control.Heartbeat) -> None:
+        """A reported memory budget: recorded (runner/distributed/usage.py); a change goes
+        to the method's hooks (ARMSC)."""
+        change = self.usage.budget(p, hb, max(self.current, 0))
+        if change is not None:
+            self.hooks.budget_changed(p, *change, hb)
 
     def set_offline(self, p: Peer, reason: str) -> None:
         p.online = False
@@ -603,7 +431,8 @@ class Server:
         self.event("client_offline", step=max(self.current, 0), client=p.name, reason=reason)
         log.warning("%s offline at step %d (%s)", p.cid, self.current, reason)
 
-    def set_online(self, p: Peer, inc: str, meta: dict[str, Any]) -> None:
+    def set_online(self, p: Peer, sender: control.Sender) -> None:
+        inc = sender.inc
         if self.finished:  # back after the end: _say_done tells it to exit, nothing to log
             p.online, p.inc = True, inc
             return
@@ -618,7 +447,7 @@ class Server:
                        reason=reason, resync=True)
             log.info("%s back online at step %d (%s)", p.cid, self.current, reason)
         p.online, p.inc = True, inc
-        p.status = {"epoch": meta.get("epoch")}
+        p.status = control.Heartbeat(epoch=sender.epoch)
         self.send_resync(p)
 
     def send_resync(self, p: Peer) -> None:
@@ -632,7 +461,7 @@ class Server:
         checkpoint's state), "rejoin" otherwise (in-process semantics: a returning client
         receives the last aggregate).
         """
-        mode = "rollback" if self.resumed and p.status.get("epoch") != self.epoch else "rejoin"
+        mode = "rollback" if self.resumed and p.status.epoch != self.epoch else "rejoin"
         tensors = dict(self.tr.global_state) if self.tr.global_state is not None else None
         drawn, steps = ((p.agg_drawn, p.agg_opt_steps) if mode == "rollback"
                         else (p.drawn, p.opt_steps))
@@ -644,21 +473,21 @@ class Server:
         """Compare a heartbeat with the server's view; repair one difference."""
         s = p.status
         # Local (non-split) methods report their step record in the heartbeat.
-        rec = s.get("record")
-        if (not self.split and self.collecting and isinstance(rec, dict)
-                and rec.get("step") == self.current and p.cid in self.expected
+        rec = s.record
+        if (not self.split and self.collecting and rec is not None
+                and rec.step == self.current and p.cid in self.expected
                 and p.cid not in self.answers):
             self.answers[p.cid] = rec
-            p.drawn = meta_int(rec, "drawn", p.drawn)
-            p.opt_steps = meta_int(s, "opt_steps", p.opt_steps)
+            p.drawn = _known(rec.drawn, p.drawn)
+            p.opt_steps = _known(s.opt_steps, p.opt_steps)
         now = time.monotonic()
         if (now - p.last_repair < self.o.repair_interval
-                or now - self.awake_at < self.o.repair_interval):
+                or now - self.live.awake_at < self.o.repair_interval):
             return
-        status = ClientStatus.from_meta(s)
-        action = repair(status, ServerView(
+        action = repair(s, ServerView(
             now=now, epoch=self.epoch, global_step=self.global_step,
-            global_settled=now - max(self.global_sent_at, self.awake_at) > self.global_grace(),
+            global_settled=now - max(self.global_sent_at, self.live.awake_at)
+            > self.global_grace(),
             stale=self.stale(p, s, now), closed_step=self.closed_step, closed_at=self.closed_at,
             collecting=self.collecting, current=self.current, step_started=self.step_started,
             awaited=p.cid in self.expected and p.cid not in self.answers,
@@ -669,12 +498,12 @@ class Server:
             return
         p.last_repair = now
         log.info("repair %s for %s (status %s)", action, p.cid,
-                 {k: s.get(k) for k in ("done", "pending", "global", "epoch")})
+                 {"done": s.done, "pending": s.pending, "global": s.global_, "epoch": s.epoch})
         if action == "resync":
             self.send_resync(p)
         elif action == "answer":
-            assert status.pending is not None
-            self.answer_old(p, status.pending)
+            assert s.pending is not None
+            self.answer_old(p, s.pending)
         elif action == "announce":
             self.announce(self.current, to=p.cid)
         elif action == "resend":
@@ -695,7 +524,7 @@ class Server:
         while waiting := missing():
             now = time.monotonic()
             if now >= deadline:
-                if now < hard and all(self.working(p, step) for p in waiting):
+                if now < hard and all(self.live.working(p, step, now) for p in waiting):
                     self.pump(0.1)  # alive and computing: a slow device
                     continue
                 for p in waiting:
@@ -707,24 +536,14 @@ class Server:
                 asked = now
             self.pump(min(0.1, deadline - now))
 
-    def working(self, p: Peer, step: int) -> bool:
-        """Whether ``p`` is alive and computing for ``step`` (its last heartbeat says so):
-        past ``step_timeout`` the server waits on for it, up to ten times that."""
-        s = p.status
-        busy = s.get("busy")
-        fresh = time.monotonic() - p.last_seen < max(3 * self.o.heartbeat, 1.0)
-        return p.online and fresh and (
-            isinstance(busy, list) and len(busy) == 2 and busy[1] == step
-            or s.get("pending") == step)
-
     def global_grace(self) -> float:
         """Seconds after the last aggregate went out before a client still behind it gets
         a resync (its copy was lost)."""
         return self.hooks.global_grace()
 
-    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+    def stale(self, p: Peer, hb: control.Heartbeat, now: float) -> bool:
         """Whether a client's reported state needs a resync (beyond the global step)."""
-        return self.hooks.stale(p, status, now)
+        return self.hooks.stale(p, hb, now)
 
     def answer_old(self, p: Peer, step: int) -> None:
         """Activations of a closed step: the cached gradient if that step was processed for
@@ -735,37 +554,37 @@ class Server:
             self.tell(control.Skip(step), to=p.cid)
             self.event("step_skipped", step=step, client=p.name)
 
-    def on_act(self, p: Peer, msg: P.Message) -> None:
-        if self.hooks.on_act(p, msg):
+    def on_act(self, p: Peer, act: control.ActReport) -> None:
+        if self.hooks.on_act(p, act):
             return
-        t = msg.step
+        t = act.step
         if self.collecting and t == self.current:
             if p.cid in self.answers:
                 return  # a resend of what we have
             if p.cid in self.expected:
-                self.answers[p.cid] = msg
+                self.answers[p.cid] = act
             else:  # came online after the step began: not part of this round
                 self.answer_old(p, t)
             return
         if t <= self.closed_step:
             self.answer_old(p, t)
             return
-        self._reject(p, msg, "future-step", f"activations for step {t}; current step is "
-                                            f"{self.current}")
+        self._reject(p, act.msg, "future-step", f"activations for step {t}; current step is "
+                                                f"{self.current}")
 
-    def on_adapt(self, p: Peer, msg: P.Message) -> None:
-        if self.hooks.on_adapt(p, msg):
+    def on_adapt(self, p: Peer, up: control.AdaptReport) -> None:
+        if self.hooks.on_adapt(p, up):
             return
-        if msg.step == self.agg_step and p.cid in self.agg_expected:
-            self.adapts.setdefault(p.cid, msg)
-        elif msg.step > max(self.current, self.global_step):
-            self._reject(p, msg, "future-step", f"adapters for step {msg.step}")
+        if up.step == self.agg_step and p.cid in self.agg_expected:
+            self.adapts.setdefault(p.cid, up)
+        elif up.step > max(self.current, self.global_step):
+            self._reject(p, up.msg, "future-step", f"adapters for step {up.step}")
         # else: a late or repeated upload of a finished aggregation; nothing to do
 
     # --------------------------------------------------------------------- the round
     def announce(self, step: int, to: str | None = None) -> None:
         self.tell(control.Step(step, self.global_step, self.epoch, self.resumed,
-                               self.hooks.step_plan(), self.away_ids()), to=to)
+                               self.hooks.step_plan(), away_ids(self.peers.values())), to=to)
 
     def wait_online(self, what: str) -> None:
         deadline = time.monotonic() + self.o.join_timeout
@@ -813,16 +632,14 @@ class Server:
         return records
 
     def _local_record(self, p: Peer) -> dict[str, Any]:
-        rec = dict(self.answers[p.cid])
-        rec.pop("drawn", None)
-        for key in [k for k in rec if k.startswith(("memory_", "cuda_", "host_memory_"))]:
-            rec.pop(key)  # re-added validated
-        rec.update(self.measured(p, self.answers[p.cid]))
-        rec["client"] = p.name
-        return rec
+        r = self.answers[p.cid]
+        assert isinstance(r, control.LocalRecord)
+        # the client's record without its stream position; its memory figures validated
+        return {**r.fields, **self.usage.measured(p, r.usage), "client": p.name}
 
     def _server_half(self, step: int, answered: list[Peer]) -> list[dict[str, Any]]:
         msgs = [self.answers[p.cid] for p in answered]
+        assert all(isinstance(m, control.ActReport) for m in msgs)
         payloads = [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS], self.split_of(p))
                     for p, m in zip(answered, msgs, strict=True)]
         t0 = time.perf_counter()
@@ -833,21 +650,17 @@ class Server:
         for p, m, grad, (loss_sum, n) in zip(answered, msgs, grads, losses, strict=True):
             sent = self.send(P.Kind.GRAD, step, {P.GRAD: grad}, to=p.cid, wire=self.o.wire)
             p.grad = (step, grad)
-            p.drawn = meta_int(m.meta, "drawn", p.drawn)
-            p.opt_steps = meta_int(m.meta, "opt_steps", p.opt_steps) + 1
+            p.drawn = _known(m.drawn, p.drawn)
+            p.opt_steps = _known(m.opt_steps, p.opt_steps) + 1
             acts = m.tensors[P.ACTS]
             up = acts.numel() * item + tensor_bytes(m.tensors[P.MASK], m.tensors[P.LABELS])
-            lr = m.meta.get("lr")
-            compute = m.meta.get("compute_s")
             records.append(dict(
                 step=step, client=p.name, loss=loss_sum / max(n, 1), tokens=n,
                 seq_tokens=int(m.tensors[P.MASK].numel()),
-                bytes_sent=up, bytes_received=grad.numel() * item,
-                lr=float(lr) if isinstance(lr, int | float) else None,
-                compute_s=float(compute) if isinstance(compute, int | float) else None,
-                server_s=server_s, wire_bytes_sent=m.nbytes,
+                bytes_sent=up, bytes_received=grad.numel() * item, lr=m.lr,
+                compute_s=m.compute_s, server_s=server_s, wire_bytes_sent=m.msg.nbytes,
                 wire_bytes_received=sent.nbytes if sent is not None else None,
-                **self.measured(p, m.meta)))
+                **self.usage.measured(p, m.usage)))
         return records
 
     def collect_uploads(self, step: int, participants: list[str]) -> list[Peer]:
@@ -877,9 +690,9 @@ class Server:
         avg, weights = self.hooks.average([self.adapts[p.cid].tensors for p in got],
                                           [p.weight for p in got])
         for p in got:
-            meta = self.adapts[p.cid].meta
-            p.agg_drawn = meta_int(meta, "drawn", p.drawn)
-            p.agg_opt_steps = meta_int(meta, "opt_steps", p.opt_steps)
+            up = self.adapts[p.cid]
+            p.agg_drawn = _known(up.drawn, p.drawn)
+            p.agg_opt_steps = _known(up.opt_steps, p.opt_steps)
         self.tr.global_state = avg
         lora.load_trained_state(self.tr.shadow.seg.model, avg, self.full)
         self.global_step = step
@@ -940,7 +753,7 @@ class Server:
                 self.last = self.tr.evaluate()
                 self.tr._log_eval(done, self.last)
                 line += f" val_ppl {self.last['val_ppl']:.3f}"
-            self.server_resources(step, records[0].get("server_s") if records else None)
+            self.usage.server(step, records[0].get("server_s") if records else None)
             log.info("%s (%d/%d clients)", line, len(records), len(self.peers))
             while (left := self.o.min_step_time - (time.monotonic() - t_step)) > 0:
                 self.pump(min(left, 0.1))

@@ -547,6 +547,7 @@ def test_goodbyes_after_run_finished_are_not_logged(tmp_path: Path) -> None:
     swarm test once saw client_offline after it, from a client restarted near the end).
     The server is built without its model (``__new__``): only the bookkeeping is under
     test here."""
+    from runner.distributed.control import Sender
     from runner.rundir import RunDir
     from runner.server import Peer, Server
 
@@ -562,7 +563,7 @@ def test_goodbyes_after_run_finished_are_not_logged(tmp_path: Path) -> None:
     server.finished = True
     peer.online = True
     server.set_offline(peer, "will")
-    server.set_online(peer, "b", {})
+    server.set_online(peer, Sender("b"))
     assert peer.online and peer.inc == "b"
     assert [e["event"] for e in read_jsonl(server.run.path / "events.jsonl")] == \
         ["client_offline"]

@@ -1,5 +1,6 @@
 """The server's repair policy (runner/distributed/repair.py) rule by rule: a heartbeat and the
-server's view -> the one repair docs/protocol.md prescribes."""
+server's view -> the one repair docs/protocol.md prescribes. (Decoding a heartbeat into its
+ClientStatus part: tests/test_control.py.)"""
 
 from __future__ import annotations
 
@@ -61,12 +62,3 @@ def test_upload_missing_at_an_aggregation() -> None:
     assert repair(OK, replace(view, upload_awaited=False)) is None
     assert repair(replace(OK, done=3), view) is None  # still training step 4
 
-
-def test_heartbeat_decoding_is_defensive() -> None:
-    s = ClientStatus.from_meta({"synced": 1, "epoch": 7, "done": "4", "pending": True,
-                                "pending_age": "x", "global": 2.0, "busy": ["grad"]})
-    assert s == ClientStatus(synced=True, epoch=None, done=-1, pending=None, pending_age=0.0,
-                             global_=-1, busy=None)
-    full = ClientStatus.from_meta({"synced": True, "epoch": "e", "done": 4, "pending": 5,
-                                   "pending_age": 0.5, "global": 3, "busy": ["grad", 5]})
-    assert full == ClientStatus(True, "e", 4, 5, 0.5, 3, ("grad", 5))

@@ -1,4 +1,5 @@
-"""Typed control messages: what the server tells a client in ``config`` messages.
+"""Typed control messages: what the server tells a client in ``config`` messages, and what
+a client's heartbeats, activations, uploads and state messages say to the server.
 
 Why: the operations used to travel as untyped meta dicts, built in one place and read field
 by field (with defaults and type checks repeated) wherever they were handled. Here each
@@ -10,14 +11,24 @@ applied), and its handlers read typed fields. The wire format is docs/protocol.m
 
 A method may add operations of its own: :func:`decode` returns None for an ``op`` it does not
 know, and the method's client hooks read that message themselves (docs/extending.md).
+
+The other direction (client -> server) is decoded once as well, by the server's dispatch:
+:func:`decode_presence` for ``state`` messages, :func:`decode_report` for the rest: the
+sender (its incarnation id is required: without one the message is refused with
+:class:`ControlError`) and a :class:`Heartbeat`, :class:`ActReport` or :class:`AdaptReport`.
+Their other fields are lenient as they always were: a missing or mistyped one takes the value
+that changes nothing (None, the default), since a heartbeat must never crash the server.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.distributed import protocol as P
+from runner.distributed.repair import ClientStatus
+from runner.emulation.resources import usage_fields
 
 OP_STEP = "step"  # broadcast: step t begins (or, on a client's channel, a repeat for it)
 OP_SKIP = "skip"  # to one client: your activations for step t came too late; drop them
@@ -190,6 +201,22 @@ def encode(c: Control) -> tuple[int, dict[str, Any]]:
     raise TypeError(f"not a control message: {c!r}")
 
 
+_OPS: dict[type, str] = {Step: OP_STEP, Skip: OP_SKIP, Upload: OP_UPLOAD, Resend: OP_RESEND,
+                         Done: OP_DONE, Resync: OP_RESYNC, Merge: OP_MERGE, Probe: OP_PROBE,
+                         Plan: OP_PLAN, SetAdapters: OP_SET}
+
+
+def op_name(c: Control) -> str:
+    """The wire name of ``c``'s operation (``busy`` in heartbeats names it too)."""
+    return _OPS[type(c)]
+
+
+def op_of(msg: P.Message) -> str | None:
+    """The ``op`` a ``config`` message names (for a log line), or None."""
+    op = msg.meta.get("op")
+    return op if isinstance(op, str) else None
+
+
 def decode(msg: P.Message) -> Control | None:
     """The typed operation of a ``config`` message; None for an ``op`` this module does not
     define (a method's own); :class:`ControlError` when a field does not validate.
@@ -227,3 +254,215 @@ def decode(msg: P.Message) -> Control | None:
     if op == OP_SET:
         return SetAdapters(msg.step, _epoch(meta))
     return None
+
+
+# ------------------------------------------------------------------- client -> server
+def _opt_int(meta: dict[str, Any], key: str) -> int | None:
+    """An int field, or None when absent or not an int (the reader keeps what it had)."""
+    value = meta.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _opt_float(meta: dict[str, Any], key: str) -> float | None:
+    value = meta.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent a message: the client process's incarnation id and the server epoch it
+    holds (None: none, or not a string)."""
+
+    inc: str
+    epoch: str | None = None
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A ``state`` message: ``done`` (exits as told), ``offline`` with a reason (``lost``: the
+    broker published its last will), or another state the server ignores."""
+
+    state: str | None
+    reason: str = "offline"
+
+
+def decode_presence(msg: P.Message) -> Presence:
+    state = msg.meta.get("state")
+    return Presence(state if isinstance(state, str) else None,
+                    str(msg.meta.get("reason", "offline")))
+
+
+@dataclass(frozen=True)
+class ComputeReport:
+    """A heartbeat's report of the last step a client finished: its compute times
+    (``forward_s``, ``backward_s``, ``compute_s``, those that are numbers)."""
+
+    step: int
+    times: dict[str, float]
+
+
+_MEMORY_PREFIXES = ("memory_", "cuda_", "host_memory_")
+
+
+@dataclass(frozen=True)
+class LocalRecord:
+    """A local (non-split) method's step record, reported in heartbeats: its train record's
+    fields (without ``drawn`` and the memory figures), the stream position and the validated
+    memory figures (runner/emulation/resources.py ``usage_fields``)."""
+
+    step: int | None
+    drawn: int | None
+    fields: dict[str, Any]
+    usage: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Heartbeat(ClientStatus):
+    """A client's heartbeat (runner/client.py ``status``): the state the repair policy
+    compares (:class:`runner.distributed.repair.ClientStatus`) plus what the server records
+    from it. The default value is a client the server knows nothing of yet."""
+
+    opt_steps: int | None = None
+    plan: int = -1  # HSplitLoRA / HetLoRA: the plan version it holds
+    record: LocalRecord | None = None
+    budget: int | None = None  # its memory budget (bytes; positive)
+    budget_source: str = "?"
+    compute: ComputeReport | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+def _record(value: Any) -> LocalRecord | None:
+    if not isinstance(value, dict):
+        return None
+    drawn = _opt_int(value, "drawn")
+    fields = {k: v for k, v in value.items()
+              if k != "drawn" and not k.startswith(_MEMORY_PREFIXES)}
+    step = value.get("step")
+    return LocalRecord(step if isinstance(step, int) and not isinstance(step, bool) else None,
+                       drawn, fields, usage_fields(value))
+
+
+def _compute(value: Any) -> ComputeReport | None:
+    if not isinstance(value, dict):
+        return None
+    step = value.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    return ComputeReport(step, {
+        k: float(value[k]) for k in ("forward_s", "backward_s", "compute_s")
+        if isinstance(value.get(k), int | float) and not isinstance(value.get(k), bool)})
+
+
+def decode_heartbeat(meta: dict[str, Any]) -> Heartbeat:
+    """A heartbeat's fields; any that is missing or of the wrong type takes its default."""
+    busy, epoch = meta.get("busy"), meta.get("epoch")
+    age = meta.get("pending_age", 0)
+    budget = _opt_int(meta, "budget")
+    plan = _opt_int(meta, "plan")
+    return Heartbeat(
+        synced=bool(meta.get("synced")), epoch=epoch if isinstance(epoch, str) else None,
+        done=d if (d := _opt_int(meta, "done")) is not None else -1,
+        pending=_opt_int(meta, "pending"),
+        pending_age=float(age) if isinstance(age, int | float) else 0.0,
+        global_=g if (g := _opt_int(meta, "global")) is not None else -1,
+        busy=(str(busy[0]), busy[1]) if isinstance(busy, list) and len(busy) == 2
+        and isinstance(busy[1], int) else None,
+        opt_steps=_opt_int(meta, "opt_steps"), plan=-1 if plan is None else plan,
+        record=_record(meta.get("record")),
+        budget=budget if budget is not None and budget > 0 else None,
+        budget_source=str(meta.get("budget_source", "?")),
+        compute=_compute(meta.get("compute")), usage=usage_fields(meta))
+
+
+@dataclass(frozen=True)
+class ActReport:
+    """An ``act`` message: the boundary activations (``msg.tensors``) and what the client
+    says with them: its stream and optimizer position, learning rate, forward time, memory;
+    ``probe``: an IWI probe's activations (HSplitLoRA) rather than a training step's."""
+
+    msg: P.Message
+    drawn: int | None = None
+    opt_steps: int | None = None
+    lr: float | None = None
+    compute_s: float | None = None
+    probe: bool = False
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return self.msg.step
+
+    @property
+    def tensors(self) -> dict[str, Any]:
+        return self.msg.tensors
+
+
+@dataclass(frozen=True)
+class AdaptReport:
+    """An ``adapt`` message: the adapters uploaded for aggregation ``step`` (``msg.tensors``)
+    and the client's stream and optimizer position; ``probe``: an IWI probe's numerators
+    (``importance``: weight name -> finite number, None when the field does not validate)
+    instead of adapters."""
+
+    msg: P.Message
+    drawn: int | None = None
+    opt_steps: int | None = None
+    probe: bool = False
+    importance: dict[str, float] | None = None
+
+    @property
+    def step(self) -> int:
+        return self.msg.step
+
+    @property
+    def tensors(self) -> dict[str, Any]:
+        return self.msg.tensors
+
+
+def _importance(value: Any) -> dict[str, float] | None:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) for k, v in value.items()):
+        return None
+    return {k: float(v) for k, v in value.items()}
+
+
+def is_probe_upload(h: P.Header) -> bool:
+    """Whether an ``adapt`` message (its header, before the payload is read) carries IWI
+    numerators in its meta rather than adapters."""
+    return h.meta.get("probe") is not None
+
+
+def probe_grad_meta() -> dict[str, Any]:
+    """The meta of the gradient the server returns for a probe's activations."""
+    return {"probe": True}
+
+
+def is_probe_grad(msg: P.Message) -> bool:
+    """Whether a ``grad`` message answers an IWI probe (:func:`probe_grad_meta`)."""
+    return bool(msg.meta.get("probe"))
+
+
+ClientReport = Heartbeat | ActReport | AdaptReport
+
+
+def decode_report(msg: P.Message) -> tuple[Sender, ClientReport | None]:
+    """The sender and the typed content of a client's message other than ``state``
+    (None for a kind the server does not read); :class:`ControlError` without an
+    incarnation id."""
+    meta = msg.meta
+    inc, epoch = meta.get("inc"), meta.get("epoch")
+    if not isinstance(inc, str):
+        raise ControlError(f"{msg.kind.value} without an incarnation id")
+    sender = Sender(inc, epoch if isinstance(epoch, str) else None)
+    if msg.kind is P.Kind.HB:
+        return sender, decode_heartbeat(meta)
+    if msg.kind is P.Kind.ACT:
+        return sender, ActReport(msg, _opt_int(meta, "drawn"), _opt_int(meta, "opt_steps"),
+                                 _opt_float(meta, "lr"), _opt_float(meta, "compute_s"),
+                                 bool(meta.get("probe")), usage_fields(meta))
+    if msg.kind is P.Kind.ADAPT:
+        return sender, AdaptReport(msg, _opt_int(meta, "drawn"), _opt_int(meta, "opt_steps"),
+                                   meta.get("probe") is not None,
+                                   _importance(meta.get("importance")))
+    return sender, None

@@ -4,28 +4,25 @@ Why a pure function: the policy (docs/protocol.md, "Heartbeats carry the client'
 state; the server repairs differences") decides which single message brings a client back
 in step after a lost message, a pause, a restart or a server roll-back. It used to be read
 out of the server's loose fields and an untyped heartbeat dict inside the network loop;
-here both sides are typed values, so every rule can be tested on its own
-(tests/test_repair.py) and the server only carries out the answer.
+here both sides are typed values (the heartbeat decoded once by
+runner/distributed/control.py), so every rule can be tested on its own (tests/test_repair.py)
+and the server only carries out the answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 Action = Literal["resync", "answer", "announce", "resend", "upload"]
 
 
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 @dataclass(frozen=True)
 class ClientStatus:
-    """A client's heartbeat (runner/client.py ``status``), decoded once.
-
-    Fields that are missing or of the wrong type take the value that triggers no repair
-    of their own (the network must not crash the server)."""
+    """What a client's heartbeat (runner/client.py ``status``) says of its state: the part
+    the policy compares. Decoded once, with the rest of the heartbeat, by
+    runner/distributed/control.py (``decode_heartbeat``: fields that are missing or of the
+    wrong type take the value that triggers no repair of their own)."""
 
     synced: bool = False
     epoch: str | None = None
@@ -34,21 +31,6 @@ class ClientStatus:
     pending_age: float = 0.0
     global_: int = -1  # last aggregation it holds
     busy: tuple[str, int] | None = None  # what its main thread computes now
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ClientStatus:
-        pending = meta.get("pending")
-        busy = meta.get("busy")
-        age = meta.get("pending_age", 0)
-        epoch = meta.get("epoch")
-        return cls(
-            synced=bool(meta.get("synced")), epoch=epoch if isinstance(epoch, str) else None,
-            done=_int(meta.get("done"), -1),
-            pending=pending if _int(pending, -1) == pending else None,
-            pending_age=float(age) if isinstance(age, int | float) else 0.0,
-            global_=_int(meta.get("global"), -1),
-            busy=(str(busy[0]), busy[1]) if isinstance(busy, list) and len(busy) == 2
-            and isinstance(busy[1], int) else None)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from runner.config import TrainConfig
 from runner.distributed.broker import BrokerAddress, Credentials, parse_broker_url
@@ -195,10 +194,3 @@ def setup_logging(name: str) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def meta_int(meta: dict[str, Any], key: str, default: int = -1) -> int:
-    """An int field of a control message's meta, or ``default`` when absent or not an int.
-
-    Control meta comes from the network: a missing or mistyped field must not crash.
-    """
-    value = meta.get(key, default)
-    return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -85,8 +85,8 @@ class Availability:
 def dropped_in_round(seed: int, round_index: int, client: int, p: float) -> bool:
     """Whether client ``client`` (its index) sits out round ``round_index`` under a per-round
     dropout probability ``p``: a seeded function of ``(seed, round, client)`` only, shared by
-    the in-process clock and the distributed server (runner/server.py), so both drop the
-    same clients in the same rounds."""
+    the in-process clock and the distributed server (runner/distributed/dropout.py), so both
+    drop the same clients in the same rounds."""
     if p <= 0.0:
         return False
     # str seeds are hashed with SHA-512 by random.Random: stable across runs/processes.

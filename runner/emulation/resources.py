@@ -196,19 +196,20 @@ _SOURCE_FIELDS = ("memory_source", "host_memory_source")
 SOURCES = frozenset({"cgroup", "rss", "nvml", "cuda"})
 
 
-def usage_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The measured-memory fields of a message's meta (what :meth:`Usage.fields` wrote), as
+def usage_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The measured-memory fields among ``values`` (what :meth:`Usage.fields` wrote: a
+    message's meta, decoded by runner/distributed/control.py, or the server's own sample), as
     a record carries them: byte counts must be non-negative ints and sources known names;
     anything else is left out (the record then simply lacks it). Adds ``memory_bytes`` =
     the peak (the field analysis reads as measured memory)."""
     out: dict[str, Any] = {}
     for key in _BYTE_FIELDS:
-        v = meta.get(key)
+        v = values.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
             out[key] = v
     for key in _SOURCE_FIELDS:
-        if meta.get(key) in SOURCES:
-            out[key] = meta[key]
+        if (source := values.get(key)) in SOURCES:
+            out[key] = source
     if "memory_peak_bytes" in out and "memory_source" in out:
         out["memory_bytes"] = out["memory_peak_bytes"]
     else:  # a figure without its source (or the reverse) is not a measurement

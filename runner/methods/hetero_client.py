@@ -119,11 +119,11 @@ class HeteroClientHooks(ClientHooks):
 
     # ---------------------------------------------------------------------- messages
     def handle(self, msg: P.Message, ctrl: control.Control | None) -> bool:
-        c, meta = self.client, msg.meta
+        c = self.client
         if isinstance(ctrl, self.handled):
             if ctrl.epoch != c.epoch:
                 return True  # from before a server restart, or ahead of our resync
-            op = meta["op"]
+            op = control.op_name(ctrl)
             try:
                 c.busy = (op, msg.step)
                 self.apply(ctrl, msg.tensors)

@@ -29,7 +29,6 @@ import torch
 
 from runner.distributed import control
 from runner.distributed import protocol as P
-from runner.distributed.runtime import meta_int
 from runner.emulation.vtime import StepClock
 from runner.methods.hetero import HeteroTrainer, _linear
 from runner.methods.hooks import ServerHooks
@@ -37,7 +36,8 @@ from runner.model import lora, split
 from runner.trainer import Holder
 
 if TYPE_CHECKING:
-    from runner.server import Peer, Server
+    from runner.distributed.liveness import Peer
+    from runner.server import Server
 
 
 
@@ -45,8 +45,11 @@ class ShadowTrainer(HeteroTrainer):
     """A method's trainer whose clients are shadows of remote processes (the base of
     ``HSplitLoRAShadow``, ``HetLoRAShadow``: ``class X(ShadowTrainer, TheMethodsTrainer)``).
 
-    ``net``: the server hooks, which own the rounds that need the clients; ``deferred``: the
-    initial plan waits for the clients (HSplitLoRA's probe needs their data).
+    It knows nothing of the network: what its aggregation did that the clients must learn
+    is left in fields the hooks read after it (``moved``: client -> split point before this
+    round's block moves); a round that needs the clients is a callable the hooks inject
+    (HSplitLoRA's probe). ``deferred``: the initial plan waits for the clients (HSplitLoRA's
+    probe needs their data); ``probe_bytes``: the IWI probes' traffic, which the hooks count.
     """
 
     # The shadows mirror remote segments of one model: one copy of each frozen block for all
@@ -56,36 +59,36 @@ class ShadowTrainer(HeteroTrainer):
     # client is resynchronised from the server's weights anyway.
     share_blocks = True
 
-    def __init__(self, cfg: Any, net: HeteroServerHooks, prepared: Any):
-        self.net = net
+    def __init__(self, cfg: Any, prepared: Any):
         self.deferred = True
+        self.moved: dict[str, int] = {}
+        self.probe_bytes = 0
         super().__init__(cfg, None, None, prepared)
 
     def summary_extra(self) -> dict[str, Any]:
         """Plus the IWI probes' bytes (in-process runs do not count them)."""
-        return {**super().summary_extra(), "probe_bytes": self.net.probe_bytes}
+        return {**super().summary_extra(), "probe_bytes": self.probe_bytes}
 
 
 class HeteroServerHooks(ServerHooks):
     """Server side shared by hsplitlora (and its ablations) and hetlora; a method's subclass
-    names its shadow trainer (``shadow_class``)."""
+    names its shadow trainer (``shadow_class``), or builds it (``make_trainer``: HSplitLoRA's
+    takes the probe round)."""
 
     shadow_class: type[ShadowTrainer]
 
     def __init__(self, server: Server):
         super().__init__(server)
-        self.moved: dict[str, int] = {}  # client -> split point before this round's moves
         self.merged_names: set[str] = set()  # weights that differ from the pretrained ones
         self.plan_version = 0  # 0: split points without adapters (before the first probe)
         self.plan_reinit = 0
         self.plan_sent_at = 0.0
-        self.probe_bytes = 0
         self.shapes: dict[str, dict[str, list[int]]] = {}
         self.build_violations: list[str] = []
         self.by_name: dict[str, Peer] = {}
 
     def make_trainer(self) -> ShadowTrainer:
-        return self.shadow_class(self.server.cfg, self, self.server.prep)
+        return self.shadow_class(self.server.cfg, self.server.prep)
 
     def ready(self) -> None:
         self.build_violations = list(self.htr.violations)
@@ -122,8 +125,7 @@ class HeteroServerHooks(ServerHooks):
     # ------------------------------------------------------------------------ start
     def joined(self, p: Peer) -> bool:
         """Resynchronised by this server (its epoch)."""
-        return p.online and bool(p.status.get("synced")) \
-            and p.status.get("epoch") == self.server.epoch
+        return p.online and p.status.synced and p.status.epoch == self.server.epoch
 
     def start(self) -> None:
         """The initial plan (HSplitLoRA: a probe on the clients' data, ARMSC, adapters),
@@ -146,13 +148,13 @@ class HeteroServerHooks(ServerHooks):
 
     # ------------------------------------------------------------------- messages
     def budget_changed(self, p: Peer, old: int | None, new: int,
-                       meta: dict[str, Any]) -> None:
+                       hb: control.Heartbeat) -> None:
         """A budget change feeds ARMSC (method.md "Trigger"): an injected budget is the
         device's new budget as stated; a measured one (NVML, cgroup) scales the planned
         budget by its change since the first report (what it measures includes the runtime
         reserve and the emulation's rescaling, so only its ratio carries over)."""
         dev = self.htr.devices[p.index]
-        if meta.get("budget_source") == "injected":
+        if hb.budget_source == "injected":
             target = new
         elif old is not None:
             target = int(dev.memory_bytes * new / old)
@@ -162,12 +164,12 @@ class HeteroServerHooks(ServerHooks):
             self.htr.set_budget(p.index, target)
             self.server.event("armsc_budget", step=max(self.server.current, 0), client=p.name,
                               previous_bytes=dev.memory_bytes, budget_bytes=target,
-                              source=str(meta.get("budget_source", "?")))
+                              source=hb.budget_source)
 
-    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+    def stale(self, p: Peer, hb: control.Heartbeat, now: float) -> bool:
         """A client that missed a plan (lost message, pause) is resynchronised."""
-        return (status.get("busy") is None and meta_int(status, "plan") < self.plan_version
-                and now - max(self.plan_sent_at, self.server.awake_at) > self.global_grace())
+        return (hb.busy is None and hb.plan < self.plan_version
+                and now - max(self.plan_sent_at, self.server.live.awake_at) > self.global_grace())
 
     def step_plan(self) -> int | None:
         return self.plan_version
@@ -181,9 +183,9 @@ class HeteroServerHooks(ServerHooks):
         names = {p.name for p in got}
         tr.offline = {h.name for h in tr.clients if h.name not in names}
         for p in got:
-            msg = s.adapts[p.cid]
-            lora.load_adapter_state(self.shadow(p).seg.model, msg.tensors)
-            p.agg_drawn = meta_int(msg.meta, "drawn", p.drawn)
+            up = s.adapts[p.cid]
+            lora.load_adapter_state(self.shadow(p).seg.model, up.tensors)
+            p.agg_drawn = p.drawn if up.drawn is None else up.drawn
         bytes_ = tr.aggregate(step) if got else {"bytes_up": 0, "bytes_down": 0}
         s.global_step = step
         return self.after_uploads(step, got, bytes_)
@@ -241,10 +243,10 @@ class HeteroServerHooks(ServerHooks):
             if not p.online:
                 continue  # resynchronised with the current plan when it returns
             h = self.shadow(p)
-            old = self.moved.get(p.name, h.seg.end)
+            old = self.htr.moved.get(p.name, h.seg.end)
             tensors = self.block_weights(old, h.seg.end) if h.seg.end > old else {}
             s.tell(control.Plan(reinit, self._plan_spec(h), s.epoch), to=p.cid, tensors=tensors)
-        self.moved = {}
+        self.htr.moved = {}
         self.plan_sent_at = time.monotonic()
 
     def send_resync(self, p: Peer) -> None:
@@ -255,7 +257,7 @@ class HeteroServerHooks(ServerHooks):
         (after ``--resume``): the checkpoint's plan, whose seed step is in the plan.
         """
         s = self.server
-        mode = "rollback" if s.resumed and p.status.get("epoch") != s.epoch else "rejoin"
+        mode = "rollback" if s.resumed and p.status.epoch != s.epoch else "rejoin"
         h = self.shadow(p)
         if mode == "rejoin" and self.plan_version > 0 and s.closed_step >= 0:
             s.tr.resync(h, s.closed_step + 1)
@@ -294,7 +296,7 @@ class HeteroServerHooks(ServerHooks):
             "plan_reinit": self.plan_reinit, "tracker": tr.tracker, "trigger": tr.trigger,
             "plan": tr.plan if hasattr(tr, "plan") else None,
             "reconfigurations": tr.reconfigurations, "violations": list(tr.violations),
-            "moved_bytes": tr.moved_bytes, "probe_bytes": self.probe_bytes}
+            "moved_bytes": tr.moved_bytes, "probe_bytes": tr.probe_bytes}
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         tr = self.htr
@@ -328,7 +330,7 @@ class HeteroServerHooks(ServerHooks):
         tr.reconfigurations = state["reconfigurations"]
         tr.violations = list(state["violations"])
         tr.moved_bytes = state["moved_bytes"]
-        self.probe_bytes = state["probe_bytes"]
+        tr.probe_bytes = state["probe_bytes"]
         self._refresh_shapes()
 
     # ----------------------------------------------------------------------- report

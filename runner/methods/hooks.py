@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runner.distributed import checkpoint
 from runner.methods import aggregation
 
 if TYPE_CHECKING:  # type names only
     from runner.distributed import protocol as P
-    from runner.distributed.control import Control, Resync
+    from runner.distributed.control import ActReport, AdaptReport, Control, Heartbeat, Resync
     from runner.emulation.vtime import StepClock
     from runner.trainer import Trainer
 
@@ -53,7 +54,7 @@ class ServerHooks:
 
     def joined(self, p: Peer) -> bool:
         """Whether client ``p`` has joined and is ready to train (the start waits for all)."""
-        return p.online and bool(p.status.get("synced"))
+        return p.online and p.status.synced
 
     def start(self) -> None:
         """Work after the clients joined and before the first step (HSplitLoRA plans)."""
@@ -75,17 +76,18 @@ class ServerHooks:
         """The plan version a step needs, announced with it (HSplitLoRA); None: no plans."""
         return None
 
-    def on_act(self, p: Peer, msg: P.Message) -> bool:
-        """An ``act`` message the method consumes itself (True), else the engine's."""
+    def on_act(self, p: Peer, act: ActReport) -> bool:
+        """An ``act`` message (decoded: runner/distributed/control.py) the method consumes
+        itself (True), else the engine's."""
         return False
 
-    def on_adapt(self, p: Peer, msg: P.Message) -> bool:
+    def on_adapt(self, p: Peer, up: AdaptReport) -> bool:
         """An ``adapt`` message the method consumes itself (True), else the engine's."""
         return False
 
-    def budget_changed(self, p: Peer, old: int | None, new: int,
-                       meta: dict[str, Any]) -> None:
-        """Client ``p`` reported a new memory budget (first report or a >10 % change)."""
+    def budget_changed(self, p: Peer, old: int | None, new: int, hb: Heartbeat) -> None:
+        """Client ``p`` reported a new memory budget (first report or a >10 % change) in
+        heartbeat ``hb``."""
 
     # ------------------------------------------------------------- aggregation
     def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
@@ -105,7 +107,7 @@ class ServerHooks:
         """Bring client ``p`` (joined, returned or rolled back) to the current state."""
         self.server.default_resync(p)
 
-    def stale(self, p: Peer, status: dict[str, Any], now: float) -> bool:
+    def stale(self, p: Peer, hb: Heartbeat, now: float) -> bool:
         """Whether a client's reported state needs a resync (beyond the global step)."""
         return False
 
@@ -115,12 +117,13 @@ class ServerHooks:
 
     # ------------------------------------------------------------- checkpoints
     def model_state(self) -> dict[str, Any]:
-        """The model part of a checkpoint (runner/server.py ``checkpoint``)."""
-        return self.server.default_model_state()
+        """The model part of a checkpoint (runner/distributed/checkpoint.py); SplitLoRA's:
+        server adapters and optimizer, global client adapters."""
+        return checkpoint.default_model_state(self.server.tr)
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`model_state` wrote (``--resume``)."""
-        self.server.default_load_model_state(state)
+        checkpoint.load_default_model_state(self.server.tr, state, self.server.full)
 
 
 class ClientHooks:

@@ -69,7 +69,7 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
 
     # ---------------------------------------------------------------------- messages
     def handle(self, msg: P.Message, ctrl: control.Control | None) -> bool:
-        if msg.kind is P.Kind.GRAD and msg.meta.get("probe"):
+        if msg.kind is P.Kind.GRAD and control.is_probe_grad(msg):
             self.probe_grad(msg)
             return True
         return super().handle(msg, ctrl)

@@ -26,15 +26,14 @@ What HetLoRA's server shares with this one (shadows, plans, the padded rules tha
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from runner.distributed import control
 from runner.distributed import protocol as P
-from runner.distributed.runtime import meta_int
 from runner.methods import aggregation as agg
 from runner.methods.hetero_server import HeteroServerHooks, ShadowTrainer
 from runner.methods.hsplitlora import HSplitLoRATrainer, Probe, probe_server
@@ -42,43 +41,54 @@ from runner.model import lora
 from runner.trainer import Holder
 
 if TYPE_CHECKING:
-    from runner.server import Peer, Server
+    from runner.distributed.liveness import Peer
+    from runner.server import Server
+
+
+Merged = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]
 
 
 class HSplitLoRAShadow(ShadowTrainer, HSplitLoRATrainer):
-    """HSplitLoRATrainer on shadows: probes go through the server (``net``: the hooks, which
-    own the probe round); NAA's per-weight results and split moves are recorded for the wire.
+    """HSplitLoRATrainer on shadows: its probes are ``probe_round`` (the hooks' round over
+    the wire, injected: one batch per online client among the holders -> their numerators
+    and the server's); NAA's per-weight results (``merges``: name, B_cat, A_cat, delta,
+    the clients that merge it) and split moves (``moved``) are recorded for the wire.
     """
+
+    def __init__(self, cfg: Any, prepared: Any, probe_round: Callable[[list[Holder]], Probe]):
+        self.probe_round = probe_round
+        self.merges: list[Merged] = []
+        super().__init__(cfg, prepared)
 
     def initial_plan(self) -> None:
         if not self.deferred:
             super().initial_plan()
 
     def _probe(self, holders: list[Holder]) -> Probe:
-        return self.net.probe_round(holders)
+        return self.probe_round(holders)
 
     def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
                 holders: list[Holder]) -> None:
-        self.net.outbox.append((name, b_cat, a_cat, delta, {h.name for h in holders}))
+        self.merges.append((name, b_cat, a_cat, delta, {h.name for h in holders}))
 
     def _move_split(self, h: Holder, k: int, step: int) -> None:
-        self.net.moved.setdefault(h.name, h.seg.end)
+        self.moved.setdefault(h.name, h.seg.end)
         super()._move_split(h, k, step)
 
 
 class HSplitLoRAServerHooks(HeteroServerHooks):
     """Server side of hsplitlora and its ablations."""
 
-    shadow_class = HSplitLoRAShadow
-
     def __init__(self, server: Server):
         super().__init__(server)
-        self.outbox: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]] = []
         self.probe_at = 0
         self.probe_step: int | None = None
         self.probe_expected: set[str] = set()
-        self.probe_acts: dict[str, P.Message] = {}
+        self.probe_acts: dict[str, control.ActReport] = {}
         self.probe_nums: dict[str, dict[str, float]] = {}
+
+    def make_trainer(self) -> HSplitLoRAShadow:
+        return HSplitLoRAShadow(self.server.cfg, self.server.prep, self.probe_round)
 
     @property
     def htr(self) -> HSplitLoRAShadow:
@@ -87,7 +97,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         return tr
 
     def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
-        if h.meta.get("probe") is not None:
+        if control.is_probe_upload(h):
             return {}  # importance numerators travel in the meta
         return super().upload_shapes(h)
 
@@ -98,32 +108,31 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         self.htr.initial_plan()
 
     # ------------------------------------------------------------------- messages
-    def on_act(self, p: Peer, msg: P.Message) -> bool:
-        if not msg.meta.get("probe"):
+    def on_act(self, p: Peer, act: control.ActReport) -> bool:
+        if not act.probe:
             return False
-        if msg.step == self.probe_step and p.cid in self.probe_expected:
+        if act.step == self.probe_step and p.cid in self.probe_expected:
             if p.cid not in self.probe_acts:
-                self.probe_acts[p.cid] = msg
-                p.drawn = meta_int(msg.meta, "drawn", p.drawn)
-        elif msg.step > self.probe_at:
-            self.server._reject(p, msg, "future-step", f"probe activations for step {msg.step}")
+                self.probe_acts[p.cid] = act
+                p.drawn = p.drawn if act.drawn is None else act.drawn
+        elif act.step > self.probe_at:
+            self.server._reject(p, act.msg, "future-step",
+                                f"probe activations for step {act.step}")
         return True
 
-    def on_adapt(self, p: Peer, msg: P.Message) -> bool:
-        if msg.meta.get("probe") is None:
+    def on_adapt(self, p: Peer, up: control.AdaptReport) -> bool:
+        if not up.probe:
             return False
-        if msg.step != self.probe_step or p.cid not in self.probe_acts:
+        if up.step != self.probe_step or p.cid not in self.probe_acts:
             return True  # late or repeated
-        nums = msg.meta.get("importance")
+        nums = up.importance  # None: not a mapping of names to finite numbers
         mine = set(self.htr.client_candidates(self.split_of(p)))
-        if not isinstance(nums, dict) or not all(
-                k in mine and isinstance(v, int | float) and not isinstance(v, bool)
-                and math.isfinite(v) for k, v in nums.items()):
-            self.server._reject(p, msg, "bad-meta", "importance must map this client's "
-                                                    "candidate weights to finite numbers")
+        if nums is None or not all(k in mine for k in nums):
+            self.server._reject(p, up.msg, "bad-meta", "importance must map this client's "
+                                                       "candidate weights to finite numbers")
             return True
-        self.probe_nums.setdefault(p.cid, {k: float(v) for k, v in nums.items()})
-        p.drawn = meta_int(msg.meta, "drawn", p.drawn)
+        self.probe_nums.setdefault(p.cid, dict(nums))
+        p.drawn = p.drawn if up.drawn is None else up.drawn
         return True
 
     # ------------------------------------------------------------------------ probe
@@ -160,14 +169,14 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
 
             def give(p: Peer) -> None:
                 sent[p.cid] = s.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
-                                     {"probe": True}, to=p.cid, wire=s.o.wire)
+                                     control.probe_grad_meta(), to=p.cid, wire=s.o.wire)
 
             for p in answered:
                 give(p)
             s.wait_for(lambda: [p for p in answered
                                 if p.online and p.cid not in self.probe_nums],
                        step, "probe", give)
-            self.probe_bytes += sum(m.nbytes for m in msgs) + sum(
+            tr.probe_bytes += sum(m.msg.nbytes for m in msgs) + sum(
                 x.nbytes for x in sent.values() if x is not None)
         done = [p for p in answered if p.cid in self.probe_nums]
         s.event("probe", step=step, clients=[p.name for p in done],
@@ -180,7 +189,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
         """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
-        self.outbox = []
+        self.htr.merges = []
         return super().aggregate(step, participants)
 
     def after_uploads(self, step: int, got: list[Peer], bytes_: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +207,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
                 seg.model = seg.model.unload()
             tr._sync_blocks(seg, seg.end)
         self._send_merges(step, got + late)
-        self.probe_at, self.moved = step + 1, {}
+        self.probe_at, tr.moved = step + 1, {}
         extra = tr.after_aggregate(step)
         for p in s.peers.values():
             p.agg_drawn = p.drawn
@@ -212,12 +221,13 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         """Each participant gets the NAA result of the weights in its blocks (method.md: the
         concatenated factors, the dense update only when that is smaller)."""
         s = self.server
-        for name, *_ in self.outbox:
+        merges = self.htr.merges
+        for name, *_ in merges:
             self.merged_names.add(name)
         for p in got:
             tensors: dict[str, torch.Tensor] = {}
             forms: dict[str, str] = {}
-            for name, b_cat, a_cat, delta, _ in self.outbox:
+            for name, b_cat, a_cat, delta, _ in merges:
                 if lora.block_of(name) >= self.split_of(p):
                     continue
                 _, form = agg.wire_bytes(delta.shape[0], delta.shape[1], a_cat.shape[0])
