@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -173,6 +174,8 @@ def main() -> None:
     if args.steps < 2:
         ap.error("need --steps >= 2 (a step time is the gap between two consecutive steps)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N+1 processes share the cores
+    # SIGTERM unwinds like Ctrl-C, so LocalRun stops the run's broker, server and clients
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = [int(x) for x in args.clients.split(",")]
     rows = []
     for method in args.methods.split(","):
