@@ -375,7 +375,22 @@ def decode_heartbeat(meta: dict[str, Any]) -> Heartbeat:
 
 
 @dataclass(frozen=True)
-class ActReport:
+class _Carrying:
+    """A decoded message that carries tensors: its step and tensors are the message's."""
+
+    msg: P.Message
+
+    @property
+    def step(self) -> int:
+        return self.msg.step
+
+    @property
+    def tensors(self) -> dict[str, Any]:
+        return self.msg.tensors
+
+
+@dataclass(frozen=True)
+class ActReport(_Carrying):
     """An ``act`` message: the boundary activations (``msg.tensors``) and what the client
     says with them: its stream and optimizer position, learning rate, forward time, memory;
     ``probe``: an IWI probe's activations (HSplitLoRA) rather than a training step's."""
@@ -388,17 +403,9 @@ class ActReport:
     probe: bool = False
     usage: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def step(self) -> int:
-        return self.msg.step
-
-    @property
-    def tensors(self) -> dict[str, Any]:
-        return self.msg.tensors
-
 
 @dataclass(frozen=True)
-class AdaptReport:
+class AdaptReport(_Carrying):
     """An ``adapt`` message: the adapters uploaded for aggregation ``step`` (``msg.tensors``)
     and the client's stream and optimizer position; ``probe``: an IWI probe's numerators
     (``importance``: weight name -> finite number, None when the field does not validate)
@@ -409,14 +416,6 @@ class AdaptReport:
     opt_steps: int | None = None
     probe: bool = False
     importance: dict[str, float] | None = None
-
-    @property
-    def step(self) -> int:
-        return self.msg.step
-
-    @property
-    def tensors(self) -> dict[str, Any]:
-        return self.msg.tensors
 
 
 def _importance(value: Any) -> dict[str, float] | None:
