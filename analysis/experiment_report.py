@@ -103,7 +103,7 @@ def pairwise_markdown(pairs: pd.DataFrame) -> list[str]:
 
 
 def config_markdown(groups: pd.DataFrame) -> list[str]:
-    """What each method was configured with under the budgets (testbed/fairness.py)."""
+    """What each method was configured with under the budgets (testbed/experiment/fairness.py)."""
     lines = ["| Method | Split | Rank | How it meets the budgets | Stopped by |",
              "|:---|---:|---:|:---|:---|"]
     for _, row in groups.iterrows():

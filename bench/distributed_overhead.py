@@ -6,7 +6,7 @@ configuration
 * **in-process**: :class:`runner.trainer.Trainer` (clients one after another, then the
   server, in one process), timed around ``train_step`` + ``aggregate`` as ``fit`` runs them;
 * **distributed**: ``python -m runner.server`` and N ``python -m runner.client`` processes
-  through a per-run Mosquitto (testbed/local.py), timed from the run's own metrics: the
+  through a per-run Mosquitto (testbed/backends/local.py), timed from the run's own metrics: the
   difference of ``wall_time`` between the first ``train`` record of consecutive steps (the
   server writes them as each step closes), evaluation steps excluded.
 
@@ -67,7 +67,7 @@ def main() -> None:
     from runner.distributed.runtime import RuntimeOptions
     from runner.rundir import read_jsonl
     from runner.trainer import Trainer
-    from testbed.local import LocalRun
+    from testbed.backends.local import LocalRun
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Memory and step time of a distributed run as the fleet grows (issue 15 part 4).
 
 For each method and number of clients N, one run of broker + ``python -m runner.server`` +
-N ``python -m runner.client`` processes (testbed/local.py, the local backend) trains a few
+N ``python -m runner.client`` processes (testbed/backends/local.py, the local backend) trains a few
 steps while this script samples, once a second, every process of the run:
 
 * **peak RSS** (``VmHWM``) of the server and of each client;
@@ -108,7 +108,7 @@ def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
     from runner.config import TrainConfig
     from runner.distributed.runtime import RuntimeOptions
     from runner.rundir import read_jsonl
-    from testbed.local import LocalRun
+    from testbed.backends.local import LocalRun
 
     cfg = TrainConfig(method=method, model=args.model, data=args.data, clients=n,
                       steps=args.steps, batch_size=args.batch, max_len=args.max_len,

@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_usr1(signum: int, frame: Any) -> None:
         # Injected network outage; the length comes from the run directory (see
-        # testbed/local.py); the main loop performs it outside the signal handler.
+        # testbed/backends/local.py); the main loop performs it outside the signal handler.
         path = rt.run_dir / "inject" / f"{rt.me}.disconnect"
         try:
             client._net_pause = max(0.1, float(path.read_text().strip()))

@@ -9,7 +9,7 @@ pages copy-on-write; ``gc.freeze()`` keeps the collector from touching (and so c
 imported objects. Each child is then exactly ``python -m runner.client``: its own session,
 environment, working directory and log, ``runner.client.main``'s exit code.
 
-Protocol, one JSON object per line: the parent (testbed/local.py ``LocalRun``) writes
+Protocol, one JSON object per line: the parent (testbed/backends/local.py ``LocalRun``) writes
 ``{"who", "argv", "env", "cwd", "log"}`` on stdin; the server answers ``{"who", "pid"}`` on
 stdout, forks nothing else, and when a child exits writes its exit code to ``<log>.exit``
 (``{"pid", "returncode"}``), since the parent cannot wait for a process that is not its

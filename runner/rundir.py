@@ -23,7 +23,7 @@ ADAPTERS = "adapters"
 EVAL = "eval"
 SUMMARY = "summary.json"
 HOST_PATHS = "host-paths.json"
-# The run directory's own path inside a container (testbed/compose.py mounts it there).
+# The run directory's own path inside a container (testbed/backends/compose.py mounts it there).
 RUN_MOUNT = "/run/testbed"
 
 

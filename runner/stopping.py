@@ -3,7 +3,7 @@
 Why a separate object: the trainer's loop only asks two questions, after each step ("is the
 virtual-time budget spent?") and after each evaluation ("has validation PPL stopped
 improving?"), and the answers must be the same wherever a run is trained and recorded the
-same way in its events, so experiments (testbed/experiment_run.py) can compare methods that
+same way in its events, so experiments (testbed/experiment/run.py) can compare methods that
 stopped for different reasons.
 
 Rules (any combination; the first that fires ends the run):

@@ -265,28 +265,28 @@ def report(
         typer.echo(str(fig))
 
 
-# `testbed profiles list|show` (testbed/commands_profiles.py).
-from testbed.commands_profiles import app as _profiles_app  # noqa: E402
+# `testbed profiles list|show` (testbed/commands/profiles.py).
+from testbed.commands.profiles import app as _profiles_app  # noqa: E402
 
 app.add_typer(_profiles_app, name="profiles")
 
-# `testbed images build [--offline]` (testbed/commands_images.py).
-from testbed.commands_images import app as _images_app  # noqa: E402
+# `testbed images build [--offline]` (testbed/commands/images.py).
+from testbed.commands.images import app as _images_app  # noqa: E402
 
 app.add_typer(_images_app, name="images")
 
-# `testbed experiment run|report|pack` (testbed/commands_experiment.py).
-from testbed.commands_experiment import app as _experiment_app  # noqa: E402
+# `testbed experiment run|report|pack` (testbed/commands/experiment.py).
+from testbed.commands.experiment import app as _experiment_app  # noqa: E402
 
 app.add_typer(_experiment_app, name="experiment")
 
-# `testbed scenario run` (testbed/commands_scenario.py).
-from testbed.commands_scenario import app as _scenario_app  # noqa: E402
+# `testbed scenario run` (testbed/commands/scenario.py).
+from testbed.commands.scenario import app as _scenario_app  # noqa: E402
 
 app.add_typer(_scenario_app, name="scenario")
 
-# `testbed export k8s` (testbed/commands_export.py).
-from testbed.commands_export import app as _export_app  # noqa: E402
+# `testbed export k8s` (testbed/commands/export.py).
+from testbed.commands.export import app as _export_app  # noqa: E402
 
 app.add_typer(_export_app, name="export")
 
@@ -295,13 +295,13 @@ def main() -> None:
     app()
 
 
-# Distributed runtime: up / status / down / inject (testbed/commands_runtime.py).
-from testbed import commands_runtime as _runtime_commands  # noqa: E402
+# Distributed runtime: up / status / down / inject (testbed/commands/runtime.py).
+from testbed.commands import runtime as _runtime_commands  # noqa: E402
 
 _runtime_commands.register(app)
 
-# `testbed join` (testbed/commands_join.py): a real device takes one client's slot.
-from testbed import commands_join as _join_commands  # noqa: E402
+# `testbed join` (testbed/commands/join.py): a real device takes one client's slot.
+from testbed.commands import join as _join_commands  # noqa: E402
 
 _join_commands.register(app)
 

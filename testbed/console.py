@@ -1,9 +1,9 @@
 """What every `testbed` command shares on the terminal: the stderr console, the one-line
 user error (exit 2), the progress bar, quiet libraries and the analysis loader's warnings.
 
-Why a module of its own: the sub-command modules (commands_runtime, commands_experiment,
-experiment_cell) need these too; kept in testbed/cli.py, which registers those modules,
-they made import cycles.
+Why a module of its own: the sub-command modules (testbed/commands/) and the experiment
+cell (testbed/experiment/cell.py) need these too; kept in testbed/cli.py, which registers
+those modules, they made import cycles.
 """
 
 from __future__ import annotations

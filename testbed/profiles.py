@@ -196,8 +196,8 @@ Bandwidth = Annotated[float, BeforeValidator(lambda v: _positive(parse_bandwidth
 Latency = Annotated[float, BeforeValidator(lambda v: _non_negative(parse_seconds(v)))]
 GpuSelector = Annotated[int | str | None, BeforeValidator(parse_gpu)]
 MigProfile = Annotated[str | None, BeforeValidator(parse_mig)]
-# a node label value (testbed/swarm_run.py placement, testbed/k8s.py nodeSelector): what a
-# Docker node label and a Kubernetes label value both accept
+# a node label value (testbed/backends/swarm_run.py placement, testbed/backends/k8s.py
+# nodeSelector): what a Docker node label and a Kubernetes label value both accept
 NODE_LABEL = "hsplitlora.node"  # the node label whose value a profile's ``node:`` names
 NodeName = Annotated[str | None, Field(
     default=None, pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")]
@@ -265,7 +265,7 @@ class AvailabilitySpec(_Strict):
 
 class DeviceModel(_Strict):
     """One client device. ``memory`` is what the device gives to training (the container
-    gets the runtime's overhead on top, see testbed.compose)."""
+    gets the runtime's overhead on top, see testbed.backends.compose)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     memory: Memory

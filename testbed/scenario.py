@@ -143,8 +143,8 @@ def run_scenario(profile: str, sc: Scenario, out: Path, *, steps: int | None = N
     import json
 
     from analysis.audit import audit_run
-    from testbed.compose_run import append_event
-    from testbed.local import LocalRun
+    from testbed.backends.compose_run import append_event
+    from testbed.backends.local import LocalRun
 
     out = Path(out).resolve()  # the broker and the processes run from elsewhere
     cfg, opts = scenario_config(profile, sc, out, steps=steps, seed=seed,

@@ -36,7 +36,7 @@ def run_training(cfg, out_dir: Path, overwrite: bool, on_run=None) -> dict:
     """Build the trainer, open the run directory and train with a progress bar.
 
     ``on_run(run)`` is called once the run directory exists, before training (experiments
-    record their fairness decisions there: testbed/experiment_cell.py)."""
+    record their fairness decisions there: testbed/experiment/cell.py)."""
     import platform
 
     import torch

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.images import daemon_available
+from testbed.backends.images import daemon_available
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTBED = [sys.executable, "-m", "testbed.cli"]

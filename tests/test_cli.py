@@ -375,7 +375,7 @@ def test_sigterm_stops_a_foreground_up_and_its_processes(tmp_path: Path) -> None
     import signal
     import time
 
-    from testbed.local import pid_alive, read_state
+    from testbed.backends.local import pid_alive, read_state
 
     out = tmp_path / "term"
     proc = subprocess.Popen(

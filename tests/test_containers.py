@@ -25,7 +25,7 @@ from fleet_cli import ROOT, TESTBED, cli, require_docker, wait_for
 
 from runner.methods.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
-from testbed.compose import compose_command, container_limit
+from testbed.backends.compose import compose_command, container_limit
 from testbed.profiles import emulation_map, load_profile
 
 pytestmark = pytest.mark.slow

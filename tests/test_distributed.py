@@ -1,7 +1,7 @@
 """The distributed runtime against a real Mosquitto: server and clients as processes.
 
 Every test starts a per-run Mosquitto, ``python -m runner.server`` and ``python -m
-runner.client`` processes through the local backend (testbed/local.py) on a tiny random
+runner.client`` processes through the local backend (testbed/backends/local.py) on a tiny random
 Llama with synthetic data, and reads the run directory the server wrote.
 
 LoRA dropout is 0 in the runs compared with the in-process trainer: the in-process trainer
@@ -33,7 +33,7 @@ from runner.distributed.runtime import RuntimeOptions
 from runner.model import lora
 from runner.rundir import read_jsonl
 from runner.trainer import Trainer
-from testbed.local import LocalRun
+from testbed.backends.local import LocalRun
 
 pytestmark = [
     pytest.mark.skipif(find_mosquitto() is None,
@@ -496,7 +496,7 @@ def test_local_backend_state_status_inject_and_down(tmp_path: Path) -> None:
         assert res.exit_code == 0, res.output
         assert set(res.output.split(":", 1)[1].strip().split(", ")) == {
             "server", "client0", "client1", "broker"}
-        from testbed import local
+        from testbed.backends import local
 
         st = local.status(run.run_dir)
         assert all(p["state"] == "exited" for p in st["processes"].values()), st

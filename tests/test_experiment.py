@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from analysis.seeds import fmt_ci, mean_ci, t_quantile
 from runner.stopping import Stopper
-from testbed.experiment_spec import ExperimentError, parse_experiment
+from testbed.experiment.spec import ExperimentError, parse_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 9: 2.262157163,
@@ -109,7 +109,7 @@ def test_fairness_gives_the_largest_configuration_that_fits_the_smallest_device(
     from runner.config import TrainConfig
     from runner.emulation.devices import DeviceSpec
     from runner.methods.memory import ModelCosts, client_memory
-    from testbed.fairness import choose
+    from testbed.experiment.fairness import choose
     from testbed.profiles import KNOWN_ARCHS, arch_config
 
     config = arch_config(KNOWN_ARCHS["smollm2-135m"])
@@ -213,7 +213,7 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_memory_check_refuses_a_cell_that_cannot_fit(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from testbed.experiment_run import run
+    from testbed.experiment.run import run
 
     exp = parse_experiment(_spec(seeds=[0]), "x.yaml", "x")
     console = Console(file=(tmp_path / "out.txt").open("w"), width=200)
@@ -346,7 +346,7 @@ def test_grid_killed_mid_run_resumes_and_reports_means_and_intervals(tmp_path: P
 
 
 def test_cell_module_usage_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "testbed.experiment_cell"],
+    result = subprocess.run([sys.executable, "-m", "testbed.experiment.cell"],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2 and "usage" in result.stderr
 
@@ -354,7 +354,7 @@ def test_cell_module_usage_line() -> None:
 def test_reuse_copies_identical_finished_cells(tmp_path: Path) -> None:
     """A cell another experiment trained with the same configuration is copied, not trained
     again; one with a different configuration is not."""
-    from testbed.experiment_run import CELL, plan, signature, write_manifest
+    from testbed.experiment.run import CELL, plan, signature, write_manifest
 
     src_exp = parse_experiment(_spec(seeds=[0]), "a.yaml", "a")
     src = tmp_path / "a"
@@ -385,7 +385,7 @@ def test_a_cell_waiting_for_memory_lets_a_smaller_one_start() -> None:
     running the head of the queue always starts."""
     from types import SimpleNamespace
 
-    from testbed.experiment_run import Planned, _first_fit
+    from testbed.experiment.run import Planned, _first_fit
 
     def cell(name: str, gib: float) -> Planned:
         return Planned(cell=SimpleNamespace(id=name), dir=Path(name), request={},

@@ -15,7 +15,7 @@ from runner.distributed.broker import find_mosquitto
 from runner.distributed.runtime import RuntimeOptions
 from runner.methods import plugins, registry
 from runner.model import lora
-from testbed.local import LocalRun
+from testbed.backends.local import LocalRun
 from tests.test_distributed import events, finish, in_process, train_losses
 
 EXAMPLE = "examples.splitlora_median"

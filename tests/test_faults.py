@@ -1,9 +1,10 @@
 """Sustained faults in one run (issue 16): per-round dropout applied by the distributed
 runtime, the combined scenario (scenarios/sustained-faults.yaml), the exactly-once audit.
 
-Real parts: a per-run Mosquitto, the server and clients as processes (testbed/local.py), the
-tiny random Llama of the smoke profile with synthetic data. The audit itself is a pure
-function over a run's records, tested first on hand-made records that hold each defect.
+Real parts: a per-run Mosquitto, the server and clients as processes
+(testbed/backends/local.py), the tiny random Llama of the smoke profile with synthetic data.
+The audit itself is a pure function over a run's records, tested first on hand-made records
+that hold each defect.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from runner.distributed import control as C
 from runner.distributed.broker import find_mosquitto
 from runner.rundir import RunDir, read_jsonl
 from runner.trainer import Trainer
+from testbed.backends.local import LocalRun
 from testbed.cli import app
-from testbed.local import LocalRun
 from tests.test_distributed import _cfg, _options, events, finish, train_losses
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None,
@@ -236,7 +237,7 @@ def test_watcher_state_and_refusals_without_docker(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from testbed import watcher
+    from testbed.backends import watcher
 
     run = tmp_path / "run"
     run.mkdir()
@@ -247,7 +248,7 @@ def test_watcher_state_and_refusals_without_docker(tmp_path: Path) -> None:
                                               "log": "x"}}
     assert watcher.stop(run) is False  # this test's own pid: not ours to stop
     (run / "testbed-state.json").write_text(json.dumps({**state, "backend": "local"}))
-    proc = subprocess.run([sys.executable, "-m", "testbed.watcher", str(run)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "testbed.backends.watcher", str(run)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from runner.rundir import read_jsonl
-from testbed.compose import container_limit
+from testbed.backends.compose import container_limit
 from tests.test_containers import ROOT, cli
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_client_cannot_read_another_client_through_the_compose_network(
     import yaml
 
     from runner.distributed.runtime import RuntimeOptions
-    from testbed.compose_run import ComposeRun
+    from testbed.backends.compose_run import ComposeRun
     from testbed.profiles import emulation_map, load_profile, train_config
 
     prof = load_profile("smoke")

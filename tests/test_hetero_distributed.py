@@ -21,7 +21,7 @@ from runner.distributed.broker import find_mosquitto
 from runner.methods.hetero import HeteroTrainer
 from runner.methods.plugins import build_trainer
 from runner.rundir import read_jsonl
-from testbed.local import LocalRun
+from testbed.backends.local import LocalRun
 from tests.test_distributed import (
     _cfg,
     _options,
@@ -134,7 +134,7 @@ def test_budget_change_moves_a_split_point_with_block_handover(tmp_path: Path) -
     merged weights of blocks 1 and 2 on the wire. Replaying the same change at the same
     aggregation in-process gives the same per-step losses: the hand-over carried exactly
     the server's merged weights."""
-    from testbed.local import inject_budget
+    from testbed.backends.local import inject_budget
 
     cfg = hcfg(steps=10, agg_interval=2, devices=str(_devices(tmp_path / "devices.json")))
     with LocalRun(cfg, tmp_path / "run", _options(min_step_time=0.3)) as run:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from testbed import images
+from testbed.backends import images
 
 
 class _Dist:

@@ -122,6 +122,9 @@ def test_every_package_is_parsed() -> None:
     assert "runner.methods.registry" in g["runner.config"]
     assert "runner.trainer" in g["runner.methods.hetero"]
     assert "runner.methods.hetero" in g["runner.methods.hsplitlora"]
+    assert "testbed.backends.local" in g["testbed.commands.runtime"]
+    assert "testbed.commands.runtime" in g["testbed.cli"]
+    assert "testbed.experiment.cell" in g["testbed.experiment.run"]
 
 
 def test_no_import_cycle() -> None:
@@ -137,6 +140,16 @@ def test_layers(lower: str, upper: str) -> None:
     bad = sorted((n, m) for n, deps in graph().items() if n.split(".")[0] == lower
                  for m in deps if m.split(".")[0] == upper)
     assert not bad, f"{lower}/ imports {upper}/: {bad}"
+
+
+def test_commands_sit_on_top_of_testbed() -> None:
+    """testbed/commands/ (and cli.py, which registers them) are what the other parts of
+    testbed/ serve: no backend, experiment or shared module imports a command module."""
+    g = graph()
+    top = {n for n in g if n == "testbed.cli" or n.startswith("testbed.commands")}
+    bad = sorted((n, m) for n, deps in g.items() if n.startswith("testbed") and n not in top
+                 for m in deps & top)
+    assert not bad, f"imports of testbed's command layer: {bad}"
 
 
 # What an engine may import of runner/methods/: the registry and the plug-in interface, and

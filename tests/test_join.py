@@ -1,4 +1,4 @@
-"""``testbed join`` (testbed/join.py): a device outside the launcher takes a client's slot.
+"""``testbed join`` (testbed/backends/join.py): a device outside the launcher takes a client's slot.
 
 The end-to-end test starts a local-backend run of the smoke profile whose ``client2`` slot
 is left to a joiner (``testbed up --join-slot client2``), then runs ``testbed join`` as a
@@ -17,7 +17,7 @@ import pytest
 from fleet_cli import ROOT, TESTBED, cli, wait_for
 
 from runner.rundir import read_jsonl
-from testbed.join import prepare, read_join_file, write_join_file
+from testbed.backends.join import prepare, read_join_file, write_join_file
 
 
 def _join_file(tmp_path: Path) -> Path:

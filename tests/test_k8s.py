@@ -1,4 +1,4 @@
-"""``testbed export k8s`` (testbed/k8s.py, exportdir.py, commands_export.py).
+"""``testbed export k8s`` (testbed/backends/k8s.py, exportdir.py, commands/export.py).
 
 There is no cluster here: every written object is validated against the Kubernetes
 OpenAPI schema that the ``kubernetes-validate`` package ships (strict: unknown fields are
@@ -20,8 +20,8 @@ import yaml
 
 from runner.errors import ConfigError, UserError
 from runner.methods.memory import DEFAULT_RESERVE
-from testbed import k8s as K
-from testbed.compose import PAGE, generate_override, write_override
+from testbed.backends import k8s as K
+from testbed.backends.compose import PAGE, generate_override, write_override
 from testbed.exportdir import MARKER, write_tree
 from testbed.profiles import EmulationMap, Profile, emulation_map, load_profile, parse_profile
 

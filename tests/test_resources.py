@@ -7,7 +7,7 @@ the cgroup must NOT be used (no limit, other processes in it). RSS is read for r
 There is NO GPU on the machines these tests run on: the NVML and CUDA paths are exercised
 with FAKES (:class:`FakeNVML` standing in for ``pynvml``, :class:`FakeCuda` for
 ``torch.cuda``); one test runs the real ``pynvml`` here to show that a machine without a GPU
-falls back cleanly. The host's sampling of containers (testbed/compose_run.py) runs on
+falls back cleanly. The host's sampling of containers (testbed/backends/compose_run.py) runs on
 FAKE Docker SDK containers (:class:`FakeContainer`). The real paths (a container's cgroup,
 the Docker API) are checked end to end in tests/test_containers.py.
 """
@@ -242,7 +242,7 @@ def test_host_samples_containers_and_an_oom_killed_client_keeps_its_last_reading
         tmp_path: Path) -> None:
     from runner.config import TrainConfig
     from runner.rundir import read_jsonl
-    from testbed.compose_run import ComposeRun
+    from testbed.backends.compose_run import ComposeRun
     from testbed.profiles import emulation_map, load_profile
 
     profile = load_profile("smoke")

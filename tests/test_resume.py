@@ -20,7 +20,7 @@ import torch
 
 from runner.distributed.broker import find_mosquitto
 from runner.methods.plugins import build_trainer
-from testbed.local import LocalRun
+from testbed.backends.local import LocalRun
 from tests.test_distributed import (
     _cfg,
     _options,

@@ -303,7 +303,7 @@ def test_a_release_directory_is_mounted_whole_and_read_back_from_the_host(tmp_pa
     server records /data/... paths, and read_config maps the protocol's files back to the
     host, so `testbed eval` of that run reads the host's testset_w_refs.csv."""
     from runner.rundir import RunDir
-    from testbed.compose_run import ComposeRun
+    from testbed.backends.compose_run import ComposeRun
     from testbed.profiles import emulation_map, load_profile
 
     frames = write_release(tmp_path / "e2e")

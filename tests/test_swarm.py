@@ -1,4 +1,4 @@
-"""The swarm backend (testbed/swarm_run.py): the generated stack file, and a smoke run
+"""The swarm backend (testbed/backends/swarm_run.py): the generated stack file, and a smoke run
 deployed as a Docker stack on a one-node swarm with a client killed mid-run.
 
 Real parts: the Docker daemon, ``docker stack deploy``, the offline images, Mosquitto in its
@@ -20,9 +20,9 @@ from fleet_cli import cli, require_docker, wait_for
 
 from runner.methods.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
-from testbed.compose import ComposeOptions, container_limit, generate_override
+from testbed.backends.compose import ComposeOptions, container_limit, generate_override
+from testbed.backends.swarm_run import SwarmRun, interpolate, stack_document, task_exit
 from testbed.profiles import emulation_map, load_profile, parse_profile, train_config
-from testbed.swarm_run import SwarmRun, interpolate, stack_document, task_exit
 
 SMOKE_WITH_PLACEMENT = """
 description: placement and GPUs for the stack file

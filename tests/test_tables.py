@@ -101,7 +101,7 @@ def test_profiles_list_json(tmp_path: Path) -> None:
 
 
 def test_status_json_from_a_state_file(tmp_path: Path) -> None:
-    from testbed.local import STATE
+    from testbed.backends.local import STATE
 
     run = tmp_path / "run"
     run.mkdir()
@@ -122,7 +122,7 @@ def test_status_without_run_means_the_latest_started_run(tmp_path: Path,
                                                           monkeypatch) -> None:
     """`make run` writes runs/<profile>, not runs/latest: `testbed status` with no --run
     must find the run last started under runs/, and say nothing was started when none was."""
-    from testbed.local import STATE
+    from testbed.backends.local import STATE
 
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["status", "--json"])

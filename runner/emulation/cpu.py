@@ -1,7 +1,7 @@
 """This process's CPU share, and as many torch threads as that share can keep busy.
 
 Why: an emulated device's container gets a CPU quota proportional to its compute (a slow
-Jetson-class client may get 0.12 of a CPU, testbed/compose.py), but torch sizes its thread
+Jetson-class client may get 0.12 of a CPU, testbed/backends/compose.py), but torch sizes its thread
 pool from the host's cores. Two OpenMP threads under a 0.12-CPU CFS quota burn the quota in
 half the period and then both stall (and spin-wait on each other), so a step takes several
 times longer than one thread would. Kubernetes CPU limits are the same CFS quota. An explicit

@@ -50,7 +50,7 @@ class Traits:
     the base of hsplitlora.py's and hetlora.py's trainers).
     ``iwi`` / ``armsc`` / ``naa``: HSplitLoRA's three parts (off in its ablations).
     ``fixed_config``: one split point and rank for every client, which the fairness rule
-    (testbed/fairness.py) may choose for a profile. ``hooks``: ``"module:Class"`` of the
+    (testbed/experiment/fairness.py) may choose for a profile. ``hooks``: ``"module:Class"`` of the
     method's server-side and client-side hooks in the distributed runtime (None: the
     SplitLoRA / FedAvg engines' own behaviour); ``trainer``: ``"module:function"`` that
     builds its in-process trainer (None: runner.trainer.Trainer).

@@ -37,7 +37,7 @@ from runner.errors import UserError
 
 FORMAT = "hsplitlora-join/1"
 JOIN_DIR = "join"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_join_file(run_dir: Path, *, client: str, broker: str, run_id: str, password: str,

@@ -11,7 +11,7 @@
    participant (``secrets/``);
 3. the model is materialised on the host first (a GGUF conversion needs the whole model in
    memory, which a small client container must never pay) and the cache mounted;
-4. ``compose.override.yaml`` is generated (testbed/compose.py) and
+4. ``compose.override.yaml`` is generated (testbed/backends/compose.py) and
    ``docker compose -p PROJECT -f compose.yaml -f RUN/compose.override.yaml up -d`` started;
 5. while the server container runs, the host watches the containers through the Docker SDK:
    a client container that exits with ``OOMKilled`` is recorded in ``events.jsonl`` as
@@ -47,7 +47,7 @@ from runner.config import TrainConfig
 from runner.distributed.runtime import RuntimeOptions, write_config
 from runner.errors import UserError
 from runner.rundir import EVENTS, HOST_PATHS, write_json
-from testbed.compose import (
+from testbed.backends.compose import (
     BASE_COMPOSE,
     RUN_MOUNT,
     ComposeOptions,
@@ -55,8 +55,8 @@ from testbed.compose import (
     container_limit,
     write_override,
 )
-from testbed.images import BROKER_IMAGE, RUNTIME_IMAGE, docker_client
-from testbed.local import STATE
+from testbed.backends.images import BROKER_IMAGE, RUNTIME_IMAGE, docker_client
+from testbed.backends.local import STATE
 from testbed.profiles import EmulationMap, Profile
 
 OVERRIDE = "compose.override.yaml"
@@ -229,7 +229,7 @@ class ComposeRun:
 
     def write_state(self, watcher: dict[str, Any] | None = None) -> None:
         """The state file: what ``testbed status|down|logs|inject`` and a detached run's
-        watcher process (testbed/watcher.py) need: the project, the clients with their
+        watcher process (testbed/backends/watcher.py) need: the project, the clients with their
         budgets and availability traces, and the watcher's pid once it runs."""
         write_json(self.run_dir / STATE, {
             "backend": "compose", "run_id": self.run_id, "run_dir": str(self.run_dir),
@@ -478,7 +478,7 @@ class _Attached:
 
 
 def attach(run_dir: Path) -> _Attached:
-    from testbed.local import read_state
+    from testbed.backends.local import read_state
 
     state = read_state(run_dir)
     if state.get("backend") != "compose":
@@ -500,7 +500,7 @@ def container_states(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def status(run_dir: Path) -> dict[str, Any]:
     """``testbed status`` of a compose run: containers, progress and events."""
-    from testbed.local import progress
+    from testbed.backends.local import progress
 
     return {"run_dir": str(run_dir), "backend": "compose", "project": attach(run_dir).project,
             "containers": container_states(run_dir), **progress(run_dir)}
@@ -564,7 +564,7 @@ def inject_budget(run_dir: Path, client: str, budget: int) -> str:
     """A new memory budget for a client container: its memory limit through the Docker API
     (the device really has less or more memory now; below what it uses, the kernel's OOM
     killer ends it, as on a device) and the injected-budget file it reports to the server."""
-    from testbed.local import write_budget
+    from testbed.backends.local import write_budget
 
     c = _client_container(run_dir, client)
     limit = container_limit(budget)

@@ -3,7 +3,7 @@
 A cell trains in-process: every client, the server and the optimizers live in ONE process,
 so its peak is the sum of the holders' training memory (runner/methods/memory.py, the same model
 ARMSC plans with) plus one runtime. The experiment runner checks the estimate against the
-memory the cells may use before it starts one (testbed/experiment_run.py): a cell that
+memory the cells may use before it starts one (testbed/experiment/run.py): a cell that
 cannot fit even alone is refused with one line, one that fits only once others finish
 waits. The estimate is an upper bound by design: memory is counted for batches padded to
 ``max_len`` (E2E has examples that long, so the longest example would not lower it),

@@ -33,7 +33,7 @@ from runner.rundir import write_json
 
 STATE = "testbed-state.json"
 RUNTIME = "runtime.json"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -186,8 +186,8 @@ class LocalRun:
                      clients=self.clients, broker=self.url, options=self.options)
         self.spawn("server")
         for cid in self.clients:
-            if cid in self.join_slots:  # a device takes this slot (testbed/join.py)
-                from testbed.join import write_join_file
+            if cid in self.join_slots:  # a device takes this slot (testbed/backends/join.py)
+                from testbed.backends.join import write_join_file
 
                 self.join_files[cid] = write_join_file(
                     self.run_dir, client=cid, broker=self.url, run_id=str(self.run_id),

@@ -1,4 +1,4 @@
-"""``testbed images build [--offline]``: the runtime and broker images (testbed/images.py).
+"""``testbed images build [--offline]``: the runtime and broker images (testbed/backends/images.py).
 
 A sub-app of its own so image management can grow (list, remove) without touching the run
 commands. Errors follow the CLI's rule: one ``error:`` line on stderr, exit code 2.
@@ -30,7 +30,7 @@ def build(
 ) -> None:
     """Build hsplitlora-testbed:latest (server and clients) and hsplitlora-broker:latest."""
     from runner.errors import UserError
-    from testbed.images import build_images
+    from testbed.backends.images import build_images
 
     out = Console()
     try:

@@ -1,7 +1,7 @@
-"""``python -m testbed.watcher RUN``: the host-side watch of a detached compose run.
+"""``python -m testbed.backends.watcher RUN``: the host-side watch of a detached compose run.
 
 Why a process: ``testbed up --detach`` returns at once, and the watch that a foreground run
-keeps in a thread (testbed/compose_run.py ``ComposeRun.watch``: an OOM-killed client ->
+keeps in a thread (testbed/backends/compose_run.py ``ComposeRun.watch``: an OOM-killed client ->
 ``budget_exceeded`` event, memory readings -> ``resources.jsonl``, the profile's availability
 traces applied to the containers) would end with it. So ``up --detach`` starts this module in
 a session of its own; it rebuilds what the watch needs from the state file (project, clients,
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.rundir import write_json
-from testbed.local import ROOT, STATE, pid_alive, pid_state, read_state
+from testbed.backends.local import ROOT, STATE, pid_alive, pid_state, read_state
 
-MODULE = "testbed.watcher"
+MODULE = "testbed.backends.watcher"
 
 
 def start(run_dir: Path) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def stop(run_dir: Path, grace: float = 5.0) -> bool:
 def watch(run_dir: Path, period: float = 1.0) -> int:
     """Watch until the server container exits or the containers are gone (SIGTERM: at once);
     0, or 2 when ``run_dir`` is not a compose run."""
-    from testbed.compose_run import attach
+    from testbed.backends.compose_run import attach
 
     run = attach(run_dir)
     stop_event = threading.Event()
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m testbed.watcher RUN_DIR", file=sys.stderr)
+        print("usage: python -m testbed.backends.watcher RUN_DIR", file=sys.stderr)
         return 2
     try:
         return watch(Path(args[0]))

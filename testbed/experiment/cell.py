@@ -1,6 +1,6 @@
-"""One cell of an experiment, in its own process: ``python -m testbed.experiment_cell DIR``.
+"""One cell of an experiment, in its own process: ``python -m testbed.experiment.cell DIR``.
 
-Why a process per cell: the runner (testbed/experiment_run.py) can run several at once
+Why a process per cell: the runner (testbed/experiment/run.py) can run several at once
 (``--parallel``), a crash or an out-of-memory kill ends one cell and not the grid, and the
 memory a cell held is returned to the host when it ends. Inside, the cell trains exactly as
 ``testbed train`` does (``testbed.cli.run_training``: same trainer, same run directory), then
@@ -43,14 +43,15 @@ def _die_with_parent() -> None:
 
 
 def _fair_config(cfg: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
-    """``cfg`` with the configuration the fairness rule gives its method (testbed/fairness.py)
-    and the decision (None for methods that size themselves or have no device)."""
+    """``cfg`` with the configuration the fairness rule gives its method
+    (testbed/experiment/fairness.py) and the decision (None for methods that size themselves
+    or have no device)."""
     from runner.dataset import data as data_mod
     from runner.emulation.devices import load_devices
     from runner.emulation.vtime import DEFAULT_SERVER
     from runner.model.models import load_config
     from runner.trainer import prepare
-    from testbed import fairness
+    from testbed.experiment import fairness
 
     rule = spec.get("fairness") or {}
     if not rule.get("enabled", True) or cfg.method not in fairness.FIXED_CONFIG_METHODS \
@@ -74,7 +75,7 @@ def _fair_config(cfg: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
 def train(cell_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """Train the cell from scratch (the same code path as ``testbed train``)."""
     from runner.config import TrainConfig
-    from testbed import fairness
+    from testbed.experiment import fairness
     from testbed.training import run_training
 
     cfg = TrainConfig.from_dict(spec["train"])
@@ -170,7 +171,7 @@ def run_cell(cell_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m testbed.experiment_cell CELL_DIR", file=sys.stderr)
+        print("usage: python -m testbed.experiment.cell CELL_DIR", file=sys.stderr)
         return 2
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -1,5 +1,5 @@
 """``testbed join``: this machine takes one client's slot in a running fleet
-(testbed/join.py). A module of its own so that a device needs only this command, not the
+(testbed/backends/join.py). A module of its own so that a device needs only this command, not the
 ones that start fleets."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def join(
     finds its own memory budget (NVML, its cgroup, else the profile's value) and reports it;
     the server treats it as any other client. The log goes to this terminal."""
     from runner.errors import UserError
-    from testbed.join import prepare, run_client
+    from testbed.backends.join import prepare, run_client
 
     try:
         env = prepare(credentials, workdir or Path("runs") / f"join-{run_id}-{client}",

@@ -53,7 +53,7 @@ def k8s(
     DIR` after filling the model volume (docs/kubernetes.md). Nothing here talks to a
     cluster."""
     from runner.errors import UserError
-    from testbed import k8s as K
+    from testbed.backends import k8s as K
     from testbed.exportdir import check_target, write_tree
     from testbed.profiles import emulation_map, load_profile
 

@@ -52,8 +52,8 @@ def run_(
     import tempfile
 
     from runner.errors import UserError
-    from testbed import experiment_run as ER
-    from testbed.experiment_spec import load_experiment
+    from testbed.experiment import run as ER
+    from testbed.experiment.spec import load_experiment
 
     if parallel < 1:
         _fail(f"--parallel must be >= 1, got {parallel}")
@@ -72,7 +72,7 @@ def run_(
         if dry_run:
             from rich.table import Table
 
-            from testbed.experiment_memory import cpu_count
+            from testbed.experiment.memory import cpu_count
             from testbed.tables import print_table
 
             with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Experiment files (``experiments/*.yaml``): a grid of methods x profiles x seeds x overrides.
 
 An experiment file says what to compare and how to stop; ``testbed experiment run`` turns
-it into cells (one training run each, testbed/experiment_run.py) and ``testbed experiment
+it into cells (one training run each, testbed/experiment/run.py) and ``testbed experiment
 report`` aggregates the seeds (analysis/experiment.py). docs/experiments.md is the user's
 guide; this module is the schema and the expansion into cells.
 
@@ -111,7 +111,7 @@ class StopSpec(_Strict):
 
 
 class FairnessSpec(_Strict):
-    """Same per-device budgets for every method (testbed/fairness.py)."""
+    """Same per-device budgets for every method (testbed/experiment/fairness.py)."""
 
     enabled: bool = True
     # The uniform split of splitlora: "makespan" = the fitting split with the shortest

@@ -10,9 +10,9 @@ Layout of an experiment directory (docs/experiments.md)::
 
 Why it is built this way:
 
-* cells are subprocesses (testbed/experiment_cell.py): ``--parallel`` runs several, and a
+* cells are subprocesses (testbed/experiment/cell.py): ``--parallel`` runs several, and a
   crash or an out-of-memory kill ends one cell, not the grid;
-* before a cell starts, the memory model's estimate of its peak (testbed/experiment_memory.py)
+* before a cell starts, the memory model's estimate of its peak (testbed/experiment/memory.py)
   must fit in what the cells may use (the memory available when the run started, or the
   file's ``resources.memory``) less the estimates of the cells running: a cell that cannot
   fit alone is refused with one line, one that must wait says so once;
@@ -43,9 +43,9 @@ from rich.console import Console
 from runner.config import TrainConfig
 from runner.errors import UserError
 from runner.rundir import write_json
-from testbed.experiment_cell import CELL, RESULT
-from testbed.experiment_memory import available_memory, cpu_count, estimate_cell, fmt_mib
-from testbed.experiment_spec import Cell, Experiment
+from testbed.experiment.cell import CELL, RESULT
+from testbed.experiment.memory import available_memory, cpu_count, estimate_cell, fmt_mib
+from testbed.experiment.spec import Cell, Experiment
 
 MANIFEST = "experiment.json"
 SOURCE = "experiment.yaml"
@@ -298,7 +298,7 @@ def _start(p: Planned) -> None:
     p.log = open(p.dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in _reap
     p.log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start (runner pid {os.getpid()})\n")
     p.log.flush()
-    p.proc = subprocess.Popen([sys.executable, "-m", "testbed.experiment_cell", str(p.dir)],
+    p.proc = subprocess.Popen([sys.executable, "-m", "testbed.experiment.cell", str(p.dir)],
                               stdout=p.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               env=env, cwd=os.getcwd())
     p.started = time.monotonic()

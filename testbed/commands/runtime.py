@@ -2,7 +2,7 @@
 
 Why a module of its own: ``testbed/cli.py`` holds the in-process commands; these drive
 processes (a broker, ``python -m runner.server``, N ``python -m runner.client``) through a
-backend (testbed/local.py processes, testbed/compose_run.py containers, testbed/swarm_run.py
+backend of testbed/backends/ (local.py processes, compose_run.py containers, swarm_run.py
 a Docker stack; each offers status / down / logs / inject_dropout / inject_budget) and must
 work from another terminal, through the state file the backend writes into the run
 directory. :func:`register` adds them to the ``testbed`` app.
@@ -256,7 +256,7 @@ def _external_broker(url: str | None, passwords: Path | None
 @dataclass(frozen=True)
 class LocalLaunch:
     """How the local backend launches a run: ``--join-slot`` clients (left to devices
-    running ``testbed join``, testbed/join.py), the broker's ``--listen`` address, and
+    running ``testbed join``, testbed/backends/join.py), the broker's ``--listen`` address, and
     ``--fork-clients`` (clients forked from one process, runner/forkserver.py)."""
 
     names: tuple[str, ...] = ()
@@ -268,8 +268,8 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
               external: tuple[str, dict[str, str] | None] | None = None,
               joins: LocalLaunch = LocalLaunch()) -> None:
     """Local backend: broker (or ``--broker``), server and clients as processes here."""
+    from testbed.backends.local import LocalRun
     from testbed.console import fail as _fail
-    from testbed.local import LocalRun
 
     _print_data(cfg, console)
     run = LocalRun(cfg, out, opts, join_slots=joins.names, listen=joins.listen,
@@ -385,7 +385,7 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(), method: str | 
         _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external,
                   joins)
         return
-    from testbed.compose import CONTAINER_OFFLINE_AFTER, CONTAINER_STEP_TIMEOUT
+    from testbed.backends.compose import CONTAINER_OFFLINE_AFTER, CONTAINER_STEP_TIMEOUT
 
     if not offline_given:
         opts = replace(opts, offline_after=CONTAINER_OFFLINE_AFTER)
@@ -407,8 +407,8 @@ def _precision(choice: str, console: Console) -> str:
 def _auto_backend(external: Any, console: Console, joins: LocalLaunch = LocalLaunch()) -> str:
     """compose when a Docker daemon and Compose answer, else local, saying why in one line
     (the local backend runs the same fleet without memory caps)."""
-    from testbed.compose import compose_command
-    from testbed.images import daemon_available
+    from testbed.backends.compose import compose_command
+    from testbed.backends.images import daemon_available
 
     if external is not None:
         console.print("backend: local (--broker given)", highlight=False)
@@ -432,13 +432,13 @@ def _auto_backend(external: Any, console: Console, joins: LocalLaunch = LocalLau
 def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_network: bool,
                 mem_limit: list[str], detach: bool, console: Console, swarm: bool = False
                 ) -> None:
-    """Compose backend (testbed/compose_run.py), or with ``swarm`` the same run as a Docker
-    stack (testbed/swarm_run.py): containers, OOM watch, live view."""
+    """Compose backend (testbed/backends/compose_run.py), or with ``swarm`` the same run as a Docker
+    stack (testbed/backends/swarm_run.py): containers, OOM watch, live view."""
 
-    from testbed.compose_run import ComposeRun, parse_mem_limits
+    from testbed.backends.compose_run import ComposeRun, parse_mem_limits
+    from testbed.backends.images import ensure_images
+    from testbed.backends.swarm_run import SwarmRun, swarm_manager
     from testbed.console import fail as _fail
-    from testbed.images import ensure_images
-    from testbed.swarm_run import SwarmRun, swarm_manager
 
     _print_data(cfg, console)
     kind = SwarmRun if swarm else ComposeRun
@@ -457,8 +457,8 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
                       f"{len(run.clients)} client containers; override {run.override}",
                       highlight=False)
     if detach:
-        # the watch goes on without us: a process of its own (testbed/watcher.py)
-        from testbed import watcher
+        # the watch goes on without us: a process of its own (testbed/backends/watcher.py)
+        from testbed.backends import watcher
 
         info = watcher.start(run.run_dir)
         console.print(f"detached; watcher pid {info['pid']} (OOM -> budget_exceeded, "
@@ -497,9 +497,9 @@ def _follow(run_dir: Path, poll: Any, total: int, console: Console | None = None
 
 def _watch_state(run: Path, backend: Any) -> dict[str, Any]:
     """A detached compose run's watcher process and its state, for ``status``."""
-    from testbed import watcher
+    from testbed.backends import watcher
 
-    return watcher.state(run) if backend.__name__ == "testbed.compose_run" else {}
+    return watcher.state(run) if backend.__name__ == "testbed.backends.compose_run" else {}
 
 
 def _backend(run: Path) -> tuple[Path, Any]:
@@ -507,13 +507,13 @@ def _backend(run: Path) -> tuple[Path, Any]:
     backend that started it."""
     import importlib
 
-    from testbed.local import read_state, resolve_run
+    from testbed.backends.local import read_state, resolve_run
 
     run = resolve_run(run)
     name = str(read_state(run).get("backend", "local"))
-    modules = {"local": "testbed.local", "compose": "testbed.compose_run",
-               "swarm": "testbed.swarm_run"}
-    return run, importlib.import_module(modules.get(name, "testbed.local"))
+    modules = {"local": "testbed.backends.local", "compose": "testbed.backends.compose_run",
+               "swarm": "testbed.backends.swarm_run"}
+    return run, importlib.import_module(modules.get(name, "testbed.backends.local"))
 
 
 def status(run: RunOpt = Path("runs/latest"),
@@ -579,9 +579,9 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
         run, backend = _backend(run)
         # a detached compose run's watcher first: on SIGTERM it checks the containers for
         # OOM kills a last time
-        from testbed import watcher
+        from testbed.backends import watcher
 
-        watched = backend.__name__ == "testbed.compose_run" and watcher.stop(run)
+        watched = backend.__name__ == "testbed.backends.compose_run" and watcher.stop(run)
         stopped = backend.down(run) + (["watcher"] if watched else [])
     except UserError as exc:
         _fail(str(exc))
