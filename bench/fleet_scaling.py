@@ -19,6 +19,14 @@ imported their runtime (runner/forkserver.py, sampled too), which shares its pag
 concatenates all clients in one pass (method.md step a3), whose autograd graph grows with N;
 a positive value bounds it.
 
+``--backend compose`` runs the fleet as containers instead (``testbed up --backend compose
+--host-network``, testbed/backends/compose_run.py) on a profile of N devices: the five
+Jetson-class devices of profiles/hetero-llama2.yaml repeated (client{i} is device i mod 5),
+each container capped to its emulated budget plus the runtime reserve as ``testbed up``
+does for any profile. Every container's main process is sampled through its host PID
+(``docker inspect``), so the columns mean the same; containers share no anonymous pages, so
+a container fleet's PSS is the figure to compare with ``--fork-clients``.
+
 The table's last column is each row's server peak RSS against the same method's row with
 the fewest clients (the issue's target: at most 1.5x at 32 clients against 5).
 
@@ -26,6 +34,11 @@ Usage::
 
     .venv/bin/python bench/fleet_scaling.py --model smollm2-135m --methods splitlora,hsplitlora \\
         --clients 5,10,20,32 --steps 2 --batch 2 --server-chunk 5 [--json PATH]
+
+Containers (needs the images, ``testbed images build``)::
+
+    .venv/bin/python bench/fleet_scaling.py --backend compose --methods splitlora \
+        --clients 5,32 --steps 2 --batch 2 --server-chunk 5
 
 A quick check (tests/test_bench.py): ``--model tiny-llama --methods splitlora --clients 2,3
 --steps 2 --batch 2``.
@@ -38,6 +51,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -104,11 +118,92 @@ class Sampler:
             self.avail_min = min(self.avail_min, avail)
 
 
+def fleet_profile(n: int, path: Path) -> Path:
+    """profiles/hetero-llama2.yaml with its five devices repeated to ``n`` clients."""
+    import yaml
+
+    from testbed.profiles import PROFILES_DIR
+
+    doc = yaml.safe_load((PROFILES_DIR / "hetero-llama2.yaml").read_text())
+    base = doc["devices"]
+    doc["devices"] = [{**base[i % len(base)], "name": f"client{i}"} for i in range(n)]
+    doc["description"] = f"hetero-llama2's devices repeated to {n} clients (fleet_scaling)"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class ContainerPids:
+    """The host PIDs of one Compose project's containers, looked up as they appear (a
+    container's main process is ``python -m runner.server`` / ``runner.client``)."""
+
+    def __init__(self, project: str) -> None:
+        import docker
+
+        self.client = docker.from_env()
+        self.project = project
+
+    def refresh(self, pids: dict[str, int]) -> None:
+        from testbed.backends.compose_run import PROJECT_LABEL, SERVICE_LABEL
+
+        try:
+            found = self.client.containers.list(
+                filters={"label": f"{PROJECT_LABEL}={self.project}"})
+        except Exception:  # noqa: BLE001 - the daemon is busy: try again next second
+            return
+        for c in found:
+            service = c.labels.get(SERVICE_LABEL, c.name)
+            pid = int((c.attrs.get("State") or {}).get("Pid") or 0)
+            if service != "broker" and pid > 0:
+                pids[service] = pid
+
+
+def run_containers(args: argparse.Namespace, method: str, n: int, out: Path,
+                   tmp: Path) -> tuple[int, Sampler, str]:
+    """``testbed up --backend compose`` on an n-device profile, sampled while it runs."""
+    from testbed.backends.compose_run import project_name
+
+    profile = fleet_profile(n, tmp / f"fleet-{n}.yaml")
+    argv = [sys.executable, "-m", "testbed.cli", "up", "--profile", str(profile),
+            "--backend", "compose", "--host-network", "--method", method,
+            "--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch),
+            "--agg-interval", str(args.steps), "--eval-every", str(10**9),
+            "--eval-max-examples", "8", "--max-len", str(args.max_len), "--seed", "0",
+            "--server-chunk", str(args.server_chunk), "--step-timeout", "1800",
+            "--join-timeout", "1800", "--offline-after", "300", "--heartbeat", "2",
+            "--out", str(out), "--overwrite"]
+    pids: dict[str, int] = {}
+    lookup = ContainerPids(project_name(out.name))
+    log = tmp / "up.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+        with Sampler(pids) as sampler:
+            try:
+                while proc.poll() is None:
+                    lookup.refresh(pids)
+                    time.sleep(1.0)
+            finally:
+                if proc.poll() is None:  # interrupted: `testbed up` takes its fleet down
+                    proc.send_signal(signal.SIGINT)
+                    proc.wait(120)
+    return proc.returncode, sampler, log.read_text()[-3000:]
+
+
 def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
     from runner.config import TrainConfig
     from runner.distributed.runtime import RuntimeOptions
     from runner.rundir import read_jsonl
     from testbed.backends.local import LocalRun
+
+    if args.backend == "compose":
+        with tempfile.TemporaryDirectory(prefix="hsl-scaling-") as tmp:
+            out = Path(tmp) / f"scaling-{method}-{n}"
+            t0 = time.monotonic()
+            rc, sampler, tail = run_containers(args, method, n, out, Path(tmp))
+            if rc != 0:
+                sys.exit(f"{method} x {n} (containers): testbed up exited with {rc}:\n{tail}")
+            wall = time.monotonic() - t0
+            train = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+        return summarise(args, method, n, sampler, train, wall)
 
     cfg = TrainConfig(method=method, model=args.model, data=args.data, clients=n,
                       steps=args.steps, batch_size=args.batch, max_len=args.max_len,
@@ -131,6 +226,12 @@ def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
                 sys.exit(f"{method} x {n}: server exited with {rc}:\n{run.log_tail('server')}")
         wall = time.monotonic() - t0
         train = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    return summarise(args, method, n, sampler, train, wall)
+
+
+def summarise(args: argparse.Namespace, method: str, n: int, sampler: Sampler,
+              train: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """One table row from a run's samples and its ``train`` metrics records."""
     first: dict[int, float] = {}
     for r in train:
         first.setdefault(r["step"], r["wall_time"])
@@ -141,7 +242,7 @@ def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
     client_pss = [v for who, v in sampler.pss.items() if who.startswith("client")]
     return {
         "method": method, "clients": n, "server_chunk": args.server_chunk,
-        "fork_clients": args.fork_clients,
+        "fork_clients": args.fork_clients, "backend": args.backend,
         "server_peak_rss_mb": sampler.hwm.get("server", 0) / MB,
         "server_peak_pss_mb": sampler.pss.get("server", 0) / MB,
         "client_peak_rss_mb": [min(clients) / MB, statistics.median(clients) / MB,
@@ -168,11 +269,17 @@ def main() -> None:
     ap.add_argument("--fork-clients", action="store_true",
                     help="fork the clients from one process that imported their runtime "
                          "(runner/forkserver.py)")
+    ap.add_argument("--backend", choices=["local", "compose"], default="local",
+                    help="local: processes (testbed/backends/local.py); compose: containers "
+                         "on hetero-llama2's devices repeated to N (needs the images)")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("need --steps >= 2 (a step time is the gap between two consecutive steps)")
+    if args.backend == "compose" and args.fork_clients:
+        ap.error("--fork-clients is for processes: containers cannot share a fork server's "
+                 "pages (use --backend local)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N+1 processes share the cores
     # SIGTERM unwinds like Ctrl-C, so LocalRun stops the run's broker, server and clients
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

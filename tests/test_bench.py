@@ -111,3 +111,21 @@ def test_fleet_scaling_two_sizes() -> None:
         _number(rf"step {NUMBER} s", line)
         # every client was sampled: the smallest client peak is a real figure
         _number(rf"clients peak RSS {NUMBER}/", line)
+
+
+def test_fleet_profile_repeats_the_llama2_devices(tmp_path: Path) -> None:
+    """The container fleet of ``fleet_scaling.py --backend compose`` is a valid profile whose
+    client i is hetero-llama2's device i mod 5."""
+    import importlib.util
+
+    from testbed.profiles import load_profile
+
+    spec = importlib.util.spec_from_file_location("fleet_scaling", BENCH / "fleet_scaling.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = load_profile("hetero-llama2")
+    fleet = load_profile(str(mod.fleet_profile(12, tmp_path / "fleet.yaml")))
+    assert [d.name for d in fleet.devices] == [f"client{i}" for i in range(12)]
+    assert [d.memory for d in fleet.devices] == [base.devices[i % 5].memory for i in range(12)]
+    assert fleet.experiment == base.experiment
