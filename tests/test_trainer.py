@@ -199,3 +199,33 @@ def test_server_chunks_give_the_concatenated_gradient():
         assert any(float(w.abs().max()) > 0 for w in whole[2])
         for g, w in zip(pgrads, whole[2], strict=True):
             assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_probe_chunks_give_the_whole_probe(monkeypatch):
+    """The IWI probe's server side in chunks of the --server-chunk size: every client's
+    gradient equals the one-graph probe's bit for bit (its part of the loss depends on its
+    own activations only), and the server's numerators agree up to summation order."""
+    from runner.methods.hsplitlora import probe_server
+
+    tr = Trainer(_cfg(method="splitlora", clients=5, lora_dropout=0.0))
+    payloads = _client_payloads(tr)
+    seg = tr.server.seg
+    names = [n for n in lora.all_candidates(seg.config) if lora.block_of(n) >= seg.start]
+    assert names
+    tr.server.seg.model.eval()
+    whole_grads, whole_nums = probe_server(tr.server.seg, payloads, names)
+    assert any(abs(v) > 0 for v in whole_nums.values())
+    calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad",
+                        lambda out, ins, **kw: calls.append(len(ins)) or real_grad(out, ins, **kw))
+    for chunk in (1, 2, 3):
+        calls.clear()
+        grads, nums = probe_server(tr.server.seg, payloads, names, chunk)
+        # one graph per chunk, each differentiated (and freed) before the next is built
+        assert calls == [min(chunk, 5 - i) for i in range(0, 5, chunk)]
+        for g, w in zip(grads, whole_grads, strict=True):
+            assert torch.equal(g, w)
+        assert nums.keys() == whole_nums.keys()
+        for n, v in nums.items():
+            assert abs(v - whole_nums[n]) <= 1e-5 * max(1.0, abs(whole_nums[n]))

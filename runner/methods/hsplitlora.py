@@ -164,7 +164,7 @@ class HSplitLoRATrainer(HeteroTrainer):
             grads, server_nums = probe_server(
                 server.seg, [(f.acts, b["attention_mask"], b["labels"], h.seg.end)
                              for h, b, f in zip(holders, batches, forwards, strict=True)],
-                self.server_candidates([h.seg.end for h in holders]))
+                self.server_candidates([h.seg.end for h in holders]), self.cfg.server_chunk)
             nums = [probe_backward(f, g) for f, g in zip(forwards, grads, strict=True)]
         finally:
             for h in self.all_holders():
@@ -355,24 +355,34 @@ def probe_backward(fwd: ProbeForward, grad: torch.Tensor) -> dict[str, float]:
 
 def probe_server(seg: split.Segment,
                  payloads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
-                 names: list[str]) -> tuple[list[torch.Tensor], dict[str, float]]:
+                 names: list[str], chunk: int = 0) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Server side of the IWI probe for client payloads ``(acts, mask, labels, k)``: one
     loss over every probed batch (mean over all their target tokens), hooks on ``names``;
-    returns the gradient w.r.t. each client's activations and the server's numerators."""
+    returns the gradient w.r.t. each client's activations and the server's numerators.
+
+    ``chunk`` > 0 (``cfg.server_chunk``, as in ``Trainer.server_step``) differentiates the
+    payloads that many at a time, each chunk's graph freed before the next: every payload's
+    part of the loss depends on its own activations only, so each gradient is the same, bit
+    for bit, and the numerators (sums over the hooked outputs) the same up to float summation
+    order; the server's memory for the probe stops growing with the number of clients.
+    """
     s_probe = importance.ImportanceProbe(seg.model, names)
     total = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels, _ in payloads)
-    with torch.enable_grad():
-        wires = [a.detach().requires_grad_(True) for a, _, _, _ in payloads]
-        with s_probe:
+    step = chunk if chunk > 0 else max(len(payloads), 1)
+    grads: list[torch.Tensor] = []
+    with torch.enable_grad(), s_probe:
+        for first in range(0, len(payloads), step):
+            part_payloads = payloads[first:first + step]
+            wires = [a.detach().requires_grad_(True) for a, _, _, _ in part_payloads]
             loss = None
-            for (_, mask, labels, k), w in zip(payloads, wires, strict=True):
+            for (_, mask, labels, k), w in zip(part_payloads, wires, strict=True):
                 hidden = split.run_blocks(seg, w, mask, k, seg.end)
                 rows, _ = split.head_row_losses(seg, hidden, labels)
                 part = rows.sum() / max(total, 1)
                 loss = part if loss is None else loss + part
             assert loss is not None
-            grads = torch.autograd.grad(loss, wires)
-    return list(grads), dict(s_probe.numerators)
+            grads.extend(torch.autograd.grad(loss, wires))
+    return grads, dict(s_probe.numerators)
 
 
 def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: TrainConfig,

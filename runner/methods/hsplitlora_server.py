@@ -162,7 +162,8 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
                 grads, server_nums = probe_server(
                     srv.seg, [(m.tensors[P.ACTS], m.tensors[P.MASK], m.tensors[P.LABELS],
                                self.split_of(p)) for p, m in zip(answered, msgs, strict=True)],
-                    tr.server_candidates([self.split_of(p) for p in answered]))
+                    tr.server_candidates([self.split_of(p) for p in answered]),
+                    s.cfg.server_chunk)
             finally:
                 srv.seg.model.train()
             sent = {}
