@@ -70,7 +70,8 @@ class TrainConfig:
     # concatenated batch, method.md step a3). A positive value bounds the server's autograd
     # graph, the part of its memory that grows with the number of clients: chunks are
     # back-propagated one after the other and the adapter gradients accumulate, the same
-    # gradient up to float summation order.
+    # gradient up to float summation order. hsplitlora's IWI probe takes the same chunks
+    # (runner/methods/hsplitlora.py probe_server).
     server_chunk: int = 0
     # Stopping rules (runner/stopping.py): ``steps`` is the cap; a budget of virtual seconds
     # (the run's virtual clock) and early stopping on validation PPL (``patience``

@@ -70,8 +70,9 @@ def train(
              "5-20 GB spread emulated on the model")] = None,
     rank_set: Annotated[str, typer.Option(help="Rank set Q for ARMSC / HetLoRA")] = "0,2,4,8,16",
     server_chunk: Annotated[int, typer.Option(
-        help="Clients per server forward/backward pass (0 = all at once); bounds the "
-             "server's memory at many clients (same gradient up to float rounding)")] = 0,
+        help="Clients per server forward/backward pass, IWI probe included (0 = all at "
+             "once); bounds the server's memory at many clients (same gradient up to float "
+             "rounding)")] = 0,
     precision: Annotated[str, typer.Option(
         help="fp32 | bf16 (forwards under autocast; weights and optimizer stay fp32) | auto "
              "(bf16 where the GPU or CPU has bf16 arithmetic)")] = "fp32",

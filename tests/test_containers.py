@@ -197,3 +197,38 @@ def _evaluated_and_reported_from_the_host(run: Path, devset: Path, tmp_path: Pat
     assert "BLEU" in text
     figures = list((run / "report_figures").glob("*.png"))
     assert any(f.name.startswith("ppl_vs_step") for f in figures), figures
+
+
+def test_ctrl_c_while_starting_takes_the_fleet_down(images: float, tmp_path: Path) -> None:
+    """Ctrl-C while `compose up` is still starting containers: `testbed up` exits (code 2,
+    one line) and no container of the run's project is left behind, running or stopped."""
+    import signal
+
+    import docker
+
+    from testbed.backends.compose_run import PROJECT_LABEL, project_name
+
+    run = tmp_path / "ctrlc"
+    project = project_name(run.name)
+    client = docker.from_env()
+
+    def containers() -> list:
+        return client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"})
+
+    proc = subprocess.Popen(
+        [*TESTBED, "up", "--profile", "smoke", "--backend", "compose", "--host-network",
+         "--steps", "50", "--data", str(DEVSET), "--out", str(run)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: bool(containers()), 600, "the run's first container", proc)
+        proc.send_signal(signal.SIGINT)  # while compose is still starting the fleet, mostly
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        leftover = [c.name for c in containers()]
+        for c in containers():
+            c.remove(force=True)
+    assert proc.returncode == 2, out[-3000:]
+    assert "interrupted" in out, out[-3000:]
+    assert leftover == [], out[-3000:]

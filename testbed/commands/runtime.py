@@ -72,8 +72,9 @@ def up(
                        ] = None,
     seed: Annotated[int | None, typer.Option(help=f"Random seed {_DEF}0)")] = None,
     server_chunk: Annotated[int | None, typer.Option(
-        help="Clients per server forward/backward pass, 0 = all at once (default 0); bounds "
-             "the server's memory at many clients (same gradient up to float rounding)")
+        help="Clients per server forward/backward pass, IWI probe included; 0 = all at once "
+             "(default 0); bounds the server's memory at many clients (same gradient up to "
+             "float rounding)")
     ] = None,
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
@@ -447,7 +448,15 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
     if swarm:
         swarm_manager()  # before the images are built: one line if there is no swarm
     ensure_images(log=lambda m: console.print(m, highlight=False))
-    run.start()
+    try:
+        run.start()
+    except KeyboardInterrupt:
+        # Ctrl-C while `compose up` / `stack deploy` was starting the fleet: what it had
+        # started belongs to the project / stack, so taking that down leaves nothing behind
+        console.print("interrupted while starting; taking down what was started",
+                      highlight=False)
+        run.stop()
+        _fail("interrupted before the run started; its containers are down")
     if isinstance(run, SwarmRun):
         console.print(f"run {run.run_id}: stack {run.stack}, broker + server + "
                       f"{len(run.clients)} client services; stack file {run.stack_file}",
