@@ -132,29 +132,20 @@ def fleet_profile(n: int, path: Path) -> Path:
     return path
 
 
-class ContainerPids:
-    """The host PIDs of one Compose project's containers, looked up as they appear (a
-    container's main process is ``python -m runner.server`` / ``runner.client``)."""
+def container_pids(project: str, pids: dict[str, int]) -> None:
+    """Add the host PID of each running server / client container of ``project`` to
+    ``pids`` (a container's main process is ``python -m runner.server`` / ``runner.client``),
+    as they appear."""
+    from testbed.backends.compose_run import project_containers
 
-    def __init__(self, project: str) -> None:
-        import docker
-
-        self.client = docker.from_env()
-        self.project = project
-
-    def refresh(self, pids: dict[str, int]) -> None:
-        from testbed.backends.compose_run import PROJECT_LABEL, SERVICE_LABEL
-
-        try:
-            found = self.client.containers.list(
-                filters={"label": f"{PROJECT_LABEL}={self.project}"})
-        except Exception:  # noqa: BLE001 - the daemon is busy: try again next second
-            return
-        for c in found:
-            service = c.labels.get(SERVICE_LABEL, c.name)
-            pid = int((c.attrs.get("State") or {}).get("Pid") or 0)
-            if service != "broker" and pid > 0:
-                pids[service] = pid
+    try:
+        found = project_containers(project)
+    except Exception:  # noqa: BLE001 - the daemon is busy: try again next second
+        return
+    for service, c in found.items():
+        pid = int((c.attrs.get("State") or {}).get("Pid") or 0)
+        if service != "broker" and pid > 0:
+            pids[service] = pid
 
 
 def run_containers(args: argparse.Namespace, method: str, n: int, out: Path,
@@ -172,14 +163,14 @@ def run_containers(args: argparse.Namespace, method: str, n: int, out: Path,
             "--join-timeout", "1800", "--offline-after", "300", "--heartbeat", "2",
             "--out", str(out), "--overwrite"]
     pids: dict[str, int] = {}
-    lookup = ContainerPids(project_name(out.name))
+    project = project_name(out.name)
     log = tmp / "up.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
         with Sampler(pids) as sampler:
             try:
                 while proc.poll() is None:
-                    lookup.refresh(pids)
+                    container_pids(project, pids)
                     time.sleep(1.0)
             finally:
                 if proc.poll() is None:  # interrupted: `testbed up` takes its fleet down

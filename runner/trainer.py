@@ -369,9 +369,8 @@ class Trainer:
         per_client: list[tuple[float, int]] = [(0.0, 0)] * len(batches)
         chunk = self.cfg.server_chunk
         passes: list[tuple[int, list[int]]] = [
-            (k, groups[k][i:i + chunk] if chunk else groups[k])
-            for k in sorted(groups, reverse=True)
-            for i in (range(0, len(groups[k]), chunk) if chunk else (0,))]
+            (k, groups[k][part]) for k in sorted(groups, reverse=True)
+            for part in server_chunks(len(groups[k]), chunk)]
         total_loss = None
         for k, idxs in passes:
             width = max(batches[i][0].shape[1] for i in idxs)
@@ -604,6 +603,13 @@ class Trainer:
         lora.save_peft_adapter(out, segs, self.global_ranks(), alpha=self.cfg.lora_alpha,
                                dropout=self.cfg.lora_dropout, base_path=str(self.info.path))
         return out
+
+
+def server_chunks(n: int, chunk: int) -> list[slice]:
+    """The passes ``--server-chunk`` cuts ``n`` clients' payloads into: slices of ``chunk``
+    clients, or one slice of all of them when ``chunk`` is 0 (the concatenated pass)."""
+    size = chunk if chunk > 0 else max(n, 1)
+    return [slice(i, i + size) for i in range(0, n, size)]
 
 
 def _pad(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:

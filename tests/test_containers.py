@@ -204,16 +204,13 @@ def test_ctrl_c_while_starting_takes_the_fleet_down(images: float, tmp_path: Pat
     one line) and no container of the run's project is left behind, running or stopped."""
     import signal
 
-    import docker
-
-    from testbed.backends.compose_run import PROJECT_LABEL, project_name
+    from testbed.backends.compose_run import project_containers, project_name
 
     run = tmp_path / "ctrlc"
     project = project_name(run.name)
-    client = docker.from_env()
 
     def containers() -> list:
-        return client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"})
+        return list(project_containers(project).values())
 
     proc = subprocess.Popen(
         [*TESTBED, "up", "--profile", "smoke", "--backend", "compose", "--host-network",

@@ -45,7 +45,7 @@ from runner.methods.hetero import HeteroTrainer, _linear, _PerClient
 from runner.methods.memory import client_memory
 from runner.model import lora, split
 from runner.rundir import RunDir
-from runner.trainer import Holder, tensor_bytes
+from runner.trainer import Holder, server_chunks, tensor_bytes
 
 
 @dataclass
@@ -368,11 +368,10 @@ def probe_server(seg: split.Segment,
     """
     s_probe = importance.ImportanceProbe(seg.model, names)
     total = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels, _ in payloads)
-    step = chunk if chunk > 0 else max(len(payloads), 1)
     grads: list[torch.Tensor] = []
     with torch.enable_grad(), s_probe:
-        for first in range(0, len(payloads), step):
-            part_payloads = payloads[first:first + step]
+        for part in server_chunks(len(payloads), chunk):
+            part_payloads = payloads[part]
             wires = [a.detach().requires_grad_(True) for a, _, _, _ in part_payloads]
             loss = None
             for (_, mask, labels, k), w in zip(part_payloads, wires, strict=True):

@@ -73,6 +73,13 @@ def project_name(run_id: str) -> str:
     return f"hsl-{clean}"[:60]
 
 
+def project_containers(project: str) -> dict[str, Any]:
+    """service name -> container (all states) of Compose project ``project``."""
+    found = docker_client().containers.list(all=True,
+                                            filters={"label": f"{PROJECT_LABEL}={project}"})
+    return {c.labels.get(SERVICE_LABEL, c.name): c for c in found}
+
+
 def parse_mem_limits(items: list[str]) -> dict[str, int]:
     """``--mem-limit client2=300MB`` (repeatable) -> {"client2": 300000000}."""
     from testbed.profiles import parse_bytes
@@ -221,11 +228,26 @@ class ComposeRun:
         return proc
 
     def start(self) -> ComposeRun:
-        """Prepare the run directory, then ``compose up -d``; writes the state file."""
+        """Prepare the run directory, launch the fleet, write the state file. Interrupted
+        while launching (Ctrl-C), it takes down what was started before re-raising: what
+        ``compose up`` / ``stack deploy`` had started belongs to the project or stack, so a
+        start leaves a whole fleet or nothing."""
+        self.check_can_start()
         self.prepare()
-        self._compose("up", "-d", "--no-build")
+        try:
+            self.launch()
+        except KeyboardInterrupt:
+            self.stop()
+            raise
         self.write_state()
         return self
+
+    def check_can_start(self) -> None:
+        """One-line UserError when this backend cannot start here (before any work)."""
+
+    def launch(self) -> None:
+        """``compose up -d`` of the prepared project."""
+        self._compose("up", "-d", "--no-build")
 
     def write_state(self, watcher: dict[str, Any] | None = None) -> None:
         """The state file: what ``testbed status|down|logs|inject`` and a detached run's
@@ -243,10 +265,7 @@ class ComposeRun:
     # ------------------------------------------------------------------------ watch
     def containers(self) -> dict[str, Any]:
         """service name -> container (all states) of this run's project."""
-        client = docker_client()
-        found = client.containers.list(all=True,
-                                       filters={"label": f"{PROJECT_LABEL}={self.project}"})
-        return {c.labels.get(SERVICE_LABEL, c.name): c for c in found}
+        return project_containers(self.project)
 
     def server_exit(self) -> int | None:
         """The server container's exit code, or None while it runs (or has not started)."""

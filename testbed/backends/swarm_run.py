@@ -206,18 +206,18 @@ class SwarmRun(ComposeRun):
             raise UserError(f"`docker {' '.join(args[:2])}` failed: {' | '.join(tail)}")
         return proc
 
-    def start(self) -> SwarmRun:
-        """Check for a manager, prepare, ``docker stack deploy``; writes the state file."""
+    def check_can_start(self) -> None:
+        """A swarm manager here, and no stack of this name yet."""
         swarm_manager()
         if _services(self.stack):
             raise UserError(f"stack {self.stack} is already deployed; `testbed down --run "
                             f"{self.run_dir}` first, or choose another --out")
-        self.prepare()
+
+    def launch(self) -> None:
+        """``docker stack deploy`` of the prepared stack file."""
         # the images are local (testbed images build): never ask a registry for them
         self._docker("stack", "deploy", "-c", str(self.stack_file), "--resolve-image",
                      "never", self.stack)
-        self.write_state()
-        return self
 
     def write_state(self) -> None:
         write_json(self.run_dir / STATE, {

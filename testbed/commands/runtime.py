@@ -450,13 +450,8 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
     ensure_images(log=lambda m: console.print(m, highlight=False))
     try:
         run.start()
-    except KeyboardInterrupt:
-        # Ctrl-C while `compose up` / `stack deploy` was starting the fleet: what it had
-        # started belongs to the project / stack, so taking that down leaves nothing behind
-        console.print("interrupted while starting; taking down what was started",
-                      highlight=False)
-        run.stop()
-        _fail("interrupted before the run started; its containers are down")
+    except KeyboardInterrupt:  # run.start() took down what it had started
+        _fail("interrupted while starting the fleet; what was started is down")
     if isinstance(run, SwarmRun):
         console.print(f"run {run.run_id}: stack {run.stack}, broker + server + "
                       f"{len(run.clients)} client services; stack file {run.stack_file}",
