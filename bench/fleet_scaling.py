@@ -118,16 +118,28 @@ class Sampler:
             self.avail_min = min(self.avail_min, avail)
 
 
-def fleet_profile(n: int, path: Path) -> Path:
-    """profiles/hetero-llama2.yaml with its five devices repeated to ``n`` clients."""
+def fleet_profile(n: int, path: Path, memory_scale: float = 1.0) -> Path:
+    """profiles/hetero-llama2.yaml with its five devices repeated to ``n`` clients, each
+    device's memory budget times ``memory_scale``.
+
+    Why the scale: hsplitlora's ARMSC plans every client to use its budget, so a container
+    fleet needs the sum of its budgets in host memory; hetero-llama2's 5-20 GB devices map to
+    0.74-1.9 GB SmolLM2 containers, ~38 GB for 32 of them. A fleet of smaller devices (the
+    same spread, scaled) is what fits 32 on one 24 GiB host.
+    """
     import yaml
 
-    from testbed.profiles import PROFILES_DIR
+    from testbed.profiles import PROFILES_DIR, parse_bytes
 
     doc = yaml.safe_load((PROFILES_DIR / "hetero-llama2.yaml").read_text())
     base = doc["devices"]
+    if memory_scale != 1.0:
+        base = [{**d, "memory": f"{parse_bytes(d['memory']) * memory_scale / 1e9:.4g}GB"}
+                for d in base]
     doc["devices"] = [{**base[i % len(base)], "name": f"client{i}"} for i in range(n)]
-    doc["description"] = f"hetero-llama2's devices repeated to {n} clients (fleet_scaling)"
+    scaled = f", memory x {memory_scale:g}" if memory_scale != 1.0 else ""
+    doc["description"] = (f"hetero-llama2's devices repeated to {n} clients{scaled} "
+                          "(fleet_scaling)")
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -153,7 +165,7 @@ def run_containers(args: argparse.Namespace, method: str, n: int, out: Path,
     """``testbed up --backend compose`` on an n-device profile, sampled while it runs."""
     from testbed.backends.compose_run import project_name
 
-    profile = fleet_profile(n, tmp / f"fleet-{n}.yaml")
+    profile = fleet_profile(n, tmp / f"fleet-{n}.yaml", args.memory_scale)
     argv = [sys.executable, "-m", "testbed.cli", "up", "--profile", str(profile),
             "--backend", "compose", "--host-network", "--method", method,
             "--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch),
@@ -263,11 +275,19 @@ def main() -> None:
     ap.add_argument("--backend", choices=["local", "compose"], default="local",
                     help="local: processes (testbed/backends/local.py); compose: containers "
                          "on hetero-llama2's devices repeated to N (needs the images)")
+    ap.add_argument("--memory-scale", type=float, default=1.0,
+                    help="compose: multiply each device's memory budget (a fleet of smaller "
+                         "devices; hsplitlora fills its budgets, so 32 hetero-llama2 devices "
+                         "need ~38 GB)")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("need --steps >= 2 (a step time is the gap between two consecutive steps)")
+    if args.memory_scale <= 0:
+        ap.error("--memory-scale must be > 0")
+    if args.memory_scale != 1.0 and args.backend != "compose":
+        ap.error("--memory-scale scales the container fleet's devices: use --backend compose")
     if args.backend == "compose" and args.fork_clients:
         ap.error("--fork-clients is for processes: containers cannot share a fork server's "
                  "pages (use --backend local)")

@@ -205,3 +205,35 @@ def test_compose_config_validates(tmp_path: Path, host_network: bool,
     assert int(str(client1["mem_limit"])) == container_limit(DEFAULT_RESERVE + row.standin_bytes)
     assert float(client1["cpus"]) == 0.5
     assert (client1.get("network_mode") == "host") == host_network
+
+
+def test_fleet_bigger_than_the_host_gets_a_warning(gpu_setup: tuple[Profile, EmulationMap],
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``testbed up --backend compose`` warns before starting a fleet whose container limits
+    add up to more than the host has available (hsplitlora fills them), and counts a
+    ``--mem-limit`` as the limit it sets. The sum is the override's own limits."""
+    from runner.config import TrainConfig
+    from testbed.backends.compose_run import ComposeRun
+
+    profile, mapping = gpu_setup
+    services = generate_override(profile, mapping)["services"]
+    written = sum(services[d.name]["mem_limit"] for d in profile.devices)
+    run = ComposeRun(profile, mapping, TrainConfig(model="tiny-llama"), tmp_path / "run")
+    assert sum(run.client_limits().values()) == written
+    assert run.memory_warning(available=written) is None
+    note = run.memory_warning(available=written - 1)
+    assert note is not None and note.startswith(
+        f"the 4 client containers may use up to {written / 1e9:.1f} GB")
+    assert "--backend swarm" in note
+    small = ComposeRun(profile, mapping, TrainConfig(model="tiny-llama"), tmp_path / "small",
+                       mem_limits={d.name: 10**8 for d in profile.devices})
+    assert sum(small.client_limits().values()) == 4 * container_limit(10**8)
+    assert small.memory_warning(available=written - 1) is None
+    # the check `testbed up` runs first prints it as one warning line on stderr
+    monkeypatch.setattr("testbed.experiment.memory.available_memory", lambda: written - 1)
+    run.check_can_start()
+    small.check_can_start()
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "4 client containers" in err

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,16 @@ def client_memory_limit(row: EmulatedDevice, overhead: int | None = None) -> int
     return container_limit(overhead + row.standin_bytes)
 
 
+def client_limit(row: EmulatedDevice, mem_limits: Mapping[str, int],
+                 overhead: int | None = None) -> int:
+    """A client container's limit: its ``--mem-limit`` where given (page-rounded), else
+    :func:`client_memory_limit`. Written into the override and summed by the host-memory
+    check (testbed/backends/compose_run.py ``memory_warning``)."""
+    if row.name in mem_limits:
+        return container_limit(mem_limits[row.name])
+    return client_memory_limit(row, overhead)
+
+
 def gpu_reservation(selector: int | str) -> dict[str, Any]:
     """``deploy`` block reserving one NVIDIA GPU (index) or MIG instance / GPU (UUID)."""
     return {"resources": {"reservations": {"devices": [{
@@ -174,8 +185,7 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                                                 strict=True)):
         if row.name != device.name:
             raise ConfigError(f"mapping row {i} is {row.name}, profile device is {device.name}")
-        limit = (container_limit(opts.mem_limits[device.name]) if device.name in opts.mem_limits
-                 else client_memory_limit(row, opts.overhead))
+        limit = client_limit(row, opts.mem_limits, opts.overhead)
         svc = copy.deepcopy(template)
         svc["environment"] = {
             **{k: str(v) for k, v in (svc.get("environment") or {}).items()},

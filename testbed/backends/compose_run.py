@@ -51,6 +51,7 @@ from testbed.backends.compose import (
     BASE_COMPOSE,
     RUN_MOUNT,
     ComposeOptions,
+    client_limit,
     compose_command,
     container_limit,
     write_override,
@@ -243,7 +244,40 @@ class ComposeRun:
         return self
 
     def check_can_start(self) -> None:
-        """One-line UserError when this backend cannot start here (before any work)."""
+        """One-line UserError when this backend cannot start here (before any work); a
+        ``warning:`` line when the fleet may not fit this host's memory."""
+        note = self.memory_warning()
+        if note:
+            from testbed.console import err
+
+            err.print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+
+    def client_limits(self) -> dict[str, int]:
+        """client -> its container's memory limit: ``--mem-limit`` where given, else the
+        runtime reserve plus the device's stand-in budget (as the override file writes)."""
+        return {d.name: client_limit(d, self.mem_limits) for d in self.mapping.clients}
+
+    def memory_warning(self, available: int | None = None) -> str | None:
+        """Why this fleet may run the host out of memory, or None.
+
+        One host's memory must hold what every client container may use: a limit caps a
+        container, it reserves nothing, and a method that plans each client to fill its
+        budget (hsplitlora's ARMSC) takes close to the limit in every container (measured:
+        client PSS ~0.83x its limit, docs/benchmarks.md). The kernel's OOM killer then picks
+        processes anywhere on the host, the server included. A warning, not a refusal:
+        splitlora's fixed segments use a fraction of the same limits. ``available``: the
+        host's available memory (None: read it now)."""
+        from testbed.experiment.memory import available_memory
+
+        limits = self.client_limits()
+        need = sum(limits.values())
+        have = available_memory() if available is None else available
+        if have is None or need <= have:
+            return None
+        return (f"the {len(limits)} client containers may use up to {need / 1e9:.1f} GB (the "
+                f"sum of their memory limits) and this host has {have / 1e9:.1f} GB available; "
+                "clients that fill their budgets (hsplitlora) can run it out of memory: use "
+                "fewer clients or smaller devices, or spread the fleet with --backend swarm")
 
     def launch(self) -> None:
         """``compose up -d`` of the prepared project."""
