@@ -129,3 +129,8 @@ def test_fleet_profile_repeats_the_llama2_devices(tmp_path: Path) -> None:
     assert [d.name for d in fleet.devices] == [f"client{i}" for i in range(12)]
     assert [d.memory for d in fleet.devices] == [base.devices[i % 5].memory for i in range(12)]
     assert fleet.experiment == base.experiment
+    # --memory-scale: the same spread of smaller devices, everything else as it was
+    half = load_profile(str(mod.fleet_profile(7, tmp_path / "half.yaml", 0.5)))
+    assert [d.memory for d in half.devices] == pytest.approx(
+        [base.devices[i % 5].memory / 2 for i in range(7)], rel=1e-3)
+    assert [d.compute for d in half.devices] == [base.devices[i % 5].compute for i in range(7)]
