@@ -280,7 +280,10 @@ class HeteroServerHooks(ServerHooks):
         srv = tr.server
         clone = lora.adapter_state
         return {
-            "weights": {n: _linear(srv.seg.model, n).weight.detach().clone()
+            # the live tensors, not clones: checkpoint.write serialises them at once and the
+            # dict dies with it; a clone doubled the merged model (~400 MB for SmolLM2) at
+            # every aggregation, and glibc kept the freed copy (docs/benchmarks.md)
+            "weights": {n: _linear(srv.seg.model, n).weight.detach()
                         for n in sorted(self.merged_names)} if srv is not None else {},
             # hetlora / no-naa: adapters and the server's optimizer live across aggregations
             "adapters": None if self.naa else [

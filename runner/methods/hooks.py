@@ -118,7 +118,8 @@ class ServerHooks:
     # ------------------------------------------------------------- checkpoints
     def model_state(self) -> dict[str, Any]:
         """The model part of a checkpoint (runner/distributed/checkpoint.py); SplitLoRA's:
-        server adapters and optimizer, global client adapters."""
+        server adapters and optimizer, global client adapters. It is written at once and
+        then dropped, so it may hold the live tensors (no copies of the model needed)."""
         return checkpoint.default_model_state(self.server.tr)
 
     def load_model_state(self, state: dict[str, Any]) -> None:

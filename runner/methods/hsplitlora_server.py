@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from runner.server import Server
 
 
-Merged = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, set[str]]
+# name, B_cat, A_cat, the dense update (only when it is the wire form), the merging clients
+Merged = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, set[str]]
 
 
 class HSplitLoRAShadow(ShadowTrainer, HSplitLoRATrainer):
@@ -69,7 +70,11 @@ class HSplitLoRAShadow(ShadowTrainer, HSplitLoRATrainer):
 
     def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
                 holders: list[Holder]) -> None:
-        self.merges.append((name, b_cat, a_cat, delta, {h.name for h in holders}))
+        # the dense dW only where it is what travels: every weight's dense update together
+        # is the size of the merged blocks (~400 MB for SmolLM2), the factors a fraction
+        _, form = agg.wire_bytes(b_cat.shape[0], a_cat.shape[1], a_cat.shape[0])
+        self.merges.append((name, b_cat, a_cat, delta if form == "dense" else None,
+                            {h.name for h in holders}))
 
     def _move_split(self, h: Holder, k: int, step: int) -> None:
         self.moved.setdefault(h.name, h.seg.end)
@@ -231,11 +236,13 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
             for name, b_cat, a_cat, delta, _ in merges:
                 if lora.block_of(name) >= self.split_of(p):
                     continue
-                _, form = agg.wire_bytes(delta.shape[0], delta.shape[1], a_cat.shape[0])
-                forms[name] = form
-                if form == "factors":
+                if delta is None:
+                    forms[name] = "factors"
                     tensors[f"{name}.B"], tensors[f"{name}.A"] = b_cat, a_cat
                 else:
+                    forms[name] = "dense"
                     tensors[f"{name}.delta"] = delta
             s.tell(control.Merge(step, forms, step + 1, s.epoch), to=p.cid, tensors=tensors)
         s.global_sent_at = time.monotonic()
+        # sent: nothing reads them again, and held they would live until the next round
+        self.htr.merges = []

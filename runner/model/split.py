@@ -16,6 +16,7 @@ makes split training exact (tests/test_split.py).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -271,6 +272,12 @@ def autocast(seg: Segment) -> Iterator[None]:
         yield
 
 
+# transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` during 5.x and
+# removes the old name in 5.40, inside our pinned range: pass whichever this version takes.
+_CACHE_ARG = ("cache" if "cache" in inspect.signature(create_causal_mask).parameters
+              else "past_key_values")
+
+
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
@@ -278,7 +285,7 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
 def _mask(config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
           position_ids: torch.Tensor):
     return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
+                              position_ids=position_ids, **{_CACHE_ARG: None})
 
 
 def embed(seg: Segment, input_ids: torch.Tensor) -> torch.Tensor:
@@ -309,8 +316,7 @@ def run_blocks(seg: Segment, hidden: torch.Tensor, attention_mask: torch.Tensor 
             pos_emb = p.rotary(hidden, position_ids=position_ids)
             for i in range(start, end):
                 hidden = p.layers[i](hidden, attention_mask=mask, position_embeddings=pos_emb,
-                                     position_ids=position_ids, past_key_values=None,
-                                     use_cache=False)
+                                     position_ids=position_ids, use_cache=False)
         else:
             for i in range(start, end):
                 hidden = p.layers[i](hidden, None, mask, use_cache=False,
