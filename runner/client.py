@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from runner import schedule, seeds
+from runner import rundir, schedule, seeds
 from runner.dataset import data as data_mod
 from runner.distributed import control
 from runner.distributed import protocol as P
@@ -287,7 +287,7 @@ class Client:
         from runner.emulation.budget import Budget, discover_budget
         from runner.errors import ConfigError
 
-        injected = self.rt.run_dir / "inject" / f"{self.cid}.budget"
+        injected = rundir.injected(self.rt.run_dir, self.cid, "budget")
         try:  # `testbed inject budget`: the device's budget as the emulation says it is now
             self._budget_cache = Budget(int(injected.read_text().strip()), "injected",
                                         str(injected))
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_usr1(signum: int, frame: Any) -> None:
         # Injected network outage; the length comes from the run directory (see
         # testbed/backends/local.py); the main loop performs it outside the signal handler.
-        path = rt.run_dir / "inject" / f"{rt.me}.disconnect"
+        path = rundir.injected(rt.run_dir, rt.me, "disconnect")
         try:
             client._net_pause = max(0.1, float(path.read_text().strip()))
         except (OSError, ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,32 @@ SUMMARY = "summary.json"
 HOST_PATHS = "host-paths.json"
 # The run directory's own path inside a container (testbed/backends/compose.py mounts it there).
 RUN_MOUNT = "/run/testbed"
+# What the host tells a running fleet through the run directory (every process sees it,
+# containers through the mount): ``inject/CLIENT.budget`` (`testbed inject budget`),
+# ``CLIENT.disconnect`` (`testbed inject dropout --mode disconnect`), ``CLIENT.ended`` (the
+# watcher saw the client's container OOM-killed: the server does not wait for it to join).
+INJECT = "inject"
+
+
+def injected(path: Path, client: str, what: str) -> Path:
+    """``RUN/inject/CLIENT.WHAT``, the file the host writes for ``client`` (see INJECT)."""
+    return Path(path) / INJECT / f"{client}.{what}"
+
+
+def write_injected(path: Path, client: str, what: str, text: str) -> Path:
+    """Write ``RUN/inject/CLIENT.WHAT`` atomically (a reader never sees half of it)."""
+    target = injected(path, client, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target
+
+
+def clear_injected(path: Path) -> None:
+    """Forget what the host told an earlier run in this directory (``--overwrite``): a budget
+    or an ended client left there would apply to the new run."""
+    shutil.rmtree(Path(path) / INJECT, ignore_errors=True)
 
 
 def _clean(value: Any) -> Any:

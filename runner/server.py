@@ -69,7 +69,7 @@ from runner.methods.hooks import ServerHooks
 from runner.methods.memory import ModelCosts
 from runner.model import lora, split
 from runner.model.models import load_config as load_model_config
-from runner.rundir import CONFIG, RunDir
+from runner.rundir import CONFIG, RunDir, injected
 from runner.trainer import Holder, Trainer, prepare, tensor_bytes
 
 log = logging.getLogger("runner.server")
@@ -594,13 +594,30 @@ class Server:
             self.pump(0.2)
 
     def wait_for_clients(self) -> None:
-        """At the start: every client, or as many as joined within ``join_timeout``."""
+        """At the start: every client, or as many as joined within ``join_timeout``. A client
+        the host has seen end for good (its container OOM-killed before it joined: the
+        watcher's ``inject/CLIENT.ended``) is not waited for: it would cost the whole
+        ``join_timeout`` for nothing. One that joins later after all is taken in as any late
+        joiner."""
         deadline = time.monotonic() + self.o.join_timeout
+        ended: set[str] = set()
         while (not all(self.hooks.joined(p) for p in self.peers.values()
-                       if p.cid not in self.gone)
+                       if p.cid not in self.gone and p.cid not in ended)
                and time.monotonic() < deadline):
             self.pump(0.1)
+            ended |= self._ended_before_joining(ended)
         self.wait_online("at the start")
+
+    def _ended_before_joining(self, known: set[str]) -> set[str]:
+        """Clients not yet joined whose ``inject/CLIENT.ended`` marker exists (one event each)."""
+        assert self.run is not None
+        new = {p.cid for p in self.peers.values()
+               if p.cid not in known and not self.hooks.joined(p)
+               and injected(self.run.path, p.name, "ended").exists()}
+        for cid in sorted(new):
+            self.event("client_not_awaited", client=self.peers[cid].name,
+                       reason="ended before joining (the host saw its container end)")
+        return new
 
     def train_step(self, step: int) -> list[dict[str, Any]]:
         self.apply_dropout(step)

@@ -237,3 +237,26 @@ def test_fleet_bigger_than_the_host_gets_a_warning(gpu_setup: tuple[Profile, Emu
     small.check_can_start()
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "4 client containers" in err
+
+
+def test_overwrite_forgets_what_the_host_told_the_last_run(
+        gpu_setup: tuple[Profile, EmulationMap], tmp_path: Path) -> None:
+    """A run directory reused with --overwrite starts without the last run's injected files:
+    an ``inject/<cid>.budget`` would give the new client the old budget, an ``.ended`` marker
+    (the watcher's OOM record) would make the new server not wait for that client."""
+    from runner.config import TrainConfig
+    from runner.distributed.runtime import RuntimeOptions
+    from runner.rundir import injected, write_injected
+    from testbed.backends.compose_run import ComposeRun
+
+    profile, mapping = gpu_setup
+    run_dir = tmp_path / "run"
+    old = [write_injected(run_dir, "client1", "budget", "123\n"),
+           write_injected(run_dir, "client2", "ended", "oom-killed\n")]
+    assert all(p.is_file() for p in old)
+    devset = Path(__file__).resolve().parents[1].parent / "shared/data/e2e/devset.csv"
+    ComposeRun(profile, mapping, TrainConfig(model="tiny-llama", data=str(devset)), run_dir,
+               options=RuntimeOptions(overwrite=True)).prepare()
+    assert (run_dir / "runtime.json").is_file()  # prepared
+    assert not any(p.exists() for p in old)
+    assert not injected(run_dir, "client1", "budget").parent.exists()

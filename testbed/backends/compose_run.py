@@ -46,7 +46,7 @@ from typing import Any
 from runner.config import TrainConfig
 from runner.distributed.runtime import RuntimeOptions, write_config
 from runner.errors import UserError
-from runner.rundir import EVENTS, HOST_PATHS, write_json
+from runner.rundir import EVENTS, HOST_PATHS, clear_injected, write_injected, write_json
 from testbed.backends.compose import (
     BASE_COMPOSE,
     RUN_MOUNT,
@@ -171,6 +171,7 @@ class ComposeRun:
         if self.options.overwrite:
             for name in ("config.json", "metrics.jsonl", EVENTS, "summary.json"):
                 (self.run_dir / name).unlink(missing_ok=True)
+        clear_injected(self.run_dir)
         self.logs.mkdir(exist_ok=True)
         port = free_port() if self.host_network else 1883
         cfg, self.mounts = self._container_train()
@@ -330,6 +331,8 @@ class ComposeRun:
                                 "memory_peak_bytes": last["peak_bytes"],
                                 "memory_sampled_at": last["time"]}
                     self._write_stats({**last, "oom_killed": True})
+                # the server stops waiting for it to join (runner/server.py wait_for_clients)
+                write_injected(self.run_dir, name, "ended", "oom-killed\n")
                 append_event(self.run_dir, "budget_exceeded", client=name,
                              container=c.name, limit_bytes=limit,
                              budget_bytes=self.budget_of(name), exit_code=state.get("ExitCode"),
@@ -671,9 +674,7 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
         nets = list(c.attrs.get("NetworkSettings", {}).get("Networks") or {})
         nets = [n for n in nets if n not in ("host", "none")]
         if not nets:  # host networking: the client drops its connection itself (SIGUSR1)
-            path = Path(run_dir) / "inject" / f"{client}.disconnect"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(f"{seconds}\n")
+            write_injected(run_dir, client, "disconnect", f"{seconds}\n")
             c.kill(signal="SIGUSR1")
             return f"{client} disconnected from the broker for {seconds:g} s ({c.name})"
         client_api = docker_client()

@@ -29,7 +29,7 @@ from runner.config import CENTRAL_METHODS, TrainConfig
 from runner.distributed.broker import Broker, start_broker
 from runner.distributed.runtime import RuntimeOptions, default_clients, write_config
 from runner.errors import UserError
-from runner.rundir import write_json
+from runner.rundir import clear_injected, write_injected, write_json
 
 STATE = "testbed-state.json"
 RUNTIME = "runtime.json"
@@ -180,6 +180,7 @@ class LocalRun:
         if (self.run_dir / "config.json").exists() and not self.options.overwrite:
             raise UserError(f"run directory {self.run_dir} already holds a run; choose another "
                             "--out or pass --overwrite")
+        clear_injected(self.run_dir)
         self.logs.mkdir(exist_ok=True)
         self.start_broker()
         write_config(self.config_path, self.train, self.run_dir, run_id=self.run_id or "run",
@@ -516,9 +517,7 @@ def inject_dropout(run_dir: Path, client: str, mode: str = "kill",
         return f"{client} paused for {seconds:g} s (pid {pid})"
     if mode == "disconnect":
         seconds = 10.0 if seconds is None else seconds
-        path = Path(run_dir) / "inject" / f"{client}.disconnect"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(f"{seconds}\n")
+        write_injected(run_dir, client, "disconnect", f"{seconds}\n")
         os.kill(pid, signal.SIGUSR1)
         return f"{client} disconnected from the broker for {seconds:g} s (pid {pid})"
     raise UserError(f"--mode must be kill, pause or disconnect, not {mode!r}")
@@ -528,12 +527,7 @@ def write_budget(run_dir: Path, client: str, budget: int) -> Path:
     """The file a client reads its injected budget from (runner/client.py ``_budget``)."""
     if budget <= 0:
         raise UserError(f"a memory budget must be > 0 bytes, not {budget}")
-    path = Path(run_dir) / "inject" / f"{client}.budget"
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{int(budget)}\n")
-    os.replace(tmp, path)
-    return path
+    return write_injected(run_dir, client, "budget", f"{int(budget)}\n")
 
 
 def inject_budget(run_dir: Path, client: str, budget: int) -> str:
