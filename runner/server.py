@@ -160,8 +160,9 @@ class Server:
         self.dropout = RoundDropout.from_devices(  # runner/distributed/dropout.py
             self.cfg.devices, self.traits.central, self.peers.values(), self.cfg.seed,
             self.cfg.agg_interval)
-        # clients offline at the checkpoint a resume starts from: not waited for at the start
-        # (a client lost for good must not cost a join_timeout); they rejoin when they can
+        # clients not waited for at the start (a client lost for good must not cost a
+        # join_timeout); they rejoin when they can: those offline at the checkpoint a resume
+        # starts from, and those the host saw end before joining (wait_for_clients)
         self.gone: set[str] = set()
         self.hooks.ready()
 
@@ -600,24 +601,23 @@ class Server:
         ``join_timeout`` for nothing. One that joins later after all is taken in as any late
         joiner."""
         deadline = time.monotonic() + self.o.join_timeout
-        ended: set[str] = set()
         while (not all(self.hooks.joined(p) for p in self.peers.values()
-                       if p.cid not in self.gone and p.cid not in ended)
+                       if p.cid not in self.gone)
                and time.monotonic() < deadline):
             self.pump(0.1)
-            ended |= self._ended_before_joining(ended)
+            self._note_ended_before_joining()
         self.wait_online("at the start")
 
-    def _ended_before_joining(self, known: set[str]) -> set[str]:
-        """Clients not yet joined whose ``inject/CLIENT.ended`` marker exists (one event each)."""
+    def _note_ended_before_joining(self) -> None:
+        """Add to ``gone`` each client not yet joined whose ``inject/CLIENT.ended`` marker
+        exists (one ``client_not_awaited`` event each)."""
         assert self.run is not None
-        new = {p.cid for p in self.peers.values()
-               if p.cid not in known and not self.hooks.joined(p)
-               and injected(self.run.path, p.name, "ended").exists()}
-        for cid in sorted(new):
-            self.event("client_not_awaited", client=self.peers[cid].name,
-                       reason="ended before joining (the host saw its container end)")
-        return new
+        for p in self.peers.values():
+            if (p.cid not in self.gone and not self.hooks.joined(p)
+                    and injected(self.run.path, p.name, "ended").exists()):
+                self.gone.add(p.cid)
+                self.event("client_not_awaited", client=p.name,
+                           reason="ended before joining (the host saw its container end)")
 
     def train_step(self, step: int) -> list[dict[str, Any]]:
         self.apply_dropout(step)

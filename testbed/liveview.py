@@ -27,9 +27,8 @@ from rich.text import Text
 
 # events worth one plain line (aggregations and the rest are visible in the table)
 LOGGED_EVENTS = ("client_joined", "client_not_awaited", "client_offline", "client_online",
-                 "reconfigure",
-                 "budget_violation", "budget_exceeded", "split_moved", "step_skipped",
-                 "server_resumed", "message_rejected", "run_finished")
+                 "reconfigure", "budget_violation", "budget_exceeded", "split_moved",
+                 "step_skipped", "server_resumed", "message_rejected", "run_finished")
 BUDGET_EVENTS = ("client_budget", "budget_changed", "armsc_budget")
 
 
