@@ -1,13 +1,15 @@
 """Tests for runner.evaluation.scoring: the five E2E metrics on known inputs, with numbers checked.
 
 Why these tests: the papers' BLEU/NIST/METEOR/ROUGE-L/CIDEr are the comparison targets, so
-the decisive checks are the official E2E scorer's own figures on the two reference cases of
-``../shared/data/e2e/scorer-example/README.md`` (all five metrics, within the tolerances of
-issue 12). Around them: the scales (BLEU 100 for identical text, METEOR near 1), independent
-BLEU / single-reference NIST routes, hand-computed mteval NIST values for what the official
-variant does differently (pooled references, the length penalty's reference sets), the
-coco-caption PTB tokenisation, monotonicity, input validation and that the METEOR JVM is
-shut down. METEOR's JVM costs seconds to start, so one is shared module-wide.
+the decisive checks are the official E2E scorer's own figures on the three reference cases of
+the shared ``data/e2e/scorer-example`` (all five metrics, within the tolerances of issue 12;
+the third case, MRs with 5 to 39 references each, is issue 28's NIST gap). Around them: the
+scales (BLEU 100 for identical text, METEOR near 1), independent BLEU / single-reference NIST
+routes, hand-computed mteval NIST values for what the official variant does differently
+(pooled references, the length penalty's mean reference count, a Perl quirk of the
+information weights), the coco-caption PTB tokenisation, monotonicity, input validation and
+that the METEOR JVM is shut down. METEOR's JVM costs seconds to start, so one is shared
+module-wide.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ OFFICIAL = {
         "METEOR": 0.4498,
         "ROUGE_L": 0.6528,
         "CIDEr": 1.8543,
+    },
+    "model_outputs": {
+        "BLEU": 0.6958,
+        "NIST": 7.9583,
+        "METEOR": 0.4038,
+        "ROUGE_L": 0.7022,
+        "CIDEr": 2.0724,
     },
 }
 #: Issue 12's tolerances, on our scales (BLEU and ROUGE_L x100).
@@ -206,18 +215,55 @@ def test_nist_pools_references_like_mteval() -> None:
     assert corpus_nist(refs, [["a", "b", "c"]], n=2) == pytest.approx(1.5, abs=1e-12)
 
 
-def test_nist_length_penalty_divides_by_the_number_of_reference_sets() -> None:
-    """The average reference length is all reference words / the largest reference count.
+def test_nist_length_penalty_uses_the_mean_number_of_references() -> None:
+    """The length penalty divides the reference words by the mean non-empty references per MR.
 
-    The E2E scorer pads the second MR's single reference with an empty one, and mteval divides
-    the 6 reference words by 2 reference sets: average 3 against 2 output words, a ratio of 2/3,
-    where mteval's penalty is exactly 0.5 (that is how its beta is defined). Unigram infos over
-    6 reference words: a (2x) log2(3), d (1x) log2(6); nothing else matches.
+    The first MR has 4 references (6 words), the second 2 (3 words). The E2E scorer pads the
+    second with 2 empty references to fill 4 reference sets, and its mteval counts only the
+    non-empty ones: 6 references / 2 MRs = 3 per MR, so the 9 reference words stand for
+    9 / 3 = 3 words against the 2 output words, a ratio of 2/3, where mteval's penalty is
+    exactly 0.5 (that is how its beta is defined). Dividing by the 4 reference sets instead
+    (plain mteval-v13a, and this module before issue 28) gives 9 / 4 = 2.25 and a milder
+    penalty. Unigram infos over 9 reference words: a (4x) log2(9/4), d (2x) log2(9/2); nothing
+    else of the outputs matches. Explicit empty references, the padding, change nothing.
     """
-    refs = [[["a", "b"], ["a", "c"]], [["d", "e"]]]
-    expected = 0.5 * (math.log2(3) + math.log2(6)) / 2
+    refs = [[["a", "b"], ["a", "c"], ["a"], ["a"]], [["d", "e"], ["d"]]]
+    hyps = [["a"], ["d"]]
+    info = (math.log2(9 / 4) + math.log2(9 / 2)) / 2
+    expected = 0.5 * info
+    by_reference_sets = nist.nist_length_penalty(2 / 2.25) * info
     assert nist.nist_length_penalty(2 / 3) == pytest.approx(0.5, abs=1e-12)
-    assert nist.corpus_nist([["a"], ["d"]], refs) == pytest.approx(expected, abs=1e-12)
+    assert by_reference_sets - expected > 0.1  # the check below tells the two rules apart
+    assert nist.corpus_nist(hyps, refs) == pytest.approx(expected, abs=1e-12)
+    padded = [refs[0], [*refs[1], [], []]]
+    assert nist.corpus_nist(hyps, padded) == pytest.approx(expected, abs=1e-12)
+
+
+def test_nist_info_of_an_ngram_after_a_lone_zero_follows_mteval() -> None:
+    """mteval weights an n-gram whose prefix is the token "0" as if it had no prefix.
+
+    ``compute_ngram_info`` picks ``count(prefix)`` or the total word count with a Perl truth
+    test on the prefix string, and "0" is false. Reference "0 x" (2 words): info(0) =
+    info(x) = log2(2/1) = 1, and info(0 x) = log2(2/1) = 1 instead of log2(count(0) /
+    count(0 x)) = 0. The output "0 x" thus scores 2/2 + 1/1 = 2, where "1 x" against "1 x"
+    (same counts, an ordinary prefix) scores 2/2 + 0/1 = 1.
+    """
+    assert nist.corpus_nist([["0", "x"]], [[["0", "x"]]]) == pytest.approx(2.0, abs=1e-12)
+    assert nist.corpus_nist([["1", "x"]], [[["1", "x"]]]) == pytest.approx(1.0, abs=1e-12)
+    # Only the lone token "0" is false in Perl: "00" or "0.0" are ordinary prefixes.
+    assert nist.corpus_nist([["00", "x"]], [[["00", "x"]]]) == pytest.approx(1.0, abs=1e-12)
+
+
+def _read_grouped(path: Path) -> list[list[str]]:
+    """References one per line, MRs separated by blank lines (the E2E script's multi-ref
+    ``read_lines``): lines stripped, empty groups dropped."""
+    groups: list[list[str]] = [[]]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            groups[-1].append(line.strip())
+        elif groups[-1]:
+            groups.append([])
+    return [g for g in groups if g]
 
 
 def _scorer_example_case() -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -225,13 +271,7 @@ def _scorer_example_case() -> tuple[dict[str, str], dict[str, list[str]]]:
 
     Read as the E2E script's ``read_lines`` does: lines stripped, a blank line ends an MR.
     """
-    groups: list[list[str]] = [[]]
-    for line in (SCORER_EXAMPLE / "devel-conc.txt").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            groups[-1].append(line.strip())
-        elif groups[-1]:
-            groups.append([])
-    groups = [g for g in groups if g]
+    groups = _read_grouped(SCORER_EXAMPLE / "devel-conc.txt")
     lines = (SCORER_EXAMPLE / "baseline-output.txt").read_text(encoding="utf-8").splitlines()
     system = [line.strip() for line in lines if line.strip()]
     assert len(groups) == len(system) == 10
@@ -256,18 +296,45 @@ def _devset_leave_one_out_case() -> tuple[dict[str, str], dict[str, list[str]]]:
     return {mr: grouped[mr][0] for mr in mrs}, {mr: grouped[mr][1:] for mr in mrs}
 
 
+def _model_outputs_case() -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Case 3: a model's outputs on the dev set's 55-MR test split, 5 to 39 references per MR.
+
+    model-outputs.txt and model-mrs.txt have one line per MR, aligned; model-references.txt
+    groups references as devel-conc.txt does (README.md, section 3). The very unequal
+    reference counts are what the official scorer's NIST length penalty is sensitive to.
+    """
+    groups = _read_grouped(SCORER_EXAMPLE / "model-references.txt")
+    system = (SCORER_EXAMPLE / "model-outputs.txt").read_text(encoding="utf-8").splitlines()
+    mrs = (SCORER_EXAMPLE / "model-mrs.txt").read_text(encoding="utf-8").splitlines()
+    assert len(groups) == len(system) == len(mrs) == 55
+    assert len(set(mrs)) == 55
+    assert min(map(len, groups)) == 5
+    assert max(map(len, groups)) == 39
+    outputs = {mr: text.strip() for mr, text in zip(mrs, system, strict=True)}
+    refs = dict(zip(mrs, groups, strict=True))
+    return outputs, refs
+
+
 @pytest.mark.skipif(
     not (SCORER_EXAMPLE / "README.md").is_file() or not DEVSET.is_file(),
     reason=f"{SCORER_EXAMPLE} or {DEVSET} not present",
 )
-@pytest.mark.parametrize("case", ["example", "devset_loo"])
+@pytest.mark.parametrize("case", ["example", "devset_loo", "model_outputs"])
 def test_official_scorer_figures(case: str, meteor: MeteorScorer) -> None:
-    """All five metrics equal the official E2E scorer's on both reference cases (issue 12)."""
+    """All five metrics equal the official E2E scorer's on the three reference cases.
+
+    Issue 12 for the first two; issue 28 for the third, where NIST was 8.496 against the
+    official 7.9583 (its length penalty divided by the largest reference count).
+    """
     official = OFFICIAL[case]
     readme = (SCORER_EXAMPLE / "README.md").read_text(encoding="utf-8")
     row = "| " + " | ".join(f"{official[name]:.4f}" for name in (METRICS)) + " |"
     assert row in readme, f"the official figures of {case} are not README.md's"
-    build = _scorer_example_case if case == "example" else _devset_leave_one_out_case
+    build = {
+        "example": _scorer_example_case,
+        "devset_loo": _devset_leave_one_out_case,
+        "model_outputs": _model_outputs_case,
+    }[case]
     outputs, refs = build()
     scores = score_e2e(outputs, refs, meteor=meteor)
     expected = {

@@ -1,20 +1,27 @@
 """Corpus NIST as the E2E challenge's official scorer computes it (mteval-v13a, multi-reference).
 
-No maintained Python library computes this variant: sacrebleu has no NIST, and nltk's
+docs/method.md ("Data: E2E NLG") asks for NIST "with multiple references grouped by MR,
+as the E2E challenge scores them", i.e. the value of e2e-metrics' ``measure_scores.py``, which
+writes SGML files and runs its own copy of mteval, ``mteval/mteval-v13a-sig.pl``. No
+maintained Python library computes this variant: sacrebleu has no NIST, and nltk's
 ``corpus_nist`` scores each segment against its single best reference (and sums that
 reference's length for the length penalty), whereas mteval pools all references of a
-segment. So this module writes the definition down, line for line after the script the E2E
-scorer runs (``mteval/mteval-v13a-sig.pl`` of e2e-metrics, called by ``measure_scores.py``'s
-``run_mteval``), and tests/test_scoring.py checks it against the official figures of
-``../shared/data/e2e/scorer-example/README.md``.
+segment. So this module writes the definition down, line for line after that script, and
+tests/test_scoring.py checks it against the official scorer's figures on three cases (a
+10-MR example, a 547-MR leave-one-out and a 55-MR model output whose MRs have 5 to 39
+references each).
 
 Definition (G. Doddington, "Automatic evaluation of machine translation quality using n-gram
-co-occurrence statistics", HLT 2002; mteval-v13a.pl ``compute_ngram_info``,
-``score_segment``, ``nist_score``, ``nist_length_penalty``), for n-grams up to N = 5:
+co-occurrence statistics", HLT 2002; mteval-v13a-sig.pl ``compute_ngram_info``,
+``score_segment``, ``score_system``, ``nist_score``, ``nist_length_penalty``), for n-grams up
+to N = 5:
 
 * Information weight of an n-gram, from *all* reference segments of the corpus pooled:
   ``info(w1..wn) = log2(count(w1..wn-1) / count(w1..wn))``, with ``count()`` of the empty
-  prefix = the total number of reference words (``compute_ngram_info``).
+  prefix = the total number of reference words (``compute_ngram_info``). The script picks the
+  denominator with Perl's truth test on the prefix string, and the one-word string ``"0"`` is
+  false in Perl: an n-gram whose prefix is the single token ``0`` is weighted as if it had no
+  prefix, ``log2(total words / count(0 w))``. We do the same (:func:`_info_weights`).
 * Per segment, each hypothesis n-gram's count is clipped by its *maximum* count in any one
   of that segment's references; matched n-grams add ``info * clipped count`` to the order's
   information sum, and the hypothesis adds ``max(len - n + 1, 0)`` n-grams of order n
@@ -22,13 +29,23 @@ co-occurrence statistics", HLT 2002; mteval-v13a.pl ``compute_ngram_info``,
 * System score: ``sum over n of info_sum[n] / max(hyp_ngrams[n], 1)`` (corpus sums), times
   the length penalty ``exp(-beta * log(ratio)**2)`` for ``ratio < 1`` (1 at or above 1,
   0 at or below 0), ``beta = -log(0.5) / log(1.5)**2`` (``nist_length_penalty``).
-* ``ratio = hyp_words / (ref_words / n_ref_sets)``: the hypothesis word count over the
-  average reference length, where mteval divides the total reference word count by the
-  number of reference *sets* (``nist_score``'s ``$nsys``). The E2E scorer writes one
-  reference set per reference slot and pads MRs that have fewer references with empty
-  segments (``create_mteval_file``), so ``n_ref_sets`` is the largest number of references
-  of any MR. Empty padding segments add no words and no n-grams; this module needs no
-  padding and uses ``max(len(refs))`` directly.
+* ``ratio = hyp_words / (ref_words / mean_refs)``, ``mean_refs`` = the number of non-empty
+  reference segments over the number of segments (``score_segment`` counts a reference only
+  ``if $ref_seg ne ''``; ``score_system`` passes ``$cum_ref_count / $cum_seg_count`` to
+  ``nist_score``). In other words: the corpus's hypothesis words against ``n_segments`` times
+  the mean length of a reference.
+
+How the E2E scorer's padding enters. mteval wants every reference set to cover every segment,
+so ``measure_scores.py``'s ``create_mteval_file`` writes one reference set per reference slot
+(as many as the MR with the most references has) and fills the slots an MR lacks with empty
+strings (``<seg id="k"></seg>``). An empty segment adds no words and no n-grams, so the
+information weights and the clipping are those of the real references alone; and it is not
+counted in ``mean_refs``. So this module needs no padding: it counts the references it is
+given, skipping empty ones. (mteval's plain v13a divides by the number of reference *sets*
+instead, i.e. the largest reference count; with 5 to 39 references per MR that makes the
+average reference several times too short and drops the length penalty. The official
+figures rule that out: 7.9583 with ``mean_refs``, 8.4963 with the set count, on the 55-MR
+case.)
 
 Tokenisation is the caller's: the E2E scorer feeds mteval lowercased text, which mteval
 tokenises with its default (13a) rules; :func:`runner.evaluation.scoring.tokenize` does exactly
@@ -57,6 +74,23 @@ def _ngram_counts(tokens: Sequence[str], max_n: int) -> Counter[tuple[str, ...]]
         # n shifted copies of the tokens, zipped (zip stops at the shortest): the n-grams
         counts.update(zip(*(tokens[i:] for i in range(n)), strict=False))
     return counts
+
+
+def _info_weights(pooled: Counter[tuple[str, ...]], ref_words: int) -> dict[tuple[str, ...], float]:
+    """mteval ``compute_ngram_info``: bits of information of every reference n-gram.
+
+    ``log2(count(prefix) / count(ngram))``, the prefix of a unigram counting as all reference
+    words. mteval chooses between the two with ``$mgram ? ... : ...``, a Perl truth test on
+    the prefix joined by spaces; since the string ``"0"`` is false in Perl, an n-gram whose
+    prefix is the lone token ``0`` also gets the unigram formula. Kept, because the aim is the
+    official scorer's number (docs/method.md: "as the E2E challenge scores them").
+    """
+    weights: dict[tuple[str, ...], float] = {}
+    for ngram, count in pooled.items():
+        prefix = ngram[:-1]
+        total = ref_words if not prefix or prefix == ("0",) else pooled[prefix]
+        weights[ngram] = math.log2(total / count)
+    return weights
 
 
 def nist_length_penalty(ratio: float) -> float:
@@ -98,9 +132,7 @@ def corpus_nist(
     if ref_words == 0:
         raise ValueError("all references are empty")
 
-    def info(ngram: tuple[str, ...]) -> float:
-        prefix = pooled[ngram[:-1]] if len(ngram) > 1 else ref_words
-        return math.log2(prefix / pooled[ngram])
+    info = _info_weights(pooled, ref_words)
 
     # score_segment, accumulated over segments as score_document / score_system do.
     info_sum = [0.0] * (max_n + 1)
@@ -114,11 +146,12 @@ def corpus_nist(
         for ngram, count in _ngram_counts(hyp, max_n).items():
             clipped = min(count, ref_max.get(ngram, 0))
             if clipped:
-                info_sum[len(ngram)] += info(ngram) * clipped
+                info_sum[len(ngram)] += info[ngram] * clipped
         for n in range(1, max_n + 1):
             hyp_ngrams[n] += max(len(hyp) - n + 1, 0)
 
-    # nist_score: $tst_ngrams->[1] / ($ref_ngrams->[1] / $nsys).
-    n_ref_sets = max(len(refs) for refs in references)
+    # nist_score: $tst_ngrams->[1] / ($ref_ngrams->[1] / $nsys), where score_system's $nsys is
+    # the number of non-empty references per segment, averaged over the corpus.
+    mean_refs = sum(1 for refs in references for ref in refs if ref) / len(references)
     score = sum(info_sum[n] / max(hyp_ngrams[n], 1) for n in range(1, max_n + 1))
-    return score * nist_length_penalty(hyp_ngrams[1] / (ref_words / n_ref_sets))
+    return score * nist_length_penalty(hyp_ngrams[1] / (ref_words / mean_refs))

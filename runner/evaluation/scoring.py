@@ -1,12 +1,13 @@
 """Score generated E2E NLG outputs the way the E2E challenge and the SplitLoRA papers report them.
 
-The papers (method.md, "Reference numbers") report BLEU, NIST, METEOR, ROUGE-L and CIDEr on
+The papers (docs/method.md "Reference numbers") report BLEU, NIST, METEOR, ROUGE-L and CIDEr on
 the E2E test set, with every MR's human references grouped together ("multi-reference"
 scoring), as the E2E challenge's official scorer (``measure_scores.py`` of e2e-metrics)
 computes them. We reproduce that scorer's values: tests/test_scoring.py checks all five
-metrics against its figures on the two reference cases of
-``../shared/data/e2e/scorer-example/README.md`` (within BLEU 0.1, NIST 0.05, METEOR 0.005,
-ROUGE-L 0.3, CIDEr 0.02; we agree to 0.001 or better). Maintained libraries compute every
+metrics against its figures on three reference cases (within BLEU 0.1, NIST 0.05, METEOR
+0.005, ROUGE-L 0.3, CIDEr 0.02; we agree to 0.001 or better), the third with 5 to 39
+references per MR, where the official NIST's length penalty depends on how many references
+each MR has (see :mod:`runner.evaluation.nist`). Maintained libraries compute every
 metric the official scorer's way except NIST, which no library does:
 
 ========  ======================================================  =========================
@@ -35,11 +36,13 @@ Tokenisation, as the official scorer does it:
   directory, which may be read-only): one extra JVM start per :func:`score_e2e` call.
 
 Where we differ from the E2E script on purpose: blank references are dropped (and an MR with
-none is an error) instead of being scored as empty strings, and whitespace inside a text is
-collapsed before the PTB tokenizer (the script only replaces newlines; the tokenizer splits
-on whitespace either way, so the tokens are the same). CIDEr's IDF is computed over the MRs
-being scored (that is the metric's definition), so it needs a corpus: with a single MR every
-n-gram has IDF 0 and CIDEr is 0. References for MRs that are not in ``outputs`` are ignored.
+none is an error) instead of being scored as empty strings (for NIST this changes nothing:
+an empty reference adds no n-grams and the official mteval leaves it out of the reference
+count), and whitespace inside a text is collapsed before the PTB tokenizer (the script only
+replaces newlines; the tokenizer splits on whitespace either way, so the tokens are the
+same). CIDEr's IDF is computed over the MRs being scored (that is the metric's definition),
+so it needs a corpus: with a single MR every n-gram has IDF 0 and CIDEr is 0. References for
+MRs that are not in ``outputs`` are ignored.
 
 METEOR and the PTB tokenizer need ``java`` on PATH; the METEOR 1.5 jar, its English
 paraphrase table (``data/paraphrase-en.gz``) and the CoreNLP jar ship inside the
@@ -297,7 +300,12 @@ def _bleu(hypotheses: list[str], grouped: list[list[str]]) -> float:
 
 def _nist(hypotheses: list[str], grouped: list[list[str]]) -> float:
     """mteval-v13a NIST (n=5) over all references (:mod:`runner.evaluation.nist`),
-    :func:`tokenize` tokens."""
+    :func:`tokenize` tokens.
+
+    ``grouped`` holds each MR's own references, unpadded: the official scorer's empty padding
+    changes neither the information weights nor the mean reference count the length penalty
+    uses, so none is added here.
+    """
     hyp_tokens = [tokenize(h) for h in hypotheses]
     ref_tokens = [[tokenize(r) for r in refs] for refs in grouped]
     return float(corpus_nist(hyp_tokens, ref_tokens, max_n=NIST_ORDER))
