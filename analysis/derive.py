@@ -154,7 +154,8 @@ def speedups(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
 def bytes_moved(rs: RunSet) -> pd.DataFrame:
     """Per run: bytes sent + received in train records (activations, gradients), in
     aggregate records (adapters) and in ``split_moved`` events (frozen blocks handed to a
-    client whose split point deepened, method.md ARMSC), their total, and the total in MB."""
+    client whose split point deepened, docs/method.md "ARMSC: Trigger"), their total, and the
+    total in MB."""
     m, e = rs.metrics, rs.events
     rows = []
     for r in rs.runs:
@@ -407,8 +408,8 @@ def memory(rs: RunSet) -> pd.DataFrame:
     * ``peak_bytes`` / ``source``: measured when measured, else planned; ``budget_bytes``:
       the budget in force at that peak (else the last one the records, then the
       ``client_budget`` / ``budget_changed`` events, name); ``over_budget`` counts the
-      records (or reconfigurations) above their own budget (method.md: a method that does
-      not fit is still run and the violation must be shown).
+      records (or reconfigurations) above their own budget (docs/method.md "Budget
+      violations": a method that does not fit is still run and the violation must be shown).
 
     Empty when no run carries memory figures.
     """

@@ -112,8 +112,8 @@ def slot_error_table(rs: RunSet) -> list[str]:
 
 def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
     """Things a reader must know before trusting a row: killed runs, dropped records, and
-    memory-budget violations (method.md: a method that does not fit is still run, and the
-    violation is shown in reports)."""
+    memory-budget violations (docs/method.md "Budget violations": a method that does not fit
+    is still run, and the violation is shown in reports)."""
     notes = [f"`{r.name}` has no summary.json: killed or still running; its numbers cover "
              "the records written so far." for r in rs.runs if r.summary is None]
     notes += list(warned)

@@ -16,8 +16,8 @@ run's metrics (the server writes them as each step closes), and ``server_s`` the
 compute share of a step. ``--fork-clients`` forks the clients from one process that has
 imported their runtime (runner/forkserver.py, sampled too), which shares its pages.
 ``--server-chunk`` (clients per server forward/backward) is passed to the runs: 0
-concatenates all clients in one pass (method.md step a3), whose autograd graph grows with N;
-a positive value bounds it.
+concatenates all clients in one pass (docs/method.md "Training step"), whose autograd graph
+grows with N; a positive value bounds it.
 
 ``--backend compose`` runs the fleet as containers instead (``testbed up --backend compose
 --host-network``, testbed/backends/compose_run.py) on a profile of N devices: the five

@@ -1,7 +1,7 @@
 """Generation throughput of `testbed eval` (MRs per second), decoding variants side by side.
 
 What is measured: wall-clock time to beam-search one output for each of the first ``--mrs``
-distinct MRs of the E2E dev set with method.md's decoding (beam 10, length penalty 0.8, no
+distinct MRs of the E2E dev set with docs/method.md's decoding (beam 10, length penalty 0.8, no
 repeated 4-grams, at most 64 new tokens), on the adapter-less model (``--model``; a trained
 run's model is merged before generation, so it has the same shapes and the same step time)
 or on a run's trained model (``--run RUN``). The pretrained model rarely ends its text, so

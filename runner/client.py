@@ -279,7 +279,7 @@ class Client:
     def _budget(self) -> Any:
         """This device's memory budget (runner/emulation/budget.py: NVML, cgroup, profile), re-read
         at most every second: it is reported in heartbeats so the server sees a change
-        (method.md "ARMSC" trigger). A budget injected into the run directory
+        (docs/method.md "ARMSC: Trigger"). A budget injected into the run directory
         (``testbed inject budget``) comes first. None when no source answers."""
         now = time.monotonic()
         if now - self._budget_at < 1.0:

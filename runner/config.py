@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, validated before anything heavy is loaded.
 
-Defaults follow method.md "Defaults (SplitLoRA paper and code)". Every bad value raises a
+Defaults follow docs/method.md "Defaults" (SplitLoRA paper and code). Every bad value raises a
 :class:`~runner.errors.ConfigError` with one line that names the option and its valid range.
 """
 
@@ -31,7 +31,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     data: str | None = None
     clients: int = 3
-    split: int | None = None  # None: L/4 (method.md: splitlora default k = L/4)
+    split: int | None = None  # None: L/4 (docs/method.md "Defaults")
     rank: int = 8
     targets: tuple[str, ...] = ("q", "v")
     steps: int = 200
@@ -67,9 +67,9 @@ class TrainConfig:
     plan_seq: int = 64
     iwi_batches: int = 1
     # Clients per server forward/backward pass (0: all of a step's clients in one
-    # concatenated batch, method.md step a3). A positive value bounds the server's autograd
-    # graph, the part of its memory that grows with the number of clients: chunks are
-    # back-propagated one after the other and the adapter gradients accumulate, the same
+    # concatenated batch, docs/method.md "Training step"). A positive value bounds the
+    # server's autograd graph, the part of its memory that grows with the number of clients:
+    # chunks are back-propagated one after the other and the adapter gradients accumulate, the same
     # gradient up to float summation order. hsplitlora's IWI probe takes the same chunks
     # (runner/methods/hsplitlora.py probe_server).
     server_chunk: int = 0

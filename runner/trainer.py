@@ -1,6 +1,6 @@
 """In-process trainer: N clients and one server in one process, SplitLoRA's step exactly.
 
-method.md "Training step (split federated learning, SplitLoRA Algorithm 1)":
+docs/method.md "Training step" (split federated learning, SplitLoRA Algorithm 1):
 
 1. every client runs its segment on a mini-batch and hands over boundary activations,
    attention mask and labels;
@@ -53,7 +53,7 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig,
                    start_step: int = 0) -> tuple[torch.optim.Optimizer, Any] | None:
-    """AdamW with linear warm-up then linear decay to zero (method.md "Defaults").
+    """AdamW with linear warm-up then linear decay to zero (docs/method.md "Defaults").
 
     ``start_step``: a fresh optimizer created mid-run (after NAA re-initialisation) continues
     the run's schedule instead of warming up again.
@@ -327,7 +327,7 @@ class Trainer:
                              labels=batch["labels"], k=h.seg.end,
                              up=tensor_bytes(wire, batch["attention_mask"], batch["labels"]),
                              compute_s=time.perf_counter() - t0))
-        # 2. server: one concatenated batch per split point, deepest first (method.md).
+        # 2. server: one concatenated batch per split point, deepest first (docs/method.md).
         t0 = time.perf_counter()
         grads, losses = self.server_step([(m["wire"], m["mask"], m["labels"], m["k"])
                                           for m in sent])

@@ -337,7 +337,7 @@ def test_optional_figures_when_the_fields_exist(runs: dict[str, Path], tmp_path:
     report, plotted = write_report(rs, tmp_path / "report.md")
     assert not plotted.skipped
     assert_figure_files(tmp_path / "report_figures", (*STEMS, "ppl_vs_virtual_time", "memory"))
-    text = report.read_text()  # violations are shown in reports (method.md)
+    text = report.read_text()  # violations are shown in reports (docs/method.md)
     assert "`fedlora`: 1 memory-budget violation event(s)" in text
     assert "`splitlora` client0: measured memory over budget in 3 record(s)" in text
     assert derive.speedups(rs, plotted.target, "splitlora")["speedup_virtual"].tolist() == [

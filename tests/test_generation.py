@@ -68,7 +68,7 @@ def test_outputs_come_back_in_input_order_whatever_the_batching() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not DEVSET.is_file(), reason=f"{DEVSET} not present")
 def test_default_decoding_is_byte_identical_to_batches_of_four_on_smollm2() -> None:
-    """6 dev-set MRs, method.md's beam search, the adapter-less SmolLM2: the default
+    """6 dev-set MRs, docs/method.md's beam search, the adapter-less SmolLM2: the default
     DecodeConfig (bench/generation.py's fastest identical setting: one batch here, sorted
     by prompt length, so every prompt is padded differently) gives exactly the outputs of
     batches of 4 in MR order (4 + 2). bench/generation.py compares 16 MRs; 6 keep this

@@ -37,8 +37,8 @@ class ResourceLog:
 
     def budget(self, p: Peer, hb: Heartbeat, step: int) -> tuple[int | None, int] | None:
         """Record a client's reported memory budget: the first report, and every change of
-        more than 10 % (method.md "ARMSC": the threshold that re-triggers ARMSC for the
-        heterogeneous methods; the homogeneous ones only log it). ``(old, new)`` when the
+        more than 10 % (docs/method.md "ARMSC: Trigger": the threshold that re-triggers ARMSC
+        for the heterogeneous methods; the homogeneous ones only log it). ``(old, new)`` when the
         recorded budget changed (the method's hooks hear of it), else None."""
         budget = hb.budget
         if budget is None:

@@ -1,8 +1,8 @@
 """Memory budget discovery at run time, inside a client (or server) container.
 
-method.md "ARMSC": a client's budget ``M_i`` comes from NVML, the container's cgroup limit,
-or the profile, in that order. This module tries them in that order and returns the first
-that answers, *with its source*, so the event log says where a budget came from.
+docs/method.md "ARMSC: Inputs": a client's budget ``M_i`` comes from NVML, the container's
+cgroup limit, or the profile, in that order. This module tries them in that order and returns
+the first that answers, *with its source*, so the event log says where a budget came from.
 
 * **NVML** (``pynvml`` from ``nvidia-ml-py``): the total memory of the GPU or MIG instance
   this process sees. ``CUDA_VISIBLE_DEVICES`` (then ``NVIDIA_VISIBLE_DEVICES``) may name an

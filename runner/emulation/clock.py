@@ -6,7 +6,7 @@ keep a second, virtual time line computed from each device's description
 (:class:`~runner.emulation.devices.DeviceSpec`) and what the step actually did (FLOPs run, bytes
 sent). Both times go into the metrics; convergence-versus-time figures use the virtual one.
 
-One synchronous SplitLoRA step (method.md "Training step") on the virtual time line::
+One synchronous SplitLoRA step (docs/method.md "Training step") on the virtual time line::
 
     start ──┬─ client i: forward  (FORWARD_SHARE * flops_i / F_i)
             │            upload   (bytes_up_i / bw_i + latency_i)   -> arrives at u_i

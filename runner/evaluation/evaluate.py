@@ -2,8 +2,8 @@
 
 The run's final model is rebuilt the standard way (base model + ``PeftModel.from_pretrained``
 on the saved PEFT adapter, or the saved full weights for ``ft``), so evaluation also checks
-that what a run saves is usable outside the testbed. Decoding follows method.md "Defaults":
-beam 10, length penalty 0.8, no repeated 4-grams.
+that what a run saves is usable outside the testbed. Decoding follows docs/method.md
+"Defaults": beam 10, length penalty 0.8, no repeated 4-grams.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from runner.rundir import RunDir
 
 @dataclass
 class DecodeConfig:
-    """Beam search as method.md's "Defaults" set it, and how MRs are batched.
+    """Beam search as docs/method.md "Defaults" sets it, and how MRs are batched.
 
     ``batch_size`` and ``sort_by_length`` only change speed: outputs come back in input
     order, and bench/generation.py measured them byte-identical to the batches of 4 in MR

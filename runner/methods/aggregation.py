@@ -7,7 +7,7 @@
 The other three work on the LoRA factors of one adapted weight ``W`` held by several
 participants ``j`` with data weights ``p_j``, ranks ``r_j`` and scalings ``s_j = alpha/r_j``.
 
-* NAA (method.md "NAA: noise-free adapter aggregation"):
+* NAA (docs/method.md "NAA"):
   ``dW = sum_j p_j s_j B_j A_j = [p_1 s_1 B_1 | ... | p_n s_n B_n] [A_1; ...; A_n]``,
   exact for any mix of ranks; every holder merges ``dW`` into its frozen weight.
 * Padded FedAvg (SplitLoRA's rule, the ``hsplitlora-no-naa`` ablation): zero-pad A and B to
@@ -86,8 +86,8 @@ def naa_delta(parts: Sequence[Factors]) -> torch.Tensor:
 def wire_bytes(d_out: int, d_in: int, total_rank: int, element: int = 4) -> tuple[int, str]:
     """Bytes to ship one aggregated update, and the form that costs fewer bytes.
 
-    method.md: "on the wire send the concatenated factors, never a dense dW unless it is
-    smaller".
+    docs/method.md "NAA: on the wire": the concatenated factors, or the dense ``dW`` when
+    that is smaller.
     """
     factors = total_rank * (d_out + d_in) * element
     dense = d_out * d_in * element
@@ -149,7 +149,7 @@ def merge_into(weight: torch.Tensor, delta: torch.Tensor, *, transposed: bool) -
 
 def participants(layer: int, splits: Sequence[int],
                  weights: Sequence[float]) -> tuple[list[int], float]:
-    """Who trained an adapter of block ``layer`` (method.md "NAA: participants").
+    """Who trained an adapter of block ``layer`` (docs/method.md "NAA: participants").
 
     Returns the clients with ``k_i > layer`` (each trained a client-side copy) and the
     server's weight: the sum of ``p_i`` over clients with ``k_i <= layer`` (their activations

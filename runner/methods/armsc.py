@@ -1,4 +1,4 @@
-"""ARMSC: adaptive rank and model-splitting configuration (method.md "ARMSC").
+"""ARMSC: adaptive rank and model-splitting configuration (docs/method.md "ARMSC").
 
 Split points minimise the estimated synchronous step time (makespan)
 
@@ -205,7 +205,8 @@ def plan(costs: ModelCosts, devices: Sequence[DeviceSpec], server: DeviceSpec,
 
 @dataclass
 class Trigger:
-    """When to recompute (method.md "Trigger") and whether to apply a new split (hysteresis)."""
+    """When to recompute (docs/method.md "ARMSC: Trigger") and whether to apply a new split
+    (hysteresis)."""
 
     tau: float = 0.2
     budget_tolerance: float = 0.10

@@ -1,4 +1,4 @@
-"""HetLoRA (Cho et al. 2024; method.md "Baselines"), in-process: every client holds the whole
+"""HetLoRA (Cho et al. 2024; docs/method.md "Baselines"), in-process: every client holds the whole
 model with its own rank; aggregation zero-pads the adapters to the largest rank, averages them
 weighted by data and sparsity, and truncates each back to its holder's rank.
 

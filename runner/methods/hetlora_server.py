@@ -1,4 +1,4 @@
-"""The server of a distributed HetLoRA run (method.md "Baselines"): whole-model clients, a
+"""The server of a distributed HetLoRA run (docs/method.md "Baselines"): whole-model clients, a
 rank per client, and after each aggregation every participant receives its share of the
 padded average (``set``).
 

@@ -1,4 +1,4 @@
-"""IWI: important-weight identification (RNGWP), method.md "IWI".
+"""IWI: important-weight identification (RNGWP), docs/method.md "IWI".
 
 Current importance of an adapted-weight candidate ``W``:
 ``I~_t(W) = |sum_j w_j * dL/dw_j| / C(W)``.
@@ -9,7 +9,7 @@ The numerator is computed without ever materialising ``dL/dW`` of the frozen wei
 That costs one extra activation per hooked weight for one probe batch, not a d_out x d_in
 gradient per weight, which is the point on a small device.
 
-Design choices (method.md marks these as ours): absolute value of the sum per weight
+Design choices (ours; docs/method.md lists them): absolute value of the sum per weight
 matrix; ``iwi_batches`` probe batches (default 1) at each aggregation; ``C(W)`` at the
 reference rank; global importance is the data-weighted mean over all holders.
 """

@@ -1,6 +1,6 @@
 """Memory model: a client's (or the server's) peak training memory, as a documented function.
 
-method.md "ARMSC: Memory model":
+docs/method.md "Memory model":
 
     M_client(k, ranks) = embeddings + blocks[0,k) frozen weights
                          + sum over client-side adapted W of r*(d_in+d_out)*(param+grad+2 moments)

@@ -1,8 +1,8 @@
 """LoRA adapters with per-weight ranks, through peft.
 
 An adapted weight is named by its global module name (``model.layers.3.self_attn.q_proj``);
-a :data:`RankMap` maps such names to ranks, rank 0 meaning "not adapted" (method.md "ARMSC:
-Ranks"). Every holder (client segment, server segment, unsplit model) gets a peft
+a :data:`RankMap` maps such names to ranks, rank 0 meaning "not adapted" (docs/method.md
+"ARMSC: Ranks"). Every holder (client segment, server segment, unsplit model) gets a peft
 ``LoraConfig`` whose ``target_modules`` are the names it holds with rank > 0 and whose
 ``rank_pattern`` carries the ranks, so the scaling is ``lora_alpha / r`` per weight.
 
@@ -77,7 +77,7 @@ def weight_names(config: PretrainedConfig, layers: Iterable[int],
 
 
 def all_candidates(config: PretrainedConfig) -> list[str]:
-    """Every linear projection of every block (method.md "IWI: Candidates")."""
+    """Every linear projection of every block (docs/method.md "IWI: Candidates")."""
     family = family_of(config)
     short = ["q", "k", "v", "o", "gate", "up", "down"] if family == "llama" else [
         "qkv", "o", "fc", "proj"]

@@ -11,7 +11,7 @@ A model name may be
 
 Every name resolves to a *materialised directory*: ``config.json``, fp32 safetensors and a
 tokenizer. That directory is what the partitioner reads tensor by tensor, so a client never
-materialises the server's blocks (method.md "Training step"; architecture.md). GGUF models are
+materialises the server's blocks (docs/method.md "Training step"). GGUF models are
 converted once and cached, because de-quantising SmolLM2 and converting its tokenizer takes
 about 20 s, while loading the cached safetensors takes well under a second.
 """

@@ -1,6 +1,6 @@
 """Cutting a causal LM into a client segment and a server segment.
 
-method.md "Notation": client ``i`` holds the embeddings and blocks ``[0, k_i)``; the server
+docs/method.md "Notation": client ``i`` holds the embeddings and blocks ``[0, k_i)``; the server
 holds blocks ``[min_i k_i, L)``, the final norm and the LM head. A segment here is the model's
 own Hugging Face module tree (``LlamaForCausalLM`` / ``GPT2LMHeadModel``) in which every
 part the holder does not own is an :class:`torch.nn.Identity` placeholder. That keeps module
@@ -148,7 +148,7 @@ def _shareable(name: str, config: PretrainedConfig, shared: SharedFrozen) -> boo
 
     Block weights are not shared by default: the in-process trainer's segments are separate
     devices, NAA merges into each holder's copy in place, and an offline client's copy lags
-    until it returns (method.md "NAA").
+    until it returns (docs/method.md "NAA").
     """
     return shared.blocks or f"{layer_prefix(config)}." not in name
 
@@ -376,7 +376,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor,
     """Summed next-token cross-entropy over target tokens, and their count.
 
     Returning the sum lets the server average over *all* target tokens of a concatenated
-    multi-client batch (method.md: "loss = mean over target-text tokens").
+    multi-client batch (docs/method.md "Training step").
     """
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)

@@ -18,8 +18,8 @@ fits the smallest device, measured with the same memory model (runner/methods/me
 
 A setting the experiment file gives explicitly (``split``, ``rank``) is kept; when even the
 smallest configuration does not fit, the smallest is used and each client whose budget it
-exceeds is recorded as a budget violation (method.md: a method that does not fit is still
-run, and the violation is shown in reports), as hetlora records its own.
+exceeds is recorded as a budget violation (docs/method.md "Budget violations": a method that
+does not fit is still run, and the violation is shown in reports), as hetlora records its own.
 """
 
 from __future__ import annotations
