@@ -23,8 +23,12 @@ CPU_STEPS ?= 10
 CPU_EVAL ?= 64
 # ... and scores CPU_EVAL_MRS test MRs (0, or STEPS given: all of them)
 CPU_EVAL_MRS ?= 20
-# bf16 autocast where the GPU or CPU has bf16 arithmetic, else fp32 (PRECISION=fp32: exact)
-PRECISION ?= auto
+# ... at this peak learning rate (empty: the profile's; schedule over the steps run)
+CPU_LR ?=
+# fp32, the default of every command (runner/config.py TrainConfig.precision: exact, and the
+# same numbers on every machine); PRECISION=auto: bf16 autocast where the GPU or CPU has bf16
+# arithmetic (faster there, printed), else fp32
+PRECISION ?= fp32
 BACKEND ?= auto
 PYTEST_ARGS ?=
 
@@ -94,7 +98,7 @@ run: $(STAMP)
 	    backend=local; fi; \
 	fi; \
 	$(BIN)/testbed up --profile $(PROFILE) --backend $$backend --data $(DATA) \
-	  $(if $(STEPS),--steps $(STEPS),--cpu-steps $(CPU_STEPS) --cpu-eval-examples $(CPU_EVAL)) \
+	  $(if $(STEPS),--steps $(STEPS),--cpu-steps $(CPU_STEPS) --cpu-eval-examples $(CPU_EVAL) $(if $(CPU_LR),--cpu-lr $(CPU_LR))) \
 	  --precision $(PRECISION) --out $(RUN) --overwrite
 	@$(BIN)/testbed eval $(RUN) $(if $(or $(STEPS),$(filter 0,$(CPU_EVAL_MRS))),,--cpu-max-mrs $(CPU_EVAL_MRS))
 	@$(BIN)/testbed report $(RUN) -o $(RUN)/report.md >/dev/null

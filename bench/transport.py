@@ -36,11 +36,17 @@ More full-stack variants of the default backend, each through its own broker: ``
 a Mosquitto started with that environment (an experiment: the runtime starts its broker
 with the plain environment plus runner/distributed/broker.py ``BROKER_MALLOC_ENV``).
 
+``--tls`` adds ``mqtt-<backend>+tls`` for every backend: the same full stack through a
+Mosquitto with a TLS listener and the run's certificates (runner/distributed/tls.py; both
+hops encrypted, the broker's certificate verified), and prints the cost of TLS as the ratio
+of round-trip times, ``tls/plain`` = time over TLS / time over plain MQTT on the same
+library (1.0 = free; docs/benchmarks.md "TLS").
+
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/transport.py [--sizes 1 4 16 32 64] [--reps 5]
         [--warmup 1] [--backends paho native] [--chunk-mb 1 [4 ...]]
-        [--broker-env KEY=VALUE ...] [--json PATH]
+        [--broker-env KEY=VALUE ...] [--tls] [--json PATH]
 
 A quick check (tests/test_bench.py): ``--sizes 0.25 --reps 1 --warmup 0``.
 """
@@ -54,6 +60,7 @@ import json
 import os
 import platform
 import socket
+import ssl
 import statistics
 import struct
 import sys
@@ -72,6 +79,7 @@ from runner.distributed import mqtt_native  # noqa: E402
 from runner.distributed import protocol as P  # noqa: E402
 from runner.distributed.broker import Broker, start_broker  # noqa: E402
 from runner.distributed.mqtt_link import Link, Payload, Will  # noqa: E402
+from runner.distributed.tls import ClientTLS, make_pki  # noqa: E402
 from runner.distributed.transport import Transport, make_link, resolve_backend  # noqa: E402
 
 RUN, RAW_RUN, CLIENT = "bench", "benchraw", "c0"
@@ -261,11 +269,13 @@ class RawMqtt:
 class ProtocolEcho:
     """Client and server Transports; the server answers every act with its acts as grad."""
 
-    def __init__(self, broker: Broker, chunk_size: int, backend: str) -> None:
+    def __init__(self, broker: Broker, chunk_size: int, backend: str,
+                 tls: ClientTLS | None = None) -> None:
         self.srv = Transport(broker.address, broker.creds("server"), run=broker.run, me=P.SERVER,
-                             clients=[CLIENT], chunk_size=chunk_size, backend=backend).connect()
+                             clients=[CLIENT], chunk_size=chunk_size, backend=backend,
+                             tls=tls).connect()
         self.cli = Transport(broker.address, broker.creds(CLIENT), run=broker.run, me=CLIENT,
-                             chunk_size=chunk_size, backend=backend).connect()
+                             chunk_size=chunk_size, backend=backend, tls=tls).connect()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -303,21 +313,46 @@ class ProtocolEcho:
 
 
 # ------------------------------------------------------------------------------- main
-def _variants(args: argparse.Namespace, default: str) -> list[tuple[str, str, float, dict]]:
-    """(name, backend, chunk MB, broker environment) of every full-stack variant."""
-    out = [(f"mqtt-{b}", b, args.chunk_mb[0], {}) for b in args.backends]
-    out += [(f"mqtt-{default}@{c:g}MB", default, c, {}) for c in args.chunk_mb[1:]]
+def _cpu_model() -> str:
+    """The CPU's model name (what `lscpu | grep 'Model name'` prints), for the record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _variants(args: argparse.Namespace, default: str
+              ) -> list[tuple[str, str, float, dict, bool]]:
+    """(name, backend, chunk MB, broker environment, TLS) of every full-stack variant."""
+    out = [(f"mqtt-{b}", b, args.chunk_mb[0], {}, False) for b in args.backends]
+    out += [(f"mqtt-{default}@{c:g}MB", default, c, {}, False) for c in args.chunk_mb[1:]]
     if args.broker_env:
         out.append((f"mqtt-{default}+env", default, args.chunk_mb[0],
-                    dict(kv.split("=", 1) for kv in args.broker_env)))
+                    dict(kv.split("=", 1) for kv in args.broker_env), False))
+    if args.tls:
+        out += [(f"mqtt-{b}+tls", b, args.chunk_mb[0], {}, True) for b in args.backends]
     return out
 
 
-def _start_broker(stack: contextlib.ExitStack, run: str, env: dict[str, str]) -> Broker:
+def _start_broker(stack: contextlib.ExitStack, run: str, env: dict[str, str],
+                  tls: bool = False) -> tuple[Broker, ClientTLS | None]:
+    """A broker for ``run`` (with a TLS listener and the run's own CA when ``tls``), and
+    what its clients need to verify it."""
+    client = None
+    broker_tls = None
+    if tls:
+        import tempfile
+
+        where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tls-")))
+        pki = make_pki(where, run=run, hosts=["127.0.0.1"])
+        broker_tls, client = pki.broker(), pki.client(CLIENT)
     saved = dict(os.environ)
     os.environ.update(env)  # the broker process inherits it (runner.distributed.broker)
     try:
-        return stack.enter_context(start_broker(run, [CLIENT]))
+        return stack.enter_context(start_broker(run, [CLIENT], tls=broker_tls)), client
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -339,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--broker-env", nargs="+", default=[], metavar="KEY=VALUE",
                     help="also measure the default backend through a Mosquitto started with "
                          "these environment variables (an experiment)")
+    ap.add_argument("--tls", action="store_true",
+                    help="also measure every backend's full stack over TLS (the run's CA, "
+                         "broker certificate verified) and print tls/plain")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     console = Console(width=220)
@@ -351,10 +389,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     rows = []
     with contextlib.ExitStack() as stack:
         tcp, relay = TcpEcho(), TcpRelay()
-        raws = {f"raw-{b}": RawMqtt(_start_broker(stack, f"{RAW_RUN}{i}", {}), b)
+        raws = {f"raw-{b}": RawMqtt(_start_broker(stack, f"{RAW_RUN}{i}", {})[0], b)
                 for i, b in enumerate(args.backends)}
-        protos = {name: ProtocolEcho(_start_broker(stack, f"{RUN}{i}", env), int(c * MB), b)
-                  for i, (name, b, c, env) in enumerate(variants)}
+        protos = {}
+        for i, (name, b, c, env, tls) in enumerate(variants):
+            broker, client_tls = _start_broker(stack, f"{RUN}{i}", env, tls)
+            protos[name] = ProtocolEcho(broker, int(c * MB), b, client_tls)
         names = ["tcp", "tcp-relay", *raws, *protos]
         try:
             steps = itertools.count()
@@ -386,7 +426,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                              "mqtt_s": med[main_name],
                              "ratio_relay": med["tcp"] / med["tcp-relay"],
                              "ratio_vs_relay": med["tcp-relay"] / med[main_name],
-                             "ratio": med["tcp"] / med[main_name]})
+                             "ratio": med["tcp"] / med[main_name],
+                             **{f"tls/plain-{b}": med[f"mqtt-{b}+tls"] / med[f"mqtt-{b}"]
+                                for b in args.backends if f"mqtt-{b}+tls" in med}})
                 console.print(f"{size_mb:g} MB done", style="dim")
         finally:
             for pr in protos.values():
@@ -417,6 +459,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
               f"mqtt/relay {r['ratio_vs_relay']:.3f})")
         print(f"  vs relay at {r['size_mb']:g} MB: " + ", ".join(
             f"{k} {r[f'{k}/relay']:.3f}" for k in names[2:]))
+        if args.tls:  # the cost of TLS: time over TLS / time over plain MQTT, same library
+            print(f"  tls/plain at {r['size_mb']:g} MB: " + ", ".join(
+                f"{b} {r[f'tls/plain-{b}']:.3f}" for b in args.backends))
     eligible = any(r["size_mb"] >= 4 for r in rows)
     verdict = ("met" if ok_all else "NOT met") if eligible else "not measured (no size >= 4 MB)"
     console.print(f"{main_name} is the runtime's default (TESTBED_MQTT unset). Target: "
@@ -428,13 +473,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     console.print(f"load average {load[0]:.2f} on {os.cpu_count()} cores; "
                   f"torch threads {torch.get_num_threads()}; reps {args.reps} "
                   f"(+{args.warmup} warm-up); protocol chunk {args.chunk_mb[0]:g} MB; "
-                  f"CRC-32 by {P.CRC32_IMPL}; libmosquitto {mqtt_native.version()}")
+                  f"CRC-32 by {P.CRC32_IMPL}; libmosquitto {mqtt_native.version()}; "
+                  f"{ssl.OPENSSL_VERSION}; CPU {_cpu_model()}")
     result = {"rows": rows, "target_relay": TARGET_RELAY,
               "target_met": ok_all if eligible else None, "default_backend": default,
               "backends": args.backends, "loadavg": load,
               "cpus": os.cpu_count(), "python": platform.python_version(),
               "torch": torch.__version__, "reps": args.reps, "warmup": args.warmup,
-              "chunk_mb": args.chunk_mb, "crc32": P.CRC32_IMPL}
+              "chunk_mb": args.chunk_mb, "crc32": P.CRC32_IMPL, "tls": args.tls,
+              "openssl": ssl.OPENSSL_VERSION, "cpu": _cpu_model()}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

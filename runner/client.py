@@ -327,7 +327,7 @@ class Client:
         while True:
             t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=self.cid,
                           expect=self._expect(), chunk_size=o.chunk_size,
-                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt)
+                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt, tls=self.rt.tls)
             try:
                 return t.connect(10.0)
             except TransportError as e:

@@ -215,8 +215,14 @@ class Server:
                              "transformers": transformers.__version__},
                 "argv": sys.argv,
                 "runtime": {"backend": "mqtt", "broker": self.rt.broker.url,
+                            "tls": self._tls_mode(),
                             "run_id": self.rt.run_id, "clients": self.rt.clients,
                             **asdict(self.o)}}
+
+    def _tls_mode(self) -> str:
+        """How the links of this run were protected (docs/security.md): off, on, mutual."""
+        tls = self.rt.tls
+        return "off" if tls is None else "mutual" if tls.mutual else "on"
 
     def open_run(self) -> None:
         path = self.rt.run_dir
@@ -322,7 +328,7 @@ class Server:
         while True:
             t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=P.SERVER,
                           expect=self._expect(), chunk_size=o.chunk_size,
-                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt,
+                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt, tls=self.rt.tls,
                           on_reject=self._on_reject)
             try:
                 self.t = t.connect(10.0)

@@ -15,9 +15,24 @@ from rich.console import Console
 
 from testbed.console import err
 from testbed.console import fail as _fail
+from testbed.console import json_output as _json_output
 from testbed.console import load_warnings as _load_warnings
+from testbed.console import print_json as _print_json
 from testbed.console import progress as _progress
 from testbed.console import quiet_libraries as _quiet_libraries
+from testbed.options import (
+    DEFAULT_RUN,
+    METHOD_HELP,
+    OUT_HELP,
+    PRECISION_HELP,
+    RegistryHelp,
+    check_applies,
+    check_combinations,
+    comma,
+    moved,
+)
+from testbed.options import explicit as _explicit
+from testbed.options import train_default as _D
 from testbed.training import run_training, train_config
 
 app = typer.Typer(
@@ -28,64 +43,88 @@ app = typer.Typer(
 )
 
 
-@app.command()
+# The parameters of `train` that set a TrainConfig field (``dropout`` sets ``dropouts``):
+# those a method does not use are refused when given (testbed/options.py check_applies).
+_TRAIN_FIELDS = ("clients", "split", "rank", "targets", "agg_interval", "partition",
+                 "dirichlet_alpha", "lora_dropout", "dropout", "devices", "rank_set",
+                 "server_chunk", "stop_virtual_time", "early_stop_patience",
+                 "early_stop_min_delta")
+
+
+@app.command(cls=RegistryHelp)
+@_json_output
 def train(
-    method: Annotated[str, typer.Option(
-        help="splitlora | fedlora | cenlora | ft | hsplitlora | hetlora | hsplitlora-no-iwi | "
-             "hsplitlora-no-armsc | hsplitlora-no-naa")] = "splitlora",
+    ctx: typer.Context,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = _D("method"),
     model: Annotated[str, typer.Option(
         help="Alias (smollm2-135m, tiny-llama, tiny-gpt2), local HF directory, .gguf file, "
-             "or Hugging Face hub id")] = "smollm2-135m",
+             "or Hugging Face hub id")] = _D("model"),
     data: Annotated[str | None, typer.Option(
         help="E2E CSV (columns mr,ref; split by MR 80/10/10), a directory holding the "
              "official release (trainset.csv, devset.csv, testset_w_refs.csv: used as the "
              "official split), or 'synthetic'. Default: $TESTBED_DATA, the cache, then a "
              "download of the official E2E release")] = None,
-    clients: Annotated[int, typer.Option(help="Number of clients")] = 3,
+    clients: Annotated[int, typer.Option(
+        help="Number of clients ({uses:clients})")] = _D("clients"),
     split: Annotated[int | None, typer.Option(
-        "--split", help="Split point k: clients hold blocks [0,k) (default L/4)")] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+        "--split", help="Split point k: clients hold blocks [0,k) (default L/4; "
+                        "{uses:split})")] = None,
+    rank: Annotated[int, typer.Option(
+        help="LoRA rank, the same for every adapter ({uses:rank})")] = _D("rank"),
     targets: Annotated[str, typer.Option(
         help="Comma-separated projections to adapt (llama: q,k,v,o,gate,up,down; "
-             "gpt2: qkv,o,fc,proj)")] = "q,v",
-    steps: Annotated[int, typer.Option(help="Training steps")] = 200,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch per client per step")] = 8,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default 2e-4; ft 5e-5)")] = None,
+             "gpt2: qkv,o,fc,proj); for ARMSC the projections every client adapts at least, "
+             "at the smallest rank of --rank-set ({uses:targets})")
+    ] = comma(_D("targets")),
+    steps: Annotated[int, typer.Option(help="Training steps")] = _D("steps"),
+    batch_size: Annotated[int, typer.Option(help="Mini-batch per client per step")
+                          ] = _D("batch_size"),
+    lr: Annotated[float | None, typer.Option(
+        help="Learning rate (default 2e-4; ft 5e-5)")] = None,
     agg_interval: Annotated[int, typer.Option(
-        help="Aggregate client adapters every I steps")] = 5,
-    partition: Annotated[str, typer.Option(help="iid | dirichlet")] = "iid",
-    dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
-    eval_every: Annotated[int, typer.Option(help="Validate every N steps")] = 50,
+        help="Aggregate client adapters every I steps ({uses:agg_interval})")
+    ] = _D("agg_interval"),
+    partition: Annotated[str, typer.Option(
+        help="iid | dirichlet ({uses:partition})")] = _D("partition"),
+    dirichlet_alpha: Annotated[float, typer.Option(
+        help="Dirichlet concentration, with --partition dirichlet")] = _D("dirichlet_alpha"),
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps")] = _D("eval_every"),
     eval_max_examples: Annotated[int, typer.Option(
-        help="Validation examples per evaluation (0 = all)")] = 256,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.1,
-    max_len: Annotated[int, typer.Option(help="Max tokens per example")] = 128,
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+        help="Validation examples per evaluation (0 = all)")] = _D("eval_max_examples") or 0,
+    lora_dropout: Annotated[float, typer.Option(
+        help="LoRA dropout ({uses:lora_dropout})")] = _D("lora_dropout"),
+    max_len: Annotated[int, typer.Option(help="Max tokens per example")] = _D("max_len"),
+    seed: Annotated[int, typer.Option(help="Random seed")] = _D("seed"),
     dropout: Annotated[list[str] | None, typer.Option(
         help="Scheduled dropout CLIENT:FIRST:END (client index offline for steps "
-             "[FIRST, END)); repeatable")] = None,
+             "[FIRST, END)); repeatable ({uses:dropouts})")] = None,
     devices: Annotated[Path | None, typer.Option(
         help="Device descriptions (YAML/JSON: clients with memory_bytes, flops, bandwidth, "
-             "latency; optional server) for hsplitlora*/hetlora; default: the paper's "
-             "5-20 GB spread emulated on the model")] = None,
-    rank_set: Annotated[str, typer.Option(help="Rank set Q for ARMSC / HetLoRA")] = "0,2,4,8,16",
+             "latency; optional server): the budgets of {hetero} (default: the paper's "
+             "5-20 GB spread emulated on the model) and the virtual clock of any method with "
+             "clients ({uses:devices})")] = None,
+    rank_set: Annotated[str, typer.Option(
+        help="Rank set Q that ranks are chosen from per client ({uses:rank_set})")
+    ] = comma(_D("rank_set")),
     server_chunk: Annotated[int, typer.Option(
         help="Clients per server forward/backward pass, IWI probe included (0 = all at "
              "once); bounds the server's memory at many clients (same gradient up to float "
-             "rounding)")] = 0,
-    precision: Annotated[str, typer.Option(
-        help="fp32 | bf16 (forwards under autocast; weights and optimizer stay fp32) | auto "
-             "(bf16 where the GPU or CPU has bf16 arithmetic)")] = "fp32",
+             "rounding; {uses:server_chunk})")] = _D("server_chunk"),
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = _D("precision"),
     stop_virtual_time: Annotated[float | None, typer.Option(
-        help="Stop once the run's virtual clock reaches this many seconds (needs devices: "
-             "hsplitlora*/hetlora, or --devices); --steps stays the cap")] = None,
+        help="Stop once the run's virtual clock reaches this many seconds (a clock: "
+             "{hetero}, or --devices); --steps stays the cap")] = None,
     early_stop_patience: Annotated[int | None, typer.Option(
         help="Stop after this many evaluations in a row without a validation PPL "
              "improvement of more than --early-stop-min-delta")] = None,
     early_stop_min_delta: Annotated[float, typer.Option(
-        help="PPL improvement an evaluation must make to count (early stopping)")] = 0.0,
-    out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
+        help="PPL improvement an evaluation must make to count (with "
+             "--early-stop-patience)")] = _D("early_stop_min_delta"),
+    out: Annotated[Path, typer.Option(help=OUT_HELP)] = DEFAULT_RUN,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the run's summary as one JSON object on stdout (lines for "
+                       "people go to stderr)")] = False,
 ) -> None:
     """Train in-process: N clients and one server, exactly SplitLoRA's step."""
     from runner.errors import UserError
@@ -100,7 +139,10 @@ def train(
         return
     from testbed.precision import resolve
 
+    given = ["dropouts" if n == "dropout" else n for n in _explicit(ctx, _TRAIN_FIELDS)]
     try:
+        check_applies(method, given, devices=devices is not None)
+        check_combinations(given, partition)
         precision, precision_line = resolve(precision)
     except UserError as exc:
         _fail(str(exc))
@@ -121,14 +163,19 @@ def train(
     except UserError as exc:
         _fail(str(exc))
         return
+    if as_json:
+        _print_json({"run": out, "precision": precision, **summary})
+        return
     out_line = (f"pretrained val PPL {summary['pretrained_val_ppl']:.3f} -> final "
                 f"{summary['final_val_ppl']:.3f}; run written to {out}")
     Console().print(out_line, highlight=False)
 
 
 @app.command("eval")
+@_json_output
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `testbed train`")],
+    run_dir: Annotated[Path, typer.Argument(
+        help="Run directory (written by train, up or scenario run)", show_default=False)],
     test_data: Annotated[Path | None, typer.Option(
         help="E2E CSV (columns mr,ref) to score on whole: every MR of the file, against all "
              "its references (e.g. testset_w_refs.csv). Default: the run's own test split "
@@ -146,6 +193,9 @@ def eval_(
     ] = None,
     beams: Annotated[int, typer.Option(help="Beam width")] = 10,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length cap")] = 64,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the scores and what was scored as one JSON object on stdout "
+                       "(lines for people go to stderr)")] = False,
 ) -> None:
     """Generate for the test MRs (beam search) and score them against all their references:
     RUN/eval/ gets outputs.csv, outputs.txt + references.txt (the official E2E scorer's
@@ -182,6 +232,11 @@ def eval_(
         _fail(str(exc))
         return
     scores = result["scores"]
+    if as_json:
+        _print_json({"run": run_dir, "eval_dir": run_dir / "eval",
+                     "outputs": run_dir / "eval" / "outputs.txt",
+                     "references": run_dir / "eval" / "references.txt", **result})
+        return
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)
     out = Console(soft_wrap=True)
     if "slot_errors" in result:  # SER per attribute (runner/evaluation/slots.py)
@@ -201,21 +256,30 @@ def eval_(
 
 
 RunsArg = Annotated[list[Path], typer.Argument(
-    help="Run directories written by `testbed train` (one or more)", show_default=False)]
+    help="Run directories (written by train, up or scenario run; one or more)",
+    show_default=False)]
 TargetOpt = Annotated[float | None, typer.Option(
     "--target-ppl", help="Target validation PPL for time-to-target and speed-ups "
                          "(default: the largest final PPL, which every run reaches)")]
 BaselineOpt = Annotated[str | None, typer.Option(
     help="Method that speed-ups are relative to (default: the first run's method)")]
+# `--out` named the figures directory / report file here before it meant the run directory
+# everywhere: refused with the new name rather than taken in its old sense.
+OldOutOpt = Annotated[str | None, typer.Option("--out", hidden=True)]
 
 
 @app.command()
+@_json_output
 def plot(
     runs: RunsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the figures")] = Path(
-        "figures"),
+    figures_dir: Annotated[Path, typer.Option(
+        "--figures-dir", "-o", help="Directory for the figures")] = Path("figures"),
     target_ppl: TargetOpt = None,
     baseline: BaselineOpt = None,
+    old_out: OldOutOpt = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the figures written and skipped as one JSON object on "
+                       "stdout")] = False,
 ) -> None:
     """Figures of one or many runs (PNG + PDF): PPL vs step / wall time / virtual time,
     speed-up to a target PPL, per-client timelines with dropouts, memory vs budget, bytes
@@ -224,13 +288,20 @@ def plot(
     from analysis.load import load_runs
     from runner.errors import UserError
 
+    if old_out is not None:
+        _fail(moved("--out", "--figures-dir DIR (-o DIR)", "the figures directory"))
     _quiet_libraries()
     try:
         with _load_warnings():
             run_set = load_runs(runs)
-        plotted = plot_all(run_set, out, target_ppl, baseline)
+        plotted = plot_all(run_set, figures_dir, target_ppl, baseline)
     except UserError as exc:
         _fail(str(exc))
+        return
+    if as_json:
+        _print_json({"figures_dir": figures_dir, "figures": plotted.files,
+                     "skipped": plotted.skipped, "target_ppl": plotted.target,
+                     "baseline": plotted.baseline})
         return
     for path in plotted.files:
         typer.echo(str(path))
@@ -239,27 +310,44 @@ def plot(
 
 
 @app.command()
+@_json_output
 def report(
     runs: RunsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown file to write")] = Path(
-        "report.md"),
+    report_file: Annotated[Path, typer.Option(
+        "--report-file", "-o", help="Markdown file to write (a directory: DIR/report.md); "
+                                    "the figures go to <stem>_figures/ beside it")
+    ] = Path("report.md"),
     target_ppl: TargetOpt = None,
     baseline: BaselineOpt = None,
+    old_out: OldOutOpt = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the report's path, figures and comparison table (one row per "
+                       "run) as one JSON object on stdout")] = False,
 ) -> None:
     """Markdown comparison of runs (the papers' table: PPL, BLEU, NIST, METEOR, ROUGE-L,
     CIDEr, time to target, client-side parameters, bytes moved) with the figures, which
-    are written into OUT's directory under <stem>_figures/."""
+    are written beside the report file under <stem>_figures/."""
     from analysis.load import load_runs
     from analysis.report import write_report
     from runner.errors import UserError
 
+    if old_out is not None:
+        _fail(moved("--out", "--report-file FILE (-o FILE)", "the report file"))
     _quiet_libraries()
     try:
         with _load_warnings() as warned:
             run_set = load_runs(runs)
-        path, plotted = write_report(run_set, out, target_ppl, baseline, warned)
+        path, plotted = write_report(run_set, report_file, target_ppl, baseline, warned)
     except UserError as exc:
         _fail(str(exc))
+        return
+    if as_json:
+        from analysis.derive import comparison
+
+        table = comparison(run_set, plotted.target, plotted.baseline)
+        _print_json({"report": path, "figures": plotted.files, "skipped": plotted.skipped,
+                     "target_ppl": plotted.target, "baseline": plotted.baseline,
+                     "warnings": warned, "runs": table.to_dict("records")})
         return
     typer.echo(str(path))
     for fig in plotted.files:

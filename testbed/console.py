@@ -8,9 +8,15 @@ those modules, they made import cycles.
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
+from pathlib import PurePath
+from typing import Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -44,6 +50,63 @@ def quiet_libraries() -> None:
 def fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+# Where print_json writes while a --json command runs: stdout as it was before the command
+# pointed sys.stdout at stderr (json_output).
+_json_stdout: list[TextIO] = []
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_output(command: F) -> F:
+    """Give a command with an ``as_json`` parameter a clean stdout for its ``--json``.
+
+    Why: a script reads ``--json`` with one ``json.loads`` of stdout, so the command's lines
+    for people (the precision, the data protocol, the summary, lines printed by code it calls)
+    must not land there. With ``as_json`` true, ``sys.stdout`` is stderr while the command
+    runs (every Console() and echo follows it) and :func:`print_json` writes the one object
+    to the real stdout. Progress bars already draw on stderr.
+    """
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("as_json"):
+            return command(*args, **kwargs)
+        _json_stdout.append(sys.stdout)
+        try:
+            with redirect_stdout(sys.stderr):
+                return command(*args, **kwargs)
+        finally:
+            _json_stdout.pop()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data: paths as strings, NaN and infinities as null, numpy
+    scalars as numbers, tuples as lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [jsonable(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def print_json(doc: dict[str, Any]) -> None:
+    """Write the command's one JSON object to stdout (the real one under --json)."""
+    out = _json_stdout[-1] if _json_stdout else sys.stdout
+    out.write(json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n")
+    out.flush()
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """Write a generated tree of files into a directory all at once (``testbed export``).
 
 Why a module: an export must leave either the old directory or the complete new one, never a
-half-written mix, and ``--force`` must never empty a directory the testbed did not write
-(``-o ~ --force`` would otherwise delete a home directory). So: every file is written into
+half-written mix, and ``--overwrite`` must never empty a directory the testbed did not
+write (``-o ~ --overwrite`` would otherwise delete a home directory). So: every file is written into
 a fresh sibling directory first, which then takes the target's place by renames; a target
 that exists may be replaced only when it is empty or carries :data:`MARKER`.
 """
@@ -31,11 +31,11 @@ def check_target(out: Path, force: bool) -> None:
     if out.is_dir():
         entries = [p.name for p in out.iterdir()]
         if entries and not force:
-            raise UserError(f"-o {out} is not empty; pass --force to replace an earlier "
+            raise UserError(f"-o {out} is not empty; pass --overwrite to replace an earlier "
                             "export, or choose an empty directory")
         if entries and MARKER not in entries:
             raise UserError(f"-o {out} holds files that `testbed export` did not write; "
-                            "--force replaces only an earlier export: choose another "
+                            "--overwrite replaces only an earlier export: choose another "
                             "directory")
 
 

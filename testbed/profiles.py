@@ -368,6 +368,9 @@ class ExperimentModel(_Strict):
     partition: Literal["iid", "dirichlet"] = "iid"
     seed: int = 0
     clients: int | None = Field(default=None, ge=1)  # if given, must equal len(devices)
+    # Clients per server pass (TrainConfig.server_chunk; 0: all at once). A profile sets it
+    # where the server's budget needs it: the one-graph pass grows with the fleet.
+    server_chunk: int = Field(default=0, ge=0)
 
     @field_validator("method")
     @classmethod
@@ -776,7 +779,7 @@ def train_config(profile: Profile, mapping: EmulationMap,
         rank=exp.rank, targets=tuple(exp.targets), steps=exp.steps, batch_size=exp.batch,
         agg_interval=exp.agg_interval, eval_every=exp.eval_every, partition=exp.partition,
         seed=exp.seed, devices=str(devices_file) if devices_file else None,
-        rank_set=tuple(exp.rank_set), plan_seq=exp.seq)
+        rank_set=tuple(exp.rank_set), plan_seq=exp.seq, server_chunk=exp.server_chunk)
     cfg.validate()
     return cfg
 

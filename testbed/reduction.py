@@ -7,6 +7,12 @@ and only then, and says so in one line: the profile itself stays intact, and the
 experiment is one flag away (``--steps``, or ``make run STEPS=200``). Validation is kept to
 a few points of the curve: the same number of evaluations the profile makes, spread over the
 shorter run on aggregation boundaries (the trainer evaluates at aggregation steps).
+
+A run a tenth as long does not learn the task at the profile's learning rate (2e-4 is tuned
+for hundreds of steps), so ``--cpu-lr`` sets the peak of the same schedule for the short run:
+warm-up over 5 % of the steps actually run, then linear decay to zero at the last of them
+(runner/trainer.py ``make_optimizer``). `make run` uses the recipe measured in
+docs/results.md ("make run").
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ class Reduction:
     profile_eval_every: int
     eval_max_examples: int | None
     profile_eval_max_examples: int | None
+    lr: float | None = None
+    profile_lr: float | None = None
 
     def line(self) -> str:
         """The one line `testbed up` prints (and the run's config records)."""
-        parts = [f"{self.steps} of the profile's {self.profile_steps} steps",
-                 f"validation every {self.eval_every} steps"]
+        parts = [f"{self.steps} of the profile's {self.profile_steps} steps"]
+        if self.lr is not None and self.lr != self.profile_lr:
+            parts.append(f"peak lr {self.lr:g} (the profile's {self.profile_lr:g}; warm-up and "
+                         f"decay over the {self.steps} steps)")
+        parts.append(f"validation every {self.eval_every} steps")
         if self.eval_max_examples != self.profile_eval_max_examples:
             parts.append(f"on {self.eval_max_examples} examples")
         return (f"no GPU here: a CPU run of {', '.join(parts)}; the full profile: "
@@ -42,7 +53,8 @@ class Reduction:
         return {"steps": self.steps, "profile_steps": self.profile_steps,
                 "eval_every": self.eval_every, "profile_eval_every": self.profile_eval_every,
                 "eval_max_examples": self.eval_max_examples,
-                "profile_eval_max_examples": self.profile_eval_max_examples}
+                "profile_eval_max_examples": self.profile_eval_max_examples,
+                "lr": self.lr, "profile_lr": self.profile_lr}
 
 
 def gpu_visible() -> bool:
@@ -52,17 +64,21 @@ def gpu_visible() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def reduce_for_cpu(cfg: TrainConfig, cpu_steps: int, eval_examples: int | None = None
-                   ) -> tuple[TrainConfig, Reduction | None]:
+def reduce_for_cpu(cfg: TrainConfig, cpu_steps: int, eval_examples: int | None = None,
+                   lr: float | None = None) -> tuple[TrainConfig, Reduction | None]:
     """``cfg`` shortened to ``cpu_steps`` (no-op when the profile is already that short).
 
     The number of evaluations stays what the profile makes (at least 2 after step 0), at
-    multiples of the aggregation interval; ``eval_examples`` caps the validation set.
+    multiples of the aggregation interval; ``eval_examples`` caps the validation set;
+    ``lr`` is the short run's peak learning rate (the schedule's warm-up and decay follow
+    the steps actually run, as for any run).
     """
     if cpu_steps < 1:
         raise UserError(f"--cpu-steps must be >= 1, got {cpu_steps}")
     if eval_examples is not None and eval_examples < 1:
         raise UserError(f"--cpu-eval-examples must be >= 1, got {eval_examples}")
+    if lr is not None and not lr > 0:
+        raise UserError(f"--cpu-lr must be > 0, got {lr:g}")
     if cpu_steps >= cfg.steps:
         return cfg, None
     evals = max(2, math.ceil(cfg.steps / cfg.eval_every))
@@ -71,6 +87,8 @@ def reduce_for_cpu(cfg: TrainConfig, cpu_steps: int, eval_examples: int | None =
     examples = cfg.eval_max_examples
     if eval_examples is not None and (examples is None or eval_examples < examples):
         examples = eval_examples
-    reduced = replace(cfg, steps=cpu_steps, eval_every=every, eval_max_examples=examples)
+    profile_lr = cfg.learning_rate
+    reduced = replace(cfg, steps=cpu_steps, eval_every=every, eval_max_examples=examples,
+                      lr=cfg.lr if lr is None else lr)
     return reduced, Reduction(cpu_steps, cfg.steps, every, cfg.eval_every, examples,
-                              cfg.eval_max_examples)
+                              cfg.eval_max_examples, lr, profile_lr)

@@ -327,8 +327,9 @@ def test_up_profile_runs_hsplitlora_distributed_on_the_profile_budgets(tmp_path:
     out = tmp_path / "hs"
     # --cpu-steps (what `make run` passes): no GPU here, so the profile's 6 steps become 2,
     # said in one line and recorded in config.json
-    # --precision auto (what `make run` passes): bf16 autocast where this machine has bf16
-    # arithmetic (the CI machine's CPU has AMX), recorded and run by every process
+    # --precision auto (`make run PRECISION=auto`; the default everywhere is fp32): bf16
+    # autocast where this machine has bf16 arithmetic (the CI machine's CPU has AMX),
+    # recorded and run by every process
     # --batch-size, --eval-max-examples, --seed: a given option overrides the profile's
     # experiment (they were once dropped silently), one not given keeps the profile's
     proc = run_cli("up", "--profile", "smoke", "--method", "hsplitlora", "--backend", "local",
@@ -444,19 +445,20 @@ def test_inject_budget_writes_what_the_client_reads_and_refuses_bad_input(tmp_pa
     run.mkdir()
     (run / "testbed-state.json").write_text(json.dumps(
         {"backend": "local", "clients": ["client0", "client1"], "processes": {}}))
-    ok = run_cli("inject", "budget", "--client", "client1", "--memory", "600MiB", "--run",
-                 str(run), cwd=tmp_path)
+    ok = run_cli("inject", "budget", str(run), "--client", "client1", "--memory", "600MiB",
+                 cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert (run / "inject" / "client1.budget").read_text().strip() == str(600 * 2**20)
     for args, words in ((["--client", "client7", "--memory", "1GB"], "unknown client"),
                         (["--client", "client0", "--memory", "lots"], "lots"),
                         (["--client", "client0", "--memory", "0"], "> 0")):
-        bad = run_cli("inject", "budget", *args, "--run", str(run), cwd=tmp_path)
+        bad = run_cli("inject", "budget", *args, str(run), cwd=tmp_path)
         assert bad.returncode != 0
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], bad.stderr
         assert "Traceback" not in bad.stderr
     assert not (run / "inject" / "client0.budget").exists()
+    # (the old spelling --run DIR still names the run)
     nothing = run_cli("inject", "budget", "--client", "client0", "--memory", "1GB", "--run",
                       str(tmp_path / "none"), cwd=tmp_path)
     assert nothing.returncode != 0 and "testbed up" in nothing.stderr

@@ -84,16 +84,16 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
 
         wait_for(trained(2), 600, "client1's second step", proc)
         kill = cli("inject", "dropout", "--client", "client1", "--mode", "kill", "--for", "2",
-                   "--run", str(run))
+                   str(run))
         assert "client1 killed" in kill.stdout and "restarted" in kill.stdout
-        st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+        st = json.loads(cli("status", "--json", str(run)).stdout)
         assert st["backend"] == "compose"
         limits = {n: c["mem_limit"] for n, c in st["containers"].items() if n.startswith("c")}
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
-            cli("down", "--run", str(run), check=False)
+            cli("down", str(run), check=False)
     assert proc.returncode == 0, out[-4000:]
     duration = time.monotonic() - t0
     print(f"\ncontainer e2e: {duration:.0f} s for {steps} steps (images {images:.0f} s)")
@@ -151,8 +151,8 @@ def test_smoke_profile_in_containers_survives_a_killed_client(images: float,
     assert (run / "logs" / "server.log").stat().st_size > 0
     # a client under a CPU quota below one CPU runs one torch thread (runner/emulation/cpu.py)
     assert "torch threads 1 (CPU quota 0." in (run / "logs" / "client0.log").read_text()
-    assert "stopped" in cli("down", "--run", str(run)).stdout
-    assert "finished: val PPL" in cli("logs", "server", "--run", str(run)).stdout
+    assert "stopped" in cli("down", str(run)).stdout
+    assert "finished: val PPL" in cli("logs", str(run), "server").stdout
     _evaluated_and_reported_from_the_host(run, DEVSET, tmp_path)
 
 

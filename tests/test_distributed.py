@@ -477,7 +477,7 @@ def test_local_backend_state_status_inject_and_down(tmp_path: Path) -> None:
     cfg = _cfg(steps=200, clients=2)
     run = LocalRun(cfg, tmp_path / "run", _options(min_step_time=0.2))
     cli = CliRunner()
-    where = ["--run", str(run.run_dir)]
+    where = [str(run.run_dir)]
     try:
         run.start()
         wait_until(lambda: done_steps(run.run_dir) >= 1, 90, "step 1", run)

@@ -186,7 +186,7 @@ def test_sustained_faults_scenario_on_the_smoke_profile(tmp_path: Path) -> None:
                            "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output + (
         (out / "logs" / "server.log").read_text()[-3000:] if (out / "logs").is_dir() else "")
-    summary = json.loads(res.output[res.output.index("{\n"):])
+    summary = json.loads(res.stdout)  # --json: the one object alone on stdout
     assert summary["steps"] == 12
     assert [f["kind"] for f in summary["injected"]] == [
         "client-lost", "broker-restart", "server-kill"]
@@ -206,10 +206,10 @@ def test_sustained_faults_scenario_on_the_smoke_profile(tmp_path: Path) -> None:
     late = [s for s, c in losses if c == "client2"]
     assert late and max(late) < 8, "client2 trained after it was killed"
 
-    st = cli.invoke(app, ["status", "--json", "--run", str(out)])
+    st = cli.invoke(app, ["status", "--json", str(out)])
     assert st.exit_code == 0, st.output
     assert json.loads(st.output)["audit"]["ok"] is True
-    text = cli.invoke(app, ["status", "--run", str(out)]).output
+    text = cli.invoke(app, ["status", str(out)]).output
     assert "exactly-once: OK" in text and "server restart: resumed at step" in text
     rep = cli.invoke(app, ["report", str(out), "-o", str(tmp_path / "report.md")])
     assert rep.exit_code == 0, rep.output

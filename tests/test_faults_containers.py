@@ -146,12 +146,12 @@ def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) ->
                "--min-step-time", "8", "--detach", "--out", str(run))
     try:
         assert "watcher pid" in proc.stdout
-        st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+        st = json.loads(cli("status", "--json", str(run)).stdout)
         assert st["watcher"]["state"] in ("running", "exited"), st
         pid = st["watcher"]["pid"]
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+            st = json.loads(cli("status", "--json", str(run)).stdout)
             if st["finished"] and st["watcher"]["state"] == "exited":
                 break
             time.sleep(2)
@@ -159,9 +159,9 @@ def test_detached_compose_run_keeps_its_watcher(images: None, tmp_path: Path) ->
         assert st["watcher"] == {**st["watcher"], "pid": pid, "state": "exited"}
         text = (run / "logs" / "watcher.log").read_text()
         assert "client2: budget exceeded" in text and "server exited with code 0" in text
-        assert "watcher pid" in cli("status", "--run", str(run)).stdout
+        assert "watcher pid" in cli("status", str(run)).stdout
     finally:
-        cli("down", "--run", str(run), check=False)
+        cli("down", str(run), check=False)
     events = read_jsonl(run / "events.jsonl")
     over = [e for e in events if e["event"] == "budget_exceeded"]
     assert [e["client"] for e in over] == ["client2"], over
@@ -223,5 +223,5 @@ def test_profile_dropout_applies_to_containers(images: None, tmp_path: Path) -> 
              if m.get("kind") == "train"}
     want = {(s, c) for s in range(8) for c in clients if c not in away[s // 2]}
     assert train == want
-    st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+    st = json.loads(cli("status", "--json", str(run)).stdout)
     assert st["audit"]["ok"] and st["audit"]["steps"]["empty"] == [6, 7], st["audit"]

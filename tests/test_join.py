@@ -130,3 +130,88 @@ def test_a_device_joins_a_local_run(tmp_path: Path) -> None:
     # no process of the launcher played client2
     state = json.loads((run / "testbed-state.json").read_text())
     assert "client2" not in state["processes"]
+
+
+# ------------------------------------------------------------------------------ over TLS
+def test_join_file_carries_the_tls_bundle(tmp_path: Path) -> None:
+    """With TLS the join file is the one bundle: the run's CA and, with mutual TLS, the
+    client's certificate and key; on the device the key is mode 0600 and the URL must be
+    mqtts:// (a plain URL, or TLS for a plain run, is one line)."""
+    from runner.distributed.tls import ENV_CA, ENV_CERT, ENV_KEY, make_pki
+    from runner.errors import UserError
+
+    plain = tmp_path / "plain.json"  # the same client's join file of a run without TLS
+    plain.write_text(_join_file(tmp_path).read_text())
+    run = tmp_path / "run"
+    pki = make_pki(run / "tls", run="r1", hosts=["127.0.0.1"],
+                   identities=["server", "client0", "client1"], mutual=True)
+    path = write_join_file(run, client="client1", broker="mqtts://0.0.0.0:8883", run_id="r1",
+                           password="s3cret", config_path=run / "runtime.json",
+                           tls=pki.client("client1"))
+    doc = read_join_file(path)
+    assert doc["tls"]["ca"] == pki.ca.read_text()
+    assert doc["tls"]["key"] == pki.key("client1").read_text()
+    assert path.stat().st_mode & 0o077 == 0
+    env = prepare(path, tmp_path / "device", broker="mqtts://10.0.0.5:8883")
+    assert Path(env[ENV_CA]).read_text() == pki.ca.read_text()
+    assert Path(env[ENV_CERT]).read_text() == pki.cert("client1").read_text()
+    key = Path(env[ENV_KEY])
+    assert key.read_text() == pki.key("client1").read_text()
+    assert key.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(UserError, match="speaks TLS but --broker mqtt://10.0.0.5:8883 is "
+                                        "plain MQTT: use mqtts://10.0.0.5:8883"):
+        prepare(path, tmp_path / "device2", broker="mqtt://10.0.0.5:8883")
+    with pytest.raises(UserError, match="speaks plain MQTT"):
+        prepare(plain, tmp_path / "device3", broker="mqtts://10.0.0.5:8883")
+    # a plain run's device never inherits TLS files from its shell
+    os.environ[ENV_CA] = "/elsewhere/ca.crt"
+    try:
+        assert ENV_CA not in prepare(plain, tmp_path / "device4")
+    finally:
+        del os.environ[ENV_CA]
+
+
+@pytest.mark.slow
+def test_a_device_joins_over_mutual_tls(tmp_path: Path) -> None:
+    """`testbed up --tls on --mtls` (on loopback, where auto would stay plain) and a device
+    that joins with the bundle alone: it trains every step over TLS."""
+    run = tmp_path / "joined-tls"
+    up = subprocess.Popen(
+        [*TESTBED, "up", "--profile", "smoke", "--backend", "local", "--steps", "3",
+         "--join-slot", "client2", "--join-timeout", "600", "--tls", "on", "--mtls",
+         "--out", str(run)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    joiner = None
+    try:
+        join_file = run / "join" / "client2.json"
+        wait_for(join_file.is_file, 300, "the join file", up)
+        doc = json.loads(join_file.read_text())
+        assert doc["broker"].startswith("mqtts://127.0.0.1:") and "cert" in doc["tls"]
+        log = open(tmp_path / "joiner.log", "w")  # noqa: SIM115 - closed below
+        joiner = subprocess.Popen(
+            [*TESTBED, "join", "--broker", doc["broker"], "--run-id", doc["run_id"],
+             "--client", "client2", "--credentials", str(join_file),
+             "--model", doc["runtime"]["train"]["model"],
+             "--workdir", str(tmp_path / "device")],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+        out, _ = up.communicate(timeout=900)
+        joiner.wait(timeout=120)
+        log.close()
+        joined_out = (tmp_path / "joiner.log").read_text()
+    finally:
+        for p in (up, joiner):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert up.returncode == 0, out[-4000:]
+    tls_lines = [line for line in out.splitlines() if line.startswith("tls:")]
+    assert len(tls_lines) == 1 and tls_lines[0].startswith("tls: on, mutual"), out[-3000:]
+    assert joiner.returncode == 0, joined_out[-4000:]
+    assert "client2 connected to mqtts://" in joined_out
+    train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
+    assert sorted(m["step"] for m in train if m["client"] == "client2") == [0, 1, 2]
+    for who in ("client0", "client1"):  # the launcher's processes over TLS too
+        assert "connected to mqtts://" in (run / "logs" / f"{who}.log").read_text(), who
+    runtime = json.loads((run / "config.json").read_text())["runtime"]
+    assert runtime["tls"] == "mutual" and runtime["broker"].startswith("mqtts://")
+    assert (tmp_path / "device" / "tls" / "client.key").stat().st_mode & 0o777 == 0o600

@@ -241,7 +241,9 @@ def test_secrets_are_secrets_and_not_in_the_configmap(smoke_export: Path) -> Non
     for job in of_kind(tree, "Job").values():
         (vol,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v]
         who = env(job)["TESTBED_CLIENT_ID"]
-        assert vol["secret"]["items"] == [{"key": "password", "path": who}]
+        # ... and the run's CA (TLS is on by default in the export)
+        assert vol["secret"]["items"] == [{"key": "password", "path": who},
+                                          {"key": "ca.crt", "path": "ca.crt"}]
         assert env(job)["TESTBED_PASSWORD_FILE"] == f"/run/testbed/secrets/{who}"
         assert vol["secret"]["defaultMode"] == 0o400
 
@@ -257,7 +259,7 @@ def test_the_broker_service_is_what_every_pod_connects_to(smoke_export: Path) ->
     port = service["spec"]["ports"][0]
     urls = {env(j)["TESTBED_BROKER"] for j in of_kind(tree, "Job").values()}
     urls.add(runtime["broker"])
-    assert urls == {f"mqtt://{service['metadata']['name']}:{port['port']}"}
+    assert urls == {f"mqtts://{service['metadata']['name']}:{port['port']}"}  # TLS: default
     assert urlsplit(runtime["broker"]).hostname == service["metadata"]["name"]
     pod_labels = broker["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -277,8 +279,8 @@ def test_commands_env_and_labels_follow_the_compose_backend(gpu_export: tuple[An
     compose = generate_override(profile, mapping)["services"]
     for name, job in client_jobs(tree).items():
         want = {**{k: str(v) for k, v in compose[name]["environment"].items()},
-                "TESTBED_BROKER": "mqtt://hsl-gpu-run-broker:1883", "TESTBED_RUN_ID": "gpu-run",
-                "TESTBED_CACHE": "/cache"}
+                "TESTBED_BROKER": "mqtts://hsl-gpu-run-broker:8883", "TESTBED_RUN_ID": "gpu-run",
+                "TESTBED_CACHE": "/cache", "TESTBED_TLS_CA": "/run/testbed/secrets/ca.crt"}
         assert env(job) == want
         assert container(job)["command"] == ["python", "-m", "runner.client"]
         assert job["spec"]["backoffLimit"] == 0
@@ -396,9 +398,14 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     full.mkdir()
     (full / "notes.txt").write_text("mine")
     assert_user_error(run_cli("export", "k8s", "--profile", "smoke", "-o", str(full),
-                              cwd=REPO), "--force")
+                              cwd=REPO), "--overwrite")
+    assert_user_error(run_cli("export", "k8s", "--profile", "smoke", "-o", str(full),
+                              "--overwrite", cwd=REPO), "did not write")
+    # the old spellings: --force still replaces; --out (the run directory elsewhere) is refused
     assert_user_error(run_cli("export", "k8s", "--profile", "smoke", "-o", str(full),
                               "--force", cwd=REPO), "did not write")
+    assert_user_error(run_cli("export", "k8s", "--profile", "smoke", "--out", str(out),
+                              cwd=REPO), "--manifests-dir")
     assert [p.name for p in full.iterdir()] == ["notes.txt"]
     assert_user_error(run_cli("export", "k8s", "--profile", "smoke", "-o", str(out),
                               "--precision", "auto", cwd=REPO), "--precision")
@@ -409,7 +416,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 def test_cli_help_explains() -> None:
     proc = run_cli("export", "k8s", "--help", cwd=REPO)
     assert proc.returncode == 0
-    for phrase in ("kubectl apply -k", "--force", "nvidia.com/mig", "--model-hostpath"):
+    for phrase in ("kubectl apply -k", "--overwrite", "nvidia.com/mig", "--model-hostpath"):
         assert phrase in proc.stdout
 
 
@@ -423,3 +430,102 @@ def test_force_replaces_an_earlier_export_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "c.yaml"])
     assert (out / "c.yaml").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging left behind
+
+
+# ---------------------------------------------------------------------------------- TLS
+def _pem_cert(text: str) -> Any:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(text.encode())
+
+
+def _mounted(job: dict[str, Any], path: str) -> bool:
+    """Whether ``path`` in the job's container is a file of its own Secret's items."""
+    spec = job["spec"]["template"]["spec"]
+    (vol,) = [v for v in spec["volumes"] if "secret" in v]
+    (mount,) = [m for m in container(job)["volumeMounts"] if m["name"] == vol["name"]]
+    return any(f"{mount['mountPath']}/{i['path']}" == path for i in vol["secret"]["items"])
+
+
+def test_tls_export_wires_the_broker_certificate_and_each_pods_ca(smoke_export: Path
+                                                                  ) -> None:
+    """The default export: the broker listens with TLS on 8883 with its certificate from a
+    Secret only the broker mounts; every pod verifies it against the CA in its own Secret,
+    and the certificate names the Service every pod dials."""
+    from cryptography import x509
+
+    tree = load_tree(smoke_export)
+    secrets = of_kind(tree, "Secret")
+    broker_tls = secrets["hsl-smoke-broker-tls"]["stringData"]
+    assert set(broker_tls) == {"ca.crt", "tls.crt", "tls.key"}
+    (config,) = of_kind(tree, "ConfigMap").values()
+    conf = config["data"]["mosquitto.conf"].splitlines()
+    assert "listener 8883 0.0.0.0" in conf
+    assert {"cafile /run/testbed/tls/ca.crt", "certfile /run/testbed/tls/tls.crt",
+            "keyfile /run/testbed/tls/tls.key"} <= set(conf)
+    assert "require_certificate true" not in conf
+    (broker,) = of_kind(tree, "Deployment").values()
+    bspec = broker["spec"]["template"]["spec"]
+    (tls_vol,) = [v for v in bspec["volumes"] if v["name"] == "tls"]
+    assert tls_vol["secret"]["secretName"] == "hsl-smoke-broker-tls"
+    assert {"name": "tls", "mountPath": "/run/testbed/tls", "readOnly": True} in \
+        container(broker)["volumeMounts"]
+    ca, cert = _pem_cert(broker_tls["ca.crt"]), _pem_cert(broker_tls["tls.crt"])
+    cert.verify_directly_issued_by(ca)
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    (service,) = of_kind(tree, "Service").values()
+    assert service["metadata"]["name"] in alt.get_values_for_type(x509.DNSName)
+    assert service["spec"]["ports"][0]["port"] == 8883
+    blob = yaml.safe_dump(config)
+    for obj in tree.values():  # no private key outside a Secret; no Job mounts the broker's
+        if obj.get("kind") == "Secret":
+            continue
+        assert "PRIVATE KEY" not in yaml.safe_dump(obj)
+    assert "BEGIN CERTIFICATE" not in blob
+    for job in of_kind(tree, "Job").values():
+        who = env(job)["TESTBED_CLIENT_ID"]
+        mine = secrets[f"hsl-smoke-{who}-password"]["stringData"]
+        assert mine["ca.crt"] == broker_tls["ca.crt"] and "tls.key" not in mine
+        assert env(job)["TESTBED_BROKER"].startswith("mqtts://")
+        assert _mounted(job, env(job)["TESTBED_TLS_CA"])
+        assert "hsl-smoke-broker-tls" not in yaml.safe_dump(job)
+
+
+def test_mtls_and_plain_exports_validate_and_differ_where_they_should(tmp_path: Path) -> None:
+    """--mtls: each pod's own certificate (Common Name = its identity) and key in its own
+    Secret, and the broker asks for them; --tls off: the plain fleet of before. Both
+    schema-validated as the default export is."""
+    import kubernetes_validate
+    from cryptography.x509.oid import NameOID
+
+    profile = load_profile("smoke")
+    mapping = emulation_map(profile)
+    mutual = K.build(profile, mapping, K.ExportOptions(mutual=True))
+    plain = K.build(profile, mapping, K.ExportOptions(tls=False))
+    for manifests in (mutual, plain):
+        for obj in manifests.files.values():
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    conf = mutual.files["config.yaml"]["data"]["mosquitto.conf"].splitlines()
+    assert {"require_certificate true", "use_identity_as_username true"} <= set(conf)
+    ca = _pem_cert(mutual.files["secret-broker-tls.yaml"]["stringData"]["ca.crt"])
+    seen = set()
+    for path, obj in mutual.files.items():
+        if obj.get("kind") != "Job":
+            continue
+        who = env(obj)["TESTBED_CLIENT_ID"]
+        data = mutual.files[f"secret-{who}.yaml"]["stringData"]
+        cert = _pem_cert(data["tls.crt"])
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == who
+        assert "PRIVATE KEY" in data["tls.key"]
+        e = env(obj)
+        assert e["TESTBED_TLS_CERT"] == "/run/testbed/secrets/tls.crt", path
+        assert _mounted(obj, e["TESTBED_TLS_CERT"]) and _mounted(obj, e["TESTBED_TLS_KEY"])
+        seen.add(data["tls.key"])
+    assert len(seen) == 4  # server + 3 clients, each its own key
+    assert "secret-broker-tls.yaml" not in plain.files
+    assert plain.broker_url == "mqtt://hsl-smoke-broker:1883"
+    assert "cafile" not in plain.files["config.yaml"]["data"]["mosquitto.conf"]
+    for obj in plain.files.values():
+        if obj.get("kind") == "Job":
+            assert not any(k.startswith("TESTBED_TLS") for k in env(obj))

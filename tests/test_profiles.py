@@ -248,6 +248,14 @@ def test_devices_file_round_trips_through_load_devices(tmp_path: Path) -> None:
     assert [c.memory_bytes for c in clients] == [r.memory_bytes for r in m.clients]
     cfg = train_config(p, m, path)
     assert (cfg.model, cfg.clients, cfg.steps, cfg.devices) == ("tiny-llama", 3, 6, str(path))
+    assert cfg.server_chunk == 0  # smoke does not set it: one pass over all clients
+
+
+def test_a_profile_sets_the_servers_chunking() -> None:
+    """hetero-llama2's server budget needs the pass one client at a time (docs/emulation.md)."""
+    p = load_profile("hetero-llama2")
+    cfg = train_config(p, emulation_map(p, emulate=True))
+    assert p.experiment.server_chunk == 1 and cfg.server_chunk == 1
 
 
 def test_print_emulation_shows_the_mapping() -> None:

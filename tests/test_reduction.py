@@ -48,3 +48,24 @@ def test_at_least_one_aggregation_interval_between_evaluations() -> None:
 def test_bad_values_are_user_errors(steps: int, examples: int | None) -> None:
     with pytest.raises(UserError):
         reduce_for_cpu(TrainConfig(), steps, examples)
+
+
+def test_the_short_runs_learning_rate_is_recorded_and_printed() -> None:
+    cfg = TrainConfig(method="hsplitlora", steps=200, eval_every=50, agg_interval=5)
+    reduced, r = reduce_for_cpu(cfg, 20, 64, lr=1e-3)
+    assert r is not None
+    assert reduced.learning_rate == 1e-3 and cfg.learning_rate == 2e-4
+    # the schedule follows the steps actually run: warm-up is 5 % of 20, not of 200
+    assert reduced.warmup == 1 and cfg.warmup == 10
+    assert "peak lr 0.001 (the profile's 0.0002" in r.line()
+    assert r.to_dict()["lr"] == 1e-3 and r.to_dict()["profile_lr"] == 2e-4
+
+
+def test_without_a_cpu_lr_the_profiles_rate_stays_and_is_not_mentioned() -> None:
+    reduced, r = reduce_for_cpu(TrainConfig(steps=200, eval_every=50), 20)
+    assert r is not None and reduced.lr is None and "lr" not in r.line()
+
+
+def test_a_non_positive_cpu_lr_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="--cpu-lr"):
+        reduce_for_cpu(TrainConfig(), 10, lr=0.0)

@@ -141,11 +141,15 @@ def swarm() -> Any:
 
 @pytest.mark.slow
 def test_smoke_run_as_a_stack_survives_a_killed_client(swarm: Any, tmp_path: Path) -> None:
+    """Over TLS: the broker's certificate and the CA as swarm secrets, every link verified."""
     run = tmp_path / "swarm-smoke"
     steps = 10
     cli("images", "build", "--offline", timeout=1800)
-    cli("up", "--profile", "smoke", "--backend", "swarm", "--host-network", "--detach",
-        "--steps", str(steps), "--min-step-time", "4", "--out", str(run), timeout=600)
+    # TLS forced on: a one-node swarm on the host network is loopback, where auto is plain
+    started = cli("up", "--profile", "smoke", "--backend", "swarm", "--host-network",
+                  "--detach", "--tls", "on", "--steps", str(steps), "--min-step-time", "4",
+                  "--out", str(run), timeout=600)
+    assert "tls: on (--tls on)" in started.stdout
     try:
         state = json.loads((run / "testbed-state.json").read_text())
         assert state["backend"] == "swarm"
@@ -161,21 +165,21 @@ def test_smoke_run_as_a_stack_survives_a_killed_client(swarm: Any, tmp_path: Pat
                                ) >= n
 
         wait_for(trained(2), 600, "client1's second step")
-        st = json.loads(cli("status", "--json", "--run", str(run)).stdout)
+        st = json.loads(cli("status", "--json", str(run)).stdout)
         assert st["backend"] == "swarm" and st["stack"] == stack
         assert {n: c["state"] for n, c in st["containers"].items()} == {
             n: "running" for n in ("broker", "server", "client0", "client1", "client2")}
         limits = {n: c["mem_limit"] for n, c in st["containers"].items() if n.startswith("c")}
         kill = cli("inject", "dropout", "--client", "client1", "--mode", "kill", "--for", "2",
-                   "--run", str(run))
+                   str(run))
         assert "client1 killed" in kill.stdout and "new task" in kill.stdout
 
         wait_for(lambda: task_exit(stack, "server") is not None, 900,
                  "the server task to end")
         assert task_exit(stack, "server") == 0
-        assert "finished: val PPL" in cli("logs", "server", "--run", str(run)).stdout
+        assert "finished: val PPL" in cli("logs", str(run), "server").stdout
     finally:
-        down = cli("down", "--run", str(run), check=False)
+        down = cli("down", str(run), check=False)
     assert down.returncode == 0, down.stderr
     assert not swarm.services.list(filters={"label": f"com.docker.stack.namespace={stack}"})
     assert (run / "logs" / "server.log").stat().st_size > 0
@@ -190,6 +194,9 @@ def test_smoke_run_as_a_stack_survives_a_killed_client(swarm: Any, tmp_path: Pat
     assert kinds[-1] == ("run_finished", None)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == steps
+    runtime = json.loads((run / "config.json").read_text())["runtime"]
+    assert runtime["tls"] == "on" and runtime["broker"].startswith("mqtts://127.0.0.1:")
+    assert "connected to mqtts://" in (run / "logs" / "client0.log").read_text()
     # the limits Swarm set are the profile's, and each client read its own from its cgroup
     mapping = emulation_map(load_profile("smoke"))
     want = {row.name: container_limit(DEFAULT_RESERVE + row.standin_bytes)
@@ -200,3 +207,45 @@ def test_smoke_run_as_a_stack_survives_a_killed_client(swarm: Any, tmp_path: Pat
         assert seen[name]["source"].startswith("cgroup") and seen[name]["budget_bytes"] == limit
     train = [m for m in read_jsonl(run / "metrics.jsonl") if m.get("kind") == "train"]
     assert max(m["step"] for m in train) == steps - 1
+
+
+def test_a_tls_stack_gives_each_service_only_its_own_files(tmp_path: Path) -> None:
+    """--tls on --mtls on a swarm: the CA, the broker's certificate and key and each
+    participant's own as swarm secrets, each service getting only its own; the broker's
+    config reads them where Swarm mounts them; and the run directory every server and client
+    service mounts (which holds everybody's files) is hidden under tmpfs where they lie."""
+    from runner.config import TrainConfig
+    from runner.distributed.runtime import RuntimeOptions
+
+    profile = parse_profile(yaml.safe_load(SMOKE_WITH_PLACEMENT), name="placed")
+    mapping = emulation_map(profile)
+    run = SwarmRun(profile, mapping, TrainConfig(model="tiny-llama", data="synthetic"),
+                   tmp_path / "run", options=RuntimeOptions(), tls=True, mtls=True)
+    run.prepare()
+    doc = yaml.safe_load(run.stack_file.read_text())
+    services = doc["services"]
+    files = {name: {s["target"]: s["source"] for s in svc.get("secrets", [])}
+             for name, svc in services.items()}
+    assert files["broker"] == {"ca.crt": "tls-ca.crt", "tls.crt": "tls-broker.crt",
+                               "tls.key": "tls-broker.key"}
+    for who in ("server", "client0", "client1"):
+        assert files[who] == {who: who, "ca.crt": "tls-ca.crt", "tls.crt": f"tls-{who}.crt",
+                              "tls.key": f"tls-{who}.key"}
+        e = services[who]["environment"]
+        assert e["TESTBED_BROKER"] == "mqtts://broker:8883"
+        assert (e["TESTBED_TLS_CA"], e["TESTBED_TLS_CERT"], e["TESTBED_TLS_KEY"]) == (
+            "/run/secrets/ca.crt", "/run/secrets/tls.crt", "/run/secrets/tls.key")
+        hidden = {v["target"] for v in services[who]["volumes"] if isinstance(v, dict)
+                  and v.get("type") == "tmpfs"}
+        assert hidden == {"/run/testbed/secrets", "/run/testbed/tls", "/run/testbed/broker"}
+        modes = {s["target"]: s["mode"] for s in services[who]["secrets"]}
+        assert modes["tls.key"] == modes[who] == 0o400
+    assert all(isinstance(v, str) for v in services["broker"]["volumes"])
+    for name, spec in doc["secrets"].items():  # every secret is a file of the run's tls/
+        assert Path(spec["file"]).is_file(), name
+        if name.endswith(".key"):
+            assert Path(spec["file"]).stat().st_mode & 0o077 == 0
+    conf = (run.run_dir / "broker" / "mosquitto.conf").read_text().splitlines()
+    assert "listener 8883 0.0.0.0" in conf
+    assert {"cafile /run/secrets/ca.crt", "certfile /run/secrets/tls.crt",
+            "keyfile /run/secrets/tls.key", "require_certificate true"} <= set(conf)

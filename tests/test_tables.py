@@ -110,7 +110,7 @@ def test_status_json_from_a_state_file(tmp_path: Path) -> None:
         "broker": {"url": "mqtt://127.0.0.1:1883"}}))
     (run / "metrics.jsonl").write_text(json.dumps(
         {"kind": "train", "step": 0, "client": "client0", "loss": 2.5}) + "\n")
-    res = CliRunner().invoke(app, ["status", "--json", "--run", str(run)])
+    res = CliRunner().invoke(app, ["status", "--json", str(run)])
     assert res.exit_code == 0, res.output
     st = json.loads(res.output)
     assert st["run_id"] == "r1" and st["step"] == 1 and st["loss"] == 2.5
@@ -137,5 +137,5 @@ def test_status_without_run_means_the_latest_started_run(tmp_path: Path,
     res = CliRunner().invoke(app, ["status", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["run_id"] == "newer"
-    res = CliRunner().invoke(app, ["status", "--json", "--run", "runs/older"])
+    res = CliRunner().invoke(app, ["status", "--json", "runs/older"])
     assert json.loads(res.output)["run_id"] == "older"

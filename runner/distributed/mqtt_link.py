@@ -105,3 +105,15 @@ class Link(abc.ABC):
 
 class LinkError(RuntimeError):
     """The client library refused an operation (not connected at all, oversize, ...)."""
+
+
+class TLSRefused(ConnectionError):
+    """The TLS handshake failed for good: the broker's certificate is not signed by the CA we
+    trust or does not name the host we dialled, or the broker refused our certificate (or
+    its absence, with mutual TLS). Retrying cannot help, so callers give up at once."""
+
+
+# The prefix of the refusal a link reports (``link_connected(False, ...)``) when the broker
+# ends a TLS connection before CONNACK: with TLS 1.3 a refused client certificate shows only
+# then, after our side of the handshake has completed.
+TLS_REFUSED = "TLS refused"

@@ -32,6 +32,7 @@ import atexit
 import contextlib
 import ctypes as C
 import ctypes.util
+import errno
 import logging
 import math
 import os
@@ -43,14 +44,29 @@ from typing import Any
 
 import numpy as np
 
-from runner.distributed.mqtt_link import Link, LinkError, LinkEvents, Payload, Pending, Will
+from runner.distributed.mqtt_link import (
+    TLS_REFUSED,
+    Link,
+    LinkError,
+    LinkEvents,
+    Payload,
+    Pending,
+    TLSRefused,
+    Will,
+)
+from runner.distributed.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
 # mosquitto.h (2.0)
 _OPT_PROTOCOL_VERSION = 1
 _OPT_TCP_NODELAY = 11
+_SSL_VERIFY_PEER = 1
+_OS_CA_PATH = "/etc/ssl/certs"  # the system's trust store, for a CA-less ClientTLS
 _ERR_NO_CONN = 4
+_ERR_TLS = 8
+_TLS_FAILED = ("the TLS handshake failed: the broker's certificate is not signed by the CA "
+               "given or does not name this host, or (mutual TLS) the broker refused ours")
 _ERR_ERRNO = 14
 _ERR_EAI = 15
 _PROP_SESSION_EXPIRY = 17
@@ -80,6 +96,9 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "mosquitto_destroy": (None, [_P]),
     "mosquitto_int_option": (C.c_int, [_P, C.c_int, C.c_int]),
     "mosquitto_username_pw_set": (C.c_int, [_P, C.c_char_p, C.c_char_p]),
+    "mosquitto_tls_set": (C.c_int, [_P, C.c_char_p, C.c_char_p, C.c_char_p, C.c_char_p, _P]),
+    "mosquitto_tls_opts_set": (C.c_int, [_P, C.c_int, C.c_char_p, C.c_char_p]),
+    "mosquitto_tls_insecure_set": (C.c_int, [_P, C.c_bool]),
     "mosquitto_will_set_v5": (C.c_int, [_P, C.c_char_p, C.c_int, _P, C.c_int, C.c_bool, _P]),
     "mosquitto_reconnect_delay_set": (C.c_int, [_P, C.c_uint, C.c_uint, C.c_bool]),
     "mosquitto_connect_bind_v5": (C.c_int, [_P, C.c_char_p, C.c_int, C.c_int, C.c_char_p, _P]),
@@ -172,12 +191,16 @@ def _strerror(rc: int) -> str:
     return _lib_or_raise().mosquitto_strerror(rc).decode()
 
 
-def _raise_connect_error(rc: int, host: str, port: int) -> None:
+def _raise_connect_error(rc: int, host: str, port: int, tls: bool = False) -> None:
     if rc == _ERR_ERRNO:
         err = C.get_errno()
+        if tls and err == errno.EPROTO:  # a TLS alert from the broker during the handshake
+            raise TLSRefused(f"{host}:{port}: {_TLS_FAILED}")
         raise OSError(err, f"{os.strerror(err)} ({host}:{port})")
     if rc == _ERR_EAI:
         raise OSError(f"cannot resolve {host!r}")
+    if rc == _ERR_TLS:  # the handshake failed for good
+        raise TLSRefused(f"{host}:{port}: {_TLS_FAILED}")
     raise OSError(f"{_strerror(rc)} ({host}:{port})")
 
 
@@ -236,14 +259,21 @@ def _stop_all() -> None:
 
 
 class NativeLink(Link):
-    """One libmosquitto client (``struct mosquitto``) with its network thread."""
+    """One libmosquitto client (``struct mosquitto``) with its network thread.
+
+    ``tls``: libmosquitto's own TLS (OpenSSL): the broker's certificate verified against the
+    CA (``SSL_VERIFY_PEER``) and its subjectAltName checked against the host dialled
+    (``tls_insecure`` stays false); with mutual TLS our certificate and key presented."""
 
     backend = "native"
 
     def __init__(self, events: LinkEvents, *, client_id: str, v5: bool, username: str,
                  password: str, will: Will, reconnect: tuple[float, float],
-                 zero_copy: bool = True):
+                 zero_copy: bool = True, tls: ClientTLS | None = None):
         self.lib = _lib_or_raise()
+        self.tls = tls
+        if tls is not None:
+            tls.check_files()
         self.events = events
         self.v5 = v5
         self.client_id = client_id
@@ -256,6 +286,7 @@ class NativeLink(Link):
         self._early: dict[int, None] = {}  # PUBACKs that beat their publish() return
         self._started = False
         self._first = True
+        self._connacked = False  # a CONNACK came: later TLS failures are network trouble
         m = self.lib.mosquitto_new(client_id.encode(), not v5, None)
         if not m:
             raise LinkError("mosquitto_new failed (out of memory or invalid client id)")
@@ -283,6 +314,15 @@ class NativeLink(Link):
         self.lib.mosquitto_int_option(m, _OPT_PROTOCOL_VERSION, 5 if self.v5 else 4)
         self.lib.mosquitto_int_option(m, _OPT_TCP_NODELAY, 1)
         self._check(self.lib.mosquitto_username_pw_set(m, *self._auth), "credentials")
+        tls = self.tls
+        if tls is not None:
+            enc = (lambda p: None if p is None else p.encode())  # noqa: E731
+            self._check(self.lib.mosquitto_tls_set(
+                m, enc(tls.ca), None if tls.ca else _OS_CA_PATH.encode(), enc(tls.cert),
+                enc(tls.key), None), "TLS files")
+            self._check(self.lib.mosquitto_tls_opts_set(m, _SSL_VERIFY_PEER, b"tlsv1.2",
+                                                        None), "TLS options")
+            self._check(self.lib.mosquitto_tls_insecure_set(m, False), "TLS name check")
 
     def _check(self, rc: int, what: str) -> None:
         if rc:
@@ -324,7 +364,7 @@ class NativeLink(Link):
         finally:
             self.lib.mosquitto_property_free_all(C.byref(props))
         if rc:
-            _raise_connect_error(rc, host, port)
+            _raise_connect_error(rc, host, port, self.tls is not None)
         self._check(self.lib.mosquitto_loop_start(m), "loop_start")
         self._started = True
         _LIVE.add(self)
@@ -409,6 +449,7 @@ class NativeLink(Link):
 
     # ------------------------------------------------------------ callbacks (C thread)
     def _on_connect(self, m: int, obj: int, rc: int, flags: int, props: int) -> None:
+        self._connacked = True
         try:
             if rc == 0:
                 self.events.link_connected(True, "Success")
@@ -421,6 +462,8 @@ class NativeLink(Link):
 
     def _on_disconnect(self, m: int, obj: int, rc: int, props: int) -> None:
         try:
+            if rc == _ERR_TLS and not self._connacked:  # TLS 1.3: our certificate refused
+                self.events.link_connected(False, f"{TLS_REFUSED}: {_strerror(rc)}")
             self.events.link_disconnected("Normal disconnection" if rc == 0 else _strerror(rc))
         except Exception:  # noqa: BLE001
             log.exception("%s: on_disconnect failed", self.client_id)
@@ -485,10 +528,16 @@ def _end_session(lib: C.CDLL, link: NativeLink, host: str, port: int,
         lib.mosquitto_connect_v5_callback_set(m, cb)
         rc = lib.mosquitto_connect_bind_v5(m, host.encode(), port, 10, None, None)
         if rc:
-            _raise_connect_error(rc, host, port)
+            _raise_connect_error(rc, host, port, link.tls is not None)
         deadline = time.monotonic() + timeout
         while not answered and time.monotonic() < deadline:
-            if lib.mosquitto_loop(m, 100, 1):
+            rc = lib.mosquitto_loop(m, 100, 1)
+            if rc:
+                # libmosquitto finishes the handshake in its loop; and with TLS 1.3 the
+                # broker refuses a client certificate (or its absence) only after our side
+                # of the handshake, closing before any CONNACK
+                if link.tls is not None:
+                    raise TLSRefused(f"{host}:{port}: {_TLS_FAILED} ({_strerror(rc)})")
                 break
         lib.mosquitto_disconnect_v5(m, 0, None)
     finally:

@@ -23,7 +23,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
-from runner.distributed.mqtt_link import Link, LinkError, LinkEvents, Payload, Pending, Will
+from runner.distributed.mqtt_link import (
+    TLS_REFUSED,
+    Link,
+    LinkError,
+    LinkEvents,
+    Payload,
+    Pending,
+    TLSRefused,
+    Will,
+)
+from runner.distributed.tls import ClientTLS, TLSError
 
 # ------------------------------------------------------------------ paho large-payload fixes
 _LARGE = 65_536  # packets above this take the copy-free paths below
@@ -113,6 +123,7 @@ class FastClient(mqtt.Client):
     """
 
     ENABLED = paho.mqtt.__version__.split(".")[0] == "2"
+    tls_error: ssl.SSLError | None = None  # the last TLS failure on receive (an alert)
 
     def _create_socket_connection(self) -> socket.socket:
         sock = super()._create_socket_connection()
@@ -152,6 +163,14 @@ class FastClient(mqtt.Client):
         return super()._packet_queue(command, packet, mid, qos, info)
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return self._recv_fast(bufsize)
+        except ssl.SSLError as err:  # the broker's alert (e.g. our certificate refused)
+            if not isinstance(err, (ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+                self.tls_error = err
+            raise
+
+    def _recv_fast(self, bufsize: int) -> bytes:
         # paho asks for everything still missing of a packet (up to 256 MB) in each call and
         # appends what comes to its packet buffer: a fresh allocation per recv, a copy, and
         # regrowth of the packet. For a large packet, allocate it once at its final length
@@ -247,14 +266,20 @@ class _PahoPending(Pending):
 
 
 class PahoLink(Link):
-    """A :class:`FastClient` with paho's loop thread; events forwarded to the transport."""
+    """A :class:`FastClient` with paho's loop thread; events forwarded to the transport.
+
+    ``tls``: TLS with the broker's certificate verified against its CA and its name or
+    address checked (the standard library's :mod:`ssl`, ``check_hostname``); the
+    FastClient's copy-free receive reads from the TLS socket the same way."""
 
     backend = "paho"
 
     def __init__(self, events: LinkEvents, *, client_id: str, v5: bool, username: str,
-                 password: str, will: Will, reconnect: tuple[float, float]):
+                 password: str, will: Will, reconnect: tuple[float, float],
+                 tls: ClientTLS | None = None):
         self.events = events
         self.v5 = v5
+        self._connacked = False  # a CONNACK came: later TLS failures are network trouble
         self.client = FastClient(
             CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -263,6 +288,11 @@ class PahoLink(Link):
         self.client.reconnect_delay_set(reconnect[0], reconnect[1])  # type: ignore[arg-type]
         self.client.max_queued_messages_set(0)
         self.client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        if tls is not None:
+            try:
+                self.client.tls_set_context(tls.context())
+            except (OSError, ssl.SSLError) as e:  # unreadable or not PEM: say which file
+                raise TLSError(f"TLS files {tls.ca}, {tls.cert}, {tls.key}: {e}") from e
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -275,7 +305,12 @@ class PahoLink(Link):
         if self.v5 and session_expiry is not None:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = session_expiry
-        self.client.connect(host, port, keepalive, properties=props)
+        try:
+            self.client.connect(host, port, keepalive, properties=props)
+        except ssl.SSLError as e:
+            if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+                raise  # the connection went away mid-handshake: an OSError, retried
+            raise TLSRefused(f"{host}:{port}: the TLS handshake failed: {e}") from e
         self.client.loop_start()
 
     def publish(self, topic: str, payload: Payload, retain: bool = False) -> Pending:
@@ -319,10 +354,14 @@ class PahoLink(Link):
     # --------------------------------------------------------------- paho's loop thread
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        self._connacked = True
         self.events.link_connected(not reason.is_failure, str(reason))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
+        err, self.client.tls_error = self.client.tls_error, None
+        if err is not None and not self._connacked:
+            self.events.link_connected(False, f"{TLS_REFUSED}: {err}")
         self.events.link_disconnected(str(reason))
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any],

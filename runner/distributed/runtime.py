@@ -14,7 +14,10 @@ Start-up contract (docs/protocol.md, "Runtime"):
   ``TESTBED_USERNAME`` / ``TESTBED_PASSWORD`` override or complete the file;
 * the server also reads ``TESTBED_RESUME=1`` (or ``--resume``);
 * ``TESTBED_MQTT`` (``paho``, ``native``, ``auto``) picks the MQTT client library when
-  ``RuntimeOptions.mqtt`` does not (runner/distributed/transport.py ``resolve_backend``).
+  ``RuntimeOptions.mqtt`` does not (runner/distributed/transport.py ``resolve_backend``);
+* with a TLS broker (``mqtts://``), ``TESTBED_TLS_CA`` names the run's CA certificate and,
+  with mutual TLS, ``TESTBED_TLS_CERT`` / ``TESTBED_TLS_KEY`` this identity's certificate
+  and key (runner/distributed/tls.py).
 
 This module never imports ``testbed/`` (a container holds only ``runner/``).
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from runner.config import TrainConfig
 from runner.distributed.broker import BrokerAddress, Credentials, parse_broker_url
+from runner.distributed.tls import ClientTLS, TLSError
 from runner.errors import ConfigError
 from runner.methods import registry
 
@@ -109,6 +113,7 @@ class RuntimeConfig:
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     me: str = "server"
     resume: bool = False
+    tls: ClientTLS | None = None  # the broker speaks TLS (its address says so)
 
     def index(self, cid: str) -> int:
         return self.clients.index(cid)
@@ -171,9 +176,20 @@ def load_config(me: str | None = None, env: dict[str, str] | None = None,
         raise ConfigError("TESTBED_PASSWORD (or TESTBED_PASSWORD_FILE) is not set")
     creds = Credentials(env.get("TESTBED_USERNAME") or me, password)
     resume = resume or env.get("TESTBED_RESUME", "") in ("1", "true", "yes")
+    broker = parse_broker_url(url)
+    try:
+        tls = ClientTLS.from_env(env)
+        if tls is not None:
+            tls.check_files()
+    except TLSError as e:
+        raise ConfigError(str(e)) from None
+    if tls is not None and not broker.tls:
+        raise ConfigError(f"TLS files are set ({', '.join(tls.env())}) but the broker URL "
+                          f"{url} is plain MQTT: use mqtts://{broker.host}:{broker.port}")
     return RuntimeConfig(train=train, run_dir=Path(doc["run_dir"]), run_id=run_id,
-                         clients=clients, broker=parse_broker_url(url), credentials=creds,
-                         options=options, me=me, resume=resume)
+                         clients=clients, broker=broker, credentials=creds,
+                         options=options, me=me, resume=resume,
+                         tls=tls if tls is not None or not broker.tls else ClientTLS())
 
 
 def is_split(cfg: TrainConfig) -> bool:

@@ -40,8 +40,9 @@ import torch
 from runner.distributed import mqtt_native
 from runner.distributed import protocol as P
 from runner.distributed.broker import BrokerAddress, Credentials
-from runner.distributed.mqtt_link import Link, LinkError, Payload, Pending, Will
+from runner.distributed.mqtt_link import Link, LinkError, Payload, Pending, TLSRefused, Will
 from runner.distributed.mqtt_paho import FastClient, PahoLink
+from runner.distributed.tls import ClientTLS
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "FastClient", "PublishRefused", "Transport",
            "TransportError", "make_link", "resolve_backend"]
@@ -86,10 +87,13 @@ def resolve_backend(backend: str | None = None) -> str:
 
 
 def make_link(backend: str, events: Any, *, client_id: str, v5: bool,
-              credentials: Credentials, will: Will, reconnect: tuple[float, float]) -> Link:
-    """A link of the resolved ``backend`` ("native" or "paho") calling back ``events``."""
+              credentials: Credentials, will: Will, reconnect: tuple[float, float],
+              tls: ClientTLS | None = None) -> Link:
+    """A link of the resolved ``backend`` ("native" or "paho") calling back ``events``;
+    ``tls``: speak TLS (runner/distributed/tls.py), None: plain TCP."""
     kw: dict[str, Any] = dict(client_id=client_id, v5=v5, username=credentials.username,
-                              password=credentials.password, will=will, reconnect=reconnect)
+                              password=credentials.password, will=will, reconnect=reconnect,
+                              tls=tls)
     if backend == "native":
         return mqtt_native.NativeLink(events, **kw)
     if backend == "paho":
@@ -110,7 +114,11 @@ class Transport:
 
     ``expect`` defaults to: the run, and for a client only messages on its own channel or the
     server's; for the server any of ``clients`` (or any well-formed id when None).
-    ``backend``: the MQTT client library (see :func:`resolve_backend`).
+    ``backend``: the MQTT client library (see :func:`resolve_backend`). ``tls``: the CA (and,
+    for mutual TLS, this identity's certificate and key) of a broker whose address says
+    ``tls`` (``mqtts://``); such an address without ``tls`` verifies the broker against the
+    system's trust store. Plain addresses take no ``tls``: TLS files given for a plain
+    broker mean a misconfiguration that would send everything in the clear.
     """
 
     def __init__(self, address: BrokerAddress, credentials: Credentials, *, run: str, me: str,
@@ -119,8 +127,15 @@ class Transport:
                  keepalive: int = 30, reconnect: tuple[float, float] = (0.1, 5.0),
                  session_expiry: int = 300, reassembly_timeout: float = 60.0,
                  on_reject: RejectFn | None = None, subscribe: bool = True,
-                 client_id: str | None = None, backend: str | None = None):
+                 client_id: str | None = None, backend: str | None = None,
+                 tls: ClientTLS | None = None):
         P.check_id(run, "run id")
+        if tls is not None and not address.tls:
+            raise ValueError(f"TLS files given for the plain broker {address.url}; use "
+                             f"mqtts://{address.host}:{address.port}")
+        if address.tls and tls is None:
+            tls = ClientTLS()
+        self.tls = tls
         if me != P.SERVER:
             P.check_id(me, "client id")
         self.address = address
@@ -161,7 +176,7 @@ class Transport:
         try:
             self.link = make_link(self.backend, self, client_id=client_id or f"hsl-{run}-{me}",
                                   v5=self.v5, credentials=credentials, will=will,
-                                  reconnect=reconnect)
+                                  reconnect=reconnect, tls=tls)
         except LinkError as e:
             raise TransportError(f"{me}: {e}") from e
 
@@ -179,6 +194,9 @@ class Transport:
         try:
             self.link.connect(self.address.host, self.address.port, self.keepalive,
                               self.session_expiry if self.v5 else None)
+        except TLSRefused as e:  # "refused": the runtime's connect loops give up at once
+            self.link.stop()
+            raise TransportError(f"broker {self.address.url} refused {self.me!r}: {e}") from e
         except OSError as e:
             self.link.stop()
             raise TransportError(f"cannot reach broker {self.address.url}: {e}") from e

@@ -41,7 +41,8 @@ RULES = (FEDAVG, NAA, PADDED_FEDAVG, HETLORA, NONE)  # built-in; a plug-in may n
 
 @dataclass(frozen=True)
 class Traits:
-    """What a method is, as the engines need to know it (method.md "Baselines and ablations").
+    """What a method is, as the engines need to know it (docs/method.md
+    "Baselines", "Ablations").
 
     ``split``: clients hold blocks ``[0, k)`` and the server the rest (else every client holds
     the whole model). ``central``: one model trained on the pooled data (no clients to
@@ -54,6 +55,11 @@ class Traits:
     method's server-side and client-side hooks in the distributed runtime (None: the
     SplitLoRA / FedAvg engines' own behaviour); ``trainer``: ``"module:function"`` that
     builds its in-process trainer (None: runner.trainer.Trainer).
+    ``chooses``: TrainConfig fields the method decides per client by itself (ARMSC's split
+    points and ranks; HetLoRA's rank from each device's budget), so the option that would set
+    one value for every client is not used; choosing ``"rank"`` means choosing from
+    ``rank_set``. ``ignores``: further fields a (plug-in) method does not use, field -> why,
+    beyond what its other traits imply (:func:`unused_fields`).
     """
 
     name: str
@@ -70,6 +76,8 @@ class Traits:
     summary: str = ""
     hooks: dict[str, str] = field(default_factory=dict)  # role ("server", "client") -> path
     trainer: str | None = None
+    chooses: tuple[str, ...] = ()
+    ignores: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.aggregation:
@@ -97,7 +105,8 @@ _HETLORA_HOOKS = {"server": "runner.methods.hetlora_server:HetLoRAServerHooks",
 def _hsplit(name: str, summary: str, **off: bool) -> Traits:
     on = {"iwi": True, "armsc": True, "naa": True, **off}
     return Traits(name, split=True, hetero=True, aggregation=NAA if on["naa"] else PADDED_FEDAVG,
-                  summary=summary, hooks=dict(_HSPLIT_HOOKS), trainer=_HSPLIT_TRAINER, **on)
+                  summary=summary, hooks=dict(_HSPLIT_HOOKS), trainer=_HSPLIT_TRAINER,
+                  chooses=("split", "rank") if on["armsc"] else (), **on)
 
 
 _REGISTRY: dict[str, Traits] = {}
@@ -121,7 +130,7 @@ for _t in (
     Traits("ft", split=False, central=True, full=True, aggregation=NONE, default_lr=5e-5,
            summary="full fine-tuning on the pooled data"),
     Traits("hetlora", split=False, hetero=True, aggregation=HETLORA,
-           hooks=dict(_HETLORA_HOOKS), trainer=_HETLORA_TRAINER,
+           hooks=dict(_HETLORA_HOOKS), trainer=_HETLORA_TRAINER, chooses=("rank",),
            summary="HetLoRA: whole model per client, rank from its budget"),
     _hsplit("hsplitlora", "HSplitLoRA: IWI + ARMSC + NAA"),
     _hsplit("hsplitlora-no-iwi", "ablation: uniform importance", iwi=False),
@@ -178,3 +187,43 @@ def having(**wanted: Any) -> tuple[str, ...]:
     loaded here: runner.config derives its name sets while it is being imported)."""
     return tuple(n for n, t in _REGISTRY.items()
                  if all(getattr(t, k) == v for k, v in wanted.items()))
+
+
+def unused_fields(t: Traits) -> dict[str, str]:
+    """The training options (TrainConfig fields) method ``t`` does not use, each with why.
+
+    Why here, derived from the traits: whether a method reads ``split``, ``rank`` or
+    ``devices`` follows from what it is (split or not, central, full fine-tuning, what it
+    chooses itself), and the CLI must refuse an option a method would silently drop
+    (testbed/options.py ``check_applies``) for every method, a plug-in's included, without a
+    list of names per option to keep in step with the engines. What the engines read (so
+    what is listed here) is pinned by tests/test_cli_consistency.py.
+    """
+    why: dict[str, str] = {}
+    if t.central:
+        pooled = "it trains one model on the pooled data"
+        for name in ("clients", "partition", "dirichlet_alpha", "dropouts"):
+            why[name] = f"{pooled} (no clients)"
+        why["agg_interval"] = f"{pooled}: nothing to aggregate"
+        why["devices"] = f"{pooled}: no client devices, no virtual clock"
+        why["stop_virtual_time"] = f"{pooled}: no client devices, no virtual clock"
+    if not t.split:
+        why["split"] = "every client holds the whole model (no split point)"
+        why["server_chunk"] = "there is no server pass to chunk (no split)"
+    if t.full:
+        for name in ("rank", "targets", "lora_dropout"):
+            why[name] = "full fine-tuning trains the whole weights, no adapters"
+    if "split" in t.chooses:
+        why["split"] = "it chooses each client's split point for its device (ARMSC)"
+    if "rank" in t.chooses:
+        why["rank"] = "it chooses the ranks per client from the rank set under each " \
+                      "device's memory budget"
+    else:
+        why["rank_set"] = "only the methods that choose ranks per client take a rank set"
+    why.update(t.ignores)
+    return why
+
+
+def using(name: str) -> tuple[str, ...]:
+    """The registered methods (plug-ins included) that use TrainConfig field ``name``."""
+    return tuple(n for n in names() if name not in unused_fields(get(n)))

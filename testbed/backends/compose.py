@@ -22,7 +22,10 @@ override file that adds one service per client:
   ``device_ids`` = the GPU index or ``MIG-...`` UUID) when the device has a GPU selector.
   Docker cannot cap GPU memory per container; a MIG instance is a hard cap, an index is not;
 * ``network_mode: host`` on every service for tests (``host_network=True``): all traffic on
-  loopback, the broker at ``127.0.0.1:PORT``.
+  loopback, the broker at ``127.0.0.1:PORT``;
+* with TLS (``tls_paths``), the broker as ``mqtts://`` and each service's ``TESTBED_TLS_*``
+  naming its CA (and with mutual TLS its own certificate and key) where its container sees
+  them.
 
 Only fields that both ``docker compose`` (v2) and ``docker-compose`` (v1 1.29, Compose
 Specification) accept are used.
@@ -40,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from runner.distributed.tls import ClientTLS
 from runner.errors import ConfigError
 from runner.rundir import RUN_MOUNT  # where the run directory is mounted in every container
 from testbed.profiles import EmulatedDevice, EmulationMap, Profile
@@ -68,7 +72,9 @@ class ComposeOptions:
     (``testbed up --mem-limit``); ``volumes``: bind mounts of the server and every client;
     ``broker_volumes``: the broker's; ``user``: ``uid:gid`` the server and clients run as
     (files in the run directory belong to the user, not root); ``env``: extra environment
-    of the server and clients.
+    of the server and clients. ``tls_paths``: the broker speaks TLS, and these are the TLS
+    files as the server's and clients' containers see them, ``{who}`` standing for the
+    service's identity (None: plain MQTT).
     """
 
     run_id: str = "run"
@@ -83,10 +89,19 @@ class ComposeOptions:
     broker_volumes: tuple[str, ...] = ()
     user: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    tls_paths: ClientTLS | None = None
 
     def broker_url(self) -> str:
         host = self.broker_host or ("127.0.0.1" if self.host_network else "broker")
-        return f"mqtt://{host}:{self.broker_port}"
+        return f"{'mqtts' if self.tls_paths else 'mqtt'}://{host}:{self.broker_port}"
+
+    def tls_env(self, who: str) -> dict[str, str]:
+        """``who``'s ``TESTBED_TLS_*`` (empty without TLS)."""
+        t = self.tls_paths
+        if t is None:
+            return {}
+        fill = (lambda p: None if p is None else p.format(who=who))  # noqa: E731
+        return ClientTLS(fill(t.ca), fill(t.cert), fill(t.key)).env()
 
 
 def load_base(path: Path = BASE_COMPOSE) -> dict[str, Any]:
@@ -166,7 +181,8 @@ def generate_override(profile: Profile, mapping: EmulationMap,
         raise ConfigError(f"memory limits name unknown clients {sorted(unknown)}; the "
                           f"profile's clients are {', '.join(d.name for d in profile.devices)}")
     server: dict[str, Any] = {"environment": {
-        **shared_env, "TESTBED_BUDGET_BYTES": str(mapping.server.memory_bytes), **opts.env}}
+        **shared_env, "TESTBED_BUDGET_BYTES": str(mapping.server.memory_bytes),
+        **opts.tls_env("server"), **opts.env}}
     if profile.server.gpu is not None:
         server["deploy"] = gpu_reservation(profile.server.gpu)
     if opts.host_network:
@@ -194,6 +210,7 @@ def generate_override(profile: Profile, mapping: EmulationMap,
             "TESTBED_CLIENT_INDEX": str(i),
             "TESTBED_BUDGET_BYTES": str(row.memory_bytes),
             "TESTBED_PASSWORD_FILE": f"{RUN_MOUNT}/secrets/{device.name}",
+            **opts.tls_env(device.name),
             **ALLOCATOR_ENV,
             **opts.env,
         }

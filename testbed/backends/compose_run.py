@@ -8,7 +8,9 @@
    them: the run directory at ``/run/testbed``, the model cache at ``/cache``, the data file
    under ``/data``), ``devices.json``, the broker's config, credentials and ACL
    (``broker/``, runner/distributed/broker.py ``write_container_broker``) and one password file per
-   participant (``secrets/``);
+   participant (``secrets/``); with TLS (``--tls on``; compose is one host, so ``auto`` is
+   off) the run's certificates in ``tls/`` (runner/distributed/tls.py), the broker on 8883
+   with TLS only and every container told where its TLS files are;
 3. the model is materialised on the host first (a GGUF conversion needs the whole model in
    memory, which a small client container must never pay) and the cache mounted;
 4. ``compose.override.yaml`` is generated (testbed/backends/compose.py) and
@@ -45,6 +47,14 @@ from typing import Any
 
 from runner.config import TrainConfig
 from runner.distributed.runtime import RuntimeOptions, write_config
+from runner.distributed.tls import (
+    LOOPBACK_NAMES,
+    TLS_PORT,
+    BrokerTLS,
+    ClientTLS,
+    RunPKI,
+    make_pki,
+)
 from runner.errors import UserError
 from runner.rundir import EVENTS, HOST_PATHS, clear_injected, write_injected, write_json
 from testbed.backends.compose import (
@@ -114,6 +124,10 @@ class ComposeRun:
     trace_down: set[str] = field(default_factory=set)  # taken down by an availability trace
     last_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # service -> reading
     stats_written: dict[str, float] = field(default_factory=dict)  # service -> when written
+    tls: bool = False  # the broker speaks TLS only (testbed/tlsmode.py decides)
+    mtls: bool = False  # ... and every participant presents its certificate
+    tls_names: tuple[str, ...] = ()  # extra names in the broker's certificate
+    pki: RunPKI | None = None  # the run's certificates once issued (RUN/tls/)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -135,6 +149,23 @@ class ComposeRun:
         return self.run_dir / OVERRIDE
 
     # ------------------------------------------------------------------------ prepare
+    def broker_names(self) -> list[str]:
+        """What the broker's certificate names: the Compose service (how the containers
+        reach it), and loopback (``--host-network``)."""
+        return ["broker", *LOOPBACK_NAMES, *self.tls_names]
+
+    def client_tls_paths(self) -> ClientTLS:
+        """The TLS files as the server and client containers see them (``{who}``: the
+        service's identity): the run directory's ``tls/``, mounted with it."""
+        base = f"{RUN_MOUNT}/tls"
+        if not self.mtls:
+            return ClientTLS(f"{base}/ca.crt")
+        return ClientTLS(f"{base}/ca.crt", f"{base}/{{who}}.crt", f"{base}/{{who}}.key")
+
+    def broker_tls(self, pki: RunPKI) -> BrokerTLS:
+        """The broker's TLS files as its container sees them."""
+        return pki.broker(inside=f"{RUN_MOUNT}/tls")
+
     def _container_train(self) -> tuple[TrainConfig, dict[str, str]]:
         """The TrainConfig with container paths, and the extra bind mounts it needs."""
         from runner.model.models import cache_dir, materialise
@@ -161,7 +192,7 @@ class ComposeRun:
 
     def prepare(self) -> ComposeOptions:
         """Write everything the containers read into the run directory (no Docker calls)."""
-        from runner.distributed.broker import free_port, write_container_broker
+        from runner.distributed.broker import MONITOR_USER, free_port, write_container_broker
         from testbed.profiles import write_devices_file
 
         if (self.run_dir / "config.json").exists() and not self.options.overwrite:
@@ -173,7 +204,12 @@ class ComposeRun:
                 (self.run_dir / name).unlink(missing_ok=True)
         clear_injected(self.run_dir)
         self.logs.mkdir(exist_ok=True)
-        port = free_port() if self.host_network else 1883
+        port = free_port() if self.host_network else TLS_PORT if self.tls else 1883
+        if self.tls or self.mtls:
+            self.pki = make_pki(self.run_dir / "tls", run=str(self.run_id),
+                                hosts=self.broker_names(),
+                                identities=["server", MONITOR_USER, *self.clients],
+                                mutual=self.mtls)
         cfg, self.mounts = self._container_train()
         run_volume = f"{self.run_dir}:{RUN_MOUNT}"
         opts = ComposeOptions(
@@ -181,12 +217,14 @@ class ComposeRun:
             mem_limits=dict(self.mem_limits),
             volumes=(run_volume, *(f"{host}:{inside}" for host, inside in self.mounts.items())),
             broker_volumes=(run_volume,), user=f"{os.getuid()}:{os.getgid()}",
-            env={"TESTBED_CACHE": CACHE_MOUNT})
+            env={"TESTBED_CACHE": CACHE_MOUNT},
+            tls_paths=self.client_tls_paths() if self.pki else None)
         write_devices_file(self.mapping, self.run_dir / "devices.json",
                            [d.availability for d in self.profile.devices])
         creds = write_container_broker(
             str(self.run_id), self.clients, self.run_dir / "broker", port=port,
-            mount=f"{RUN_MOUNT}/broker", host="127.0.0.1" if self.host_network else "0.0.0.0")
+            mount=f"{RUN_MOUNT}/broker", host="127.0.0.1" if self.host_network else "0.0.0.0",
+            tls=self.broker_tls(self.pki) if self.pki else None)
         secrets = self.run_dir / "secrets"
         secrets.mkdir(exist_ok=True)
         for who, c in creds.items():

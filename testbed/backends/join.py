@@ -21,6 +21,12 @@ offline detection): nothing on the server knows the client is real.
 The run id and client name are given on the command line as well as in the file so that a
 file copied to the wrong device fails at once, in one line, instead of joining as someone
 else.
+
+When the run's broker speaks TLS (``testbed up --listen 0.0.0.0``, or ``--tls on``), the join
+file also carries the run's CA certificate and, with ``--mtls``, the client's own certificate
+and private key (PEM text: the file is the one bundle to copy); ``prepare`` writes them into
+the device's working directory (the key with mode 0600) and the broker URL must then be
+``mqtts://``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.distributed.broker import parse_broker_url, write_private
+from runner.distributed.tls import ENV_CA, ENV_CERT, ENV_KEY, ClientTLS, write_secret
 from runner.errors import UserError
 
 FORMAT = "hsplitlora-join/1"
@@ -41,14 +48,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_join_file(run_dir: Path, *, client: str, broker: str, run_id: str, password: str,
-                    config_path: Path) -> Path:
+                    config_path: Path, tls: ClientTLS | None = None) -> Path:
     """``RUN/join/<client>.json`` for the device that will take ``client``'s slot. The
-    devices file the configuration names is inlined (the device has no run directory)."""
+    devices file the configuration names is inlined (the device has no run directory), and
+    so are the TLS files ``tls`` names (the CA; with mutual TLS the client's certificate and
+    key)."""
     runtime = json.loads(Path(config_path).read_text())
     devices = runtime.get("train", {}).get("devices")
     inlined = json.loads(Path(devices).read_text()) if devices else None
     doc = {"format": FORMAT, "client": client, "run_id": run_id, "broker": broker,
            "password": password, "runtime": runtime, "devices": inlined}
+    if tls is not None:
+        doc["tls"] = {k: Path(v).read_text() for k, v in
+                      (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)) if v is not None}
     path = Path(run_dir) / JOIN_DIR / f"{client}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -86,7 +98,15 @@ def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
         raise UserError(f"--client {client!r} but {credentials} is the join file of "
                         f"{doc['client']!r}")
     url = broker or doc["broker"]
-    parse_broker_url(url)  # BrokerError (a UserError): one line naming the URL
+    address = parse_broker_url(url)  # BrokerError (a UserError): one line naming the URL
+    tls = doc.get("tls")
+    if tls is not None and not address.tls:
+        raise UserError(f"the run's broker speaks TLS but --broker {url} is plain MQTT: use "
+                        f"mqtts://{address.host}:{address.port}")
+    if tls is None and address.tls:
+        raise UserError(f"the run's broker speaks plain MQTT (the join file has no TLS "
+                        f"certificates) but --broker {url} asks for TLS: use "
+                        f"mqtt://{address.host}:{address.port}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     runtime = dict(doc["runtime"])
@@ -103,7 +123,9 @@ def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
     write_private(workdir / "password", str(doc["password"]) + "\n")
     me = str(doc["client"])
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TESTBED_PASSWORD", "TESTBED_BUDGET_BYTES")}
+           if k not in ("TESTBED_PASSWORD", "TESTBED_BUDGET_BYTES", ENV_CA, ENV_CERT, ENV_KEY)}
+    if tls is not None:
+        env.update(_write_tls(tls, workdir / "tls", credentials).env())
     env.update({"TESTBED_CONFIG": str(workdir / "runtime.json"), "TESTBED_BROKER": url,
                 "TESTBED_RUN_ID": str(doc["run_id"]), "TESTBED_CLIENT_ID": me,
                 "TESTBED_USERNAME": me, "TESTBED_PASSWORD_FILE": str(workdir / "password"),
@@ -113,6 +135,25 @@ def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
     if budget is not None:  # the last resort of runner/emulation/budget.py, after NVML and cgroups
         env["TESTBED_BUDGET_BYTES"] = str(budget)
     return env
+
+
+def _write_tls(tls: Any, directory: Path, credentials: Path) -> ClientTLS:
+    """The join file's TLS files on the device: ca.crt, and client.crt + client.key (mode
+    0600) with mutual TLS."""
+    if not isinstance(tls, dict) or not isinstance(tls.get("ca"), str) or (
+            ("cert" in tls) != ("key" in tls)):
+        raise UserError(f"{credentials}: the join file's tls entry is damaged (it needs the CA "
+                        "and, with mutual TLS, both the certificate and the key); copy the "
+                        "file again")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    (directory / "ca.crt").write_text(tls["ca"])
+    if "cert" not in tls:
+        return ClientTLS(str(directory / "ca.crt"))
+    (directory / "client.crt").write_text(str(tls["cert"]))
+    write_secret(directory / "client.key", str(tls["key"]).encode())
+    return ClientTLS(str(directory / "ca.crt"), str(directory / "client.crt"),
+                     str(directory / "client.key"))
 
 
 def _profile_budget(devices: Any, me: str) -> int | None:

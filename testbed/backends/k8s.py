@@ -15,6 +15,11 @@ Objects (one file each, listed by ``kustomization.yaml``):
   (no secrets: passwords and the dynsec state are Secrets);
 * Secret ``<prefix>-broker`` (``dynsec.json``) and one ``<prefix>-<who>-password`` per
   participant (server, monitor, each client), each pod mounting only its own;
+* TLS (on by default: a cluster's pod network spans nodes, testbed/tlsmode.py): a CA made
+  for the export (runner/distributed/tls.py), the broker's certificate and key in Secret
+  ``<prefix>-broker-tls`` (mounted by the broker only), the CA certificate (and with
+  mutual TLS the participant's own certificate and key) in each participant's Secret; the
+  broker listens with TLS only on 8883 and every pod is told ``mqtts://<prefix>-broker:8883``;
 * broker Deployment + Service (the Service's name is the broker host every pod is told);
 * server Job (its run directory on the PersistentVolumeClaim ``<prefix>-run``) and one Job
   per client with ``requests = limits`` (memory in bytes, CPU in millicores; GPUs as
@@ -38,6 +43,7 @@ from typing import Any
 import yaml
 
 from runner.distributed.broker import MONITOR_USER as MONITOR  # an identity for watching the broker
+from runner.distributed.tls import TLS_PORT, ClientTLS
 from runner.errors import ConfigError, UserError
 from runner.rundir import RUN_MOUNT
 from testbed.backends.compose import (
@@ -76,13 +82,17 @@ class ExportOptions:
     ``run_id``: the run id (MQTT topics, labels; default the profile's name);
     ``precision``: fp32 | bf16 (``auto`` depends on the cluster's hardware, so it cannot be
     decided here); ``model_hostpath``: a node directory holding the cache instead of the
-    claim :data:`MODEL_CLAIM`. Emulation is decided before, in the :class:`EmulationMap`.
+    claim :data:`MODEL_CLAIM`; ``tls``: the broker speaks TLS (``--tls``, default on);
+    ``mutual``: every pod presents its own certificate (``--mtls``). Emulation is decided
+    before, in the :class:`EmulationMap`.
     """
 
     run_id: str | None = None
     steps: int | None = None
     precision: str = "fp32"
     model_hostpath: str | None = None
+    tls: bool = True
+    mutual: bool = False
 
 
 @dataclass
@@ -91,6 +101,7 @@ class Manifests:
     (written 0600), and notes for the user (one line each)."""
 
     run_id: str = ""
+    broker_url: str = ""  # what every pod is told (mqtts:// with TLS)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     secret_files: set[str] = field(default_factory=set)
@@ -183,12 +194,23 @@ def _env(values: dict[str, Any]) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------ run config
+# Where a pod finds its TLS files: its own Secret's items beside its password (see
+# _run_pod), and the broker's Secret at TLS_MOUNT in the broker pod.
+TLS_MOUNT = f"{RUN_MOUNT}/tls"
+POD_TLS = ClientTLS(f"{RUN_MOUNT}/secrets/ca.crt")
+POD_MTLS = ClientTLS(f"{RUN_MOUNT}/secrets/ca.crt", f"{RUN_MOUNT}/secrets/tls.crt",
+                     f"{RUN_MOUNT}/secrets/tls.key")
+
+
 def run_files(profile: Profile, mapping: EmulationMap, options: ExportOptions, run_id: str,
-              broker_url: str) -> tuple[dict[str, str], dict[str, str], str, list[str]]:
+              broker_url: str, broker_host: str = "broker"
+              ) -> tuple[dict[str, str], dict[str, str], str, list[str], dict[str, dict[str, str]]]:
     """What the containers read, produced by the code the compose backend uses:
-    (ConfigMap data, passwords by identity, dynsec.json text, notes)."""
+    (ConfigMap data, passwords by identity, dynsec.json text, notes, TLS files as PEM text
+    by owner: "broker" and, with TLS, each identity; empty without TLS)."""
     from runner.distributed.broker import write_container_broker
     from runner.distributed.runtime import RuntimeOptions, write_config
+    from runner.distributed.tls import BrokerTLS, make_pki
     from testbed.profiles import train_config, write_devices_file
 
     notes: list[str] = []
@@ -208,12 +230,30 @@ def run_files(profile: Profile, mapping: EmulationMap, options: ExportOptions, r
     cfg = replace(cfg, **changes)
     cfg.validate()
     clients = [d.name for d in profile.devices]
+    tls_files: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="hsl-k8s-") as tmp:
         work = Path(tmp)
+        broker_tls = None
+        if options.tls or options.mutual:
+            # the Service's name is what every pod dials; the namespace-qualified names
+            # for pods that spell it out
+            pki = make_pki(work / "tls", run=run_id,
+                           hosts=[broker_host, f"{broker_host}.default.svc",
+                                  f"{broker_host}.default.svc.cluster.local"],
+                           identities=["server", MONITOR, *clients], mutual=options.mutual)
+            broker_tls = BrokerTLS(f"{TLS_MOUNT}/ca.crt", f"{TLS_MOUNT}/tls.crt",
+                                   f"{TLS_MOUNT}/tls.key", require_certificate=options.mutual)
+            ca = pki.ca.read_text()
+            for who in ["broker", "server", MONITOR, *clients]:
+                tls_files[who] = {"ca.crt": ca}
+                if who == "broker" or options.mutual:
+                    tls_files[who].update({"tls.crt": pki.cert(who).read_text(),
+                                           "tls.key": pki.key(who).read_text()})
         try:
             creds = write_container_broker(run_id, clients, work / "broker",
-                                           port=DEFAULT_BROKER_PORT,
-                                           mount=f"{RUN_MOUNT}/broker", host="0.0.0.0")
+                                           port=TLS_PORT if broker_tls else DEFAULT_BROKER_PORT,
+                                           mount=f"{RUN_MOUNT}/broker", host="0.0.0.0",
+                                           tls=broker_tls)
         except ValueError as exc:  # run or client id not usable as an MQTT topic level
             raise UserError(str(exc)) from None
         write_devices_file(mapping, work / "devices.json",
@@ -227,7 +267,7 @@ def run_files(profile: Profile, mapping: EmulationMap, options: ExportOptions, r
                       "host-paths.json": host_paths(),
                       "mosquitto.conf": (work / "broker" / "mosquitto.conf").read_text()}
         dynsec = (work / "broker" / "dynsec.json").read_text()
-    return data_files, {who: c.password for who, c in creds.items()}, dynsec, notes
+    return data_files, {who: c.password for who, c in creds.items()}, dynsec, notes, tls_files
 
 
 def host_paths() -> str:
@@ -266,10 +306,11 @@ CONFIG_MOUNT = "/config"
 
 def _run_pod(who: str, *, names: dict[str, str], image: str, command: list[str],
              env: dict[str, Any], resources: dict[str, Any] | None, run_volume: dict[str, Any],
-             options: ExportOptions, lab: dict[str, str], node: str | None = None
-             ) -> dict[str, Any]:
+             options: ExportOptions, lab: dict[str, str], node: str | None = None,
+             tls_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Pod template of the server or a client: the run directory at RUN_MOUNT, its own
-    password under secrets/, the cache at /cache; on the node labelled
+    password (and its TLS files, ``tls_keys`` of its Secret) under secrets/, the cache at
+    /cache; on the node labelled
     ``hsplitlora.node=NODE`` when the profile names one (as on the swarm backend).
 
     An init container copies :data:`RUN_FILES` from the ConfigMap into the run directory
@@ -301,7 +342,8 @@ def _run_pod(who: str, *, names: dict[str, str], image: str, command: list[str],
             {"name": "config", "configMap": {"name": names["config"]}},
             {"name": "password", "secret": {
                 "secretName": names[f"secret:{who}"], "defaultMode": FileMode(0o400),
-                "items": [{"key": "password", "path": who}]}},
+                "items": [{"key": "password", "path": who},
+                          *({"key": k, "path": k} for k in tls_keys)]}},
             _cache_volume(options),
         ]}}
 
@@ -328,11 +370,16 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
     prefix = names["prefix"]
     gpus = {d.name: gpu_resources(d) for d in [profile.server, *profile.devices]}
     base = load_base()
-    override = generate_override(profile, mapping, ComposeOptions(
-        run_id=run_id, broker_host=names["broker"]), base)["services"]
-    broker_url = ComposeOptions(broker_host=names["broker"]).broker_url()
-    data, passwords, dynsec, notes = run_files(profile, mapping, opts, run_id, broker_url)
-    out = Manifests(run_id=run_id, notes=notes, names=names)
+    secure = opts.tls or opts.mutual
+    port = TLS_PORT if secure else DEFAULT_BROKER_PORT
+    pod_tls = (POD_MTLS if opts.mutual else POD_TLS) if secure else None
+    wiring = ComposeOptions(run_id=run_id, broker_host=names["broker"], broker_port=port,
+                            tls_paths=pod_tls)
+    override = generate_override(profile, mapping, wiring, base)["services"]
+    broker_url = wiring.broker_url()
+    data, passwords, dynsec, notes, tls_files = run_files(profile, mapping, opts, run_id,
+                                                          broker_url, names["broker"])
+    out = Manifests(run_id=run_id, broker_url=broker_url, notes=notes, names=names)
     made = (f"Generated by `testbed export k8s --profile {profile.name}` (testbed/backends/k8s.py; "
             "docs/kubernetes.md): ")
 
@@ -348,23 +395,43 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
         made + "the broker's dynamic-security state: salted password hashes and the ACL.",
         secret=True)
     for who in ["server", MONITOR, *clients]:
+        mine = tls_files.get(who, {})
         out.add(f"secret-{dns_label(who)}.yaml", {
             "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": _meta(names[f"secret:{who}"], labels(run_id, prefix, "credentials")),
-            "stringData": {"username": who, "password": passwords[who]}},
+            "stringData": {"username": who, "password": passwords[who], **mine}},
             made + f"{who}'s broker password"
+            + (", the run's CA certificate" if mine else "")
+            + (" and its TLS certificate and key" if "tls.key" in mine else "")
             + (" (for watching the broker with mosquitto_sub)." if who == MONITOR else "."),
             secret=True)
     out.names["secret:broker"] = f"{prefix}-broker-dynsec"
+    if tls_files:
+        out.add("secret-broker-tls.yaml", {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(f"{prefix}-broker-tls", labels(run_id, prefix, "credentials")),
+            "stringData": tls_files["broker"]},
+            made + "the broker's TLS certificate and key, and the CA of this export (its key "
+            "was never written: nothing can be issued for this run after the export).",
+            secret=True)
+        out.names["secret:broker-tls"] = f"{prefix}-broker-tls"
+    tls_keys = tuple(sorted(tls_files.get("server", {})))
 
     # broker: Deployment + Service
+    port_name = "mqtts" if secure else "mqtt"
+    broker_mounts: list[dict[str, Any]] = []
+    broker_volumes: list[dict[str, Any]] = []
+    if tls_files:
+        broker_mounts.append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
+        broker_volumes.append({"name": "tls", "secret": {
+            "secretName": f"{prefix}-broker-tls", "defaultMode": FileMode(0o400)}})
     broker_base = base["services"]["broker"]
     blab = labels(run_id, prefix, "broker")
     selector = {"app.kubernetes.io/instance": prefix, "app.kubernetes.io/component": "broker"}
     out.add("broker-service.yaml", {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(names["broker"], blab),
         "spec": {"selector": selector, "ports": [{
-            "name": "mqtt", "port": DEFAULT_BROKER_PORT, "targetPort": "mqtt",
+            "name": port_name, "port": port, "targetPort": port_name,
             "protocol": "TCP"}]}},
         made + f"the broker's address: every pod is told {broker_url}.")
     out.add("broker-deployment.yaml", {
@@ -378,21 +445,23 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
                          "imagePullPolicy": "IfNotPresent",
                          "command": list(broker_base["command"]),
                          "env": _env(broker_base.get("environment") or {}),
-                         "ports": [{"name": "mqtt", "containerPort": DEFAULT_BROKER_PORT}],
-                         "readinessProbe": {"tcpSocket": {"port": "mqtt"},
+                         "ports": [{"name": port_name, "containerPort": port}],
+                         "readinessProbe": {"tcpSocket": {"port": port_name},
                                             "periodSeconds": 2},
                          "volumeMounts": [
                              {"name": "run", "mountPath": RUN_MOUNT},
                              {"name": "config", "subPath": "mosquitto.conf", "readOnly": True,
                               "mountPath": f"{RUN_MOUNT}/broker/mosquitto.conf"},
                              {"name": "dynsec", "subPath": "dynsec.json", "readOnly": True,
-                              "mountPath": f"{RUN_MOUNT}/broker/dynsec.json"}]}],
+                              "mountPath": f"{RUN_MOUNT}/broker/dynsec.json"},
+                             *broker_mounts]}],
                      "volumes": [
                          {"name": "run", "emptyDir": {}},
                          {"name": "config", "configMap": {"name": names["config"]}},
                          {"name": "dynsec", "secret": {
                              "secretName": f"{prefix}-broker-dynsec",
-                             "defaultMode": FileMode(0o600)}}]}}}},
+                             "defaultMode": FileMode(0o600)}},
+                         *broker_volumes]}}}},
         made + "Mosquitto with the compose backend's image, command and config "
         "(its log: /run/testbed/broker/broker.log in the pod).")
 
@@ -413,7 +482,7 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
         command=list(base["services"]["server"]["command"]), env=server_env,
         resources={"requests": server_gpu, "limits": server_gpu} if server_gpu else None,
         run_volume={"persistentVolumeClaim": {"claimName": names["run"]}},
-        options=opts, lab=slab, node=profile.server.node)),
+        options=opts, lab=slab, node=profile.server.node, tls_keys=tls_keys)),
         made + "the server (runner.server), as on Compose: no memory limit.")
 
     # clients: one Job each, limits as the compose backend sets them
@@ -427,7 +496,7 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
                        env={**svc["environment"], "TESTBED_CACHE": CACHE_MOUNT},
                        resources={"requests": dict(quota), "limits": dict(quota)},
                        run_volume={"emptyDir": {}}, options=opts, lab=clab,
-                       node=device.node)
+                       node=device.node, tls_keys=tls_keys)
         out.add(f"client-{dns_label(device.name)}-job.yaml",
                 _job(names[f"job:{device.name}"], clab, pod, {BUDGET_ANNOTATION: str(limit)}),
                 made + f"client {device.name}: memory limit {limit} bytes = runtime reserve + "

@@ -10,6 +10,12 @@ A state file (``<run dir>/testbed-state.json``) records the pids, the broker's a
 work directory, and how each process was started, so ``testbed status``, ``testbed down``
 and ``testbed inject`` work from another terminal. Passwords are not in it: they stay in the
 broker's work directory (``credentials.json``, mode 0600), where every launch reads them.
+
+With TLS (``tls=True``; testbed/tlsmode.py decides) the run's certificates are issued into
+``RUN/tls/`` (runner/distributed/tls.py) before the broker starts, the broker listens with
+TLS only, and each process gets the CA (and with mutual TLS its own certificate and key)
+through ``TESTBED_TLS_*``; the state file names the directory, so a restart from another
+terminal (``testbed inject --mode kill --for``) finds them too.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import CENTRAL_METHODS, TrainConfig
-from runner.distributed.broker import Broker, start_broker
+from runner.distributed.broker import MONITOR_USER, Broker, start_broker
 from runner.distributed.runtime import RuntimeOptions, default_clients, write_config
+from runner.distributed.tls import ENV_CA, ENV_CERT, ENV_KEY, RunPKI, broker_hosts, make_pki
 from runner.errors import UserError
 from runner.rundir import clear_injected, write_injected, write_json
 
@@ -131,6 +138,10 @@ class LocalRun:
     join_slots: tuple[str, ...] = ()  # clients left to devices (`testbed join`)
     listen: str = "127.0.0.1"  # the per-run broker's address
     join_files: dict[str, Path] = field(default_factory=dict)
+    tls: bool = False  # the per-run broker speaks TLS only (certificates in RUN/tls/)
+    mtls: bool = False  # ... and asks every participant for its certificate
+    tls_names: tuple[str, ...] = ()  # extra names in the broker's certificate (--tls-name)
+    pki: RunPKI | None = None  # the run's certificates, once issued (or loaded)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -155,15 +166,31 @@ class LocalRun:
     def start_broker(self) -> None:
         if self.broker_url is not None:
             return
+        if self.tls or self.mtls:
+            self.pki = make_pki(self.run_dir / "tls", run=str(self.run_id),
+                                hosts=broker_hosts(self.listen, self.tls_names),
+                                identities=["server", MONITOR_USER, *self.clients],
+                                mutual=self.mtls)
         self.broker = start_broker(self.run_id, self.clients, host=self.listen,
-                                   workdir=self.run_dir / "broker")
+                                   workdir=self.run_dir / "broker",
+                                   tls=self.pki.broker() if self.pki else None)
 
     @property
     def url(self) -> str:
+        """The broker as the processes of this host reach it (loopback for 0.0.0.0)."""
         if self.broker is not None:
             return self.broker.url
         assert self.broker_url is not None
         return self.broker_url
+
+    @property
+    def public_url(self) -> str:
+        """The broker as ``--listen`` names it: what a device replaces with this host's
+        address (printed with the join command and kept in the join file)."""
+        if self.broker is None:
+            return self.url
+        host = f"[{self.listen}]" if ":" in self.listen else self.listen  # IPv6
+        return f"{'mqtts' if self.broker.tls else 'mqtt'}://{host}:{self.broker.port}"
 
     def password(self, who: str) -> str:
         if self.passwords is not None:  # an external broker: given, or empty (anonymous)
@@ -191,8 +218,9 @@ class LocalRun:
                 from testbed.backends.join import write_join_file
 
                 self.join_files[cid] = write_join_file(
-                    self.run_dir, client=cid, broker=self.url, run_id=str(self.run_id),
-                    password=self.password(cid), config_path=self.config_path)
+                    self.run_dir, client=cid, broker=self.public_url, run_id=str(self.run_id),
+                    password=self.password(cid), config_path=self.config_path,
+                    tls=self.pki.client(cid) if self.pki else None)
             else:
                 self.spawn(cid)
         return self
@@ -204,6 +232,10 @@ class LocalRun:
         env.update({"TESTBED_CONFIG": str(self.config_path), "TESTBED_BROKER": self.url,
                     "TESTBED_RUN_ID": str(self.run_id), "TESTBED_USERNAME": who,
                     "TESTBED_PASSWORD": self.password(who)})
+        if self.pki is not None:  # never one identity's files in another's environment
+            for key in (ENV_CA, ENV_CERT, ENV_KEY):
+                env.pop(key, None)
+            env.update(self.pki.client(who).env())
         if who != "server":
             env["TESTBED_CLIENT_ID"] = who
         return env
@@ -280,7 +312,8 @@ class LocalRun:
                  "broker": {"url": self.url,
                             "pid": getattr(self, "_broker_pid", None),
                             "workdir": str(self.broker.workdir) if self.broker else None,
-                            "command": self.broker.command if self.broker else None},
+                            "command": self.broker.command if self.broker else None,
+                            "tls": str(self.pki.directory) if self.pki else None},
                  "processes": processes,
                  "clients": self.clients, "config": str(self.config_path),
                  "updated": time.time()}
@@ -481,6 +514,8 @@ def _respawn(run_dir: Path, state: dict[str, Any], who: str) -> int:
     if workdir:
         creds = json.loads((Path(workdir) / "credentials.json").read_text())
         run.passwords = {k: str(v) for k, v in creds.items()}
+    if state["broker"].get("tls"):
+        run.pki = RunPKI.load(Path(state["broker"]["tls"]))
     pid = run.spawn(who, record=False).pid
     state["processes"][who] = {"pid": pid, "log": str(run.logs / f"{who}.log")}
     write_json(Path(run_dir) / STATE, state)

@@ -11,8 +11,12 @@ same way. Differences from Compose, each forced by what ``docker stack deploy`` 
   ``deploy.resources.limits`` (memory, cpus) instead of ``mem_limit`` / ``cpus``,
   ``deploy.restart_policy: none`` instead of ``restart: "no"`` (a device that dies stays
   dead until a fault injection or trace brings it back), and no ``depends_on``;
-* every participant's broker password as a swarm secret (``/run/secrets/<id>``), not a
-  file in the mounted run directory;
+* every participant's broker password as a swarm secret (``/run/secrets/<id>``), and with
+  TLS the run's CA certificate, and the broker's (or with mutual TLS each participant's)
+  certificate and key, as secrets too (``/run/secrets/ca.crt``, ``tls.crt``, ``tls.key``):
+  each service gets only its own. The run directory every service mounts holds them all,
+  so the server and client services see an empty tmpfs over its ``secrets/``, ``tls/`` and
+  ``broker/`` (where the broker's credentials live);
 * placement: a device (or the server) with ``node: NAME`` in its profile runs on the swarm
   node labelled ``hsplitlora.node=NAME`` (``docker node update --label-add``);
 * networking: ``--host-network`` puts every service on the node's host network (tests,
@@ -44,8 +48,9 @@ from typing import Any
 
 import yaml
 
+from runner.distributed.tls import BrokerTLS, ClientTLS, RunPKI
 from runner.errors import UserError
-from runner.rundir import write_json
+from runner.rundir import RUN_MOUNT, write_json
 from testbed.backends.compose import TEMPLATE_KEY, ComposeOptions, generate_override, load_base
 from testbed.backends.compose_run import ComposeRun, append_event, kill_container, pause_container
 from testbed.backends.images import docker_client
@@ -57,6 +62,7 @@ NAMESPACE_LABEL = "com.docker.stack.namespace"
 SWARM_SERVICE_LABEL = "com.docker.swarm.service.name"
 OVERLAY = "testbed"
 SECRETS_DIR = "/run/secrets"
+TLS_CA_SECRET = "tls-ca.crt"
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -108,7 +114,8 @@ def _placement(node: str | None) -> dict[str, Any]:
 
 
 def _stack_service(svc: dict[str, Any], *, who: str, secret: bool, host_network: bool,
-                   node: str | None, gpu: bool, user: str | None = None) -> dict[str, Any]:
+                   node: str | None, gpu: bool, user: str | None = None,
+                   pki: RunPKI | None = None) -> dict[str, Any]:
     """A Compose service of the run turned into a stack service (module docstring)."""
     svc = dict(svc)
     svc.pop("depends_on", None)
@@ -134,12 +141,26 @@ def _stack_service(svc: dict[str, Any], *, who: str, secret: bool, host_network:
         deploy["placement"] = _placement(node)
     svc["deploy"] = deploy
     svc["networks"] = ["hostnet" if host_network else OVERLAY]
-    if secret:
-        uid, _, gid = (user or "0:0").partition(":")
+    uid, _, gid = (user or "0:0").partition(":")
+    gid = gid or uid
+
+    def mine(source: str, target: str, mode: int = 0o400) -> dict[str, Any]:
         # readable by the user the container runs as, and by nobody else
-        svc["secrets"] = [{"source": who, "target": who, "uid": uid, "gid": gid or uid,
-                           "mode": 0o400}]
+        return {"source": source, "target": target, "uid": uid, "gid": gid, "mode": mode}
+
+    if secret:
+        svc["secrets"] = [mine(who, who)]
         svc.setdefault("environment", {})["TESTBED_PASSWORD_FILE"] = f"{SECRETS_DIR}/{who}"
+        # the run directory holds everyone's secrets: hide them (module docstring)
+        hidden = ["secrets", "broker", *(["tls"] if pki is not None else [])]
+        svc["volumes"] = [*svc.get("volumes", []), *(
+            {"type": "tmpfs", "target": f"{RUN_MOUNT}/{d}"} for d in hidden)]
+    if pki is not None:
+        files = svc.setdefault("secrets", [])
+        files.append(mine(TLS_CA_SECRET, "ca.crt", 0o444))
+        if who == "broker" or pki.mutual:
+            files += [mine(f"tls-{who}.crt", "tls.crt", 0o444), mine(f"tls-{who}.key",
+                                                                     "tls.key")]
     return svc
 
 
@@ -162,9 +183,15 @@ def stack_document(run: ComposeRun, opts: ComposeOptions, env: dict[str, str]
         services[name] = _stack_service(
             merged, who=name, secret=name != "broker", host_network=opts.host_network,
             node=device.node, gpu=name != "broker" and device.gpu is not None,
-            user=None if name == "broker" else opts.user)
+            user=None if name == "broker" else opts.user, pki=run.pki)
     secrets = {who: {"file": str(run.run_dir / "secrets" / who)}
                for who in ["server", *run.clients]}
+    pki = run.pki
+    if pki is not None:
+        secrets[TLS_CA_SECRET] = {"file": str(pki.ca)}
+        for who in ["broker", *(["server", *run.clients] if pki.mutual else [])]:
+            secrets[f"tls-{who}.crt"] = {"file": str(pki.cert(who))}
+            secrets[f"tls-{who}.key"] = {"file": str(pki.key(who))}
     networks: dict[str, Any] = (
         {"hostnet": {"external": True, "name": "host"}} if opts.host_network
         else {OVERLAY: {"driver": "overlay", "attachable": True}})
@@ -188,6 +215,17 @@ class SwarmRun(ComposeRun):
     def stack_file(self) -> Path:
         return self.run_dir / STACK_FILE
 
+    def client_tls_paths(self) -> ClientTLS:
+        """Each service's TLS files as swarm secrets mount them (its own only)."""
+        if not self.mtls:
+            return ClientTLS(f"{SECRETS_DIR}/ca.crt")
+        return ClientTLS(f"{SECRETS_DIR}/ca.crt", f"{SECRETS_DIR}/tls.crt",
+                         f"{SECRETS_DIR}/tls.key")
+
+    def broker_tls(self, pki: RunPKI) -> BrokerTLS:
+        return BrokerTLS(f"{SECRETS_DIR}/ca.crt", f"{SECRETS_DIR}/tls.crt",
+                         f"{SECRETS_DIR}/tls.key", require_certificate=pki.mutual)
+
     def prepare(self) -> ComposeOptions:
         """The run directory as for Compose, then the stack file beside the override."""
         opts = super().prepare()
@@ -210,7 +248,7 @@ class SwarmRun(ComposeRun):
         """A swarm manager here, and no stack of this name yet."""
         swarm_manager()
         if _services(self.stack):
-            raise UserError(f"stack {self.stack} is already deployed; `testbed down --run "
+            raise UserError(f"stack {self.stack} is already deployed; `testbed down "
                             f"{self.run_dir}` first, or choose another --out")
 
     def launch(self) -> None:

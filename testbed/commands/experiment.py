@@ -8,10 +8,16 @@ or refused cells ends with exit code 1 after its summary line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+from testbed.console import json_output, print_json
+from testbed.options import moved
+
+if TYPE_CHECKING:
+    from testbed.experiment.run import Planned
 
 app = typer.Typer(help="Experiments: grids of methods x profiles x seeds x overrides "
                        "(experiments/*.yaml, docs/experiments.md) and their reports.",
@@ -30,6 +36,7 @@ def default_out(name: str) -> Path:
 
 
 @app.command("run")
+@json_output
 def run_(
     file: Annotated[Path, typer.Argument(help="Experiment file (experiments/*.yaml)")],
     parallel: Annotated[int, typer.Option(
@@ -46,6 +53,10 @@ def run_(
              "changed")] = False,
     dry_run: Annotated[bool, typer.Option(
         help="List the cells, their state and memory estimates; run nothing")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the cells and their outcome (with --dry-run: their plan) as "
+                       "one JSON object on stdout (progress and lines for people go to "
+                       "stderr)")] = False,
 ) -> None:
     """Run every unfinished cell of an experiment (resumable: finished cells are skipped,
     a killed one starts again)."""
@@ -78,6 +89,12 @@ def run_(
             with tempfile.TemporaryDirectory() as tmp:
                 planned = ER.plan(exp, target, threads=max(1, cpu_count() // parallel),
                                   rerun_changed=True, devices_dir=Path(tmp), dry_run=True)
+            if as_json:
+                print_json({"experiment": exp.name, "dir": target, "dry_run": True,
+                            "cells": [{**_cell_record(p), "state": "finished"
+                                       if p.status == "done" else "to run"}
+                                      for p in planned]})
+                return
             table = Table(title=f"experiment {exp.name}: {len(planned)} cells in {target}",
                           title_justify="left")
             for col in ("cell", "method", "profile", "override", "seed", "state",
@@ -94,6 +111,14 @@ def run_(
         return
     bad = outcome.count("failed") + outcome.count("refused")
     finished = outcome.count("finished") + outcome.count("done")
+    if as_json:
+        statuses = ("finished", "done", "failed", "refused", "pending")
+        print_json({"experiment": exp.name, "dir": target, "dry_run": False,
+                    "cells": [{**_cell_record(p), "status": p.status, "note": p.note}
+                              for p in outcome.cells],
+                    "counts": {k: outcome.count(k) for k in statuses},
+                    "interrupted": outcome.interrupted,
+                    "report": f"testbed experiment report {target}"})
     console.print(f"experiment {exp.name}: {finished}/{len(outcome.cells)} cells finished "
                   f"({outcome.count('done')} skipped, {outcome.count('failed')} failed, "
                   f"{outcome.count('refused')} refused) in {target}; report: testbed experiment "
@@ -104,12 +129,20 @@ def run_(
         raise typer.Exit(1)
 
 
+def _cell_record(p: Planned) -> dict[str, Any]:
+    """What ``experiment run --json`` says of one planned cell."""
+    return {"id": p.id, "method": p.cell.method, "profile": p.cell.profile,
+            "override": p.cell.override, "seed": p.cell.seed, "dir": p.dir,
+            "estimate_bytes": p.estimate}
+
+
 @app.command()
+@json_output
 def report(
     directory: Annotated[Path, typer.Argument(help="Experiment directory (experiment run --out)")],
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Markdown file (default DIR/report.md); figures go to "
-                            "<stem>_figures/, tables to <stem>_tables/")] = None,
+    report_file: Annotated[Path | None, typer.Option(
+        "--report-file", "-o", help="Markdown file (default DIR/report.md); figures go to "
+                                    "<stem>_figures/, tables to <stem>_tables/")] = None,
     target_ppl: Annotated[float | None, typer.Option(
         "--target-ppl", help="Target validation PPL for time to target (default: the "
                              "file's report.target_ppl, else per setting the largest mean "
@@ -117,6 +150,10 @@ def report(
     baseline: Annotated[str | None, typer.Option(
         help="Method speed-ups are relative to (default: the file's report.baseline, else "
              "the first method)")] = None,
+    old_out: Annotated[str | None, typer.Option("--out", hidden=True)] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the report's path and figures as one JSON object on "
+                       "stdout")] = False,
 ) -> None:
     """Tables (mean and 95 % confidence interval over seeds) and figures (mean with a band,
     each seed a thin line) from the cells' metrics, events, summaries and scores only."""
@@ -125,16 +162,22 @@ def report(
     from testbed.console import load_warnings as _load_warnings
     from testbed.console import quiet_libraries as _quiet_libraries
 
+    if old_out is not None:
+        _fail(moved("--out", "--report-file FILE (-o FILE)", "the report file"))
     _quiet_libraries()
     try:
         with _load_warnings() as warned:
             from analysis.experiment import load_experiment_dir
 
             exp = load_experiment_dir(directory)
-        path, figures = write_experiment_report(exp, out or directory / "report.md",
+        path, figures = write_experiment_report(exp, report_file or directory / "report.md",
                                                 target_ppl, baseline, warned)
     except UserError as exc:
         _fail(str(exc))
+        return
+    if as_json:
+        print_json({"experiment_dir": directory, "report": path, "figures": figures,
+                    "warnings": warned})
         return
     typer.echo(str(path))
     for fig in figures:

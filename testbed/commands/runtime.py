@@ -20,12 +20,25 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-RunOpt = Annotated[Path, typer.Option(
-    "--run", "--out", help="Run directory (default runs/latest; without one, the run last "
-                           "started under runs/)")]
+from testbed.options import (
+    DEFAULT_RUN,
+    METHOD_HELP,
+    OUT_HELP,
+    PRECISION_HELP,
+    RegistryHelp,
+    RunAlias,
+    RunArg,
+    check_applies,
+    check_combinations,
+    comma,
+)
+from testbed.options import run_dir as _run_dir
+from testbed.options import train_default as _D
+from testbed.tlsmode import MTLS_HELP, NAME_HELP, TLS_HELP, TLSRequest
+
 # The help of a training option a profile also sets. Without a profile an option not given
-# keeps TrainConfig's default (runner/config.py; the help repeats it); with --profile it
-# keeps the profile's experiment, and an option given overrides it.
+# keeps TrainConfig's default (runner/config.py, read here through train_default); with
+# --profile it keeps the profile's experiment, and an option given overrides it.
 _DEF = "(default: the profile's, else "
 
 
@@ -35,48 +48,51 @@ def up(
              "budgets and experiment come from it; the options below override its "
              "experiment")] = None,
     method: Annotated[str | None, typer.Option(
-        help="Any method: splitlora | fedlora | cenlora | ft | hsplitlora | hsplitlora-no-iwi "
-             "| hsplitlora-no-armsc | hsplitlora-no-naa | hetlora (default: the profile's, "
-             "else splitlora)")
-    ] = None,
+        help=f"{METHOD_HELP} {_DEF}{_D('method')})")] = None,
     model: Annotated[str | None, typer.Option(
-        help="Alias, local HF directory, .gguf or hub id (default smollm2-135m; not with "
+        help=f"Alias, local HF directory, .gguf or hub id (default {_D('model')}; not with "
              "--profile, whose stand-in model is fixed by its devices)")] = None,
     data: Annotated[str | None, typer.Option(
         help="E2E CSV (split by MR), official release directory (its official split) or "
              "'synthetic'")] = None,
     clients: Annotated[int | None, typer.Option(
-        help="Number of clients (default 3; not with --profile: its devices)")] = None,
-    split: Annotated[int | None, typer.Option("--split", help="Split point k")] = None,
-    rank: Annotated[int | None, typer.Option(help=f"LoRA rank {_DEF}8)")] = None,
-    targets: Annotated[str | None, typer.Option(help=f"Projections to adapt {_DEF}q,v)")
-                       ] = None,
+        help=f"Number of clients (default {_D('clients')}; not with --profile: its devices; "
+             "{uses:clients})")] = None,
+    split: Annotated[int | None, typer.Option(
+        "--split", help="Split point k (default L/4; {uses:split})")] = None,
+    rank: Annotated[int | None, typer.Option(
+        help=f"LoRA rank {_DEF}{_D('rank')}; {{uses:rank}})")] = None,
+    targets: Annotated[str | None, typer.Option(
+        help=f"Projections to adapt {_DEF}{comma(_D('targets'))}; {{uses:targets}})")] = None,
     steps: Annotated[int | None, typer.Option(
-        help="Training steps (default: the profile's, else 200)")] = None,
+        help=f"Training steps {_DEF}{_D('steps')})")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        help=f"Mini-batch per client per step {_DEF}8)")] = None,
+        help=f"Mini-batch per client per step {_DEF}{_D('batch_size')})")] = None,
     lr: Annotated[float | None, typer.Option(
         help="Learning rate (default 2e-4 for LoRA methods, 5e-5 for ft)")] = None,
-    agg_interval: Annotated[int | None, typer.Option(help=f"Aggregate every I steps {_DEF}5)")
-                            ] = None,
-    partition: Annotated[str | None, typer.Option(help=f"iid | dirichlet {_DEF}iid)")] = None,
+    agg_interval: Annotated[int | None, typer.Option(
+        help=f"Aggregate every I steps {_DEF}{_D('agg_interval')}; {{uses:agg_interval}})")
+    ] = None,
+    partition: Annotated[str | None, typer.Option(
+        help=f"iid | dirichlet {_DEF}{_D('partition')}; {{uses:partition}})")] = None,
     dirichlet_alpha: Annotated[float | None, typer.Option(
-        help="Dirichlet concentration (default 0.5)")] = None,
-    eval_every: Annotated[int | None, typer.Option(help=f"Validate every N steps {_DEF}50)")
-                          ] = None,
+        help=f"Dirichlet concentration, with a dirichlet partition (default "
+             f"{_D('dirichlet_alpha')})")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help=f"Validate every N steps {_DEF}{_D('eval_every')})")] = None,
     eval_max_examples: Annotated[int | None, typer.Option(
-        help="Validation examples, 0 = all (default 256)")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.1)")
-                            ] = None,
-    max_len: Annotated[int | None, typer.Option(help="Max tokens per example (default 128)")
-                       ] = None,
-    seed: Annotated[int | None, typer.Option(help=f"Random seed {_DEF}0)")] = None,
+        help=f"Validation examples, 0 = all (default {_D('eval_max_examples')})")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(
+        help=f"LoRA dropout (default {_D('lora_dropout')}; {{uses:lora_dropout}})")] = None,
+    max_len: Annotated[int | None, typer.Option(
+        help=f"Max tokens per example (default {_D('max_len')})")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Random seed {_DEF}{_D('seed')})")] = None,
     server_chunk: Annotated[int | None, typer.Option(
         help="Clients per server forward/backward pass, IWI probe included; 0 = all at once "
-             "(default 0); bounds the server's memory at many clients (same gradient up to "
-             "float rounding)")
+             f"(default {_D('server_chunk')}; {{uses:server_chunk}}); bounds the server's memory "
+             "at many clients (same gradient up to float rounding)")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/latest"),
+    out: Annotated[Path, typer.Option(help=OUT_HELP)] = DEFAULT_RUN,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out")] = False,
     backend: Annotated[str, typer.Option(
         help="auto (compose when --profile is given and a Docker daemon answers, else "
@@ -127,16 +143,20 @@ def up(
     listen: Annotated[str, typer.Option(
         help="Address the run's broker listens on (local backend); 0.0.0.0 lets devices on "
              "the network join")] = "127.0.0.1",
+    tls: Annotated[str, typer.Option("--tls", help=TLS_HELP)] = "auto",
+    mtls: Annotated[bool, typer.Option("--mtls", help=MTLS_HELP)] = False,
+    tls_name: Annotated[list[str] | None, typer.Option("--tls-name", help=NAME_HELP)] = None,
     cpu_steps: Annotated[int | None, typer.Option(
         help="With --profile and no --steps: when no CUDA GPU is visible, train this many "
              "steps instead of the profile's (validation points spread over them); printed "
              "in one line and recorded in config.json. `make run` uses 10")] = None,
     cpu_eval_examples: Annotated[int | None, typer.Option(
         help="With --cpu-steps: cap the validation examples of such a CPU run")] = None,
-    precision: Annotated[str, typer.Option(
-        help="fp32 | bf16 (forwards under autocast; weights, optimizer and wire stay fp32) "
-             "| auto (bf16 where the GPU or CPU has bf16 arithmetic, else fp32). `make run` "
-             "uses auto")] = "fp32",
+    cpu_lr: Annotated[float | None, typer.Option(
+        help="With --cpu-steps: the short run's peak learning rate (warm-up and linear decay "
+             "follow the steps actually run); default: the profile's. `make run` uses 1e-3")
+    ] = None,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = _D("precision"),
 ) -> None:
     """Start a distributed run: broker, server and clients (containers or processes), with
     live progress.
@@ -145,7 +165,7 @@ def up(
     mapping is printed first, docs/emulation.md) and, on the compose backend, every client
     runs in a container capped to its budget. Ctrl-C stops everything. From another
     terminal: `testbed status`, `testbed logs`, `testbed inject dropout`, `testbed down`
-    (all take --run DIR)."""
+    (each takes the run directory as RUN)."""
     from runner.distributed.runtime import RuntimeOptions
     from runner.errors import UserError
     from testbed.console import fail as _fail
@@ -170,6 +190,7 @@ def up(
             raise UserError(f"--broker is for the local backend (the {backend} backend runs its "
                             "own broker container)")
         joins = LocalLaunch(tuple(join_slot or ()), listen, fork_clients)
+        security = TLSRequest(tls, mtls, tuple(tls_name or ())).check()
         if (joins.names or listen != "127.0.0.1" or fork_clients) and backend in (
                 "compose", "swarm"):
             raise UserError("--join-slot, --listen and --fork-clients are for the local "
@@ -181,19 +202,25 @@ def up(
             "eval_max_examples": eval_max_examples, "lora_dropout": lora_dropout,
             "max_len": max_len, "seed": seed, "server_chunk": server_chunk,
         }.items() if v is not None}
+        # an option the run's method would not use is refused, before anything starts
+        exp = _profile_experiment(profile) if profile is not None else None
+        check_applies(method or (exp.method if exp else _D("method")),
+                      [*given, *(["clients"] if clients is not None else [])])
+        check_combinations(given, partition or (exp.partition if exp else _D("partition")))
         if profile is not None:
             for flag, value in (("--model", model), ("--clients", clients)):
                 if value is not None:
                     raise UserError(f"{flag} does not go with --profile (the profile's devices "
                                     "fix the clients and the stand-in model); drop it, or "
                                     "leave out --profile")
-            _up_profile(profile, joins=joins, method=method, steps=steps, data=data,
+            _up_profile(profile, joins=joins, tls=security, method=method, steps=steps,
+                        data=data,
                         given=given, out=out,
                         overwrite=overwrite, backend=backend, host_network=host_network,
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
                         external=external, offline_given=offline_after is not None,
                         step_timeout_given=step_timeout is not None,
-                        cpu=(cpu_steps, cpu_eval_examples), precision=precision)
+                        cpu=(cpu_steps, cpu_eval_examples, cpu_lr), precision=precision)
             return
         if cpu_steps is not None:
             raise UserError("--cpu-steps shortens a profile's experiment; use it with "
@@ -206,12 +233,20 @@ def up(
             clients=3 if clients is None else clients, steps=200 if steps is None else steps,
             precision=_precision(precision, console), **given)
         cfg.validate()
-        _up_local(cfg, out, opts, detach, console, external, joins)
+        _up_local(cfg, out, opts, detach, console, external, joins, security)
     except UserError as exc:
         _fail(str(exc))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _profile_experiment(name: str) -> Any:
+    """The experiment of profile ``name`` (its method and partition decide which options
+    apply when --method or --partition is not given)."""
+    from testbed.profiles import load_profile
+
+    return load_profile(name).experiment
 
 
 def _terminate_as_interrupt() -> Any:
@@ -267,14 +302,17 @@ class LocalLaunch:
 
 def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
               external: tuple[str, dict[str, str] | None] | None = None,
-              joins: LocalLaunch = LocalLaunch()) -> None:
+              joins: LocalLaunch = LocalLaunch(), tls: TLSRequest = TLSRequest()) -> None:
     """Local backend: broker (or ``--broker``), server and clients as processes here."""
     from testbed.backends.local import LocalRun
     from testbed.console import fail as _fail
 
     _print_data(cfg, console)
+    choice = tls.decide("local", listen=joins.listen,
+                        external=external[0] if external is not None else None)
     run = LocalRun(cfg, out, opts, join_slots=joins.names, listen=joins.listen,
-                   fork_clients=joins.fork_clients)
+                   fork_clients=joins.fork_clients, tls=choice.on and not choice.external,
+                   mtls=choice.mutual, tls_names=choice.names)
     if external is not None:
         url, passwords = external
         run.broker_url = url
@@ -292,14 +330,16 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
         write_private(Path(out) / "broker" / "credentials.json",
                        json.dumps({w: run.password(w) for w in ["server", *run.clients]}))
     run.start()
+    console.print(choice.line(run.pki.ca if run.pki else None), highlight=False)
     console.print(f"run {run.run_id}: broker {run.url}, server + {len(run.clients)} clients; "
                   f"logs in {run.logs}", highlight=False)
     for name, path in run.join_files.items():
-        console.print(f"{name} waits for a device: testbed join --broker {run.url} --run-id "
+        console.print(f"{name} waits for a device: testbed join --broker {run.public_url} "
+                      f"--run-id "
                       f"{run.run_id} --client {name} --credentials {path} (copy the file to "
                       "the device; --model and --data give its own paths)", highlight=False)
     if detach:
-        console.print(f"detached; `testbed status --run {out}`, `testbed down --run {out}`",
+        console.print(f"detached; `testbed status {out}`, `testbed down {out}`",
                       highlight=False)
         return
     try:
@@ -331,13 +371,14 @@ def _print_summary(out: Path, console: Console) -> None:
                   f"{summary['final_val_ppl']:.3f}; run written to {out}", highlight=False)
 
 
-def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(), method: str | None,
+def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
+                tls: TLSRequest = TLSRequest(), method: str | None,
                 steps: int | None, data: str | None,
                 given: dict[str, Any], out: Path, overwrite: bool, backend: str, host_network: bool,
                 mem_limit: list[str], opts: Any, detach: bool, console: Console,
                 external: tuple[str, dict[str, str] | None] | None = None,
                 offline_given: bool = False, step_timeout_given: bool = False,
-                cpu: tuple[int | None, int | None] = (None, None),
+                cpu: tuple[int | None, int | None, float | None] = (None, None, None),
                 precision: str = "fp32") -> None:
     """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
     from dataclasses import replace
@@ -364,15 +405,16 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(), method: str | 
             f"{k}={v}" for k, v in changes.items()), highlight=False)
     changes["precision"] = _precision(precision, console)
     cfg = replace(cfg, **changes)
-    cpu_steps, cpu_examples = cpu
-    if cpu_steps is None and cpu_examples is not None:
-        raise UserError("--cpu-eval-examples goes with --cpu-steps")
+    cpu_steps, cpu_examples, cpu_lr = cpu
+    for flag, value in (("--cpu-eval-examples", cpu_examples), ("--cpu-lr", cpu_lr)):
+        if cpu_steps is None and value is not None:
+            raise UserError(f"{flag} goes with --cpu-steps")
     if cpu_steps is not None and steps is None:
         if gpu_visible():
             console.print(f"GPU visible: the profile's {cfg.steps} steps run whole",
                           highlight=False)
         else:
-            cfg, reduction = reduce_for_cpu(cfg, cpu_steps, cpu_examples)
+            cfg, reduction = reduce_for_cpu(cfg, cpu_steps, cpu_examples, cpu_lr)
             if reduction is not None:
                 console.print(reduction.line(), highlight=False)
                 cfg = replace(cfg, extra={**cfg.extra, "cpu_reduction": reduction.to_dict()})
@@ -384,7 +426,7 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(), method: str | 
         devices = P.write_devices_file(mapping, out / "devices.json",
                                        [d.availability for d in prof.devices])
         _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external,
-                  joins)
+                  joins, tls)
         return
     from testbed.backends.compose import CONTAINER_OFFLINE_AFTER, CONTAINER_STEP_TIMEOUT
 
@@ -393,7 +435,7 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(), method: str | 
     if not step_timeout_given:
         opts = replace(opts, step_timeout=CONTAINER_STEP_TIMEOUT)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console,
-                swarm=backend == "swarm")
+                swarm=backend == "swarm", tls=tls)
 
 
 def _precision(choice: str, console: Console) -> str:
@@ -431,8 +473,8 @@ def _auto_backend(external: Any, console: Console, joins: LocalLaunch = LocalLau
 
 
 def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_network: bool,
-                mem_limit: list[str], detach: bool, console: Console, swarm: bool = False
-                ) -> None:
+                mem_limit: list[str], detach: bool, console: Console, swarm: bool = False,
+                tls: TLSRequest = TLSRequest()) -> None:
     """Compose backend (testbed/backends/compose_run.py), or with ``swarm`` the same run as a Docker
     stack (testbed/backends/swarm_run.py): containers, OOM watch, live view."""
 
@@ -442,16 +484,21 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
     from testbed.console import fail as _fail
 
     _print_data(cfg, console)
+    nodes = 1
+    if swarm:  # before the images are built: one line if there is no swarm
+        nodes = int(swarm_manager().get("Nodes") or 1)
+    choice = tls.decide("swarm" if swarm else "compose", nodes=nodes,
+                        host_network=host_network)
     kind = SwarmRun if swarm else ComposeRun
     run = kind(prof, mapping, cfg, out, opts, host_network=host_network,
-               mem_limits=parse_mem_limits(mem_limit))
-    if swarm:
-        swarm_manager()  # before the images are built: one line if there is no swarm
+               mem_limits=parse_mem_limits(mem_limit), tls=choice.on, mtls=choice.mutual,
+               tls_names=choice.names)
     ensure_images(log=lambda m: console.print(m, highlight=False))
     try:
         run.start()
     except KeyboardInterrupt:  # run.start() took down what it had started
         _fail("interrupted while starting the fleet; what was started is down")
+    console.print(choice.line(run.pki.ca if run.pki else None), highlight=False)
     if isinstance(run, SwarmRun):
         console.print(f"run {run.run_id}: stack {run.stack}, broker + server + "
                       f"{len(run.clients)} client services; stack file {run.stack_file}",
@@ -466,8 +513,8 @@ def _up_compose(prof: Any, mapping: Any, cfg: Any, out: Path, opts: Any, host_ne
 
         info = watcher.start(run.run_dir)
         console.print(f"detached; watcher pid {info['pid']} (OOM -> budget_exceeded, "
-                      f"availability traces; log {info['log']}); `testbed status --run {out}`, "
-                      f"`testbed down --run {out}`", highlight=False)
+                      f"availability traces; log {info['log']}); `testbed status {out}`, "
+                      f"`testbed down {out}`", highlight=False)
         return
     stop = threading.Event()
     watcher = threading.Thread(target=run.watch, args=(stop,), daemon=True)
@@ -520,8 +567,10 @@ def _backend(run: Path) -> tuple[Path, Any]:
     return run, importlib.import_module(modules.get(name, "testbed.backends.local"))
 
 
-def status(run: RunOpt = Path("runs/latest"),
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+def status(run: RunArg = None,
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="Print the status as one JSON object on stdout")] = False,
+           old_run: RunAlias = None,
            ) -> None:
     """Processes or containers, broker, progress and event counts of a run started with
     `testbed up`."""
@@ -529,7 +578,7 @@ def status(run: RunOpt = Path("runs/latest"),
     from testbed.console import fail as _fail
 
     try:
-        run, backend = _backend(run)
+        run, backend = _backend(_run_dir(run, old_run))
         st = backend.status(run)
         st.update(_watch_state(run, backend))
         if (Path(run) / "config.json").is_file():
@@ -573,14 +622,14 @@ def status(run: RunOpt = Path("runs/latest"),
             c.print(line, highlight=False, markup=False)
 
 
-def down(run: RunOpt = Path("runs/latest")) -> None:
+def down(run: RunArg = None, old_run: RunAlias = None) -> None:
     """Stop a run: its processes and broker (SIGTERM, then SIGKILL), or its containers
     (their logs are saved into RUN/logs first)."""
     from runner.errors import UserError
     from testbed.console import fail as _fail
 
     try:
-        run, backend = _backend(run)
+        run, backend = _backend(_run_dir(run, old_run))
         # a detached compose run's watcher first: on SIGTERM it checks the containers for
         # OOM kills a last time
         from testbed.backends import watcher
@@ -594,18 +643,30 @@ def down(run: RunOpt = Path("runs/latest")) -> None:
 
 
 def logs(
+    run: RunArg = None,
     service: Annotated[str | None, typer.Argument(
-        help="server, broker or a client id (default: all)")] = None,
-    run: RunOpt = Path("runs/latest"),
+        metavar="SERVICE", help="server, broker or a client id (default: all)",
+        show_default=False)] = None,
     tail: Annotated[int, typer.Option(help="Lines per service")] = 50,
+    old_run: RunAlias = None,
 ) -> None:
-    """The last lines of the run's logs (container output, or RUN/logs/*.log locally)."""
+    """The last lines of the run's logs (container output, or RUN/logs/*.log locally).
+
+    `testbed logs RUN [SERVICE]`; the older `testbed logs [SERVICE] [--run RUN]` still works:
+    with --run, or when the one argument is not a directory, it is the service."""
     from runner.errors import UserError
     from testbed.console import fail as _fail
 
     try:
-        run, backend = _backend(run)
-        typer.echo(backend.logs(run, service, tail))
+        given = str(run) if run is not None else None
+        if old_run is not None or (service is None and given is not None
+                                   and not Path(given).is_dir() and "/" not in given):
+            if service is not None:
+                raise UserError(f"--run {old_run} and RUN {run} both name a run; give it once, "
+                                "as RUN: testbed logs RUN [SERVICE]")
+            run, service = old_run, given
+        where, backend = _backend(_run_dir(run, None))
+        typer.echo(backend.logs(where, service, tail))
     except UserError as exc:
         _fail(str(exc))
 
@@ -625,14 +686,15 @@ def inject_dropout(
                                            "containers only) | disconnect (drop the network "
                                            "or broker connection)")
                     ] = "kill",
-    run: RunOpt = Path("runs/latest"),
+    run: RunArg = None,
+    old_run: RunAlias = None,
 ) -> None:
     """Take a client away (and bring it back after --for seconds)."""
     from runner.errors import UserError
     from testbed.console import fail as _fail
 
     try:
-        run, backend = _backend(run)
+        run, backend = _backend(_run_dir(run, old_run))
         typer.echo(backend.inject_dropout(run, client, mode, seconds))
     except UserError as exc:
         _fail(str(exc))
@@ -644,7 +706,8 @@ def inject_budget(
     memory: Annotated[str, typer.Option(
         "--memory", help="The device's new memory budget: bytes or a size such as 600MB, "
                          "1.5GiB")],
-    run: RunOpt = Path("runs/latest"),
+    run: RunArg = None,
+    old_run: RunAlias = None,
 ) -> None:
     """Change a client's memory budget mid-run (another app took or freed memory).
 
@@ -660,7 +723,7 @@ def inject_budget(
             budget = parse_bytes(memory)
         except ValueError as exc:
             raise UserError(f"--memory: {exc}") from exc
-        run, backend = _backend(run)
+        run, backend = _backend(_run_dir(run, old_run))
         typer.echo(backend.inject_budget(run, client, budget))
     except UserError as exc:
         _fail(str(exc))
@@ -668,7 +731,7 @@ def inject_budget(
 
 def register(app: typer.Typer) -> None:
     """Add up / status / down / inject to the ``testbed`` app."""
-    app.command()(up)
+    app.command(cls=RegistryHelp)(up)
     app.command()(status)
     app.command()(down)
     app.command()(logs)
