@@ -1,6 +1,7 @@
 """What HSplitLoRA (runner/methods/hsplitlora.py) and HetLoRA (runner/methods/hetlora.py)
 share in-process: :class:`HeteroTrainer`, the trainer of methods whose clients differ in their
-devices (method.md "ARMSC": budgets, compute, links) and so in their split points and ranks.
+devices (docs/method.md "ARMSC: Inputs": budgets, compute, links) and so in their split
+points and ranks.
 
 The core builds the clients' data and holders, reads or emulates the devices, and keeps what
 both methods record: budget violations, reconfiguration events (split points, ranks, planned
@@ -222,7 +223,7 @@ class HeteroTrainer(Trainer):
 
     def set_budget(self, index: int, memory_bytes: int) -> None:
         """A client's memory budget changed (reported by the device): ARMSC's trigger sees
-        the change at the next aggregation (method.md "Trigger": more than 10 %)."""
+        the change at the next aggregation (docs/method.md "ARMSC: Trigger": more than 10 %)."""
         self.devices[index] = replace(self.devices[index], memory_bytes=int(memory_bytes))
 
     def clock_devices(self) -> tuple[list[DeviceSpec], DeviceSpec, list[Any]]:

@@ -149,7 +149,7 @@ class HeteroServerHooks(ServerHooks):
     # ------------------------------------------------------------------- messages
     def budget_changed(self, p: Peer, old: int | None, new: int,
                        hb: control.Heartbeat) -> None:
-        """A budget change feeds ARMSC (method.md "Trigger"): an injected budget is the
+        """A budget change feeds ARMSC (docs/method.md "ARMSC: Trigger"): an injected budget is the
         device's new budget as stated; a measured one (NVML, cgroup) scales the planned
         budget by its change since the first report (what it measures includes the runtime
         reserve and the emulation's rescaling, so only its ratio carries over)."""

@@ -1,6 +1,6 @@
-"""HSplitLoRA (method.md "IWI", "ARMSC", "NAA") and its ablations, in-process.
+"""HSplitLoRA (docs/method.md "IWI", "ARMSC", "NAA") and its ablations, in-process.
 
-HSplitLoRA round (method.md), every ``I`` steps after the SplitLoRA steps:
+HSplitLoRA round (docs/method.md), every ``I`` steps after the SplitLoRA steps:
 
 1. NAA: for each adapted weight, concatenate the participants' factors, merge
    ``dW = sum_j p_j s_j B_j A_j`` into the frozen weight of every holder of that block;
@@ -19,8 +19,13 @@ Design choices (ours):
 
 * NAA participants are the holders that trained an adapter on the weight (rank > 0);
   weights are renormalised over them. A holder with rank 0 contributes no factors.
-* The final adapter is exported in PEFT format as an exact low-rank factorisation (SVD) of
-  the total merged update ``W_now - W_pretrained`` with ``alpha = r`` (scaling 1).
+* The final adapter is exported in PEFT format as a low-rank factorisation (SVD) of the
+  total merged update ``W_now - W_pretrained`` with ``alpha = r`` (scaling 1), cut at the
+  weight's true rank: NAA (docs/method.md "NAA") makes every merge a product of concatenated
+  factors of rank ``sum_j r_j``, so the update is a sum of such products and its rank is at
+  most the sum of the ranks merged into it (``merged_ranks``, kept per weight). A cut at
+  a relative tolerance alone kept the fp32 rounding noise of ``W_now`` as extra singular
+  values, up to full rank (an adapter larger than the model it adapts).
 * ``hsplitlora-no-naa`` plans once at the start and keeps ranks fixed, aggregating with
   padded FedAvg (truncated back to each holder's rank): without NAA's merge there is no
   clean point at which ranks could change.
@@ -29,6 +34,7 @@ Design choices (ours):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +68,11 @@ class HSplitLoRATrainer(HeteroTrainer):
 
     # ------------------------------------------------------------------------- set-up
     def _build_holders(self) -> None:
+        # Per adapted weight, the sum of the NAA ranks merged into it so far: the bound on the
+        # rank of its update that :meth:`save` cuts the exported factorisation at. Set here
+        # since both engines build through this (the distributed server's shadow trainer
+        # too, whose checkpoint carries it: runner/methods/hsplitlora_server.py).
+        self.merged_ranks: dict[str, int] = {}
         cfg, L = self.cfg, self.info.num_layers
         fixed = not self.traits.armsc
         k0 = cfg.split if cfg.split is not None else max(1, L // 4)
@@ -236,6 +247,7 @@ class HSplitLoRATrainer(HeteroTrainer):
             d_in, d_out = self.costs.shapes[name]
             wire, _ = agg.wire_bytes(d_out, d_in, sum(f.rank for f in factors))
             holders = [h for h in online if lora.block_of(name) < h.seg.end]
+            self.merged_ranks[name] = self.merged_ranks.get(name, 0) + int(a_cat.shape[0])
             self._merged(name, b_cat, a_cat, delta, holders)
             merged: set[int] = set()  # shared block weights (shadows) take a merge once
             for h in holders + [self.server]:
@@ -317,12 +329,17 @@ class HSplitLoRATrainer(HeteroTrainer):
 
     # ---------------------------------------------------------------------- reporting
     def save(self, run: RunDir) -> Path:
-        """Exact PEFT export of the merged update (NAA); the ablation without NAA saves its
-        adapters as splitlora does."""
+        """PEFT export of the merged update (NAA) at each weight's true rank; the ablation
+        without NAA saves its adapters as splitlora does.
+
+        The server holds every block and takes every merge, so its weights are the whole
+        model's. A run saves right after its last aggregation, whose re-initialisation left
+        every live adapter at ``B = 0``: the merged weights are the whole model then.
+        """
         if self.server is None or not self.traits.naa:
             return super().save(run)
         return save_merged_delta(run.adapters("final"), self.server.seg,
-                                 self.info.path, self.cfg, self.candidates)
+                                 self.info.path, self.cfg, self.candidates, self.merged_ranks)
 
 
 @dataclass
@@ -385,11 +402,21 @@ def probe_server(seg: split.Segment,
 
 
 def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: TrainConfig,
-                      names: list[str], tol: float = 1e-6) -> Path:
+                      names: list[str], merged_ranks: Mapping[str, int] | None = None,
+                      tol: float = 1e-6) -> Path:
     """Write ``W_now - W_pretrained`` of every changed weight as a PEFT LoRA adapter.
 
-    The factorisation is an SVD truncated at singular values below ``tol`` times the
-    largest; ``lora_alpha = r`` per weight so the scaling is 1 and ``B A`` is the update.
+    The factorisation is an SVD cut at ``merged_ranks[name]`` singular values, the sum of
+    the ranks NAA merged into the weight (docs/method.md "NAA": each merge is ``B_cat A_cat`` of
+    that rank, so the update has at most that rank), and below ``tol`` times the largest
+    (an update of lower rank still). What the cut drops is the rounding noise of the fp32
+    merges: the kept rank-``R`` part is the best approximation of the measured difference,
+    off by no more than that noise's norm. A weight missing from ``merged_ranks`` (or
+    ``None``: nothing known) is cut at ``tol`` only. ``lora_alpha = r`` per weight so the
+    scaling is 1 and ``B A`` is the update.
+
+    The live adapters are dropped (``unload``): callers save right after an aggregation,
+    when they are fresh (``B = 0``); one that is not would be lost, so it is an error.
     """
     originals: dict[str, torch.Tensor] = {}
     for f in sorted(Path(base_path).glob("*.safetensors")):
@@ -398,6 +425,11 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
                 key = f"{n}.weight"
                 if key in sf.keys():  # noqa: SIM118 - safe_open has no __contains__
                     originals[n] = sf.get_tensor(key).float()
+    live = [k for k, t in lora.adapter_state(server.model).items()
+            if k.endswith("lora_B") and bool(t.detach().ne(0).any())]
+    if live:
+        raise RuntimeError(f"save_merged_delta: live adapters not merged yet ({live[:3]}...); "
+                           "save right after an aggregation")
     model = server.model.unload() if hasattr(server.model, "peft_config") else server.model
     state, ranks = {}, {}
     for n in names:
@@ -410,6 +442,10 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
             continue
         u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
         r = int((s > tol * s[0]).sum())
+        if merged_ranks is not None and n in merged_ranks:
+            r = min(r, int(merged_ranks[n]))
+        if r == 0:
+            continue
         root = s[:r].sqrt()
         b = (u[:, :r] * root).float().contiguous()
         a = (root[:, None] * vh[:r]).float().contiguous()

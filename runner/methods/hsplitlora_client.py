@@ -1,4 +1,4 @@
-"""A client process of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA").
+"""A client process of a distributed HSplitLoRA run (docs/method.md "IWI", "ARMSC", "NAA").
 
 :class:`HSplitLoRAClientHooks` plug into the SplitLoRA client engine
 (:class:`runner.client.Client`, through runner/methods/hooks.py) with what HSplitLoRA puts on

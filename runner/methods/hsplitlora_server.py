@@ -1,4 +1,4 @@
-"""The server of a distributed HSplitLoRA run (method.md "IWI", "ARMSC", "NAA") and its
+"""The server of a distributed HSplitLoRA run (docs/method.md "IWI", "ARMSC", "NAA") and its
 ablations.
 
 :class:`HSplitLoRAServerHooks` plug into the SplitLoRA server engine
@@ -192,6 +192,23 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         return Probe([self.shadow(p) for p in done], [self.probe_nums[p.cid] for p in done],
                      server_nums)
 
+    # ------------------------------------------------------------------ checkpoints
+    def model_state(self) -> dict[str, Any]:
+        """Plus the ranks NAA merged into each weight: the bound the final adapter is cut at
+        (runner/methods/hsplitlora.py ``save_merged_delta``), which the merged weights alone
+        no longer tell (their rounding noise is full-rank)."""
+        return {**super().model_state(), "merged_ranks": dict(self.htr.merged_ranks)}
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        """A checkpoint written before ``merged_ranks`` existed bounds each merged weight by
+        its full rank (the export then cuts at the SVD tolerance alone, as it did)."""
+        super().load_model_state(state)
+        tr = self.htr
+        known = state.get("merged_ranks")
+        if known is None:
+            known = {n: min(w.shape) for n, w in state["weights"].items()}
+        tr.merged_ranks = {n: int(r) for n, r in known.items()}
+
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, step: int, participants: list[str]) -> dict[str, Any]:
         """Uploads -> shadows; NAA; merges out; IWI probe; ARMSC plan out."""
@@ -224,8 +241,8 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
                              for k in ("bytes_up", "bytes_down")}}
 
     def _send_merges(self, step: int, got: list[Peer]) -> None:
-        """Each participant gets the NAA result of the weights in its blocks (method.md: the
-        concatenated factors, the dense update only when that is smaller)."""
+        """Each participant gets the NAA result of the weights in its blocks (docs/method.md
+        "NAA: on the wire": the concatenated factors, the dense update only when smaller)."""
         s = self.server
         merges = self.htr.merges
         for name, *_ in merges:
