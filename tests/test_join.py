@@ -100,17 +100,9 @@ def test_a_device_joins_a_local_run(tmp_path: Path) -> None:
         join_file = run / "join" / "client2.json"
         wait_for(join_file.is_file, 300, "the join file", up)
         doc = json.loads(join_file.read_text())
-        model = doc["runtime"]["train"]["model"]  # the stand-in, as this "device" has it
-        log = open(tmp_path / "joiner.log", "w")  # noqa: SIM115 - closed below
-        joiner = subprocess.Popen(
-            [*TESTBED, "join", "--broker", doc["broker"], "--run-id", doc["run_id"],
-             "--client", "client2", "--credentials", str(join_file), "--model", model,
-             "--workdir", str(tmp_path / "device")],
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+        joiner = _start_joiner(doc, join_file, tmp_path)
         out, _ = up.communicate(timeout=900)
-        joiner.wait(timeout=120)
-        log.close()
-        joined_out = (tmp_path / "joiner.log").read_text()
+        joined_out = _joiner_output(joiner, tmp_path)
     finally:
         for p in (up, joiner):
             if p is not None and p.poll() is None:
@@ -188,17 +180,9 @@ def test_a_device_joins_over_mutual_tls(tmp_path: Path) -> None:
         wait_for(join_file.is_file, 300, "the join file", up)
         doc = json.loads(join_file.read_text())
         assert doc["broker"].startswith("mqtts://127.0.0.1:") and "cert" in doc["tls"]
-        log = open(tmp_path / "joiner.log", "w")  # noqa: SIM115 - closed below
-        joiner = subprocess.Popen(
-            [*TESTBED, "join", "--broker", doc["broker"], "--run-id", doc["run_id"],
-             "--client", "client2", "--credentials", str(join_file),
-             "--model", doc["runtime"]["train"]["model"],
-             "--workdir", str(tmp_path / "device")],
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+        joiner = _start_joiner(doc, join_file, tmp_path)
         out, _ = up.communicate(timeout=900)
-        joiner.wait(timeout=120)
-        log.close()
-        joined_out = (tmp_path / "joiner.log").read_text()
+        joined_out = _joiner_output(joiner, tmp_path)
     finally:
         for p in (up, joiner):
             if p is not None and p.poll() is None:
@@ -215,3 +199,21 @@ def test_a_device_joins_over_mutual_tls(tmp_path: Path) -> None:
     runtime = json.loads((run / "config.json").read_text())["runtime"]
     assert runtime["tls"] == "mutual" and runtime["broker"].startswith("mqtts://")
     assert (tmp_path / "device" / "tls" / "client.key").stat().st_mode & 0o777 == 0o600
+
+
+def _start_joiner(doc: dict, join_file: Path, tmp_path: Path) -> subprocess.Popen:
+    """`testbed join` for client2's slot from its join file, as a device would run it;
+    output to tmp_path/joiner.log (read by :func:`_joiner_output`)."""
+    with open(tmp_path / "joiner.log", "w") as log:
+        return subprocess.Popen(
+            [*TESTBED, "join", "--broker", doc["broker"], "--run-id", doc["run_id"],
+             "--client", "client2", "--credentials", str(join_file),
+             "--model", doc["runtime"]["train"]["model"],  # the stand-in, as the device has it
+             "--workdir", str(tmp_path / "device")],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _joiner_output(joiner: subprocess.Popen, tmp_path: Path) -> str:
+    """Wait for the joiner to end and return what it printed."""
+    joiner.wait(timeout=120)
+    return (tmp_path / "joiner.log").read_text()
