@@ -1,4 +1,4 @@
-"""Generation throughput of `testbed eval` (MRs per second), decoding variants side by side.
+"""Generation throughput of `testbed eval` (MRs per CPU-second), decoding variants side by side.
 
 What is measured: wall-clock time to beam-search one output for each of the first ``--mrs``
 distinct MRs of the E2E dev set with docs/method.md's decoding (beam 10, length penalty 0.8, no
@@ -11,11 +11,15 @@ Variants, named on the command line (``--variants``):
 
 * ``legacyN``: the decoding loop as it was before this benchmark (batches of N in MR order
   under ``torch.no_grad``), kept here verbatim as the reference;
-* ``bN``: :func:`runner.evaluation.evaluate.generate` (what `testbed eval` runs;
-  ``inference_mode``), batches of N in MR order;
-* ``bNs``: the same with the MRs sorted by prompt length (less left padding per batch).
+* ``bN``: :func:`runner.evaluation.evaluate.generate` with Hugging Face ``generate()``
+  (``--decoder hf``: what `testbed eval` ran before our beam search; ``inference_mode``),
+  batches of N in MR order; ``b16s`` is the reference our beam search is measured against;
+* ``ownN``: the same with our beam search (runner/evaluation/beam.py, `testbed eval`'s
+  default decoder);
+* a trailing ``s`` (``bNs``, ``ownNs``): the MRs sorted by prompt length (less left padding
+  per batch).
 
-The figure of merit is MRs per second and each variant's speed-up over the first variant
+The figure of merit is MRs per CPU-second and each variant's speed-up over the first variant
 (the reference); "identical" says whether every output is byte-identical to the
 reference's, which is what makes a faster setting safe to use as `testbed eval`'s default.
 
@@ -30,12 +34,13 @@ the wall time is inflated and the CPU-time ratios are the ones to read (with ``-
 
 Usage::
 
-    .venv/bin/python bench/generation.py --model smollm2-135m --mrs 16 \\
-        --variants legacy4,b8,b8s,b16s --rounds 2 --threads 1 [--json PATH]
+    .venv/bin/python bench/generation.py --model smollm2-135m --mrs 32 \\
+        --variants b16s,own16s --rounds 2 --threads 1 [--json PATH]
 
-(the command behind docs/benchmarks.md; about 25 minutes on 2 shared cores).
+(the command behind docs/benchmarks.md), and the same with ``--run RUN`` for a trained
+model.
 
-A quick check (tests/test_bench.py): ``--model tiny-llama --mrs 4 --variants legacy4,b2s
+A quick check (tests/test_bench.py): ``--model tiny-llama --mrs 4 --variants legacy4,b2s,own2s
 --beams 2 --max-new-tokens 4 --rounds 1``.
 """
 
@@ -67,7 +72,8 @@ from testbed.tables import print_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
-VARIANT = re.compile(r"^(legacy|b)(\d+)(s?)$")
+VARIANT = re.compile(r"^(legacy|b|own)(\d+)(s?)$")
+CODE = {"legacy": "legacy", "b": "generate()", "own": "beam.py"}
 
 
 @torch.no_grad()
@@ -106,6 +112,7 @@ class Variant:
     name: str
     decode: DecodeConfig
     run: Callable[[list[str]], list[str]]
+    code: str
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -117,19 +124,21 @@ def make_variants(spec: str, model: torch.nn.Module, tokenizer: Any,
     for name in (s.strip() for s in spec.split(",") if s.strip()):
         m = VARIANT.match(name)
         if m is None:
-            raise SystemExit(f"bad variant {name!r}: use legacyN, bN or bNs (e.g. b16s)")
+            raise SystemExit(f"bad variant {name!r}: use legacyN, bN[s] or ownN[s] "
+                             "(e.g. b16s)")
         kind, batch, sort = m.group(1), int(m.group(2)), bool(m.group(3))
         if batch < 1 or (kind == "legacy" and sort):
             raise SystemExit(f"bad variant {name!r}: batch >= 1; legacy has no sorted form")
         decode = DecodeConfig(num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                              batch_size=batch, sort_by_length=sort)
+                              batch_size=batch, sort_by_length=sort,
+                              decoder="beam" if kind == "own" else "hf")
         if kind == "legacy":
             def run(mrs: list[str], d: DecodeConfig = decode) -> list[str]:
                 return legacy_generate(model, tokenizer, mrs, d)
         else:
             def run(mrs: list[str], d: DecodeConfig = decode) -> list[str]:
                 return generate(model, tokenizer, mrs, d)
-        variants.append(Variant(name, decode, run))
+        variants.append(Variant(name, decode, run, code=CODE[kind]))
     if len({v.name for v in variants}) != len(variants) or not variants:
         raise SystemExit(f"--variants needs distinct names, got {spec!r}")
     return variants
@@ -145,8 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="E2E CSV or 'synthetic' (default: ../shared/data/e2e/devset.csv if "
                         "present, else synthetic)")
     p.add_argument("--mrs", type=int, default=32, help="distinct MRs, first in file order")
-    p.add_argument("--variants", default="legacy4,b4,b8,b8s,b16s",
-                   help="comma-separated: legacyN | bN | bNs (first = reference)")
+    p.add_argument("--variants", default="b16s,own16s",
+                   help="comma-separated: legacyN | bN[s] (generate()) | ownN[s] (our beam "
+                        "search); the first is the reference")
     p.add_argument("--rounds", type=int, default=2, help="timed passes over all variants")
     p.add_argument("--beams", type=int, default=DecodeConfig.num_beams)
     p.add_argument("--max-new-tokens", type=int, default=DecodeConfig.max_new_tokens)
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_s, ref_cpu = statistics.median(ref.times), statistics.median(ref.cpu_times)
     table = Table(title=f"{len(mrs)} MRs, beam {args.beams}, median of {args.rounds} round(s)")
     for col in ("variant", "batch", "sorted", "code", "wall s", "MRs/s", "speed-up",
-                "CPU s", "CPU s/MR", "speed-up (CPU)", "identical outputs"):
+                "CPU s", "CPU s/MR", "MRs/CPU-s", "speed-up (CPU)", "identical outputs"):
         table.add_column(col, justify="left" if col in ("variant", "code") else "right")
     rows = []
     for v in variants:
@@ -231,21 +241,25 @@ def main(argv: list[str] | None = None) -> int:
         same = sum(a == b for a, b in zip(v.outputs, ref.outputs, strict=True))
         row = {"variant": v.name, "batch": v.decode.batch_size,
                "sorted": v.decode.sort_by_length,
-               "code": "legacy" if v.name.startswith("legacy") else "generate()",
+               "code": v.code,
                "times_s": v.times, "cpu_times_s": v.cpu_times, "median_s": med,
                "mrs_per_s": len(mrs) / med, "speedup": ref_s / med, "median_cpu_s": cpu,
-               "cpu_s_per_mr": cpu / len(mrs), "speedup_cpu": ref_cpu / cpu,
+               "cpu_s_per_mr": cpu / len(mrs), "mrs_per_cpu_s": len(mrs) / cpu,
+               "speedup_cpu": ref_cpu / cpu,
                "identical": same, "of": len(mrs)}
         rows.append(row)
         table.add_row(v.name, str(row["batch"]), "yes" if row["sorted"] else "no", row["code"],
                       f"{med:.2f}", f"{row['mrs_per_s']:.3f}", f"{row['speedup']:.2f}x",
-                      f"{cpu:.2f}", f"{row['cpu_s_per_mr']:.2f}", f"{row['speedup_cpu']:.2f}x",
+                      f"{cpu:.2f}", f"{row['cpu_s_per_mr']:.2f}", f"{row['mrs_per_cpu_s']:.3f}",
+                      f"{row['speedup_cpu']:.2f}x",
                       f"{same}/{len(mrs)}")
     print_table(console, table)
     for row in rows[1:]:
         console.print(f"speed-up of {row['variant']} over {ref.name}: {row['speedup']:.3f} "
-                      f"wall, {row['speedup_cpu']:.3f} CPU ({row['mrs_per_s']:.3f} vs "
-                      f"{rows[0]['mrs_per_s']:.3f} MRs/s), identical outputs "
+                      f"wall, {row['speedup_cpu']:.3f} CPU ({row['mrs_per_cpu_s']:.4f} vs "
+                      f"{rows[0]['mrs_per_cpu_s']:.4f} MRs per CPU-second; "
+                      f"{row['mrs_per_s']:.3f} vs {rows[0]['mrs_per_s']:.3f} MRs/s wall), "
+                      "identical outputs "
                       f"{row['identical']}/{row['of']}", highlight=False)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

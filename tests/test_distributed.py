@@ -527,8 +527,9 @@ def test_up_with_an_existing_broker(tmp_path: Path) -> None:
             "--batch-size", "2", "--out", str(out)])
         assert res.exit_code == 0, res.output
         state = json.loads((out / "testbed-state.json").read_text())
+        # an external broker: nothing of ours to stop, and plain TCP on loopback
         assert state["broker"] == {"url": broker.url, "pid": None, "workdir": None,
-                                   "command": None}
+                                   "command": None, "tls": None}
         assert json.loads((out / "summary.json").read_text())["steps"] == 3
         assert "client_joined" in {e["event"] for e in events(out)}
         log = (tmp_path / "b" / "broker.log").read_text()
