@@ -128,5 +128,15 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/split_overhead.py --model smollm2-135m --split 8
 
+# The GPU path on a GPU host (bench/gpu_check.py, docs/gpu.md), one table in at most 8
+# minutes: a split step on the GPU against the CPU, bf16 against fp32, throughput, the NVML
+# and MIG listing (read only), and the 5-client hsplitlora fleet on the card with per-client
+# memory caps, evaluated and reported (runs/gpu-check/). GPU_DEVICE=cuda:N picks a GPU;
+# GPU_DEVICE=cpu is the dry run CI does (tiny settings, under about 2 minutes).
+GPU_DEVICE ?= cuda
+.PHONY: gpu-check
+gpu-check: $(STAMP) system-deps
+	$(BIN)/python bench/gpu_check.py --device $(GPU_DEVICE) --json runs/gpu-check/gpu_check.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from runner import device as placement
 from runner import rundir, schedule, seeds
 from runner.dataset import data as data_mod
 from runner.distributed import control
@@ -63,6 +64,7 @@ from runner.model import lora, split
 from runner.model.models import load_config as load_model_config
 from runner.trainer import (
     Holder,
+    grad_scaler,
     local_train_step,
     make_optimizer,
     prepare,
@@ -85,6 +87,9 @@ class Client:
         prep = prepare(cfg)
         self.info = info = prep.info
         self.k = split_point(cfg, info) if self.split else info.num_layers
+        # Where this client trains (docs/gpu.md "Device placement"): its segment, batches and
+        # what it receives (the transport lands decoded tensors here).
+        self.device = placement.resolve(cfg.device)
         # Design choice: LoRA dropout masks come from this process's own RNG, seeded per
         # client. The in-process trainer draws all clients' masks from one shared stream, so
         # runs match step for step only with lora_dropout = 0 (docs/protocol.md).
@@ -101,7 +106,8 @@ class Client:
         self.pad_id = int(prep.tokenizer.pad_token_id)
         # HSplitLoRA clients get their segment from the server's plan (seg None until then).
         self.holder = Holder(name=self.name, seg=seg, ranks=ranks,  # type: ignore[arg-type]
-                             n_examples=len(shard), weight=len(shard) / sum(len(s) for s in shards))
+                             n_examples=len(shard), weight=len(shard) / sum(len(s) for s in shards),
+                             scaler=grad_scaler(cfg.precision, self.device))
         self.hidden = int(load_model_config(info.path).hidden_size)
         self._reset_stream(0)
         self._reset_optimizer(0)
@@ -144,8 +150,9 @@ class Client:
         """The client's segment with uniform adapters (SplitLoRA: split point L/4 or --split;
         fedlora/cenlora: the whole model)."""
         cfg, info = self.cfg, self.info
-        seg = split.load_client(info.path, self.k, self.cfg.precision) if self.split \
-            else split.load_unsplit(info.path, self.cfg.precision)
+        seg = split.load_client(info.path, self.k, self.cfg.precision, device=self.device) \
+            if self.split else split.load_unsplit(info.path, self.cfg.precision,
+                                                  device=self.device)
         if self.full:  # Trainer._adapt for ft: every weight trains
             for p in seg.model.parameters():
                 p.requires_grad_(True)
@@ -159,8 +166,10 @@ class Client:
     def _reset_stream(self, drawn: int) -> None:
         """The batch stream at position ``drawn``: rebuilt from its seed (as in
         Trainer._build) and advanced, so a restarted client continues where it was."""
-        self.batches = data_mod.ClientBatches(self.examples, self.cfg.batch_size, self.pad_id,
-                                              seed=seeds.batch_stream(self.cfg.seed, self.index))
+        self.batches = data_mod.ClientBatches(
+            self.examples, self.cfg.batch_size, self.pad_id,
+            seed=seeds.batch_stream(self.cfg.seed, self.index),
+            multiple=data_mod.length_multiple(self.cfg.precision))
         for _ in range(drawn):
             self.batches.next()
         self.drawn = drawn
@@ -225,7 +234,7 @@ class Client:
         h = self.holder
         if snap["adapters"] is None:  # ft: optimizer state on disk, weights from the server
             try:
-                saved = torch.load(snap["path"], weights_only=False)
+                saved = torch.load(snap["path"], weights_only=False, map_location=self.device)
             except (OSError, RuntimeError, EOFError):
                 return False
             if not tensors:
@@ -284,7 +293,8 @@ class Client:
         now = time.monotonic()
         if now - self._budget_at < 1.0:
             return self._budget_cache
-        from runner.emulation.budget import Budget, discover_budget
+        from runner.emulation.budget import Budget
+        from runner.emulation.gpu import process_budget
         from runner.errors import ConfigError
 
         injected = rundir.injected(self.rt.run_dir, self.cid, "budget")
@@ -296,10 +306,9 @@ class Client:
         except (OSError, ValueError):
             pass
 
-        env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
-        try:
-            self._budget_cache = discover_budget(int(env_bytes) if env_bytes.isdigit()
-                                                 else None)
+        try:  # the CPU's sources on the CPU; on a CUDA device its planned budget within
+            # the GPU / MIG instance NVML finds by UUID (runner/emulation/gpu.py)
+            self._budget_cache = process_budget(self.cfg, self.index)
         except (ConfigError, OSError, ValueError):
             self._budget_cache = None
         self._budget_at = now
@@ -327,7 +336,8 @@ class Client:
         while True:
             t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=self.cid,
                           expect=self._expect(), chunk_size=o.chunk_size,
-                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt, tls=self.rt.tls)
+                          reconnect=(0.1, o.reconnect_max), backend=o.mqtt, tls=self.rt.tls,
+                          device=self.device)
             try:
                 return t.connect(10.0)
             except TransportError as e:
@@ -367,6 +377,12 @@ class Client:
                     log.error("no message from the server for %.0f s; giving up",
                               self.rt.options.server_timeout)
                     return 1
+        except Exception as exc:  # a CUDA out-of-memory error under the per-process cap:
+            from runner.emulation.gpu import BUDGET_EXCEEDED_EXIT, client_out_of_memory
+
+            if not client_out_of_memory(self, exc):  # budget_exceeded, as a cgroup OOM
+                raise
+            return BUDGET_EXCEEDED_EXIT
         finally:
             self._hb_stop.set()
             if self.finished:
@@ -471,7 +487,7 @@ class Client:
 
     def _split_forward_now(self, step: int) -> None:
         h = self.holder
-        batch = self.batches.next()
+        batch = placement.to(self.batches.next(), h.seg.device)
         self.drawn += 1
         t0 = time.perf_counter()
         acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
@@ -503,7 +519,7 @@ class Client:
             return
         t0 = time.perf_counter()
         with self.working("grad", msg.step):
-            p["acts"].backward(grad.to(p["acts"].dtype))
+            self.holder.backward(p["acts"], grad.to(p["acts"].dtype))
             self.holder.step()
         backward = time.perf_counter() - t0
         forward = p["meta"].get("compute_s")
@@ -602,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "TESTBED_CONFIG, TESTBED_BROKER, ...)")
     parser.add_argument("--client-id", help="overrides TESTBED_CLIENT_ID")
     args = parser.parse_args(argv)
+    from runner.emulation import gpu
+
     try:
         rt = load_config(me=args.client_id)
         if rt.me == "server":
@@ -612,10 +630,15 @@ def main(argv: list[str] | None = None) -> int:
         threads, quota = fit_threads()  # a 0.12-CPU device must not run 2 torch threads
         log.info("torch threads %d (CPU quota %s)", threads,
                  "none" if quota is None else f"{quota:.2f}")
+        gpu.cap_process(rt.train, rt.index(rt.me))  # on a GPU: a memory cap sized to the budget
         client = Client(rt)  # the method's own handlers plug in (runner/methods/plugins.py)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a CUDA out-of-memory error while the model loads onto the GPU
+        if not gpu.is_cuda_oom(e) or not gpu.starting_out_of_memory(rt, e):
+            raise
+        return gpu.BUDGET_EXCEEDED_EXIT
 
     def on_usr1(signum: int, frame: Any) -> None:
         # Injected network outage; the length comes from the run directory (see

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from runner import device as placement
 from runner.errors import ConfigError
 from runner.methods import registry
 
@@ -20,7 +21,9 @@ SPLIT_METHODS = registry.having(split=True)
 FEDERATED_METHODS = registry.having(central=False)
 CENTRAL_METHODS = registry.having(central=True)
 HETERO_METHODS = registry.having(hetero=True)
-PRECISIONS = ("fp32", "bf16")
+# fp16 is for GPUs without bf16 arithmetic (before Ampere): autocast in float16 with a loss
+# scaler per optimizer (runner/trainer.py Holder; docs/gpu.md "Device placement").
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -51,9 +54,15 @@ class TrainConfig:
     eval_every: int = 50
     eval_max_examples: int | None = 256
     seed: int = 0
-    # "fp32", or "bf16": forwards under torch.autocast (runner.model.split.autocast). Exactness
-    # tests and the default stay fp32.
+    # "fp32", "bf16" or "fp16": forwards under torch.autocast (runner.model.split.autocast;
+    # fp16 adds a loss scaler, runner/trainer.py Holder). Exactness tests and the default stay
+    # fp32.
     precision: str = "fp32"
+    # Where this process trains: "auto" (the first CUDA GPU when one is usable, else the CPU),
+    # "cpu", "cuda" or "cuda:N" (runner/device.py). Each process resolves it on its own host,
+    # so one config serves a GPU server and CPU clients; TESTBED_DEVICE overrides it per
+    # process (runner/distributed/runtime.py).
+    device: str = "auto"
     # Scheduled dropouts for in-process runs: (client index, first step, end step), the
     # client is offline for steps [first, end). The distributed runtime injects real ones.
     dropouts: tuple[tuple[int, int, int], ...] = ()
@@ -113,6 +122,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        placement.check(self.device)
         for client, first, end in self.dropouts:
             if not (0 <= client < self.clients and 0 <= first < end):
                 raise ConfigError(

@@ -86,8 +86,8 @@ class ServerTrainer(Trainer):
     def _build(self) -> None:
         path, L = self.info.path, self.info.num_layers
         p = self.cfg.precision
-        seg = (split.load_client(path, self.k, p, self.frozen) if self.k < L
-               else split.load_unsplit(path, p, self.frozen))
+        seg = (split.load_client(path, self.k, p, self.frozen, self.device) if self.k < L
+               else split.load_unsplit(path, p, self.frozen, self.device))
         ranks = self._adapt(seg, self._ranks(seg.config))
         self.clients = [Holder(name="global", seg=seg, ranks=ranks)]
         if self.k < L:
@@ -329,7 +329,7 @@ class Server:
             t = Transport(self.rt.broker, self.rt.credentials, run=self.rt.run_id, me=P.SERVER,
                           expect=self._expect(), chunk_size=o.chunk_size,
                           reconnect=(0.1, o.reconnect_max), backend=o.mqtt, tls=self.rt.tls,
-                          on_reject=self._on_reject)
+                          on_reject=self._on_reject, device=self.tr.device)
             try:
                 self.t = t.connect(10.0)
                 return

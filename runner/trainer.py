@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runner import device as placement
 from runner import schedule, seeds
 from runner.config import TrainConfig
 from runner.dataset import data as data_mod
@@ -73,9 +74,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig,
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler of a holder that trains in ``precision`` on ``device``: fp16 only.
+
+    Why fp16 needs one and bf16 does not: float16 has bf16's precision but not its range, so
+    small gradients of an fp16 backward underflow to zero unless the loss is scaled up first
+    (and the scale lowered when a step overflows). Each holder scales its own backward
+    (:meth:`Holder.backward`); what crosses the wire stays unscaled (docs/gpu.md "Device
+    placement")."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
 @dataclass
 class Holder:
-    """A segment with its optimizer: one client, the server, or a centralised model."""
+    """A segment with its optimizer: one client, the server, or a centralised model.
+
+    ``scaler``: the fp16 loss scaler (:func:`grad_scaler`), None in fp32 and bf16, where
+    :meth:`backward` and :meth:`step` are the plain ``backward()`` and ``opt.step()``.
+    """
 
     name: str
     seg: split.Segment
@@ -86,11 +104,36 @@ class Holder:
     weight: float = 1.0  # data weight p_i
     n_examples: int = 0
     stats: dict[str, float] = field(default_factory=dict)
+    scaler: torch.amp.GradScaler | None = None
+
+    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Back-propagate ``loss`` (a scalar), or ``loss`` with the incoming gradient ``grad``
+        (a client's activations with the server's gradient), scaled by the fp16 scaler."""
+        if self.scaler is not None:
+            if grad is None:
+                loss = self.scaler.scale(loss)
+            else:
+                grad = self.scaler.scale(grad)
+        loss.backward(grad)
+
+    def unscaled(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients this holder's scaled backward produced for tensors it does not own (the
+        server's gradients w.r.t. the clients' activations), back at their true size: what
+        crosses the wire is never scaled. After an overflow (the scaler then skips this
+        holder's step) they are zero: a non-finite gradient would be refused on the wire."""
+        if self.scaler is None:
+            return grads
+        inv = 1.0 / float(self.scaler.get_scale())
+        return [torch.nan_to_num(g * inv, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
 
     def step(self) -> None:
         if self.opt is None:
             return
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # unscales; skips the step after an overflow
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -102,12 +145,14 @@ class Holder:
 def local_train_step(h: Holder, batch: dict[str, torch.Tensor],
                      label_smoothing: float) -> tuple[float, int]:
     """One optimizer step of a holder that has the whole model (fedlora, cenlora, ft):
-    forward, loss over target tokens, backward, step. Returns (mean loss, target tokens)."""
+    forward, loss over target tokens, backward, step. Returns (mean loss, target tokens).
+    The batch goes to the holder's device first (runner/device.py ``to``)."""
+    batch = placement.to(batch, h.seg.device)
     hidden = split.run_blocks(h.seg, split.embed(h.seg, batch["input_ids"]),
                               batch["attention_mask"], 0, h.seg.end)
     rows, counts = split.head_row_losses(h.seg, hidden, batch["labels"], label_smoothing)
     loss_sum, n = rows.sum(), int(counts.sum())
-    (loss_sum / max(n, 1)).backward()
+    h.backward(loss_sum / max(n, 1))
     h.step()
     return float(loss_sum.detach()) / max(n, 1), n
 
@@ -172,6 +217,9 @@ class Trainer:
         self.info = self.prep.info
         self.pad_id = int(self.prep.tokenizer.pad_token_id)
         self.traits = registry.traits(cfg)
+        # Where every segment, batch and tensor of this trainer lives (docs/gpu.md "Device
+        # placement"); resolved once, on this host.
+        self.device = placement.resolve(cfg.device)
         torch.manual_seed(cfg.seed)
         self.k = split_point(cfg, self.info) if self.traits.split else self.info.num_layers
         self.clients: list[Holder] = []
@@ -212,16 +260,18 @@ class Trainer:
         total = sum(len(s) for s in shards)
         for i, shard in enumerate(shards):
             if self.traits.split:
-                seg = split.load_client(path, self.k, cfg.precision, self.frozen)
+                seg = split.load_client(path, self.k, cfg.precision, self.frozen, self.device)
             else:
-                seg = split.load_unsplit(path, cfg.precision, self.frozen)
+                seg = split.load_unsplit(path, cfg.precision, self.frozen, self.device)
             ranks = self._adapt(seg, self._ranks(seg.config))
             examples = data_mod.encode_frame(self.prep.tokenizer, shard, cfg.max_len)
             holder = Holder(
                 name="central" if self.traits.central else f"client{i}",
                 seg=seg, ranks=ranks, weight=len(shard) / total, n_examples=len(shard),
-                batches=data_mod.ClientBatches(examples, cfg.batch_size, self.pad_id,
-                                               seed=seeds.batch_stream(cfg.seed, i)),
+                batches=data_mod.ClientBatches(
+                    examples, cfg.batch_size, self.pad_id, seed=seeds.batch_stream(cfg.seed, i),
+                    multiple=data_mod.length_multiple(cfg.precision)),
+                scaler=grad_scaler(cfg.precision, self.device),
             )
             opt = make_optimizer(seg.model, cfg)
             if opt is not None:
@@ -235,8 +285,9 @@ class Trainer:
     def _server_holder(self) -> Holder:
         """The server segment (blocks [k, L) + head) with its adapters and optimizer."""
         seg = split.load_server(self.info.path, self.k, self.info.num_layers,
-                                self.cfg.precision, self.frozen)
-        holder = Holder(name="server", seg=seg, ranks=self._adapt(seg, self._ranks(seg.config)))
+                                self.cfg.precision, self.frozen, self.device)
+        holder = Holder(name="server", seg=seg, ranks=self._adapt(seg, self._ranks(seg.config)),
+                        scaler=grad_scaler(self.cfg.precision, self.device))
         opt = make_optimizer(seg.model, self.cfg)
         if opt is not None:
             holder.opt, holder.sched = opt
@@ -319,7 +370,7 @@ class Trainer:
         sent: list[dict[str, Any]] = []
         # 1. client forward passes; what crosses the wire: acts, mask, labels.
         for h in clients:
-            batch = h.batches.next()
+            batch = placement.to(h.batches.next(), h.seg.device)
             t0 = time.perf_counter()
             acts = split.client_forward(h.seg, batch["input_ids"], batch["attention_mask"])
             wire = acts.detach()
@@ -337,7 +388,7 @@ class Trainer:
         for m, grad, (loss_sum, n) in zip(sent, grads, losses, strict=True):
             h = m["holder"]
             t0 = time.perf_counter()
-            m["acts"].backward(grad)
+            h.backward(m["acts"], grad)
             lr = h.lr
             h.step()
             records.append(dict(step=step, client=h.name, loss=loss_sum / max(n, 1), tokens=n,
@@ -358,6 +409,9 @@ class Trainer:
         each back-propagated at once (its graph freed before the next): the loss is the
         same sum over all target tokens, so the adapter gradient is the same up to float
         summation order, and the server's memory stops growing with the number of clients.
+        The payloads are on the server's device (in-process: the clients' own; distributed:
+        the transport lands what it decodes there, runner/distributed/transport.py ``recv``),
+        and so are the gradients returned; with fp16 they are unscaled (``Holder.unscaled``).
         """
         server = self.server
         assert server is not None
@@ -387,14 +441,15 @@ class Trainer:
                 start += b
             pass_loss = rows.sum() / max(total_tokens, 1)
             if chunk:
-                pass_loss.backward()
+                server.backward(pass_loss)
             else:
                 total_loss = pass_loss if total_loss is None else total_loss + pass_loss
         if total_loss is not None:
-            total_loss.backward()
+            server.backward(total_loss)
+        # unscaled (fp16) before the step, which may change the scale
+        grads = server.unscaled([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                                 for leaf in leaves])
         server.step()
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                 for leaf in leaves]
         return grads, per_client
 
     # ------------------------------------------------------------------- aggregation
@@ -443,7 +498,9 @@ class Trainer:
         nll, n_tok = 0.0, 0
         try:
             for i in range(0, len(self.val_examples), batch_size):
-                batch = data_mod.collate(self.val_examples[i:i + batch_size], self.pad_id)
+                batch = placement.to(data_mod.collate(
+                    self.val_examples[i:i + batch_size], self.pad_id,
+                    data_mod.length_multiple(self.cfg.precision)), self.device)
                 hidden, head_seg = self.forward_hidden(batch["input_ids"],
                                                        batch["attention_mask"])
                 rows, counts = split.head_row_losses(head_seg, hidden, batch["labels"], 0.0)
@@ -619,4 +676,4 @@ def _pad(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
         return t
     shape = list(t.shape)
     shape[1] = extra
-    return torch.cat([t, torch.full(shape, value, dtype=t.dtype)], dim=1)
+    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim=1)

@@ -22,6 +22,7 @@ from testbed.console import progress as _progress
 from testbed.console import quiet_libraries as _quiet_libraries
 from testbed.options import (
     DEFAULT_RUN,
+    DEVICE_HELP,
     METHOD_HELP,
     OUT_HELP,
     PRECISION_HELP,
@@ -111,6 +112,7 @@ def train(
              "once); bounds the server's memory at many clients (same gradient up to float "
              "rounding; {uses:server_chunk})")] = _D("server_chunk"),
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = _D("precision"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _D("device"),
     stop_virtual_time: Annotated[float | None, typer.Option(
         help="Stop once the run's virtual clock reaches this many seconds (a clock: "
              "{hetero}, or --devices); --steps stays the cap")] = None,
@@ -137,13 +139,14 @@ def train(
     except ValueError:
         _fail(f"--dropout takes CLIENT:FIRST:END (e.g. 1:20:40), got {dropout}")
         return
+    from runner import device as placement
     from testbed.precision import resolve
 
     given = ["dropouts" if n == "dropout" else n for n in _explicit(ctx, _TRAIN_FIELDS)]
     try:
         check_applies(method, given, devices=devices is not None)
         check_combinations(given, partition)
-        precision, precision_line = resolve(precision)
+        precision, precision_line = resolve(precision, device=placement.resolve(device))
     except UserError as exc:
         _fail(str(exc))
         return
@@ -155,7 +158,8 @@ def train(
         eval_max_examples=eval_max_examples, lora_dropout=lora_dropout, max_len=max_len,
         seed=seed, dropouts=dropouts, devices=str(devices) if devices else None,
         rank_set=tuple(int(r) for r in rank_set.split(",") if r.strip()),
-        precision=precision, stop_virtual_time=stop_virtual_time, server_chunk=server_chunk,
+        precision=precision, device=device, stop_virtual_time=stop_virtual_time,
+        server_chunk=server_chunk,
         early_stop_patience=early_stop_patience, early_stop_min_delta=early_stop_min_delta,
     )
     try:
@@ -187,9 +191,10 @@ def eval_(
              "run's seed). Use --test-data to score a whole file")] = None,
     max_mrs: Annotated[int, typer.Option(help="Score only the first N test MRs (0 = all)")] = 0,
     cpu_max_mrs: Annotated[int | None, typer.Option(
-        help="Without --max-mrs: when no CUDA GPU is visible, score only the first N test "
-             "MRs (a random sample: the test split is shuffled by MR), printed in one line. "
-             "`make run` uses 20 (beam search on 2 CPU cores takes about 10 s per MR)")
+        help="Without --max-mrs: when generation runs on the CPU (--device), score only the "
+             "first N test MRs (a random sample: the test split is shuffled by MR), printed "
+             "in one line. `make run` uses 20 (beam search on 2 CPU cores takes about 10 s "
+             "per MR)")
     ] = None,
     beams: Annotated[int, typer.Option(help="Beam width")] = 10,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length cap")] = 64,
@@ -200,6 +205,11 @@ def eval_(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the scores and what was scored as one JSON object on stdout "
                        "(lines for people go to stderr)")] = False,
+    device: Annotated[str, typer.Option(
+        help="Where the model generates: auto (the first CUDA GPU when one is usable, else "
+             "the CPU) | cpu | cuda | cuda:N; on a GPU decoding is Hugging Face generate()'s "
+             "(the same search; our beam search is measured on the CPU only). With --device "
+             "cpu a visible GPU does not lift --cpu-max-mrs")] = "auto",
 ) -> None:
     """Generate for the test MRs (beam search) and score them against all their references:
     RUN/eval/ gets outputs.csv, outputs.txt + references.txt (the official E2E scorer's
@@ -214,10 +224,17 @@ def eval_(
         _fail(f"--max-mrs must be >= 0 (0 = every MR), got {max_mrs}")
     if cpu_max_mrs is not None and cpu_max_mrs < 1:
         _fail(f"--cpu-max-mrs must be >= 1, got {cpu_max_mrs}")
+    try:
+        from runner import device as placement
+
+        placement.resolve(device)  # a bad or unusable --device fails before anything else
+    except UserError as exc:
+        _fail(str(exc))
+        return
     if cpu_max_mrs is not None and not max_mrs:
         from testbed.reduction import gpu_visible
 
-        if not gpu_visible():
+        if not gpu_visible(device):
             max_mrs = cpu_max_mrs
             Console(soft_wrap=True).print(
                 f"no GPU here: scoring at most {cpu_max_mrs} test MRs; every MR: "
@@ -232,6 +249,7 @@ def eval_(
                                     decoder=decoder),
                 progress=lambda n: bar.advance(task, n),
                 on_total=lambda n: bar.update(task, total=n),
+                device=device,
             )
     except UserError as exc:
         _fail(str(exc))

@@ -119,8 +119,17 @@ OUT_HELP = "Run directory to create (--overwrite replaces a run there)"
 # One default everywhere: TrainConfig's (fp32), what experiment cells, scenario runs and
 # `export k8s` use too; `auto` is a choice because what it picks depends on the machine.
 PRECISION_HELP = ("fp32 (exact; the default everywhere) | bf16 (forwards under autocast; "
-                  "weights, optimizer and wire stay fp32) | auto (bf16 where the GPU or CPU "
-                  "has bf16 arithmetic, else fp32; printed)")
+                  "weights, optimizer and wire stay fp32) | fp16 (autocast with a loss "
+                  "scaler, for GPUs without bf16) | auto (on a CUDA device: bf16 where the GPU "
+                  "has it, else fp16; on the CPU: bf16 where the CPU has bf16 arithmetic, else "
+                  "fp32; printed)")
+DEVICE_HELP = ("Where to train: auto (the first CUDA GPU when one is usable, else the CPU) | "
+               "cpu | cuda | cuda:N. Every process resolves it on its own host "
+               "(TESTBED_DEVICE overrides it per process). It decides what depends on where "
+               "training runs: --precision auto, the CPU reductions (--cpu-steps, "
+               "--cpu-max-mrs) and whether a profile's reference model is emulated; a GPU "
+               "that is visible does not count with --device cpu. cuda without a usable GPU "
+               "is an error, never a silent CPU run")
 
 
 # ------------------------------------------------------------------------- the run

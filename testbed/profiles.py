@@ -648,12 +648,15 @@ class EmulationMap:
         return asdict(self)
 
 
-def reference_loadable(profile: Profile) -> tuple[bool, str]:
+def reference_loadable(profile: Profile, device: str = "auto") -> tuple[bool, str]:
     """Can the reference model run here? (Then nothing is emulated.)
 
     Design choice: yes when its weights are local (an alias, a model directory, or the
-    Hugging Face cache; nothing is downloaded to find out) AND it can run: a CUDA GPU is
-    present, or every client's reference footprint fits in half of this host's RAM.
+    Hugging Face cache; nothing is downloaded to find out) AND it can run: training runs on
+    a CUDA device (``device``, ``--device`` resolved here: runner/device.py), or every
+    client's reference footprint fits in half of this host's RAM. A GPU that is visible while
+    the run trains on the CPU (``--device cpu``) does not count: the 7B reference would train
+    in fp32 on the CPU inside 5-20 GB containers (docs/gpu.md "Device placement").
     """
     name = profile.experiment.reference_model
     from runner.model.models import ALIASES
@@ -671,10 +674,11 @@ def reference_loadable(profile: Profile) -> tuple[bool, str]:
             local = False
     if not local:
         return False, f"no local weights for {name} (nothing is downloaded)"
-    import torch
+    from runner import device as placement
 
-    if torch.cuda.is_available():
-        return True, f"{name} is local and a CUDA GPU is present"
+    where = placement.resolve(device)
+    if placement.is_cuda(where):
+        return True, f"{name} is local and training runs on a CUDA GPU ({where})"
     exp = profile.experiment
     need = training_footprint(model_costs(name, exp.reference_arch), exp.dtype, exp.batch,
                               exp.seq, exp.rank, tuple(exp.targets)).total * profile.clients
@@ -686,10 +690,11 @@ def reference_loadable(profile: Profile) -> tuple[bool, str]:
 
 
 def emulation_map(profile: Profile, emulate: bool | None = None,
-                  scale_speed: bool = True) -> EmulationMap:
+                  scale_speed: bool = True, device: str = "auto") -> EmulationMap:
     """Map each device's budget from the reference to the stand-in (docs/emulation.md).
 
-    ``emulate`` None decides with :func:`reference_loadable`. With emulation, device ``i``
+    ``emulate`` None decides with :func:`reference_loadable` (for training on ``device``,
+    the ``--device`` spec). With emulation, device ``i``
     with budget ``B_i`` covers ``f_i = B_i / F_ref`` of the reference's training footprint
     and gets ``f_i * F_standin`` for the stand-in; the runtime reserve of this testbed's
     process comes on top (``memory_bytes``). ``scale_speed`` (design choice, on by default)
@@ -701,7 +706,7 @@ def emulation_map(profile: Profile, emulate: bool | None = None,
 
     exp = profile.experiment
     if emulate is None:
-        loadable, reason = reference_loadable(profile)
+        loadable, reason = reference_loadable(profile, device)
         emulate = not loadable
     else:
         reason = "emulation forced" if emulate else "emulation disabled"

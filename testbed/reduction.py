@@ -2,8 +2,9 @@
 
 Why: the paper's profiles train for hundreds of steps; on a 2-core CPU the hetero-llama2
 fleet needs hours for that, and a newcomer's first `make run` must end, with a real result,
-in minutes. So ``testbed up --cpu-steps N`` shortens the run when no CUDA device is visible,
-and only then, and says so in one line: the profile itself stays intact, and the full
+in minutes. So ``testbed up --cpu-steps N`` shortens the run when it trains on the CPU
+(``--device cpu``, or ``auto`` without a usable CUDA GPU), and only then, and says so in one
+line: the profile itself stays intact, and the full
 experiment is one flag away (``--steps``, or ``make run STEPS=200``). Validation is kept to
 a few points of the curve: the same number of evaluations the profile makes, spread over the
 shorter run on aggregation boundaries (the trainer evaluates at aggregation steps).
@@ -57,11 +58,14 @@ class Reduction:
                 "lr": self.lr, "profile_lr": self.profile_lr}
 
 
-def gpu_visible() -> bool:
-    """Whether torch sees a CUDA device (the full profile runs there)."""
-    import torch
+def gpu_visible(device: str = "auto") -> bool:
+    """Whether the run trains on a CUDA device (the full profile runs there): keyed on the
+    device ``--device`` resolves to here, never on a GPU merely being visible. On a GPU host a
+    run asked to stay on the CPU (``--device cpu``) is a CPU run and is reduced like one; the
+    name stays for the callers (docs/gpu.md "Device placement")."""
+    from runner import device as placement
 
-    return bool(torch.cuda.is_available())
+    return placement.is_cuda(placement.resolve(device))
 
 
 def reduce_for_cpu(cfg: TrainConfig, cpu_steps: int, eval_examples: int | None = None,

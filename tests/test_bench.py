@@ -9,6 +9,7 @@ not the figure itself (timings on a shared 2-core machine mean nothing at this s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,8 +50,8 @@ def _number(pattern: str, text: str) -> float:
 
 def test_bench_scripts_are_all_covered() -> None:
     assert sorted(p.name for p in BENCH.glob("*.py")) == [
-        "distributed_overhead.py", "fleet_scaling.py", "generation.py", "memory_model.py",
-        "split_overhead.py", "transport.py"]
+        "bf16_memory.py", "distributed_overhead.py", "fleet_scaling.py", "generation.py",
+        "gpu_check.py", "memory_model.py", "split_overhead.py", "transport.py"]
 
 
 def test_split_overhead_one_step() -> None:
@@ -137,3 +138,35 @@ def test_fleet_profile_repeats_the_llama2_devices(tmp_path: Path) -> None:
     assert [d.memory for d in half.devices] == pytest.approx(
         [base.devices[i % 5].memory / 2 for i in range(7)], rel=1e-3)
     assert [d.compute for d in half.devices] == [base.devices[i % 5].compute for i in range(7)]
+
+
+@needs_mosquitto
+def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    """``bench/gpu_check.py --device cpu``: the GPU check's dry run (issue 27 part 6), every
+    part of it on tiny settings, so the script a GPU host runs once cannot rot. No GPU is
+    faked: the device is the CPU (compared with itself), NVML answers nothing here, and the
+    five-client fleet runs as local processes with a real Mosquitto."""
+    out = _bench("gpu_check.py", "--device", "cpu", "--out", str(tmp_path / "check"),
+                 "--json", str(tmp_path / "check.json"), timeout=400)
+    assert "DRY RUN on the CPU" in out
+    assert re.search(r"split step cpu vs cpu \(fp32 loss\)\s+yes\s+rel\. diff 0\.0e\+00 at "
+                     r"step 0 \(<= 0\.0001\), max 0\.0e\+00", out), out
+    assert re.search(r"bf16 vs fp32 loss on cpu\s+yes", out), out
+    _number(rf"step throughput cpu / cpu\s+-\s+{NUMBER}x", out)
+    assert re.search(r"^NVML\s+-\s+no answer", out, re.MULTILINE) or "NVML GPU 0" in out
+    assert re.search(r"fleet: hsplitlora, 5 clients \+ server on cpu\s+yes\s+3 steps", out), out
+    for i in range(5):
+        _number(rf"client{i} GPU memory vs budget\s+-\s+budget {NUMBER} MiB", out)
+    assert re.search(r"gpu_check: \d+ checks, 0 failed", out), out
+    assert (tmp_path / "check" / "fleet" / "report.md").is_file()
+    rows = json.loads((tmp_path / "check.json").read_text())["rows"]
+    fleet = next(r for r in rows if r["check"].startswith("fleet:"))
+    assert fleet["ok"] and fleet["data"]["ppl"] > 0
+
+
+def test_bf16_memory_three_variants() -> None:
+    out = _bench("bf16_memory.py", "--model", "tiny-llama", "--split", "1", "--steps", "4",
+                 "--batch", "2", "--max-len", "24")
+    _number(rf"peak ratio bf16 longest / bf16 padded: {NUMBER}", out)
+    _number(rf"peak ratio bf16 padded / fp32: {NUMBER}", out)
+    assert len(re.findall(r"^\s+(fp32|bf16)\s+(longest|x16)\s", out, re.MULTILINE)) == 3, out

@@ -154,14 +154,30 @@ def test_hidden_devices_skip_nvml() -> None:
     assert nvml.initialised == 0
 
 
-def test_nvml_wins_over_cgroup_and_profile(tmp_path: Path) -> None:
+class Untouchable:
+    """Stands in for ``pynvml`` where NVML must not be asked at all."""
+
+    def __getattr__(self, name: str) -> None:
+        raise AssertionError(f"NVML was asked ({name}) by a process that does not use a GPU")
+
+
+def test_on_a_gpu_nvml_bounds_the_planned_budget_and_the_cgroup_is_not_asked(
+        tmp_path: Path) -> None:
+    """FAKE NVML (no GPU here). A process that trains on a CUDA device (``use_nvml``) has
+    its planned budget within the MIG instance's own memory; the cgroup (host memory) is no
+    GPU budget. A CPU process never asks NVML (issue 27: the host GPU's total used to win)."""
     root = _cgroup_v2(tmp_path, "1073741824\n")
-    b = discover_budget(123, env={"CUDA_VISIBLE_DEVICES": MIG_LARGE}, nvml=FakeNVML(),
-                        cgroup_root=root)
-    assert b.source == "nvml" and b.bytes == 20 * GIB
-    b = discover_budget(123, env={"CUDA_VISIBLE_DEVICES": MIG_LARGE}, nvml=FakeNVML(),
-                        cgroup_root=root, proc_cgroup=tmp_path / "none", use_nvml=False)
-    assert b.source == "cgroup-v2"
+    env = {"CUDA_VISIBLE_DEVICES": MIG_LARGE}
+    b = discover_budget(None, env=env, nvml=FakeNVML(), cgroup_root=root, use_nvml=True)
+    assert (b.source, b.bytes) == ("nvml", 20 * GIB)  # nothing planned: the instance
+    b = discover_budget(5 * 10**9, env=env, nvml=FakeNVML(), cgroup_root=root, use_nvml=True)
+    assert (b.source, b.bytes) == ("profile", 5 * 10**9)  # planned, within the instance
+    assert "MIG 2g.20gb" in b.detail and "cap" in b.detail
+    b = discover_budget(30 * GIB, env=env, nvml=FakeNVML(), cgroup_root=root, use_nvml=True)
+    assert (b.source, b.bytes) == ("nvml", 20 * GIB)  # planned more than it holds
+    b = discover_budget(123, env=env, nvml=Untouchable(), cgroup_root=root,
+                        proc_cgroup=tmp_path / "none")
+    assert b.source == "cgroup-v2"  # the default: a CPU process
 
 
 def test_default_loader_imports_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,3 +262,124 @@ def test_no_source_at_all_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be > 0"):
         discover_budget(0, env={"CUDA_VISIBLE_DEVICES": ""}, cgroup_root=tmp_path,
                         proc_cgroup=tmp_path / "none")
+
+
+# ------------------------------------------- NVML as a container sees it (issue 27 part 4)
+# FAKE NVML again (tests/fake_gpu.py): the container view numbers the visible GPUs from 0
+# and shows a MIG instance's parent GPU with only that instance readable.
+def test_container_numbers_the_one_visible_gpu_zero() -> None:
+    """``NVIDIA_VISIBLE_DEVICES=1`` is the host's index; inside the container NVML sees one
+    GPU, index 0 (the budget used to raise there, and the error was swallowed)."""
+    from fake_gpu import FakeNVML as ContainerNVML
+    from fake_gpu import Gpu
+
+    host = [Gpu(f"GPU-{i}", f"GPU {i}", (i + 1) * 8 * GIB) for i in range(4)]
+    for host_index in (3, 1):
+        nvml = ContainerNVML.container(host, str(host_index))
+        assert nvml.nvmlDeviceGetCount() == 1
+        b = nvml_budget({"NVIDIA_VISIBLE_DEVICES": str(host_index)}, nvml, strict=True)
+        assert b is not None and b.bytes == (host_index + 1) * 8 * GIB
+    # two listed: each host index is its rank among them
+    nvml = ContainerNVML.container(host, "3,1")
+    assert nvml_budget({"NVIDIA_VISIBLE_DEVICES": "3,1"}, nvml).bytes == 32 * GIB
+    # outside a container the variable is read by nobody: host numbering as is
+    nvml = ContainerNVML(host)
+    assert nvml_budget({"NVIDIA_VISIBLE_DEVICES": "2"}, nvml).bytes == 24 * GIB
+    # CUDA_VISIBLE_DEVICES is this process's own numbering
+    nvml = ContainerNVML.container(host, "2,3")
+    assert nvml_budget({"CUDA_VISIBLE_DEVICES": "1"}, nvml).bytes == 32 * GIB
+
+
+@pytest.mark.parametrize("knows_mig", [True, False], ids=["uuid-lookup", "scan-fallback"])
+def test_container_mig_instance_by_uuid_with_its_own_memory(knows_mig: bool) -> None:
+    """A container given one MIG instance: found by its UUID (the other slots answer "No
+    Permission"), its own memory, not its parent A100's 80 GB; by index (``1:1``, host
+    numbering) too."""
+    from fake_gpu import FakeNVML as ContainerNVML
+    from fake_gpu import a100_mig_host
+
+    host = a100_mig_host()
+    two_g = host[1].mig[1]
+    nvml = ContainerNVML.container(host, two_g.uuid, uuid_lookup_knows_mig=knows_mig)
+    assert nvml.nvmlDeviceGetCount() == 1
+    b = nvml_budget({"NVIDIA_VISIBLE_DEVICES": two_g.uuid}, nvml, strict=True)
+    assert b is not None and (b.bytes, b.source) == (19968 * 2**20, "nvml")
+    assert "2g.20gb" in b.detail
+    nvml = ContainerNVML.container(host, two_g.uuid)
+    assert nvml_budget({"NVIDIA_VISIBLE_DEVICES": "1:1"}, nvml, strict=True).bytes == \
+        19968 * 2**20
+    # the host's view: a MIG-enabled GPU by index is its first instance (what CUDA uses)
+    assert nvml_budget({"CUDA_VISIBLE_DEVICES": "1"}, ContainerNVML(host)).bytes == \
+        9728 * 2**20
+
+
+def test_the_uuid_cuda_reports_wins_over_the_variables() -> None:
+    """torch reports the device's UUID without NVML's ``MIG-``/``GPU-`` prefix; it names the
+    device exactly, whatever CUDA_VISIBLE_DEVICES' numbering says."""
+    from fake_gpu import FakeNVML as ContainerNVML
+    from fake_gpu import a100_mig_host
+
+    from runner.emulation.budget import canonical_uuid
+
+    host = a100_mig_host()
+    three_g = host[1].mig[2]
+    bare = canonical_uuid(three_g.uuid)
+    assert bare == three_g.uuid[4:].lower()
+    for knows in (True, False):
+        b = nvml_budget({"CUDA_VISIBLE_DEVICES": "0"},
+                        ContainerNVML(host, uuid_lookup_knows_mig=knows), uuid=bare,
+                        strict=True)
+        assert b is not None and b.bytes == 40192 * 2**20
+    plain = canonical_uuid(host[0].uuid)
+    assert nvml_budget({}, ContainerNVML(host), uuid=plain).bytes == 80 * GIB
+
+
+def test_a_device_nvml_cannot_find_is_reported_not_swallowed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from fake_gpu import FakeNVML as ContainerNVML
+    from fake_gpu import a100_mig_host
+
+    from runner.emulation.budget import GPUError
+
+    nvml = ContainerNVML(a100_mig_host())
+    with caplog.at_level("WARNING", logger="runner.emulation.budget"):
+        assert nvml_budget({"NVIDIA_VISIBLE_DEVICES": "MIG-not-there"}, nvml) is None
+    (record,) = [r for r in caplog.records if "MIG-not-there" in r.getMessage()]
+    assert "NVML sees" in record.getMessage() and "MIG-11111111" in record.getMessage()
+    with pytest.raises(GPUError, match="no GPU or MIG instance with UUID MIG-not-there"):
+        nvml_budget({"NVIDIA_VISIBLE_DEVICES": "MIG-not-there"}, nvml, strict=True)
+    with pytest.raises(GPUError, match="GPU index 5 does not exist: NVML sees 2 GPU"):
+        nvml_budget({"CUDA_VISIBLE_DEVICES": "5"}, nvml, strict=True)
+    # no driver: quiet without strict (the CPU case), said with it
+    caplog.clear()
+    assert nvml_budget({}, ContainerNVML([], init_fails=True)) is None
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with pytest.raises(GPUError, match="NVML did not start"):
+        nvml_budget({}, ContainerNVML([], init_fails=True), strict=True)
+
+
+def test_inventory_lists_gpus_and_mig_instances_read_only() -> None:
+    from fake_gpu import FakeNVML as ContainerNVML
+    from fake_gpu import a100_mig_host
+
+    from runner.emulation.budget import GPUError, nvml_inventory
+
+    nvml = ContainerNVML(a100_mig_host())
+    gpus = nvml_inventory(nvml)
+    assert [g["index"] for g in gpus] == [0, 1]
+    assert gpus[0]["mig"] is None and gpus[0]["memory_bytes"] == 80 * GIB
+    assert [(m["slot"], m["name"].split()[-1], m["memory_bytes"]) for m in gpus[1]["mig"]] == [
+        (0, "1g.10gb", 9728 * 2**20), (1, "2g.20gb", 19968 * 2**20),
+        (2, "3g.40gb", 40192 * 2**20)]
+    assert nvml.initialised == 0
+    with pytest.raises(GPUError, match="NVML did not start"):
+        nvml_inventory(ContainerNVML([], init_fails=True))
+
+
+def test_emulated_on_a_gpu_takes_the_planned_budget_and_never_asks_nvml(
+        tmp_path: Path) -> None:
+    """GPU present, stand-in emulated: the planned (mapping) budget, NVML not asked."""
+    root = _cgroup_v2(tmp_path, "9999999999\n")
+    b = discover_budget(750_000_000, env={}, nvml=Untouchable(), cgroup_root=root,
+                        use_nvml=True, emulated=True)
+    assert (b.bytes, b.source) == (750_000_000, "profile") and "emulation" in b.detail

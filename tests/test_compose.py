@@ -218,9 +218,11 @@ def test_fleet_bigger_than_the_host_gets_a_warning(gpu_setup: tuple[Profile, Emu
     from testbed.backends.compose_run import ComposeRun
 
     profile, mapping = gpu_setup
-    services = generate_override(profile, mapping)["services"]
-    written = sum(services[d.name]["mem_limit"] for d in profile.devices)
     run = ComposeRun(profile, mapping, TrainConfig(model="tiny-llama"), tmp_path / "run")
+    # (on a GPU host the clients with a GPU train on it: CUDA's host reserve is in both)
+    services = generate_override(profile, mapping, ComposeOptions(
+        cuda_host_reserve=run.cuda_host_reserve()))["services"]
+    written = sum(services[d.name]["mem_limit"] for d in profile.devices)
     assert sum(run.client_limits().values()) == written
     assert run.memory_warning(available=written) is None
     note = run.memory_warning(available=written - 1)

@@ -69,7 +69,7 @@ def test_precision_choice(tmp_path, monkeypatch):
     amx.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f amx_bf16 avx512_bf16 amx_tile\n")
     plain = tmp_path / "plain"
     plain.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")
-    monkeypatch.setattr(P, "cuda_bf16", lambda: False)  # no GPU here; stated, not faked away
+    monkeypatch.setattr(P, "cuda_bf16", lambda d: False)  # no GPU here; stated, not faked away
     assert P.cpu_bf16_flags(amx) == ["amx_bf16", "avx512_bf16"]
     assert P.resolve("auto", amx)[0] == "bf16"
     assert "amx_bf16" in P.resolve("auto", amx)[1]
@@ -78,10 +78,12 @@ def test_precision_choice(tmp_path, monkeypatch):
     assert "slower" in P.resolve("bf16", plain)[1]
     assert P.resolve("fp32", amx)[0] == "fp32"
     assert P.cpu_bf16_flags(tmp_path / "missing") == []
-    with pytest.raises(UserError, match="--precision must be one of fp32, bf16, auto"):
-        P.resolve("fp16", amx)
+    # fp16 (autocast with a loss scaler, for GPUs without bf16: tests/test_device.py) is a
+    # choice of its own; anything else is refused
+    with pytest.raises(UserError, match="--precision must be one of fp32, bf16, fp16, auto"):
+        P.resolve("fp8", amx)
     with pytest.raises(ConfigError, match="--precision"):
-        TrainConfig(precision="fp16").validate()
+        TrainConfig(precision="fp8").validate()
 
 
 def test_train_records_bf16_and_learns(tmp_path):
@@ -99,3 +101,40 @@ def test_train_records_bf16_and_learns(tmp_path):
     bad = CliRunner().invoke(app, ["train", "--precision", "half", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2
     assert "--precision must be one of" in bad.output
+
+
+def test_bf16_batches_padded_to_a_multiple_keep_the_loss():
+    """bf16 batches are padded to a multiple of 16 tokens (runner/dataset/data.py
+    ``BF16_LENGTH_MULTIPLE``: a few matrix shapes, so oneDNN's per-shape state stops growing
+    a client's memory); the padding is masked and labelled -100, so the loss is the same
+    sum over the same target tokens."""
+    info = models.model_info("tiny-llama")
+    tok = models.load_tokenizer(info.path)
+    from runner.dataset import data as D
+
+    assert D.length_multiple("bf16") == 16 and D.length_multiple("fp32") == 1
+    examples = [D.encode_example(tok, "name[The Eagle], eatType[coffee shop]",
+                                 "The Eagle is a coffee shop.", 512),
+                D.encode_example(tok, "name[Zizzi]", "Zizzi.", 512)]
+    plain = D.collate(examples, tok.pad_token_id)
+    padded = D.collate(examples, tok.pad_token_id, D.length_multiple("bf16"))
+    assert plain["input_ids"].shape[1] % 16 != 0  # the test pads something
+    assert padded["input_ids"].shape[1] % 16 == 0
+    assert padded["input_ids"].shape[1] - plain["input_ids"].shape[1] < 16
+    width = plain["input_ids"].shape[1]
+    for key in plain:
+        assert torch.equal(padded[key][:, :width], plain[key])
+    assert int(padded["attention_mask"][:, width:].sum()) == 0
+    assert bool((padded["labels"][:, width:] == -100).all())
+    stream = D.ClientBatches(examples, batch_size=2, pad_id=tok.pad_token_id, seed=0,
+                             multiple=16)
+    assert stream.next()["input_ids"].shape[1] % 16 == 0
+
+    full = _adapted(split.load_unsplit(info.path, "bf16"), {})
+    losses = []
+    for batch in (plain, padded):
+        s, n = split.token_loss(split.full_forward(full, batch["input_ids"],
+                                                   batch["attention_mask"]), batch["labels"])
+        losses.append((float(s / n), int(n)))
+    assert losses[0][1] == losses[1][1]  # the same target tokens
+    assert losses[1][0] == pytest.approx(losses[0][0], abs=2e-2)  # bf16 rounding only

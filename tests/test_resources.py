@@ -155,7 +155,8 @@ class FakeNVML:
 
 
 class FakeCuda:
-    """A FAKE ``torch.cuda`` after CUDA was initialised."""
+    """A FAKE ``torch.cuda`` after CUDA was initialised on device 0 (torch.cuda's API: the
+    figures per device; no UUID, as an old torch: NVML is then found by the variables)."""
 
     def __init__(self, allocated: int, peak: int) -> None:
         self.allocated, self.peak = allocated, peak
@@ -163,10 +164,19 @@ class FakeCuda:
     def is_initialized(self) -> bool:
         return True
 
-    def memory_allocated(self) -> int:
+    def current_device(self) -> int:
+        return 0
+
+    def memory_allocated(self, device: int | None = None) -> int:
         return self.allocated
 
-    def max_memory_allocated(self) -> int:
+    def max_memory_allocated(self, device: int | None = None) -> int:
+        return self.peak
+
+    def memory_reserved(self, device: int | None = None) -> int:
+        return self.allocated
+
+    def max_memory_reserved(self, device: int | None = None) -> int:
         return self.peak
 
 

@@ -735,8 +735,26 @@ def encode_frame(
     ]
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples to the longest one.
+#: Under bf16 autocast on a CPU, batches are padded to a multiple of this many tokens.
+#: Why: oneDNN keeps state for every matrix shape it meets (its primitive cache and what the
+#: bf16 kernels hold with it), so free batch lengths made a client's resident memory grow by
+#: about 18 MB a step with no end in sight (SmolLM2, 3 blocks, 24 steps: 461 -> 878 MB)
+#: until the kernel OOM-killed it in its container; lengths rounded up to 16 leave a few
+#: shapes and the memory levels off (674 MB peak after 36 steps, fp32 627 MB)
+#: (docs/benchmarks.md "bf16 memory on CPU"). fp32 keeps the longest-in-batch padding: its
+#: results stay bit-identical to earlier runs.
+BF16_LENGTH_MULTIPLE = 16
+
+
+def length_multiple(precision: str) -> int:
+    """Token multiple that batches are padded to at this training precision (1: none)."""
+    return BF16_LENGTH_MULTIPLE if precision == "bf16" else 1
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int, multiple: int = 1
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest one (rounded up to ``multiple`` tokens: padding
+    is masked and labelled -100, so it changes shapes, not the loss's terms).
 
     Returns ``input_ids`` (pad = ``pad_id``), ``attention_mask`` (1 real / 0 pad) and ``labels``
     (-100 on padding), all ``torch.long`` of shape ``(batch, longest)``. Right padding is what a
@@ -745,6 +763,7 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     if not examples:
         raise ValueError("collate needs at least one example")
     width = max(len(ex["input_ids"]) for ex in examples)
+    width = -(-width // multiple) * multiple
     batch = len(examples)
     input_ids = torch.full((batch, width), int(pad_id), dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
@@ -771,7 +790,8 @@ class ClientBatches:
     """
 
     def __init__(
-        self, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, seed: int
+        self, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, seed: int,
+        multiple: int = 1,
     ) -> None:
         if not examples:
             raise DataError("a client has no training examples; use fewer clients or more data")
@@ -780,6 +800,7 @@ class ClientBatches:
         self._examples = examples
         self._batch_size = batch_size
         self._pad_id = pad_id
+        self._multiple = multiple
         self._rng = np.random.default_rng(seed)
         self._order: list[int] = []
         self._pos = 0
@@ -800,7 +821,7 @@ class ClientBatches:
             picked.append(self._examples[self._order[self._pos]])
             self._pos += 1
             self._consumed += 1
-        return collate(picked, self._pad_id)
+        return collate(picked, self._pad_id, self._multiple)
 
     def __iter__(self) -> ClientBatches:
         return self

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runner.device import landed
 from runner.model import lora
 from runner.rundir import METRICS, SUMMARY, _clean, read_jsonl
 
@@ -97,11 +98,14 @@ def write(run_path: Path, ckpt: ServerCheckpoint) -> None:
 
 
 def read(run_path: Path) -> ServerCheckpoint | None:
-    """The run's last checkpoint, or None when the server died before its first."""
+    """The run's last checkpoint, or None when the server died before its first.
+
+    Read onto the CPU whatever device wrote it (a GPU server's checkpoint resumes on any
+    host); what restores it copies each tensor to the device the server trains on."""
     path = run_path / CHECKPOINT
     if not path.is_file():
         return None
-    return ServerCheckpoint.from_state(torch.load(path, weights_only=False))
+    return ServerCheckpoint.from_state(torch.load(path, weights_only=False, map_location="cpu"))
 
 
 @dataclass(frozen=True)
@@ -159,5 +163,5 @@ def load_default_model_state(tr: Trainer, state: dict[str, Any], full: bool) -> 
             srv.opt.load_state_dict(state["server_opt"])
             srv.sched.load_state_dict(state["server_sched"])
     if state["global_state"] is not None:
-        tr.global_state = state["global_state"]
+        tr.global_state = landed(state["global_state"], tr.device)
         lora.load_trained_state(tr.clients[0].seg.model, state["global_state"], full)

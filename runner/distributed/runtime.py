@@ -13,6 +13,8 @@ Start-up contract (docs/protocol.md, "Runtime"):
 * ``TESTBED_BROKER`` (``mqtt://host:port``), ``TESTBED_RUN_ID``, ``TESTBED_CLIENT_ID`` (clients),
   ``TESTBED_USERNAME`` / ``TESTBED_PASSWORD`` override or complete the file;
 * the server also reads ``TESTBED_RESUME=1`` (or ``--resume``);
+* ``TESTBED_DEVICE`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the config's
+  ``train.device`` for this process (runner/device.py);
 * ``TESTBED_MQTT`` (``paho``, ``native``, ``auto``) picks the MQTT client library when
   ``RuntimeOptions.mqtt`` does not (runner/distributed/transport.py ``resolve_backend``);
 * with a TLS broker (``mqtts://``), ``TESTBED_TLS_CA`` names the run's CA certificate and,
@@ -149,6 +151,11 @@ def load_config(me: str | None = None, env: dict[str, str] | None = None,
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read TESTBED_CONFIG {path}: {e}") from e
     train = TrainConfig.from_dict(doc["train"])
+    if env.get("TESTBED_DEVICE"):
+        # This process's own device (docs/gpu.md "Device placement"): one config file for
+        # the run, and each container or process trains where its host puts it (its GPU,
+        # its MIG instance, the CPU).
+        train.device = env["TESTBED_DEVICE"].strip()
     train.validate()
     clients = list(doc.get("clients") or default_clients(train.clients))
     if registry.traits(train).central:  # one client trains on the pooled data

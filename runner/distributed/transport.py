@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from runner.device import landed
 from runner.distributed import mqtt_native
 from runner.distributed import protocol as P
 from runner.distributed.broker import BrokerAddress, Credentials
@@ -128,7 +129,7 @@ class Transport:
                  session_expiry: int = 300, reassembly_timeout: float = 60.0,
                  on_reject: RejectFn | None = None, subscribe: bool = True,
                  client_id: str | None = None, backend: str | None = None,
-                 tls: ClientTLS | None = None):
+                 tls: ClientTLS | None = None, device: torch.device | None = None):
         P.check_id(run, "run id")
         if tls is not None and not address.tls:
             raise ValueError(f"TLS files given for the plain broker {address.url}; use "
@@ -146,6 +147,10 @@ class Transport:
         self.keepalive = keepalive
         self.session_expiry = session_expiry
         self.on_reject = on_reject
+        # Where received tensors land (None: on the CPU, where they are decoded): the device
+        # this process trains on (docs/gpu.md "Device placement"). The move happens in
+        # ``recv``, on the application thread, never on the network thread.
+        self.device = device
         if expect is None:
             allowed = (frozenset({me}) if me != P.SERVER
                        else None if clients is None else frozenset(clients))
@@ -400,11 +405,15 @@ class Transport:
 
     # ---------------------------------------------------------------------------- receive
     def recv(self, timeout: float | None = None) -> P.Message | None:
-        """Next validated message, or None after ``timeout`` s (None: wait forever)."""
+        """Next validated message, or None after ``timeout`` s (None: wait forever); its
+        tensors on this transport's ``device``."""
         try:
-            return self.inbox.get(timeout=timeout)
+            msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        if self.device is not None and msg.tensors:
+            msg.tensors = landed(msg.tensors, self.device)
+        return msg
 
     def subscribe(self, topic_filter: str, timeout: float = 5.0) -> list[int]:
         """Subscribe to one more filter; the broker's reason codes (>= 0x80: refused).

@@ -9,7 +9,7 @@ network state. :class:`ResourceLog` holds them; the server hands it each decoded
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -76,21 +76,31 @@ class ResourceLog:
         self.run.metric(kind="resources", step=c.step, client=p.name, **c.times,
                         **self.measured(p, hb.usage))
 
+    def _own_budget(self) -> int:
+        """The server's budget (runner/emulation/gpu.py ``process_budget``): on the CPU its
+        cgroup or ``TESTBED_BUDGET_BYTES``; on a CUDA device the planned budget (that
+        variable, or the devices file's server row) within the GPU NVML finds by UUID, never
+        the host GPU's size in an emulated run. Where it trains comes from the run's
+        config (``train.device``), as the server itself resolved it. 0: none known."""
+        from runner.config import TrainConfig
+        from runner.emulation.gpu import process_budget
+        from runner.errors import ConfigError
+        from runner.rundir import CONFIG
+
+        assert self.run is not None
+        try:  # the config as this process wrote it (container paths, not the host's)
+            train = json.loads((self.run.path / CONFIG).read_text()).get("train") or {}
+            return process_budget(TrainConfig.from_dict(train), None).bytes
+        except (ConfigError, OSError, ValueError, TypeError):
+            return 0  # none: do not look again
+
     def server(self, step: int, server_s: float | None) -> None:
         """The server's own ``resources`` record (client ``server``) after each step: its
         measured memory (evaluation included when the step had one), its budget when one
         is known (runner/emulation/budget.py), its compute time for the step."""
         assert self.run is not None
         if self.own_budget is None:
-            from runner.emulation.budget import discover_budget
-            from runner.errors import ConfigError
-
-            env_bytes = os.environ.get("TESTBED_BUDGET_BYTES", "")
-            try:
-                self.own_budget = discover_budget(int(env_bytes) if env_bytes.isdigit()
-                                                  else None).bytes
-            except (ConfigError, OSError, ValueError):
-                self.own_budget = 0  # none: do not look again
+            self.own_budget = self._own_budget()
         try:
             fields = self.meter.sample().fields()
         except Exception:  # noqa: BLE001 - a measurement must never stop training

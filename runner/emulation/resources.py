@@ -20,8 +20,11 @@ runner/emulation/budget.py says how much memory a client *may* use; this module 
   (``nvmlDeviceGetComputeRunningProcesses``: CUDA context and allocator cache included) when
   NVML lists this PID, else ``source="cuda"`` with ``torch.cuda.memory_allocated`` /
   ``max_memory_allocated``. The host figure (cgroup or RSS) then goes along as ``host_*``
-  fields, and the CUDA allocator's figures as ``cuda_*`` fields. NVML reports host PIDs, so
+  fields, and the CUDA allocator's figures as ``cuda_*`` fields (allocated, and reserved:
+  what the per-process cap of runner/emulation/gpu.py bounds). NVML reports host PIDs, so
   in a container without the host's PID namespace it does not list us and ``cuda`` is used.
+  The device is the one CUDA uses (``device``, else the current one), found in NVML by the
+  UUID CUDA reports for it: NVML's own numbering may differ from CUDA's (docs/gpu.md).
 
 A kernel without ``memory.peak`` (before 5.19) or NVML (no peak at all) gets the peak of the
 samples this meter took. Nothing here raises: a source that does not answer falls through to
@@ -174,9 +177,10 @@ def _torch_cuda() -> Any:
 
 
 def nvml_process_bytes(pid: int, env: Mapping[str, str] | None = None,
-                       nvml: Any = None) -> int | None:
-    """GPU memory NVML says process ``pid`` uses on the device this process sees (the same
-    device runner/emulation/budget.py measures), or None (no NVML, no GPU, not listed)."""
+                       nvml: Any = None, uuid: str | None = None) -> int | None:
+    """GPU memory NVML says process ``pid`` uses on the device this process sees (``uuid``:
+    the one CUDA uses; the same device runner/emulation/budget.py measures), or None (no
+    NVML, no GPU, not listed)."""
 
     def used_by(nvml: Any, found: tuple[Any, int | None, str], _env: Any) -> int | None:
         for proc in nvml.nvmlDeviceGetComputeRunningProcesses(found[0]):
@@ -185,12 +189,13 @@ def nvml_process_bytes(pid: int, env: Mapping[str, str] | None = None,
                 return used  # None when the driver cannot tell (e.g. without permission)
         return None
 
-    return with_nvml_device(env, nvml, used_by)
+    return with_nvml_device(env, nvml, used_by, uuid=uuid)
 
 
 # ------------------------------------------------------------------------ from the wire
 _BYTE_FIELDS = ("memory_current_bytes", "memory_peak_bytes", "memory_limit_bytes",
-                "cuda_allocated_bytes", "cuda_peak_allocated_bytes",
+                "cuda_allocated_bytes", "cuda_peak_allocated_bytes", "cuda_reserved_bytes",
+                "cuda_peak_reserved_bytes", "cuda_cap_bytes",
                 "host_memory_current_bytes", "host_memory_peak_bytes")
 _SOURCE_FIELDS = ("memory_source", "host_memory_source")
 SOURCES = frozenset({"cgroup", "rss", "nvml", "cuda"})
@@ -227,12 +232,23 @@ class Meter:
     def __init__(self, *, cgroup_root: Path = CGROUP_ROOT,
                  proc_cgroup: Path = PROC_SELF_CGROUP, proc_status: Path = PROC_SELF_STATUS,
                  env: Mapping[str, str] | None = None, nvml: Any = None, cuda: Any = None,
-                 use_gpu: bool = True) -> None:
+                 use_gpu: bool = True, device: int | None = None) -> None:
         self.cgroup_root, self.proc_cgroup = Path(cgroup_root), Path(proc_cgroup)
         self.proc_status = Path(proc_status)
         self.env, self.nvml, self.cuda, self.use_gpu = env, nvml, cuda, use_gpu
+        self.device = device  # CUDA device index (None: the current one)
         self.pid = os.getpid()
         self._peaks: dict[str, int] = {}
+        self._uuid: dict[int, str | None] = {}  # device index -> UUID CUDA reports
+
+    def _device_uuid(self, cuda: Any, index: int) -> str | None:
+        """The UUID CUDA reports for device ``index`` (looked up once), or None."""
+        if index not in self._uuid:
+            uuid = None
+            with contextlib.suppress(Exception):  # an old torch without .uuid: the env
+                uuid = str(cuda.get_device_properties(index).uuid) or None
+            self._uuid[index] = uuid
+        return self._uuid[index]
 
     def _keep_peak(self, u: Usage) -> Usage:
         peak = max(u.peak, u.current, self._peaks.get(u.source, 0))
@@ -251,10 +267,15 @@ class Meter:
         if not self.use_gpu or cuda is None:
             return None
         extra: dict[str, Any] = {}
+        index: int | None = self.device
         with contextlib.suppress(Exception):  # CUDA went away: report what NVML says
-            extra = {"cuda_allocated_bytes": int(cuda.memory_allocated()),
-                     "cuda_peak_allocated_bytes": int(cuda.max_memory_allocated())}
-        used = nvml_process_bytes(self.pid, self.env, self.nvml)
+            index = int(cuda.current_device()) if index is None else index
+            extra = {"cuda_allocated_bytes": int(cuda.memory_allocated(index)),
+                     "cuda_peak_allocated_bytes": int(cuda.max_memory_allocated(index)),
+                     "cuda_reserved_bytes": int(cuda.memory_reserved(index)),
+                     "cuda_peak_reserved_bytes": int(cuda.max_memory_reserved(index))}
+        uuid = self._device_uuid(cuda, index) if index is not None else None
+        used = nvml_process_bytes(self.pid, self.env, self.nvml, uuid)
         if used is not None:
             return self._keep_peak(Usage(used, used, "nvml", None, "per-process used memory",
                                          extra))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from runner import device as placement
 from runner.config import TrainConfig
 from runner.dataset import data as data_mod
 from runner.dataset import splits
@@ -63,8 +64,12 @@ class DecodeConfig:
                             f"{', '.join(DECODERS)}")
 
 
-def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
-    """The run's final model (eval mode) and tokenizer."""
+def load_run_model(run: RunDir, device: torch.device | None = None
+                   ) -> tuple[torch.nn.Module, Any, TrainConfig]:
+    """The run's final model (eval mode, on ``device``; None: the CPU) and tokenizer.
+
+    The adapter is merged on the CPU, where the files are read, and the merged model moved
+    once: the device holds one copy of the weights, never the unmerged one beside it."""
     cfg = TrainConfig.from_dict(run.config()["train"])
     info = model_info(cfg.model)
     tokenizer = load_tokenizer(info.path)
@@ -81,6 +86,8 @@ def load_run_model(run: RunDir) -> tuple[torch.nn.Module, Any, TrainConfig]:
         # Loaded the standard PEFT way, then merged: generation runs on plain weights (the
         # exported HSplitLoRA adapters have large ranks; merging keeps beam search fast).
         model = lora.load_peft_adapter(load_full_model(info.path), adapter).merge_and_unload()
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tokenizer, cfg
 
@@ -181,7 +188,8 @@ def write_measure_scores_inputs(out_dir: Path, outputs: list[str],
 def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path | None = None,
                  max_mrs: int | None = None, decode: DecodeConfig | None = None,
                  progress: Callable[[int], None] | None = None,
-                 on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 on_total: Callable[[int], None] | None = None,
+                 device: str = "auto") -> dict[str, Any]:
     """Generate for the test MRs, score them against all their references, and write
     ``eval/outputs.csv``, ``eval/outputs.txt`` + ``eval/references.txt`` (the official
     scorer's inputs, :func:`write_measure_scores_inputs`) and ``eval/scores.json``.
@@ -191,13 +199,14 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     neither: the run's own test split (the whole official testset, or the test fraction by MR
     recomputed with the run's seed and fractions: the MRs it never trained on). ``max_mrs`` keeps
     the first N (None or 0: all). Bad input fails before the model loads and before anything is
-    written.
+    written. ``device`` (``--device``, runner/device.py): where the model generates; on a GPU
+    decoding is generate()'s (runner/evaluation/beam.py ``unsupported``).
     """
     if max_mrs is not None and max_mrs < 0:
         raise UserError(f"--max-mrs must be >= 0 (0 = every MR), got {max_mrs}")
     decode = decode or DecodeConfig()
     chosen = splits.eval_set(run.config(), data=data, test_data=test_data)
-    model, tokenizer, cfg = load_run_model(run)
+    model, tokenizer, cfg = load_run_model(run, placement.resolve(device))
     refs = data_mod.references_by_mr(chosen.frame)
     mrs = list(refs)[:max_mrs] if max_mrs else list(refs)
     if on_total is not None:

@@ -98,9 +98,10 @@ def _pad(parts: Sequence[Factors]) -> tuple[list[torch.Tensor], list[torch.Tenso
     r_max = max(p.rank for p in parts)
     a_pad, b_pad = [], []
     for p in parts:
-        a = torch.zeros((r_max, p.A.shape[1]), dtype=p.A.dtype)
+        # on the factors' own device: a merge on the GPU pads on the GPU
+        a = torch.zeros((r_max, p.A.shape[1]), dtype=p.A.dtype, device=p.A.device)
         a[: p.rank] = p.A
-        b = torch.zeros((p.B.shape[0], r_max), dtype=p.B.dtype)
+        b = torch.zeros((p.B.shape[0], r_max), dtype=p.B.dtype, device=p.B.device)
         b[:, : p.rank] = p.B
         a_pad.append(a)
         b_pad.append(b)

@@ -35,7 +35,7 @@ from runner.methods import armsc, importance
 from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory
 from runner.model import lora, split
 from runner.model.models import load_config
-from runner.trainer import Holder, Trainer, make_optimizer
+from runner.trainer import Holder, Trainer, grad_scaler, make_optimizer
 
 
 def emulated_devices(costs: ModelCosts, n: int, batch: int, seq: int,
@@ -119,8 +119,10 @@ class HeteroTrainer(Trainer):
             self.clients.append(Holder(
                 name=f"client{i}", seg=None,  # type: ignore[arg-type]  # set just below
                 ranks={}, weight=len(shard) / total, n_examples=len(shard),
-                batches=data_mod.ClientBatches(examples, cfg.batch_size, self.pad_id,
-                                               seed=seeds.batch_stream(cfg.seed, i))))
+                batches=data_mod.ClientBatches(
+                    examples, cfg.batch_size, self.pad_id, seed=seeds.batch_stream(cfg.seed, i),
+                    multiple=data_mod.length_multiple(cfg.precision)),
+                scaler=grad_scaler(cfg.precision, self.device)))
         self._build_holders()
         for h in self.all_holders():
             h.seg.model.train()

@@ -101,8 +101,8 @@ class HeteroClientHooks(ClientHooks):
             raise ValueError(f"split point {k} outside [1, {L}]")
         # k = L: the whole model (hetlora clients)
         p = c.cfg.precision
-        new = (split.load_unsplit(c.info.path, p) if k == L
-               else split.load_client(c.info.path, k, p))
+        new = (split.load_unsplit(c.info.path, p, device=c.device) if k == L
+               else split.load_client(c.info.path, k, p, device=c.device))
         target = block_state(new)
         bad = [n for n, t in weights.items()
                if n not in target or tuple(target[n].shape) != tuple(t.shape)]

@@ -313,7 +313,8 @@ class HeteroServerHooks(ServerHooks):
         tr.deferred = False
         for h, k, ranks in zip(tr.clients, state["splits"], state["ranks"], strict=True):
             if h.seg.end != k:
-                h.seg = split.load_client(tr.info.path, k, tr.cfg.precision, tr.frozen)
+                h.seg = split.load_client(tr.info.path, k, tr.cfg.precision, tr.frozen,
+                                          tr.device)
             if hasattr(h.seg.model, "peft_config"):
                 h.seg.model = h.seg.model.unload()
             if srv is not None:

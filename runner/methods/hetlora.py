@@ -37,7 +37,7 @@ class HetLoRATrainer(HeteroTrainer):
             if not fits:
                 self._budget_violation(0, f"{h.name}: full model at rank {rank} exceeds budget "
                                           f"{dev.memory_bytes / 2**20:.0f} MiB")
-            h.seg = split.load_unsplit(self.info.path, cfg.precision, self.frozen)
+            h.seg = split.load_unsplit(self.info.path, cfg.precision, self.frozen, self.device)
             h.ranks = lora.attach_lora(h.seg, {n: rank for n in names}, alpha=cfg.lora_alpha,
                                        dropout=cfg.lora_dropout,
                                        seed=seeds.adapter_init(cfg.seed))

@@ -44,6 +44,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runner import device as placement
 from runner.config import TrainConfig
 from runner.methods import aggregation as agg
 from runner.methods import armsc, importance, registry
@@ -51,7 +52,7 @@ from runner.methods.hetero import HeteroTrainer, _linear, _PerClient
 from runner.methods.memory import client_memory
 from runner.model import lora, split
 from runner.rundir import RunDir
-from runner.trainer import Holder, server_chunks, tensor_bytes
+from runner.trainer import Holder, grad_scaler, server_chunks, tensor_bytes
 
 
 @dataclass
@@ -87,10 +88,12 @@ class HSplitLoRATrainer(HeteroTrainer):
             for v in violations:
                 self._budget_violation(0, v)
         for h, k in zip(self.clients, splits, strict=True):
-            h.seg = split.load_client(self.info.path, k, cfg.precision, self.frozen)
+            h.seg = split.load_client(self.info.path, k, cfg.precision, self.frozen,
+                                      self.device)
         self.server = Holder(name="server", seg=split.load_segment(
             self.info.path, 0, L, embed=False, head=True, precision=cfg.precision,
-            shared=self.frozen), ranks={})
+            shared=self.frozen, device=self.device), ranks={},
+            scaler=grad_scaler(cfg.precision, self.device))
         self.initial_plan()
 
     def initial_plan(self) -> None:
@@ -143,7 +146,8 @@ class HSplitLoRATrainer(HeteroTrainer):
     def _move_split(self, h: Holder, k: int, step: int) -> None:
         """Reload a client at a new split point with the server's current merged weights."""
         old = h.seg.end
-        seg = split.load_client(self.info.path, k, self.cfg.precision, self.frozen)
+        seg = split.load_client(self.info.path, k, self.cfg.precision, self.frozen,
+                                self.device)
         moved = self._sync_blocks(seg, old)
         h.seg = seg
         self.moved_bytes += moved
@@ -169,7 +173,7 @@ class HSplitLoRATrainer(HeteroTrainer):
         for h in self.all_holders():
             h.seg.model.eval()
         try:
-            batches = [h.batches.next() for h in holders]
+            batches = [placement.to(h.batches.next(), h.seg.device) for h in holders]
             forwards = [probe_forward(h.seg, b, self.client_candidates(h.seg.end))
                         for h, b in zip(holders, batches, strict=True)]
             grads, server_nums = probe_server(
@@ -418,13 +422,16 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
     The live adapters are dropped (``unload``): callers save right after an aggregation,
     when they are fresh (``B = 0``); one that is not would be lost, so it is an error.
     """
+    # the pretrained weights on the merged ones' device: the difference and its SVD run
+    # there; the file gets CPU tensors (device-independent)
+    where = server.device
     originals: dict[str, torch.Tensor] = {}
     for f in sorted(Path(base_path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
             for n in names:
                 key = f"{n}.weight"
                 if key in sf.keys():  # noqa: SIM118 - safe_open has no __contains__
-                    originals[n] = sf.get_tensor(key).float()
+                    originals[n] = sf.get_tensor(key).to(device=where, dtype=torch.float32)
     live = [k for k, t in lora.adapter_state(server.model).items()
             if k.endswith("lora_B") and bool(t.detach().ne(0).any())]
     if live:
@@ -447,8 +454,8 @@ def save_merged_delta(out: Path, server: split.Segment, base_path: Path, cfg: Tr
         if r == 0:
             continue
         root = s[:r].sqrt()
-        b = (u[:, :r] * root).float().contiguous()
-        a = (root[:, None] * vh[:r]).float().contiguous()
+        b = (u[:, :r] * root).float().cpu().contiguous()
+        a = (root[:, None] * vh[:r]).float().cpu().contiguous()
         state[f"base_model.model.{n}.lora_A.weight"] = a
         state[f"base_model.model.{n}.lora_B.weight"] = b
         ranks[n] = r

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runner import device as placement
 from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.distributed.transport import TransportError
@@ -158,7 +159,7 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
     def _probe_forward_now(self, step: int) -> None:
         c = self.client
         seg = c.holder.seg
-        batch = c.batches.next()
+        batch = placement.to(c.batches.next(), seg.device)
         c.drawn += 1
         seg.model.eval()
         try:

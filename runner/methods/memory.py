@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PretrainedConfig
 
+from runner import device as placement
 from runner.methods.importance import adapter_bytes, lora_activation_bytes
 from runner.model.lora import all_candidates, block_of
 from runner.model.models import family_of
@@ -157,12 +158,14 @@ def server_memory(costs: ModelCosts, splits: list[int], ranks: Mapping[str, int]
 
 
 def calibrate_block_activations(segment_model: torch.nn.Module, run_block, hidden: int,
-                                batch: int, seq: int) -> float:
+                                batch: int, seq: int,
+                                device: torch.device | None = None) -> float:
     """Bytes autograd saves per token for one block, measured with saved-tensor hooks.
 
     ``run_block(x)`` runs one block on ``x`` (shape ``[batch, seq, hidden]``). Storage is
     de-duplicated (views of one tensor count once); parameters are excluded (they are
-    counted as weights).
+    counted as weights). ``x`` is made on ``device`` (None: where the segment's weights are),
+    so a CUDA segment is calibrated with CUDA kernels, whose saved tensors are what it keeps.
     """
     params = {p.data_ptr() for p in segment_model.parameters()}
     seen: set[int] = set()
@@ -176,7 +179,8 @@ def calibrate_block_activations(segment_model: torch.nn.Module, run_block, hidde
             total += t.untyped_storage().nbytes()
         return t
 
-    x = torch.randn(batch, seq, hidden, requires_grad=True)
+    where = placement.of(segment_model) if device is None else device
+    x = torch.randn(batch, seq, hidden, requires_grad=True, device=where)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run_block(x)
     return total / (batch * seq)

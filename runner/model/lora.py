@@ -144,6 +144,9 @@ def reinit_adapters(model: nn.Module, seed: int, names: Iterable[str] | None = N
         key = module_key(full)
         if only is not None and key not in only:
             continue
+        # A CPU generator on purpose, whatever the adapter's device: the initial adapters are
+        # the same numbers on a GPU as on the CPU (CUDA's generator draws other ones), and
+        # copy_ moves them to the adapter's device.
         gen = torch.Generator().manual_seed(_seed_for(seed, key))
         a = module.lora_A["default"].weight
         bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear
@@ -224,7 +227,9 @@ def save_peft_adapter(out: Path, segments: Iterable[Segment], ranks: Mapping[str
         if not hasattr(seg.model, "peft_config"):
             continue
         for k, v in get_peft_model_state_dict(seg.model).items():
-            state.setdefault(k, v.detach().to(torch.float32).contiguous().clone())
+            # the file is device-independent: its tensors are written from the CPU
+            state.setdefault(k, v.detach().to(device="cpu", dtype=torch.float32)
+                             .contiguous().clone())
     cfg = lora_config(ranks, family, alpha, dropout, base_path=base_path)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(str(out))

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
+from runner import device as placement
 from runner.model.models import family_of, load_config
 
 
@@ -94,6 +95,11 @@ class Segment:
     def parameters_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    @property
+    def device(self) -> torch.device:
+        """Where this segment's weights are: what it creates and receives goes there."""
+        return placement.of(self.model)
+
 
 def _shell(config: PretrainedConfig, start: int, end: int, embed: bool, head: bool) -> nn.Module:
     """Build the module tree on the meta device and drop what this holder does not own."""
@@ -154,13 +160,18 @@ def _shareable(name: str, config: PretrainedConfig, shared: SharedFrozen) -> boo
 
 
 def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path,
-                  shared: SharedFrozen | None = None) -> None:
-    """Read exactly the tensors this segment owns from disk and assign them.
+                  shared: SharedFrozen | None = None,
+                  device: torch.device | None = None) -> None:
+    """Read exactly the tensors this segment owns from disk and assign them, on ``device``
+    (None: the CPU).
 
     Checkpoints differ in prefixes (``transformer.h.0`` vs ``h.0`` for GPT-2) and tied heads
     are stored once; both are resolved here. With ``shared``, tensors outside the blocks are
-    taken from (and added to) it instead of read again (:func:`load_segment`).
+    taken from (and added to) it instead of read again (:func:`load_segment`). Each tensor
+    goes to the device as it is read, so a GPU segment never holds a CPU copy of its blocks
+    (docs/gpu.md "Device placement").
     """
+    where = torch.device("cpu") if device is None else device
     wanted = {name: p for name, p in model.named_parameters()}
     wanted.update({n: b for n, b in model.named_buffers() if b.is_meta})
     tie = bool(getattr(config, "tie_word_embeddings", False))
@@ -197,10 +208,11 @@ def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path,
                 slot = (str(path), key)
                 if shared is not None and _shareable(name, config, shared):
                     if slot not in shared:
-                        shared[slot] = sf.get_tensor(key).to(torch.float32)
+                        shared[slot] = sf.get_tensor(key).to(device=where,
+                                                             dtype=torch.float32)
                     state[name] = shared[slot]
                 else:
-                    state[name] = sf.get_tensor(key).to(torch.float32)
+                    state[name] = sf.get_tensor(key).to(device=where, dtype=torch.float32)
     model.load_state_dict(state, strict=False, assign=True)
     if tie and "lm_head.weight" not in state and "lm_head.weight" in dict(
         model.named_parameters(remove_duplicate=False)
@@ -208,15 +220,19 @@ def _load_tensors(model: nn.Module, config: PretrainedConfig, path: Path,
         # assign=True replaced the embedding Parameter; re-tie the head to it, as HF does.
         p = parts(model)
         p.head.weight = p.embed.weight
+    # What was read is loaded, whatever its device (the device-placement tests run segments
+    # on the meta device, tests/test_device.py); only what is still the shell's is missing.
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                  if t.is_meta]
+                  if t.is_meta and n not in state]
     if still_meta:
         raise RuntimeError(f"segment tensors left unloaded: {still_meta[:5]}")
 
 
 def load_segment(path: Path, start: int, end: int, *, embed: bool, head: bool,
-                 precision: str = "fp32", shared: SharedFrozen | None = None) -> Segment:
-    """Load blocks ``[start, end)`` (+ embeddings and/or head) of the model at ``path``.
+                 precision: str = "fp32", shared: SharedFrozen | None = None,
+                 device: torch.device | None = None) -> Segment:
+    """Load blocks ``[start, end)`` (+ embeddings and/or head) of the model at ``path``, on
+    ``device`` (None: the CPU; ``shared`` then holds tensors of that one device).
 
     ``shared``: a process that holds several segments of one model (the in-process trainer,
     the server's shadows of its clients) passes one dict to every load, so the embedding
@@ -226,49 +242,62 @@ def load_segment(path: Path, start: int, end: int, *, embed: bool, head: bool,
     """
     config = load_config(path)
     model = _shell(config, start, end, embed, head)
-    _load_tensors(model, config, path, shared)
+    _load_tensors(model, config, path, shared, device)
+    if device is not None:
+        model.to(device)  # what the shell built for real (Llama's rotary buffers)
     model.eval()
     return Segment(model=model, config=config, start=start, end=end, has_embed=embed,
                    has_head=head, precision=precision)
 
 
 def load_client(path: Path, k: int, precision: str = "fp32",
-                shared: SharedFrozen | None = None) -> Segment:
+                shared: SharedFrozen | None = None,
+                device: torch.device | None = None) -> Segment:
     """Client segment: embeddings + blocks ``[0, k)``."""
-    return load_segment(path, 0, k, embed=True, head=False, precision=precision, shared=shared)
+    return load_segment(path, 0, k, embed=True, head=False, precision=precision, shared=shared,
+                        device=device)
 
 
 def load_server(path: Path, k: int, num_layers: int, precision: str = "fp32",
-                shared: SharedFrozen | None = None) -> Segment:
+                shared: SharedFrozen | None = None,
+                device: torch.device | None = None) -> Segment:
     """Server segment: blocks ``[k, L)`` + final norm + LM head."""
     return load_segment(path, k, num_layers, embed=False, head=True, precision=precision,
-                        shared=shared)
+                        shared=shared, device=device)
 
 
 def load_unsplit(path: Path, precision: str = "fp32",
-                 shared: SharedFrozen | None = None) -> Segment:
+                 shared: SharedFrozen | None = None,
+                 device: torch.device | None = None) -> Segment:
     """The whole model as one segment (cenlora, ft, fedlora clients)."""
     config = load_config(path)
     return load_segment(path, 0, int(config.num_hidden_layers), embed=True, head=True,
-                        precision=precision, shared=shared)
+                        precision=precision, shared=shared, device=device)
+
+
+#: The autocast dtype of each mixed precision (``TrainConfig.precision``; fp32: none).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextmanager
 def autocast(seg: Segment) -> Iterator[None]:
-    """Mixed precision for this segment's forward ops when it trains in bf16.
+    """Mixed precision for this segment's forward ops when it trains in bf16 or fp16.
 
     Why autocast and not bf16 weights: the LoRA weights, the optimizer state and what crosses
     the wire stay fp32 (a decoder block's residual add promotes its bf16 matmul outputs back
     to fp32, so boundary activations and their gradients keep the wire format), and autograd
     replays each op's backward in the dtype its forward ran in, so only forwards need the
     context. On a CPU with AMX a LoRA step of SmolLM2 runs 1.58x faster
-    (../shared/docs/environment.md).
+    (../shared/docs/environment.md). fp16 (GPUs without bf16) works the same way, with a loss
+    scaler on top (runner/trainer.py ``Holder``). The autocast device is the segment's own,
+    so a CUDA segment autocasts its CUDA ops and a CPU one its CPU ops.
     """
-    if seg.precision != "bf16":
+    dtype = AUTOCAST_DTYPES.get(seg.precision)
+    if dtype is None:
         yield
         return
     device = next(seg.model.parameters()).device.type
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+    with torch.autocast(device_type=device, dtype=dtype):
         yield
 
 
@@ -367,7 +396,8 @@ def head_row_losses(seg: Segment, hidden: torch.Tensor, labels: torch.Tensor,
         logits = p.head(p.norm(hidden[:, :-1][keep]))
     per_token = nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none",
                                             label_smoothing=label_smoothing)
-    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype).index_add(0, rows, per_token)
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype,
+                       device=per_token.device).index_add(0, rows, per_token)
     return sums, keep.sum(dim=1)
 
 

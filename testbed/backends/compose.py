@@ -21,6 +21,14 @@ override file that adds one service per client:
 * a GPU reservation (``deploy.resources.reservations.devices``, driver ``nvidia``,
   ``device_ids`` = the GPU index or ``MIG-...`` UUID) when the device has a GPU selector.
   Docker cannot cap GPU memory per container; a MIG instance is a hard cap, an index is not;
+  inside either, the client caps its own CUDA allocator to its budget
+  (runner/emulation/gpu.py), and a CUDA out-of-memory error under that cap is recorded as
+  ``budget_exceeded`` by the client itself (docs/gpu.md). A client that trains on its GPU
+  keeps its budget there, while CUDA's own runtime takes host memory the CPU's runtime
+  reserve does not count: ``ComposeOptions.cuda_host_reserve`` is added to the memory limit
+  of such a client (testbed/backends/compose_run.py sets it when the clients train on CUDA);
+* ``TESTBED_EMULATED`` (``1`` when the stand-in runs for a reference model): a client on a
+  GPU then takes its budget from ``TESTBED_BUDGET_BYTES`` alone, never from the GPU's size;
 * ``network_mode: host`` on every service for tests (``host_network=True``): all traffic on
   loopback, the broker at ``127.0.0.1:PORT``;
 * with TLS (``tls_paths``), the broker as ``mqtts://`` and each service's ``TESTBED_TLS_*``
@@ -74,7 +82,9 @@ class ComposeOptions:
     (files in the run directory belong to the user, not root); ``env``: extra environment
     of the server and clients. ``tls_paths``: the broker speaks TLS, and these are the TLS
     files as the server's and clients' containers see them, ``{who}`` standing for the
-    service's identity (None: plain MQTT).
+    service's identity (None: plain MQTT). ``cuda_host_reserve``: host memory added to the
+    limit of each client with a GPU selector, for CUDA's runtime when the clients train on
+    their GPUs (0: they train on the CPU, and the limit is the budget's as everywhere else).
     """
 
     run_id: str = "run"
@@ -90,6 +100,7 @@ class ComposeOptions:
     user: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     tls_paths: ClientTLS | None = None
+    cuda_host_reserve: int = 0
 
     def broker_url(self) -> str:
         host = self.broker_host or ("127.0.0.1" if self.host_network else "broker")
@@ -138,13 +149,30 @@ def client_memory_limit(row: EmulatedDevice, overhead: int | None = None) -> int
 
 
 def client_limit(row: EmulatedDevice, mem_limits: Mapping[str, int],
-                 overhead: int | None = None) -> int:
+                 overhead: int | None = None, cuda_host_reserve: int = 0) -> int:
     """A client container's limit: its ``--mem-limit`` where given (page-rounded), else
-    :func:`client_memory_limit`. Written into the override and summed by the host-memory
-    check (testbed/backends/compose_run.py ``memory_warning``)."""
+    :func:`client_memory_limit`, plus ``cuda_host_reserve`` for a client that trains on its
+    GPU (CUDA's host-side runtime; its budget is enforced on the GPU). Written into the
+    override and summed by the host-memory check (testbed/backends/compose_run.py
+    ``memory_warning``)."""
     if row.name in mem_limits:
         return container_limit(mem_limits[row.name])
-    return client_memory_limit(row, overhead)
+    return container_limit(client_memory_limit(row, overhead) + cuda_host_reserve)
+
+
+def clients_use_cuda(device: str | None) -> bool:
+    """Whether a client container with a GPU reservation trains on it: ``--device`` cuda or
+    cuda:N, or auto on a host with a CUDA GPU (the reservation then gives the container
+    one, and auto picks it; runner/device.py). Not for a client without a reservation: its
+    container has no GPU."""
+    spec = device or "auto"
+    if spec == "cpu":
+        return False
+    if spec.startswith("cuda"):
+        return True
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def gpu_reservation(selector: int | str) -> dict[str, Any]:
@@ -173,7 +201,8 @@ def generate_override(profile: Profile, mapping: EmulationMap,
         raise ConfigError(f"mapping has {len(mapping.clients)} clients, profile "
                           f"{profile.name} has {len(profile.devices)}")
     shared_env = {"TESTBED_BROKER": opts.broker_url(), "TESTBED_RUN_ID": opts.run_id,
-                  "TESTBED_PROFILE": profile.name}
+                  "TESTBED_PROFILE": profile.name,
+                  "TESTBED_EMULATED": "1" if mapping.emulated else "0"}
     services: dict[str, Any] = {}
     broker: dict[str, Any] = {}
     unknown = set(opts.mem_limits) - {d.name for d in profile.devices}
@@ -201,7 +230,8 @@ def generate_override(profile: Profile, mapping: EmulationMap,
                                                 strict=True)):
         if row.name != device.name:
             raise ConfigError(f"mapping row {i} is {row.name}, profile device is {device.name}")
-        limit = client_limit(row, opts.mem_limits, opts.overhead)
+        limit = client_limit(row, opts.mem_limits, opts.overhead,
+                             opts.cuda_host_reserve if device.gpu is not None else 0)
         svc = copy.deepcopy(template)
         svc["environment"] = {
             **{k: str(v) for k, v in (svc.get("environment") or {}).items()},

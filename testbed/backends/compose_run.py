@@ -218,7 +218,8 @@ class ComposeRun:
             volumes=(run_volume, *(f"{host}:{inside}" for host, inside in self.mounts.items())),
             broker_volumes=(run_volume,), user=f"{os.getuid()}:{os.getgid()}",
             env={"TESTBED_CACHE": CACHE_MOUNT},
-            tls_paths=self.client_tls_paths() if self.pki else None)
+            tls_paths=self.client_tls_paths() if self.pki else None,
+            cuda_host_reserve=self.cuda_host_reserve())
         write_devices_file(self.mapping, self.run_dir / "devices.json",
                            [d.availability for d in self.profile.devices])
         creds = write_container_broker(
@@ -291,10 +292,27 @@ class ComposeRun:
 
             err.print(f"[bold yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
 
+    def cuda_host_reserve(self) -> int:
+        """Host memory added to the limit of each client container with a GPU reservation
+        when the clients train on their GPUs (runner/emulation/gpu.py
+        ``CUDA_HOST_RESERVE``: CUDA's host-side runtime), else 0."""
+        from testbed.backends.compose import clients_use_cuda
+
+        if not clients_use_cuda(getattr(self.train, "device", None)):
+            return 0
+        from runner.emulation.gpu import CUDA_HOST_RESERVE
+
+        return CUDA_HOST_RESERVE
+
     def client_limits(self) -> dict[str, int]:
         """client -> its container's memory limit: ``--mem-limit`` where given, else the
-        runtime reserve plus the device's stand-in budget (as the override file writes)."""
-        return {d.name: client_limit(d, self.mem_limits) for d in self.mapping.clients}
+        runtime reserve plus the device's stand-in budget, plus CUDA's host reserve for a
+        client that trains on its GPU (as the override file writes)."""
+        extra = (self.cuda_host_reserve() if any(d.gpu is not None for d in self.profile.devices)
+                 else 0)
+        return {d.name: client_limit(d, self.mem_limits, None,
+                                     extra if dev.gpu is not None else 0)
+                for dev, d in zip(self.profile.devices, self.mapping.clients, strict=True)}
 
     def memory_warning(self, available: int | None = None) -> str | None:
         """Why this fleet may run the host out of memory, or None.

@@ -88,7 +88,7 @@ def read_join_file(path: Path) -> dict[str, Any]:
 
 def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
             run_id: str | None = None, client: str | None = None, model: str | None = None,
-            data: str | None = None) -> dict[str, str]:
+            data: str | None = None, device: str | None = None) -> dict[str, str]:
     """Write the device's own run configuration into ``workdir`` and return the environment
     ``python -m runner.client`` needs. Names given here must match the file's."""
     doc = read_join_file(credentials)
@@ -115,6 +115,8 @@ def prepare(credentials: Path, workdir: Path, *, broker: str | None = None,
         train["model"] = model
     if data is not None:
         train["data"] = data
+    if device is not None:  # this device's own (runner/device.py); the run's otherwise
+        train["device"] = device
     if doc.get("devices") is not None:
         (workdir / "devices.json").write_text(json.dumps(doc["devices"], indent=1) + "\n")
         train["devices"] = str(workdir / "devices.json")

@@ -505,6 +505,11 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
     if any(w.gpu is not None and w.mig is None for w in [profile.server, *profile.devices]):
         notes.append("gpu: Kubernetes' device plugin picks which GPU a pod gets; the "
                      "profile's GPU index or UUID is not honoured")
+    if any(gpus[d.name] for d in profile.devices):
+        notes.append("gpu: a client pod with a GPU or MIG instance trains on it, capping its "
+                     "CUDA allocator to its budget (docs/gpu.md); CUDA's host runtime needs "
+                     "about 1 GiB of host memory more than its memory limit allows: raise "
+                     "that pod's limit (requests = limits) by as much")
     _extras(out, run_id, prefix, names, opts, made)
     return out
 

@@ -57,6 +57,11 @@ def run_(
         "--json", help="Print the cells and their outcome (with --dry-run: their plan) as "
                        "one JSON object on stdout (progress and lines for people go to "
                        "stderr)")] = False,
+    device: Annotated[str | None, typer.Option(
+        help="Where every cell trains and is scored: auto (the first CUDA GPU when one is "
+             "usable, else the CPU) | cpu | cuda | cuda:N (default: each cell's own, the "
+             "file's settings.device, else auto). Not part of a cell's configuration: "
+             "finished cells are kept when it changes")] = None,
 ) -> None:
     """Run every unfinished cell of an experiment (resumable: finished cells are skipped,
     a killed one starts again)."""
@@ -70,6 +75,10 @@ def run_(
         _fail(f"--parallel must be >= 1, got {parallel}")
     console = Console()
     try:
+        if device is not None:
+            from runner import device as placement
+
+            placement.resolve(device)  # a bad or unusable --device fails before any cell
         exp = load_experiment(file)
         target = out or default_out(exp.name)
         budget = None
@@ -88,7 +97,8 @@ def run_(
 
             with tempfile.TemporaryDirectory() as tmp:
                 planned = ER.plan(exp, target, threads=max(1, cpu_count() // parallel),
-                                  rerun_changed=True, devices_dir=Path(tmp), dry_run=True)
+                                  rerun_changed=True, devices_dir=Path(tmp), dry_run=True,
+                                  device=device)
             if as_json:
                 print_json({"experiment": exp.name, "dir": target, "dry_run": True,
                             "cells": [{**_cell_record(p), "state": "finished"
@@ -105,7 +115,7 @@ def run_(
             print_table(console, table)
             return
         outcome = ER.run(exp, target, parallel=parallel, console=console,
-                         rerun_changed=rerun_changed, memory_bytes=budget)
+                         rerun_changed=rerun_changed, memory_bytes=budget, device=device)
     except UserError as exc:
         _fail(str(exc))
         return

@@ -29,6 +29,10 @@ def join(
     workdir: Annotated[Path | None, typer.Option(
         help="Where this device keeps its copy of the run's configuration (default "
              "runs/join-RUN-CLIENT)")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="Where this device trains: auto (its first CUDA GPU when one is usable, else "
+             "its CPU) | cpu | cuda | cuda:N (default: the run's setting, resolved here). "
+             "What it sends and receives is the same either way")] = None,
 ) -> None:
     """Join a running fleet as one of its clients: this device trains that client's part,
     finds its own memory budget (NVML, its cgroup, else the profile's value) and reports it;
@@ -37,8 +41,13 @@ def join(
     from testbed.backends.join import prepare, run_client
 
     try:
+        if device is not None:
+            from runner import device as placement
+
+            placement.resolve(device)  # refused here, not in the client's log
         env = prepare(credentials, workdir or Path("runs") / f"join-{run_id}-{client}",
-                      broker=broker, run_id=run_id, client=client, model=model, data=data)
+                      broker=broker, run_id=run_id, client=client, model=model, data=data,
+                      device=device)
     except UserError as exc:
         fail(str(exc))
         return

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from testbed.options import (
     DEFAULT_RUN,
+    DEVICE_HELP,
     METHOD_HELP,
     OUT_HELP,
     PRECISION_HELP,
@@ -147,9 +148,10 @@ def up(
     mtls: Annotated[bool, typer.Option("--mtls", help=MTLS_HELP)] = False,
     tls_name: Annotated[list[str] | None, typer.Option("--tls-name", help=NAME_HELP)] = None,
     cpu_steps: Annotated[int | None, typer.Option(
-        help="With --profile and no --steps: when no CUDA GPU is visible, train this many "
-             "steps instead of the profile's (validation points spread over them); printed "
-             "in one line and recorded in config.json. `make run` uses 10")] = None,
+        help="With --profile and no --steps: when training runs on the CPU (--device), "
+             "train this many steps instead of the profile's (validation points spread over "
+             "them); printed in one line and recorded in config.json. `make run` uses 10")
+    ] = None,
     cpu_eval_examples: Annotated[int | None, typer.Option(
         help="With --cpu-steps: cap the validation examples of such a CPU run")] = None,
     cpu_lr: Annotated[float | None, typer.Option(
@@ -157,6 +159,7 @@ def up(
              "follow the steps actually run); default: the profile's. `make run` uses 1e-3")
     ] = None,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = _D("precision"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _D("device"),
 ) -> None:
     """Start a distributed run: broker, server and clients (containers or processes), with
     live progress.
@@ -191,6 +194,9 @@ def up(
                             "own broker container)")
         joins = LocalLaunch(tuple(join_slot or ()), listen, fork_clients)
         security = TLSRequest(tls, mtls, tuple(tls_name or ())).check()
+        from runner import device as placement
+
+        placement.resolve(device)  # a bad or unusable --device fails before anything starts
         if (joins.names or listen != "127.0.0.1" or fork_clients) and backend in (
                 "compose", "swarm"):
             raise UserError("--join-slot, --listen and --fork-clients are for the local "
@@ -220,7 +226,8 @@ def up(
                         mem_limit=mem_limit or [], opts=opts, detach=detach, console=console,
                         external=external, offline_given=offline_after is not None,
                         step_timeout_given=step_timeout is not None,
-                        cpu=(cpu_steps, cpu_eval_examples, cpu_lr), precision=precision)
+                        cpu=(cpu_steps, cpu_eval_examples, cpu_lr), precision=precision,
+                        device=device)
             return
         if cpu_steps is not None:
             raise UserError("--cpu-steps shortens a profile's experiment; use it with "
@@ -231,7 +238,7 @@ def up(
         cfg = train_config(
             method=method or "splitlora", model=model or "smollm2-135m", data=data,
             clients=3 if clients is None else clients, steps=200 if steps is None else steps,
-            precision=_precision(precision, console), **given)
+            precision=_precision(precision, console, device), device=device, **given)
         cfg.validate()
         _up_local(cfg, out, opts, detach, console, external, joins, security)
     except UserError as exc:
@@ -379,8 +386,11 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
                 external: tuple[str, dict[str, str] | None] | None = None,
                 offline_given: bool = False, step_timeout_given: bool = False,
                 cpu: tuple[int | None, int | None, float | None] = (None, None, None),
-                precision: str = "fp32") -> None:
-    """``testbed up --profile``: emulation mapping, then compose, local or in-process."""
+                precision: str = "fp32", device: str = "auto") -> None:
+    """``testbed up --profile``: emulation mapping, then compose, local or in-process.
+
+    What depends on where training runs (whether the reference is emulated, the CPU
+    reduction, the precision) is decided for ``device`` (docs/gpu.md "Device placement")."""
     from dataclasses import replace
 
     from runner.errors import UserError
@@ -389,7 +399,7 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
     from testbed.training import config_values
 
     prof = P.load_profile(name)
-    mapping = P.emulation_map(prof)
+    mapping = P.emulation_map(prof, device=device)
     P.print_emulation(mapping, console)
     cfg = P.train_config(prof, mapping)
     changes: dict[str, Any] = {}
@@ -403,15 +413,16 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
     if changes:
         console.print("overriding the profile's experiment: " + ", ".join(
             f"{k}={v}" for k, v in changes.items()), highlight=False)
-    changes["precision"] = _precision(precision, console)
+    changes["precision"] = _precision(precision, console, device)
+    changes["device"] = device
     cfg = replace(cfg, **changes)
     cpu_steps, cpu_examples, cpu_lr = cpu
     for flag, value in (("--cpu-eval-examples", cpu_examples), ("--cpu-lr", cpu_lr)):
         if cpu_steps is None and value is not None:
             raise UserError(f"{flag} goes with --cpu-steps")
     if cpu_steps is not None and steps is None:
-        if gpu_visible():
-            console.print(f"GPU visible: the profile's {cfg.steps} steps run whole",
+        if gpu_visible(device):
+            console.print(f"training on a CUDA GPU: the profile's {cfg.steps} steps run whole",
                           highlight=False)
         else:
             cfg, reduction = reduce_for_cpu(cfg, cpu_steps, cpu_examples, cpu_lr)
@@ -438,11 +449,13 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
                 swarm=backend == "swarm", tls=tls)
 
 
-def _precision(choice: str, console: Console) -> str:
-    """``--precision`` resolved (auto -> fp32 or bf16) and printed in one line."""
+def _precision(choice: str, console: Console, device: str = "auto") -> str:
+    """``--precision`` resolved for training on ``device`` (auto -> fp32, bf16 or fp16) and
+    printed in one line."""
+    from runner import device as placement
     from testbed.precision import resolve
 
-    chosen, line = resolve(choice)
+    chosen, line = resolve(choice, device=placement.resolve(device))
     console.print(line, highlight=False)
     return chosen
 

@@ -104,7 +104,8 @@ def evaluate(cell_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
     result = evaluate_run(RunDir.open(cell_dir), None, test_data=test_data,
                           max_mrs=ev.get("max_mrs") or None,
                           decode=DecodeConfig(num_beams=int(ev.get("beams", 10)),
-                                              max_new_tokens=int(ev.get("max_new_tokens", 64))))
+                                              max_new_tokens=int(ev.get("max_new_tokens", 64))),
+                          device=(spec.get("train") or {}).get("device") or "auto")
     return result["scores"]
 
 

@@ -120,7 +120,8 @@ def _devices_file(exp: Experiment, cfg: TrainConfig, profile: str | None, out: P
         from testbed.profiles import emulation_map, write_devices_file
 
         prof = exp.profiles[profile]
-        path = write_devices_file(emulation_map(prof), folder / f"{profile}.json",
+        path = write_devices_file(emulation_map(prof, device=cfg.device),
+                                  folder / f"{profile}.json",
                                   [d.availability for d in prof.devices])
     else:
         from runner.methods.hetero import emulated_devices
@@ -141,8 +142,11 @@ def _devices_file(exp: Experiment, cfg: TrainConfig, profile: str | None, out: P
 def signature(request: dict[str, Any]) -> dict[str, Any]:
     """What decides a cell's training: its TrainConfig, with the device file's content in
     place of its path (an experiment's device files live in its own directory), and the
-    fairness rule. Equal signatures train identically."""
+    fairness rule. Equal signatures train identically, up to float rounding: the device
+    (``--device``, the settings' ``device``) is left out, so a grid resumed on a GPU keeps the
+    cells it finished on the CPU, and the other way round."""
     train = dict(request.get("train") or {})
+    train.pop("device", None)
     devices = train.get("devices")
     if isinstance(devices, str):
         train["devices"] = _read(Path(devices)) or devices
@@ -175,11 +179,14 @@ def _reuse(exp: Experiment, cell_id: str, request: dict[str, Any],
 
 
 def plan(exp: Experiment, out: Path, *, threads: int, rerun_changed: bool = False,
-         devices_dir: Path | None = None, dry_run: bool = False) -> list[Planned]:
+         devices_dir: Path | None = None, dry_run: bool = False,
+         device: str | None = None) -> list[Planned]:
     """Every cell with its request and estimate; finished cells are marked ``done``, and
     cells another experiment (the file's ``reuse``) trained identically are copied first.
 
-    ``devices_dir``: where the device files go (default ``out``); ``dry_run``: copy nothing.
+    ``devices_dir``: where the device files go (default ``out``); ``dry_run``: copy nothing;
+    ``device``: where every cell trains (``experiment run --device``; None: each cell's own
+    setting, TrainConfig's ``auto`` unless the file sets one).
 
     Raises:
         UserError: a finished cell was run with another configuration (and not
@@ -194,6 +201,8 @@ def plan(exp: Experiment, out: Path, *, threads: int, rerun_changed: bool = Fals
     planned = []
     for cell in exp.cells():
         cfg = cell.config
+        if device is not None:
+            cfg = replace(cfg, device=device)
         if cfg.devices is None:
             cfg = replace(cfg, devices=_devices_file(exp, cfg, cell.profile,
                                                      devices_dir or out, written))
@@ -426,16 +435,17 @@ class Reporter:
 
 def run(exp: Experiment, out: Path, *, parallel: int = 1, console: Console | None = None,
         rerun_changed: bool = False, memory_bytes: int | None = None,
-        poll_s: float = 0.5) -> Outcome:
+        poll_s: float = 0.5, device: str | None = None) -> Outcome:
     """Run every unfinished cell of ``exp`` under ``out``; returns what happened.
 
     ``memory_bytes``: what the cells may use together (default: the experiment file's
-    ``resources.memory``, else the memory available now).
+    ``resources.memory``, else the memory available now). ``device``: where every cell
+    trains and is scored (:func:`plan`).
     """
     console = console or Console()
     threads = exp.spec.resources.threads or max(1, cpu_count() // max(1, parallel))
     with locked(out):
-        planned = plan(exp, out, threads=threads, rerun_changed=rerun_changed)
+        planned = plan(exp, out, threads=threads, rerun_changed=rerun_changed, device=device)
         write_manifest(exp, out, planned)
         outcome = Outcome(out, planned)
         budget = memory_bytes or exp.spec.resources.memory_bytes or available_memory()
