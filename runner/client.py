@@ -47,7 +47,7 @@ import torch
 from runner import device as placement
 from runner import rundir, schedule, seeds
 from runner.dataset import data as data_mod
-from runner.distributed import control
+from runner.distributed import checkpoint, control
 from runner.distributed import protocol as P
 from runner.distributed.runtime import (
     RuntimeConfig,
@@ -56,7 +56,7 @@ from runner.distributed.runtime import (
     setup_logging,
 )
 from runner.distributed.transport import Transport, TransportError
-from runner.emulation.resources import Meter
+from runner.emulation.resources import Meter, cuda_index
 from runner.errors import UserError
 from runner.methods import plugins, registry
 from runner.methods.hooks import ClientHooks
@@ -119,8 +119,9 @@ class Client:
         # progress state (reported in every heartbeat)
         self.incarnation = uuid.uuid4().hex[:12]
         self._budget_at, self._budget_cache = -1e9, None
-        # measured memory (runner/emulation/resources.py), in heartbeats and acts
-        self.meter = Meter()
+        # measured memory (runner/emulation/resources.py), in heartbeats and acts: of the GPU
+        # this client trains on (cuda:N), not the current one
+        self.meter = Meter(device=cuda_index(self.device))
         # compute time of the last finished step: {"step", "forward_s", "backward_s",
         # "compute_s"} (heartbeats; the server turns each new one into a resources record)
         self.compute: dict[str, Any] | None = None
@@ -193,6 +194,12 @@ class Client:
         sched = h.sched.state_dict() if h.sched is not None else None
         snap: dict[str, Any] = {"drawn": self.drawn, "opt_steps": self.opt_steps,
                                 "opt_start": self.opt_start}
+        # On a GPU the LoRA dropout masks come from the device's generator: keep its state
+        # so a roll-back draws the masks the uninterrupted run drew (runner/distributed/
+        # checkpoint.py); a CPU client's snapshot is what it always was.
+        cuda_rng = checkpoint.cuda_rng_state(self.device)
+        if cuda_rng is not None:
+            snap["cuda_rng"] = cuda_rng
         if self.full:
             if step < 0:
                 return  # nothing trained yet: nothing to keep
@@ -252,6 +259,7 @@ class Client:
             h.sched.load_state_dict(sched)
         self.opt_steps = snap["opt_steps"]
         self._reset_stream(snap["drawn"])
+        checkpoint.restore_cuda_rng(snap.get("cuda_rng"), self.device)  # on CUDA only
         return True
 
     def status(self) -> dict[str, Any]:

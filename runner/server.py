@@ -62,6 +62,7 @@ from runner.distributed.runtime import (
 )
 from runner.distributed.transport import Transport, TransportError
 from runner.distributed.usage import ResourceLog
+from runner.emulation import gpu
 from runner.emulation.vtime import StepClock, clock_devices
 from runner.errors import UserError
 from runner.methods import plugins, registry
@@ -156,7 +157,7 @@ class Server:
         self.t: Transport | None = None
         self.live = Liveness(self.o)  # wills, silences (runner/distributed/liveness.py)
         # budgets, measured memory, compute times (runner/distributed/usage.py)
-        self.usage = ResourceLog(self.event)
+        self.usage = ResourceLog(self.event, device=self.tr.device)
         self.dropout = RoundDropout.from_devices(  # runner/distributed/dropout.py
             self.cfg.devices, self.traits.central, self.peers.values(), self.cfg.seed,
             self.cfg.agg_interval)
@@ -250,7 +251,8 @@ class Server:
                                                   p.online or p.away)
                    for p in self.peers.values()},
             history=self.tr.history, totals=self.totals, first=self.first, last=self.last,
-            rng=torch.get_rng_state(), elapsed=self.run.elapsed()))
+            rng=torch.get_rng_state(), elapsed=self.run.elapsed(),
+            cuda_rng=checkpoint.cuda_rng_state(self.tr.device)))  # None on the CPU
 
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
@@ -273,6 +275,7 @@ class Server:
             self.totals = ckpt.totals
             self.first, self.last = ckpt.first, ckpt.last
             torch.set_rng_state(ckpt.rng)
+            checkpoint.restore_cuda_rng(ckpt.cuda_rng, self.tr.device)  # on CUDA only
             self.run.t0 = time.monotonic() - ckpt.elapsed
         self.start_step = g + 1
         self.closed_step = g
@@ -852,6 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("server")
     try:
         rt = load_config(me="server", resume=args.resume)
+        # On a CUDA device the server's profile budget is its cap, as each client's
+        # (docs/gpu.md "Caps"): set before its model loads; on the CPU nothing happens.
+        gpu.cap_process(rt.train, None)
         server = make_server(rt)
         server.open_run()
         server.connect()

@@ -11,8 +11,8 @@ is visible with only that instance readable (the other slots answer "No Permissi
 driver does). MIG instances are found by their ``MIG-...`` UUID, each with its own memory.
 
 :class:`FakeCuda` stands in for ``torch.cuda`` after CUDA was initialised on one device:
-its properties (total memory, the UUID CUDA reports, without NVML's prefix) and the
-per-process memory fraction a cap sets.
+its properties (total memory, the UUID CUDA reports, without NVML's prefix), the
+per-process memory fraction a cap sets, and a per-device RNG state (checkpoints).
 """
 
 from __future__ import annotations
@@ -169,6 +169,9 @@ class FakeCuda:
         self.reserved = allocated if reserved is None else reserved
         self.fraction = 1.0
         self.fractions: list[tuple[float, int]] = []
+        self.emptied = 0
+        self.rng: dict[int, Any] = {}  # device index -> RNG state (a CPU uint8 tensor)
+        self.rng_set: list[int] = []  # the device indices set_rng_state was called for
 
     def is_initialized(self) -> bool:
         return True
@@ -199,3 +202,21 @@ class FakeCuda:
 
     def max_memory_reserved(self, device: int | None = None) -> int:
         return max(self.reserved, self.peak)
+
+    # what memory calibration and checkpoints call (runner/methods/memory.py,
+    # runner/distributed/checkpoint.py): no kernels to wait for, no cache to free, and one
+    # RNG state per device index, recorded per call
+    def synchronize(self, device: int | None = None) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        self.emptied += 1
+
+    def get_rng_state(self, device: int = 0) -> Any:
+        import torch
+
+        return self.rng.setdefault(device, torch.full((16,), device, dtype=torch.uint8))
+
+    def set_rng_state(self, state: Any, device: int = 0) -> None:
+        self.rng[device] = state.clone()
+        self.rng_set.append(device)

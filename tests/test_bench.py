@@ -51,7 +51,7 @@ def _number(pattern: str, text: str) -> float:
 def test_bench_scripts_are_all_covered() -> None:
     assert sorted(p.name for p in BENCH.glob("*.py")) == [
         "bf16_memory.py", "distributed_overhead.py", "fleet_scaling.py", "generation.py",
-        "gpu_check.py", "memory_model.py", "split_overhead.py", "transport.py"]
+        "gpu_check.py", "memory_model.py", "roofline.py", "split_overhead.py", "transport.py"]
 
 
 def test_split_overhead_one_step() -> None:
@@ -61,6 +61,18 @@ def test_split_overhead_one_step() -> None:
     # both variants did the same arithmetic
     assert re.search(r"max \|loss\(split\) - loss\(unsplit\)\| over all steps = 0\.00e\+00",
                      out), out
+
+
+def test_roofline_one_step() -> None:
+    out = _bench("roofline.py", "--model", "tiny-llama", "--split", "2", "--batch", "2",
+                 "--seq", "16", "--steps", "1", "--warmup", "0", "--reps", "1", "--min-time",
+                 "0.002", "--profile-steps", "1", "--top", "5", "--threads", "1",
+                 "--precisions", "fp32")
+    _number(rf"FLOPs per step \(matrix products only\): {NUMBER} GFLOP", out)
+    _number(rf"roofline fraction fp32 1 thread\(s\): {NUMBER} \(achieved {NUMBER} GFLOP/s, "
+            rf"ceiling {NUMBER} GFLOP/s", out)
+    assert "profile fp32, 1 thread, 1 step(s)" in out, out
+    assert re.search(r"load average at end \(1m, 5m, 15m\): ", out), out
 
 
 def test_memory_model_one_config() -> None:

@@ -737,12 +737,12 @@ def encode_frame(
 
 #: Under bf16 autocast on a CPU, batches are padded to a multiple of this many tokens.
 #: Why: oneDNN keeps state for every matrix shape it meets (its primitive cache and what the
-#: bf16 kernels hold with it), so free batch lengths made a client's resident memory grow by
-#: about 18 MB a step with no end in sight (SmolLM2, 3 blocks, 24 steps: 461 -> 878 MB)
-#: until the kernel OOM-killed it in its container; lengths rounded up to 16 leave a few
-#: shapes and the memory levels off (674 MB peak after 36 steps, fp32 627 MB)
-#: (docs/benchmarks.md "bf16 memory on CPU"). fp32 keeps the longest-in-batch padding: its
-#: results stay bit-identical to earlier runs.
+#: bf16 kernels hold with it), so free batch lengths kept growing a client's resident memory
+#: step after step, until the kernel OOM-killed 4 of the main job's 5 clients in their
+#: containers. With lengths rounded up to 16 a run meets a few shapes and the memory levels
+#: off: bench/bf16_memory.py, SmolLM2 client of 3 blocks, 36 steps, peak 863 MiB with free
+#: lengths against 694 MiB padded (fp32: 672 MiB), docs/benchmarks.md "bf16 memory on CPU".
+#: fp32 keeps the longest-in-batch padding: its results stay bit-identical to earlier runs.
 BF16_LENGTH_MULTIPLE = 16
 
 

@@ -13,7 +13,12 @@ are SplitLoRA's (server adapters and optimizer, global client adapters); HSplitL
 HetLoRA write their own (runner/methods/hetero_server.py).
 
 The file is a ``torch.save`` of a plain dict (format version 1; the keys of
-:meth:`ServerCheckpoint.to_state`).
+:meth:`ServerCheckpoint.to_state`). A server that trains on CUDA also saves the CUDA RNG
+state of its device (``cuda_rng``): dropout masks drawn on a GPU come from that generator,
+not the CPU's, so without it a resumed GPU run would draw other masks than the uninterrupted
+one. The key is absent from a CPU server's checkpoint (the file is what it always was), and
+a checkpoint without it (a CPU server's, or one written before) loads as before; it is
+restored only where the resumed server trains on CUDA (docs/gpu.md "Device placement").
 """
 
 from __future__ import annotations
@@ -62,10 +67,11 @@ class ServerCheckpoint:
     last: dict[str, float] | None
     rng: torch.Tensor
     elapsed: float  # seconds of the run so far (the run directory's clock)
+    cuda_rng: torch.Tensor | None = None  # the CUDA device's RNG state; None on the CPU
 
     def to_state(self) -> dict[str, Any]:
-        """The dict the file holds."""
-        return {
+        """The dict the file holds (``cuda_rng`` only when there is one)."""
+        state = {
             "version": VERSION, "step": self.step, "global_step": self.global_step,
             "model": self.model,
             "peers": {cid: {"drawn": p.drawn, "opt_steps": p.opt_steps, "present": p.present}
@@ -73,6 +79,9 @@ class ServerCheckpoint:
             "history": self.history, "totals": self.totals, "first": self.first,
             "last": self.last, "rng": self.rng, "elapsed": self.elapsed,
         }
+        if self.cuda_rng is not None:
+            state["cuda_rng"] = self.cuda_rng
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ServerCheckpoint:
@@ -84,7 +93,32 @@ class ServerCheckpoint:
                    for cid, pos in state["peers"].items()},
             history=list(state["history"]), totals=dict(state["totals"]),
             first=state["first"], last=state["last"], rng=state["rng"],
-            elapsed=float(state["elapsed"]))
+            elapsed=float(state["elapsed"]), cuda_rng=state.get("cuda_rng"))
+
+
+def cuda_rng_state(device: torch.device | None, cuda: Any = None) -> torch.Tensor | None:
+    """The RNG state of the CUDA device a process trains on (a CPU tensor, so the file
+    loads anywhere), or None when it trains elsewhere: what a checkpoint or a client's
+    snapshot keeps besides the CPU's state (module docstring). ``cuda``: ``torch.cuda``,
+    injectable for tests."""
+    if device is None or device.type != "cuda":
+        return None
+    cuda = cuda if cuda is not None else torch.cuda
+    index = device.index if device.index is not None else cuda.current_device()
+    return cuda.get_rng_state(index).cpu()
+
+
+def restore_cuda_rng(state: torch.Tensor | None, device: torch.device | None,
+                     cuda: Any = None) -> bool:
+    """Set the CUDA device's RNG back to ``state`` (from :func:`cuda_rng_state`, maybe
+    written on another GPU) when the process trains on CUDA; True when it did. A state saved
+    on a GPU and resumed on the CPU, or none saved, leaves everything as it is."""
+    if state is None or device is None or device.type != "cuda":
+        return False
+    cuda = cuda if cuda is not None else torch.cuda
+    index = device.index if device.index is not None else cuda.current_device()
+    cuda.set_rng_state(state.cpu(), index)
+    return True
 
 
 def write(run_path: Path, ckpt: ServerCheckpoint) -> None:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from runner.emulation.resources import Meter, usage_fields
+from runner.emulation.resources import Meter, cuda_index, usage_fields
 
 if TYPE_CHECKING:
     from runner.distributed.control import Heartbeat
@@ -25,14 +25,14 @@ class ResourceLog:
     """Budgets, measured memory and compute times of a run's clients and server.
 
     ``event``: the server's event log (thread-safe); ``run``: the run directory, set once
-    it is open."""
+    it is open; ``device``: where the server trains (its meter reads that GPU, ``cuda:N``)."""
 
-    def __init__(self, event: Callable[..., None]):
+    def __init__(self, event: Callable[..., None], device: Any = None):
         self.event = event
         self.run: RunDir | None = None
         self.budgets: dict[str, int] = {}  # client -> last recorded memory budget (bytes)
         self.compute_seen: dict[str, int] = {}  # client -> last step with a resources record
-        self.meter = Meter()  # the server's own measured memory
+        self.meter = Meter(device=cuda_index(device))  # the server's own measured memory
         self.own_budget: int | None = None  # the server's budget, read at the first record
 
     def budget(self, p: Peer, hb: Heartbeat, step: int) -> tuple[int | None, int] | None:

@@ -224,6 +224,23 @@ def usage_fields(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------- meter
+def cuda_index(device: Any) -> int | None:
+    """The CUDA device index a :class:`Meter` measures for a process that trains on
+    ``device`` (a ``torch.device`` or its string): ``N`` for ``cuda:N``, so a process on its
+    second GPU reads that GPU's allocator and NVML entry, not GPU 0's (docs/gpu.md "Device
+    placement"); None for the CPU or a bare ``cuda`` (the current device, what Meter reads
+    without an index: a CPU process meters as it always did)."""
+    if device is None:
+        return None
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        return int(index) if kind == "cuda" and index.isdigit() else None
+    if getattr(device, "type", None) != "cuda":
+        return None
+    index = getattr(device, "index", None)
+    return None if index is None else int(index)
+
+
 class Meter:
     """Samples this process's memory (see the module docstring); keeps the peak of its own
     samples for sources that have none. Paths, environment, NVML and ``torch.cuda`` are
@@ -299,5 +316,6 @@ class Meter:
         return Usage(gpu.current, gpu.peak, gpu.source, None, gpu.detail, extra)
 
 
-__all__ = ["SOURCES", "Meter", "Usage", "cgroup_usage", "nvml_process_bytes", "own_cgroup",
+__all__ = ["SOURCES", "Meter", "Usage", "cgroup_usage", "cuda_index", "nvml_process_bytes",
+           "own_cgroup",
            "rss_usage", "usage_fields"]

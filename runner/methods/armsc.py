@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from runner.emulation.devices import DeviceSpec
 from runner.methods.importance import adapter_bytes, lora_activation_bytes, relative_change
-from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory, server_memory
+from runner.methods.memory import ModelCosts, client_memory, server_memory
 from runner.model.lora import RankMap, block_of
 
 DEFAULT_RANKS = (0, 2, 4, 8, 16)
@@ -80,8 +80,11 @@ def minimal_ranks(names: Sequence[str], rank_set: Sequence[int]) -> RankMap:
 
 def choose_splits(costs: ModelCosts, devices: Sequence[DeviceSpec], server: DeviceSpec,
                   tokens: int, base_ranks: RankMap, bounds: tuple[int, int], batch: int,
-                  seq: int, reserve: int = DEFAULT_RESERVE) -> tuple[list[int], list[str]]:
+                  seq: int, reserve: int | None = None) -> tuple[list[int], list[str]]:
     """Split points minimising the makespan under each client's memory budget.
+
+    ``reserve`` None: the costs' own (``ModelCosts.reserve``: the CUDA context where the
+    costs were calibrated on a GPU, runner/methods/memory.py ``planning_costs``).
 
     A client whose budget cannot hold even the shallowest split gets the lower bound and a
     logged violation (the run goes on; it is an emulation).
@@ -161,7 +164,7 @@ def allocate_ranks(costs: ModelCosts, names: Sequence[str], importance: Mapping[
 def plan(costs: ModelCosts, devices: Sequence[DeviceSpec], server: DeviceSpec,
          importance: Mapping[str, float], candidates: Sequence[str], *, batch: int, seq: int,
          rank_set: Sequence[int] = DEFAULT_RANKS, bounds: tuple[int, int] | None = None,
-         reference_targets: Sequence[str] = (), reserve: int = DEFAULT_RESERVE,
+         reference_targets: Sequence[str] = (), reserve: int | None = None,
          fixed_splits: Sequence[int] | None = None, mem_seq: int | None = None) -> Plan:
     """Full ARMSC decision: split points (unless fixed), client ranks, server ranks.
 

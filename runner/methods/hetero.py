@@ -32,7 +32,7 @@ from runner.emulation.devices import GB, DeviceSpec, load_availability, load_dev
 from runner.errors import ConfigError
 from runner.methods import aggregation as agg
 from runner.methods import armsc, importance
-from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory
+from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory, planning_costs
 from runner.model import lora, split
 from runner.model.models import load_config
 from runner.trainer import Holder, Trainer, grad_scaler, make_optimizer
@@ -115,6 +115,13 @@ class HeteroTrainer(Trainer):
         # batch); step times for the typical one (plan_seq).
         self.mem_seq = max([cfg.plan_seq] + [len(ex["input_ids"]) for ex_list in encoded
                                              for ex in ex_list])
+        # What ARMSC plans with: on a CUDA device the memory model calibrated there, at the
+        # training precision on the batches memory is planned for (per-block activation
+        # bytes from the CUDA allocator, the CUDA context as the runtime reserve: docs/gpu.md
+        # "Budgets"); on the CPU the analytic costs as before (bit-identical plans).
+        self.costs = planning_costs(self.config, self.device, path=info.path,
+                                    precision=cfg.precision, batch=cfg.batch_size,
+                                    seq=self.mem_seq, targets=cfg.targets, rank=cfg.rank)
         for i, (shard, examples) in enumerate(zip(shards, encoded, strict=True)):
             self.clients.append(Holder(
                 name=f"client{i}", seg=None,  # type: ignore[arg-type]  # set just below

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.masking_utils import create_causal_mask
+from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
 
 from runner import device as placement
 from runner.model.models import family_of, load_config
@@ -246,6 +247,8 @@ def load_segment(path: Path, start: int, end: int, *, embed: bool, head: bool,
     if device is not None:
         model.to(device)  # what the shell built for real (Llama's rotary buffers)
     model.eval()
+    if precision == "bf16" and placement.of(model).type == "cpu":
+        use_fp32_attention(model, config)
     return Segment(model=model, config=config, start=start, end=end, has_embed=embed,
                    has_head=head, precision=precision)
 
@@ -273,6 +276,38 @@ def load_unsplit(path: Path, precision: str = "fp32",
     config = load_config(path)
     return load_segment(path, 0, int(config.num_hidden_layers), embed=True, head=True,
                         precision=precision, shared=shared, device=device)
+
+
+#: The attention implementation of bf16 segments on the CPU (:func:`use_fp32_attention`).
+FP32_ATTENTION = "sdpa_fp32"
+
+
+def _sdpa_fp32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs):
+    """Transformers' SDPA attention computed in fp32, outside autocast."""
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                      attention_mask, **kwargs)
+
+
+AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)  # the masks of "sdpa"
+
+
+def use_fp32_attention(model: nn.Module, config: PretrainedConfig) -> None:
+    """Run the attention (scores, softmax, context) of a bf16 CPU segment in fp32.
+
+    Why: under CPU autocast, torch's bf16 flash-attention *backward* is 4-5x slower than the
+    fp32 one at our shapes (SmolLM2, 8 x 64 tokens: about 10 ms against 2 ms per block), a
+    sixth of a bf16 training step (bench/roofline.py, docs/benchmarks.md "Roofline of the
+    training step"); the attention is 3 % of the step's FLOPs, so fp32 costs little there.
+    Its inputs are mostly fp32 already (the rotary embedding promotes q and k). Only the
+    attention's precision changes: the projections stay bf16, fp32 segments are untouched
+    (bit for bit), and so are GPU segments, whose bf16 attention is fast.
+    """
+    for cfg in {id(c): c for c in (config, base_model(model).config)}.values():
+        if cfg._attn_implementation in (None, "sdpa"):
+            cfg._attn_implementation = FP32_ATTENTION
 
 
 #: The autocast dtype of each mixed precision (``TrainConfig.precision``; fp32: none).

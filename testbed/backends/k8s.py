@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from runner.config import PRECISIONS
 from runner.distributed.broker import MONITOR_USER as MONITOR  # an identity for watching the broker
 from runner.distributed.tls import TLS_PORT, ClientTLS
 from runner.errors import ConfigError, UserError
@@ -80,11 +81,12 @@ class ExportOptions:
     """What the export may change; everything else comes from the profile.
 
     ``run_id``: the run id (MQTT topics, labels; default the profile's name);
-    ``precision``: fp32 | bf16 (``auto`` depends on the cluster's hardware, so it cannot be
-    decided here); ``model_hostpath``: a node directory holding the cache instead of the
-    claim :data:`MODEL_CLAIM`; ``tls``: the broker speaks TLS (``--tls``, default on);
-    ``mutual``: every pod presents its own certificate (``--mtls``). Emulation is decided
-    before, in the :class:`EmulationMap`.
+    ``precision``: one of runner/config.py ``PRECISIONS`` (fp32, bf16, or fp16 for GPUs
+    without bf16, as every backend takes them; ``auto`` depends on the cluster's hardware,
+    so it cannot be decided here); ``model_hostpath``: a node directory holding the cache
+    instead of the claim :data:`MODEL_CLAIM`; ``tls``: the broker speaks TLS (``--tls``,
+    default on); ``mutual``: every pod presents its own certificate (``--mtls``). Emulation
+    is decided before, in the :class:`EmulationMap`.
     """
 
     run_id: str | None = None
@@ -361,9 +363,9 @@ def build(profile: Profile, mapping: EmulationMap, options: ExportOptions | None
     from testbed.backends.images import BROKER_IMAGE, RUNTIME_IMAGE
 
     opts = options or ExportOptions()
-    if opts.precision not in ("fp32", "bf16"):
-        raise UserError(f"--precision must be fp32 or bf16, not {opts.precision!r} (auto "
-                        "depends on the cluster's hardware)")
+    if opts.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not "
+                        f"{opts.precision!r} (auto depends on the cluster's hardware)")
     run_id = opts.run_id or profile.name
     clients = [d.name for d in profile.devices]
     names = object_names(run_id, ["server", MONITOR, *clients])

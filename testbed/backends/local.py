@@ -114,6 +114,25 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def gpu_env(selector: int | str | None, device: str | None) -> dict[str, str]:
+    """What puts a local process on its profile device's GPU (docs/gpu.md "Device
+    placement"): ``CUDA_VISIBLE_DEVICES`` set to the ``gpu:`` selector (a host index or a
+    ``MIG-...`` UUID), so the process sees that GPU or instance alone, as ``cuda:0``, like a
+    container with a Compose reservation of it (testbed/backends/compose.py
+    ``gpu_reservation``); and ``TESTBED_DEVICE=cuda:0``, so a run configured for ``cuda:N``
+    trains on that one visible device. Why: without it every local process trained on the
+    run's one device, and the fleet's GPUs and MIG instances (and the budgets NVML reads
+    from them, found by the UUID CUDA reports) were ignored. Nothing when there is no
+    selector or the processes do not train on CUDA (``--device cpu``, or auto without a
+    GPU: testbed/backends/compose.py ``clients_use_cuda``): a CPU run's environment is
+    unchanged."""
+    from testbed.backends.compose import clients_use_cuda
+
+    if selector is None or not clients_use_cuda(device):
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": str(selector), "TESTBED_DEVICE": "cuda:0"}
+
+
 @dataclass
 class LocalRun:
     """One local distributed run: start, inspect, inject faults, stop.
@@ -142,6 +161,9 @@ class LocalRun:
     mtls: bool = False  # ... and asks every participant for its certificate
     tls_names: tuple[str, ...] = ()  # extra names in the broker's certificate (--tls-name)
     pki: RunPKI | None = None  # the run's certificates, once issued (or loaded)
+    # process (server or client) -> its profile device's ``gpu:`` selector (a host index or
+    # a MIG UUID): its environment puts it on that GPU (:func:`gpu_env`)
+    gpus: dict[str, int | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -238,6 +260,7 @@ class LocalRun:
             env.update(self.pki.client(who).env())
         if who != "server":
             env["TESTBED_CLIENT_ID"] = who
+        env.update(gpu_env(self.gpus.get(who), self.train.device))
         return env
 
     def spawn(self, who: str, *, resume: bool = False,
@@ -316,6 +339,7 @@ class LocalRun:
                             "tls": str(self.pki.directory) if self.pki else None},
                  "processes": processes,
                  "clients": self.clients, "config": str(self.config_path),
+                 "device": self.train.device, "gpus": self.gpus,
                  "updated": time.time()}
         write_json(self.run_dir / STATE, state)
 
@@ -508,8 +532,11 @@ def down(run_dir: Path, grace: float = 3.0) -> list[str]:
 
 def _respawn(run_dir: Path, state: dict[str, Any], who: str) -> int:
     """Start a client again from the state file (after ``inject --mode kill --for``)."""
-    run = LocalRun(TrainConfig(), Path(run_dir), run_id=state["run_id"],
-                   broker_url=state["broker"]["url"])
+    # the device and GPU selectors as the launch had them: a restarted client goes back to
+    # its own GPU (a state file from before they were kept: the run's default device)
+    run = LocalRun(TrainConfig(device=str(state.get("device") or "auto")), Path(run_dir),
+                   run_id=state["run_id"], broker_url=state["broker"]["url"],
+                   gpus=dict(state.get("gpus") or {}))
     workdir = state["broker"].get("workdir")
     if workdir:
         creds = json.loads((Path(workdir) / "credentials.json").read_text())
@@ -574,5 +601,5 @@ def inject_budget(run_dir: Path, client: str, budget: int) -> str:
     return f"{client}: memory budget now {budget / 2**20:.0f} MiB"
 
 
-__all__ = ["LocalRun", "down", "inject_budget", "inject_dropout", "read_state", "status",
-           "write_budget"]
+__all__ = ["LocalRun", "down", "gpu_env", "inject_budget", "inject_dropout", "read_state",
+           "status", "write_budget"]

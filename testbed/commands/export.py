@@ -42,8 +42,9 @@ def k8s(
     steps: Annotated[int | None, typer.Option(
         help="Training steps (default: the profile's)")] = None,
     precision: Annotated[str, typer.Option(
-        help="fp32 | bf16 (forwards under autocast). `auto` is not offered: it depends on "
-             "the cluster's hardware")] = train_default("precision"),
+        help="fp32 | bf16 | fp16 (forwards under autocast; fp16 with a loss scaler, for GPUs "
+             "without bf16). `auto` is not offered: it depends on the cluster's "
+             "hardware")] = train_default("precision"),
     model_hostpath: Annotated[str | None, typer.Option(
         help="A directory on every node that holds the testbed cache (models, e2e/), "
              "mounted instead of the claim hsplitlora-cache (single-node clusters)")] = None,

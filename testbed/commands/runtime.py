@@ -309,8 +309,11 @@ class LocalLaunch:
 
 def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
               external: tuple[str, dict[str, str] | None] | None = None,
-              joins: LocalLaunch = LocalLaunch(), tls: TLSRequest = TLSRequest()) -> None:
-    """Local backend: broker (or ``--broker``), server and clients as processes here."""
+              joins: LocalLaunch = LocalLaunch(), tls: TLSRequest = TLSRequest(),
+              gpus: dict[str, int | str] | None = None) -> None:
+    """Local backend: broker (or ``--broker``), server and clients as processes here;
+    ``gpus``: each process's profile ``gpu:`` selector (testbed/backends/local.py
+    ``gpu_env``)."""
     from testbed.backends.local import LocalRun
     from testbed.console import fail as _fail
 
@@ -319,7 +322,7 @@ def _up_local(cfg: Any, out: Path, opts: Any, detach: bool, console: Console,
                         external=external[0] if external is not None else None)
     run = LocalRun(cfg, out, opts, join_slots=joins.names, listen=joins.listen,
                    fork_clients=joins.fork_clients, tls=choice.on and not choice.external,
-                   mtls=choice.mutual, tls_names=choice.names)
+                   mtls=choice.mutual, tls_names=choice.names, gpus=dict(gpus or {}))
     if external is not None:
         url, passwords = external
         run.broker_url = url
@@ -437,7 +440,7 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
         devices = P.write_devices_file(mapping, out / "devices.json",
                                        [d.availability for d in prof.devices])
         _up_local(replace(cfg, devices=str(devices)), out, opts, detach, console, external,
-                  joins, tls)
+                  joins, tls, gpus=local_gpus(prof))
         return
     from testbed.backends.compose import CONTAINER_OFFLINE_AFTER, CONTAINER_STEP_TIMEOUT
 
@@ -447,6 +450,22 @@ def _up_profile(name: str, *, joins: LocalLaunch = LocalLaunch(),
         opts = replace(opts, step_timeout=CONTAINER_STEP_TIMEOUT)
     _up_compose(prof, mapping, cfg, out, opts, host_network, mem_limit, detach, console,
                 swarm=backend == "swarm", tls=tls)
+
+
+def local_gpus(prof: Any) -> dict[str, int | str]:
+    """Each process's ``gpu:`` selector in profile ``prof``, keyed as the local backend
+    names its processes (the profile's ``i``-th device is ``client<i>``, its row of the
+    devices file; the server ``server``): what it puts in their environment, as Compose
+    reserves it (docs/gpu.md "Device placement"). A device without one (or with ``mig:``
+    alone, a size with no instance named) is left out."""
+    from runner.distributed.runtime import default_clients
+
+    names = default_clients(len(prof.devices))
+    out: dict[str, int | str] = {cid: d.gpu for cid, d in zip(names, prof.devices, strict=True)
+                                 if d.gpu is not None}
+    if prof.server.gpu is not None:
+        out["server"] = prof.server.gpu
+    return out
 
 
 def _precision(choice: str, console: Console, device: str = "auto") -> str:
