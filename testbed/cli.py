@@ -193,10 +193,17 @@ def eval_(
     cpu_max_mrs: Annotated[int | None, typer.Option(
         help="Without --max-mrs: when generation runs on the CPU (--device), score only the "
              "first N test MRs (a random sample: the test split is shuffled by MR), printed "
-             "in one line. `make run` uses 20 (beam search on 2 CPU cores takes about 10 s "
-             "per MR)")
+             "in one line")
     ] = None,
+    split: Annotated[str, typer.Option(
+        help="test: the run's test split (RUN/eval/); validation: its validation split "
+             "(RUN/eval/validation/, the test scores untouched), to choose decoding settings "
+             "without looking at the test MRs")] = "test",
     beams: Annotated[int, typer.Option(help="Beam width")] = 10,
+    length_penalty: Annotated[float, typer.Option(
+        help="Beam scores are log-probability / length^THIS: above 1 favours longer "
+             "outputs (fewer left-out MR slots), below 1 shorter ones; 0.8 is the LoRA "
+             "paper's E2E setting (docs/method.md \"Defaults\")")] = 0.8,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length cap")] = 64,
     decoder: Annotated[str, typer.Option(
         help="beam: our beam search (runner/evaluation/beam.py: outputs byte-identical to "
@@ -246,7 +253,8 @@ def eval_(
             result = evaluate_run(
                 run, data, test_data=test_data, max_mrs=max_mrs or None,
                 decode=DecodeConfig(num_beams=beams, max_new_tokens=max_new_tokens,
-                                    decoder=decoder),
+                                    decoder=decoder, length_penalty=length_penalty),
+                split=split,
                 progress=lambda n: bar.advance(task, n),
                 on_total=lambda n: bar.update(task, total=n),
                 device=device,
@@ -255,10 +263,11 @@ def eval_(
         _fail(str(exc))
         return
     scores = result["scores"]
+    eval_dir = run_dir / "eval" / ("" if split == "test" else split)
     if as_json:
-        _print_json({"run": run_dir, "eval_dir": run_dir / "eval",
-                     "outputs": run_dir / "eval" / "outputs.txt",
-                     "references": run_dir / "eval" / "references.txt", **result})
+        _print_json({"run": run_dir, "eval_dir": eval_dir,
+                     "outputs": eval_dir / "outputs.txt",
+                     "references": eval_dir / "references.txt", **result})
         return
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)
     out = Console(soft_wrap=True)
@@ -271,10 +280,10 @@ def eval_(
              else f"of {result['test_file']}")
     count = f"{n:,} MRs" if n == of else f"{n:,} of {of:,} MRs"
     tail = ", the whole file" if result["whole_file"] else ""
-    out.print(f"test: {count} {where}{tail}", highlight=False, markup=False)
-    out.print(f"outputs and scores written to {run_dir / 'eval'}", highlight=False, markup=False)
-    out.print(f"official scorer inputs: {run_dir / 'eval' / 'outputs.txt'} and "
-              f"{run_dir / 'eval' / 'references.txt'} (measure_scores.py REFS OUTPUTS)",
+    out.print(f"{split}: {count} {where}{tail}", highlight=False, markup=False)
+    out.print(f"outputs and scores written to {eval_dir}", highlight=False, markup=False)
+    out.print(f"official scorer inputs: {eval_dir / 'outputs.txt'} and "
+              f"{eval_dir / 'references.txt'} (measure_scores.py REFS OUTPUTS)",
               highlight=False, markup=False)
 
 

@@ -305,3 +305,31 @@ def test_one_precision_default_everywhere() -> None:
     assert option_default("export", "k8s") == default
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^PRECISION \?= (\w+)$", makefile, re.M).group(1) == default
+
+
+def test_eval_on_the_validation_split_leaves_the_test_scores(
+        trained: tuple[Path, dict, str]) -> None:
+    """`eval --split validation` scores the run's validation MRs into eval/validation/ (how the
+    main job's length penalty was chosen, docs/results.md) and touches nothing of the test
+    evaluation: not eval/scores.json, not the "evaluated" events the report reads."""
+    run, _, _ = trained
+    test_scores = run / "eval" / "scores.json"
+    before = test_scores.read_bytes() if test_scores.exists() else None
+    events = (run / "events.jsonl").read_text()
+    ev = one_json_object(run_cli("eval", str(run), "--split", "validation", "--max-mrs", "2",
+                                 "--beams", "2", "--max-new-tokens", "4",
+                                 "--length-penalty", "1.5", "--json"))
+    assert ev["split"] == "validation" and ev["test_mrs"] == 2
+    assert ev["eval_dir"] == str(run / "eval" / "validation")
+    doc = json.loads((run / "eval" / "validation" / "scores.json").read_text())
+    assert doc["scores"] == ev["scores"] and doc["extra"]["decode"]["length_penalty"] == 1.5
+    assert Path(ev["outputs"]).parent == run / "eval" / "validation"
+    assert (test_scores.read_bytes() if test_scores.exists() else None) == before
+    assert (run / "events.jsonl").read_text() == events
+
+    bad = run_cli("eval", str(run), "--split", "train", "--max-mrs", "1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --split must be one of test, validation, got 'train'"]
+    both = run_cli("eval", str(run), "--split", "validation", "--data", "synthetic")
+    assert both.returncode == 2 and "drop --data / --test-data" in both.stderr

@@ -171,6 +171,10 @@ class DataProtocol:
         return f"data: {self.source} split by MR {cut} (seed {self.seed}{extra})"
 
 
+#: What ``testbed eval --split`` scores: the run's test split (default) or its validation split.
+EVAL_SPLITS = ("test", "validation")
+
+
 @dataclass(frozen=True)
 class EvalSet:
     """The rows ``testbed eval`` generates for and scores against, and where they came from.
@@ -186,14 +190,27 @@ class EvalSet:
 
 
 def eval_set(config: dict[str, Any], *, data: str | None = None,
-             test_data: str | Path | None = None) -> EvalSet:
+             test_data: str | Path | None = None, split: str = "test") -> EvalSet:
     """The test set of ``testbed eval`` for a run whose (host-mapped) config is ``config``.
 
     * ``test_data``: every MR of that CSV (a release directory means its testset_w_refs.csv);
     * ``data``: that data's own test split as a run trained on it would have it (a release
       directory: its test file; one CSV: its test fraction by MR with the run's seed);
     * neither: the run's recorded protocol (:meth:`DataProtocol.from_record`).
+
+    ``split="validation"``: the run's own validation rows instead (the MRs it selected its
+    checkpoints on), so decoding settings can be chosen without looking at the test split;
+    not with ``data`` or ``test_data``.
     """
+    if split not in EVAL_SPLITS:
+        raise DataError(f"--split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
+    if split == "validation":
+        if test_data is not None or data is not None:
+            raise DataError("--split validation scores the run's own validation split; drop "
+                            "--data / --test-data")
+        proto = DataProtocol.from_record(config)
+        frame = proto.training_frames()["validation"]
+        return EvalSet(frame, proto.validation, proto.protocol, proto.official)
     if test_data is not None and data is not None:
         raise DataError("give --test-data FILE (score every MR of FILE) or --data (the test "
                         "split of other data), not both")

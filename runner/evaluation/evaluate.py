@@ -189,7 +189,7 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
                  max_mrs: int | None = None, decode: DecodeConfig | None = None,
                  progress: Callable[[int], None] | None = None,
                  on_total: Callable[[int], None] | None = None,
-                 device: str = "auto") -> dict[str, Any]:
+                 device: str = "auto", split: str = "test") -> dict[str, Any]:
     """Generate for the test MRs, score them against all their references, and write
     ``eval/outputs.csv``, ``eval/outputs.txt`` + ``eval/references.txt`` (the official
     scorer's inputs, :func:`write_measure_scores_inputs`) and ``eval/scores.json``.
@@ -201,11 +201,16 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     the first N (None or 0: all). Bad input fails before the model loads and before anything is
     written. ``device`` (``--device``, runner/device.py): where the model generates; on a GPU
     decoding is generate()'s (runner/evaluation/beam.py ``unsupported``).
+
+    ``split="validation"`` (``testbed eval --split validation``): the run's validation MRs,
+    written to ``eval/validation/`` so the test evaluation is never overwritten, and no
+    ``evaluated`` event (the report reads the test split's); for choosing decoding settings
+    on validation data (docs/results.md, the main job's length penalty).
     """
     if max_mrs is not None and max_mrs < 0:
         raise UserError(f"--max-mrs must be >= 0 (0 = every MR), got {max_mrs}")
     decode = decode or DecodeConfig()
-    chosen = splits.eval_set(run.config(), data=data, test_data=test_data)
+    chosen = splits.eval_set(run.config(), data=data, test_data=test_data, split=split)
     model, tokenizer, cfg = load_run_model(run, placement.resolve(device))
     refs = data_mod.references_by_mr(chosen.frame)
     mrs = list(refs)[:max_mrs] if max_mrs else list(refs)
@@ -219,6 +224,9 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     slot_report = slots.slot_errors(outputs)
     scores["SER"] = slot_report["SER"]
     out_dir = run.eval_dir()
+    if split != "test":
+        out_dir = out_dir / split
+        out_dir.mkdir(exist_ok=True)
     tmp = out_dir / ".outputs.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -229,9 +237,10 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     # "data" is the file the test MRs came from (kept under its old name for old readers)
     extra = {"data": chosen.file, "test_file": chosen.file, "protocol": chosen.protocol,
              "test_mrs": len(mrs), "file_test_mrs": len(refs),
-             "whole_file": chosen.whole_file and len(mrs) == len(refs),
+             "whole_file": chosen.whole_file and len(mrs) == len(refs), "split": split,
              "decode": decode.__dict__, "method": cfg.method, "model": cfg.model}
     scoring.write_scores(out_dir / "scores.json", scores, extra, slot_errors=slot_report)
-    run.event("evaluated", **scores, test_mrs=len(mrs))
+    if split == "test":
+        run.event("evaluated", **scores, test_mrs=len(mrs))
     return {"scores": scores, "slot_errors": slot_report, **extra}
 
