@@ -34,6 +34,10 @@ CPU_LENGTH_PENALTY ?= 1.5
 PRECISION ?= auto
 BACKEND ?= auto
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, one test module each at a time (tests/conftest.py gives
+# each one torch thread): 2 on our 2-core machines, where containers and brokers leave a core
+# idle while a test waits on them. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test install system-deps docker-daemon lint bench clean
 
@@ -124,7 +128,7 @@ docker-daemon: system-deps
 
 test: $(STAMP) system-deps docker-daemon
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
