@@ -28,10 +28,14 @@ CPU_LR ?= 2.5e-3
 CPU_EVAL ?= 64
 CPU_EVAL_MRS ?= 0
 CPU_LENGTH_PENALTY ?= 1.5
-# auto: bf16 autocast where the GPU or CPU has bf16 arithmetic (AMX / AVX512-BF16: faster,
-# printed; weights, optimizer state and the wire stay fp32), else fp32. PRECISION=fp32 is
-# the exact run and every command's default (runner/config.py TrainConfig.precision).
-PRECISION ?= auto
+# fp32, the default of every command (runner/config.py TrainConfig.precision: exact, the same
+# numbers on every machine), is PRECISION's default. The short CPU recipe trains at
+# CPU_PRECISION instead, unless PRECISION is given: auto = bf16 autocast where the CPU (AMX,
+# AVX512-BF16) or GPU has bf16 arithmetic (printed; weights, optimizer state and the wire stay
+# fp32), else fp32. `make run PRECISION=fp32` is the exact short run.
+PRECISION ?= fp32
+CPU_PRECISION ?= auto
+RUN_PRECISION = $(if $(or $(STEPS),$(filter-out file,$(origin PRECISION))),$(PRECISION),$(CPU_PRECISION))
 BACKEND ?= auto
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`, one test module each at a time (tests/conftest.py gives
@@ -106,7 +110,7 @@ run: $(STAMP)
 	fi; \
 	$(BIN)/testbed up --profile $(PROFILE) --backend $$backend --data $(DATA) \
 	  $(if $(STEPS),--steps $(STEPS),--cpu-steps $(CPU_STEPS) --cpu-eval-examples $(CPU_EVAL) $(if $(CPU_LR),--cpu-lr $(CPU_LR))) \
-	  --precision $(PRECISION) --out $(RUN) --overwrite
+	  --precision $(RUN_PRECISION) --out $(RUN) --overwrite
 	@$(BIN)/testbed eval $(RUN) $(if $(or $(STEPS),$(filter 0,$(CPU_EVAL_MRS))),,--cpu-max-mrs $(CPU_EVAL_MRS)) \
 	  $(if $(STEPS),,--length-penalty $(CPU_LENGTH_PENALTY))
 	@$(BIN)/testbed report $(RUN) -o $(RUN)/report.md >/dev/null

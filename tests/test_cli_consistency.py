@@ -306,6 +306,19 @@ def test_one_precision_default_everywhere() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^PRECISION \?= (\w+)$", makefile, re.M).group(1) == default
 
+    # make run's short CPU recipe picks bf16 autocast where the CPU has it, as one of its
+    # printed reductions; a PRECISION given by the user, or the whole profile, uses PRECISION
+    def run_precision(*args: str, **env: str) -> str:
+        return subprocess.run(
+            ["make", "-s", "--no-print-directory", "--eval", "p: ; @echo $(RUN_PRECISION)",
+             "p", *args], cwd=REPO, capture_output=True, text=True, check=True,
+            env={**os.environ, **env}).stdout.strip()
+
+    assert run_precision() == "auto"
+    assert run_precision("STEPS=200") == default
+    assert run_precision("PRECISION=bf16") == "bf16"
+    assert run_precision(PRECISION="fp32") == "fp32"
+
 
 def test_eval_on_the_validation_split_leaves_the_test_scores(
         trained: tuple[Path, dict, str]) -> None:

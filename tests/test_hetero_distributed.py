@@ -183,6 +183,10 @@ def test_hsplitlora_client_killed_and_restarted_then_server_killed_and_resumed(
         wait_until(lambda: done_steps(run.run_dir) >= 3, 120, "step 3", run)
         run.kill("client1")
         run.spawn("client1")
+        # back online before the server is killed: under load (two test workers on two
+        # cores) a new client process can take longer to import torch than 6 steps take
+        wait_until(lambda: any(e["event"] == "client_online" and e["client"] == "client1"
+                               for e in events(run.run_dir)), 150, "client1 back", run)
         ckpt = run.run_dir / "checkpoint" / "server.pt"
         wait_until(lambda: done_steps(run.run_dir) >= 9 and ckpt.exists(), 150, "step 9", run)
         run.kill("server")
