@@ -263,10 +263,9 @@ def eval_(
         _fail(str(exc))
         return
     scores = result["scores"]
-    eval_dir = run_dir / "eval" / ("" if split == "test" else split)
+    eval_dir = result["eval_dir"]  # RUN/eval/, or RUN/eval/validation/ (evaluate_run)
     if as_json:
-        _print_json({"run": run_dir, "eval_dir": eval_dir,
-                     "outputs": eval_dir / "outputs.txt",
+        _print_json({"run": run_dir, "outputs": eval_dir / "outputs.txt",
                      "references": eval_dir / "references.txt", **result})
         return
     Console().print("  ".join(f"{k} {v:.4g}" for k, v in scores.items()), highlight=False)

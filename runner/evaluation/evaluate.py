@@ -242,5 +242,5 @@ def evaluate_run(run: RunDir, data: str | None = None, *, test_data: str | Path 
     scoring.write_scores(out_dir / "scores.json", scores, extra, slot_errors=slot_report)
     if split == "test":
         run.event("evaluated", **scores, test_mrs=len(mrs))
-    return {"scores": scores, "slot_errors": slot_report, **extra}
+    return {"scores": scores, "slot_errors": slot_report, "eval_dir": out_dir, **extra}
 
