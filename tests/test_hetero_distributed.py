@@ -176,19 +176,30 @@ def test_hsplitlora_client_killed_and_restarted_then_server_killed_and_resumed(
     killed with kill -9 and resumed from its last checkpoint (every client rolls back to the
     checkpoint's merged weights and plan). The run completes, events record both, no step is
     applied twice and the metrics stay valid JSONL."""
-    cfg = hcfg(steps=14, agg_interval=2, eval_every=2)
+    # 30 steps: the server keeps stepping (paced at 0.4 s) while client1 restarts, which
+    # under load (two test workers on two cores) can take many steps; the server must still
+    # have aggregations ahead of it when it is killed
+    cfg = hcfg(steps=30, agg_interval=2, eval_every=2)
     opts = _options(step_timeout=3.0, offline_after=1.5, min_step_time=0.4)
     with LocalRun(cfg, tmp_path / "run", opts) as run:
         run.start()
         wait_until(lambda: done_steps(run.run_dir) >= 3, 120, "step 3", run)
         run.kill("client1")
         run.spawn("client1")
-        # back online before the server is killed: under load (two test workers on two
-        # cores) a new client process can take longer to import torch than 6 steps take
-        wait_until(lambda: any(e["event"] == "client_online" and e["client"] == "client1"
-                               for e in events(run.run_dir)), 150, "client1 back", run)
+
+        def back() -> int | None:
+            return next((e["step"] for e in events(run.run_dir)
+                         if e["event"] == "client_online" and e["client"] == "client1"
+                         and e["reason"] == "restarted"), None)
+
+        wait_until(lambda: back() is not None, 150, "client1 back", run)
+        # killed once client1 has trained again and a checkpoint holds that
+        kill_at = max(9, int(back() or 0) + 3)
         ckpt = run.run_dir / "checkpoint" / "server.pt"
-        wait_until(lambda: done_steps(run.run_dir) >= 9 and ckpt.exists(), 150, "step 9", run)
+        wait_until(lambda: done_steps(run.run_dir) >= kill_at and ckpt.exists(), 150,
+                   f"step {kill_at}", run)
+        assert run.procs["server"].poll() is None, \
+            f"the server finished before it could be killed (client1 back at step {back()})"
         run.kill("server")
         saved = torch.load(ckpt, weights_only=False)["step"]
         run.spawn("server", resume=True)
