@@ -79,8 +79,8 @@ def to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, tor
 def landed(tensors: Mapping[str, torch.Tensor],
            device: torch.device | None) -> dict[str, torch.Tensor]:
     """Decoded wire tensors on the receiver's ``device`` (None: where decoding put them, the
-    CPU). What crosses the wire is device-independent (runner/distributed/protocol.py encodes
-    from the CPU); each process moves what it receives to the device it trains on."""
+    CPU). What crosses the wire is device-independent (runner/distributed/protocol/encoder.py
+    encodes from the CPU); each process moves what it receives to the device it trains on."""
     if device is None:
         return dict(tensors)
     return {k: v.to(device) for k, v in tensors.items()}

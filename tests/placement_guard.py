@@ -58,7 +58,7 @@ CPU = torch.device("cpu")
 # once (runner/device.py ``to``), wire tensors are decoded on the host and landed by the
 # transport, and LoRA's initial A comes from a CPU generator so a GPU run starts from the
 # CPU's numbers (runner/model/lora.py ``reinit_adapters``).
-HOST_SIDE = ("runner/dataset/", "runner/distributed/protocol.py", "runner/model/lora.py")
+HOST_SIDE = ("runner/dataset/", "runner/distributed/protocol/", "runner/model/lora.py")
 
 
 class OnDevice(torch.Tensor):

@@ -1,4 +1,4 @@
-"""The wire protocol (runner/distributed/protocol.py, docs/protocol.md): topics, envelope, strict
+"""The wire protocol (runner/distributed/protocol/, docs/protocol.md): topics, envelope, strict
 decoding.
 
 No broker here: these tests feed bytes to the encoder and decoder directly. The envelope is

@@ -502,7 +502,7 @@ class NativeLink(Link):
                 self.events.link_message(topic, buf)
                 return
             # A read-only view of libmosquitto's buffer, valid during this call only: the
-            # decoder copies what it keeps (runner.distributed.protocol._build_message copies
+            # decoder copies what it keeps (protocol/decoder.py's _build_message copies
             # read-only payloads; chunks are copied into the reassembly buffer).
             with _view(msg.payload, n) as view:
                 self.events.link_message(topic, view)
