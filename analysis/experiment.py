@@ -18,10 +18,16 @@ Definitions (docs/experiments.md):
   final PPL of its finished cells that ended below their pretrained PPL, so every cell that
   learned reaches it (a cell that ended at or above its start would otherwise set a target
   the pretrained model already meets, and every time to target would be 0);
-* speed-ups are paired by seed: baseline time / method time for the same seed, then mean
-  and interval over seeds (seeds share data partitions and initialisation); ``relative_*``
-  is the inverse pairing, method time / baseline time (a mean of ratios is not the inverse
-  of the mean of the inverse ratios, so both are computed).
+* the fixed target of a setting (:func:`fixed_targets`): the loosest of the methods' best
+  PPLs, i.e. the largest over methods of each method's lowest validation PPL after training
+  began, over all its finished seeds; every method reaches it (in at least the seed that
+  set its best), so time to it is defined for every method, whatever --target-ppl says;
+* speed-ups are paired by seed: baseline time / method time for the same seed, summarised
+  as the geometric mean over seeds with its 95 % interval (:func:`analysis.seeds.geo_mean_ci`:
+  the t interval of the log-ratio, exponentiated), so the method's time / the baseline's is
+  exactly the inverse, interval ends swapped (an arithmetic mean of ratios is not);
+  differences (PPL) keep the arithmetic mean and its interval; every comparison also gets
+  a verdict from its interval (:func:`analysis.seeds.verdict`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import pandas as pd
 
 from analysis import derive
 from analysis.load import RunSet, finite, load_run
-from analysis.seeds import mean_ci
+from analysis.seeds import geo_mean_ci, mean_ci, verdict
 from runner.errors import UserError
 
 MANIFEST = "experiment.json"
@@ -47,12 +53,15 @@ COMPACT_FILES = ("config.json", "metrics.jsonl", "events.jsonl", "summary.json",
                  "eval/scores.json", "cell.json", "result.json")
 EXPERIMENT_FILES = (MANIFEST, SOURCE)
 SCORES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER")  # SER: slot error rate, %
-# Per-cell numbers aggregated over seeds (column of cell_table, formatter).
+# Per-cell numbers aggregated over seeds by their arithmetic mean (columns of cell_table).
 AGGREGATED = ("final_val_ppl", "best_val_ppl", "steps_done", "virtual_time_s", "wall_time_s",
-              "ttt_steps", "ttt_virtual_s", "ttt_wall_s", "speedup_virtual", "speedup_wall",
-              "relative_virtual", "relative_wall",
+              "ttt_steps", "ttt_virtual_s", "ttt_wall_s", "fixed_ttt_steps",
+              "fixed_ttt_virtual_s", "fixed_ttt_wall_s",
               "client_trainable_params", "server_trainable_params", "bytes_mb",
               "budget_violations", *SCORES)
+# Per-cell ratios of times, aggregated by their geometric mean (analysis.seeds.geo_mean_ci):
+# the baseline's time / the cell's, to the setting's target and to the fixed target.
+RATIOS = ("speedup_virtual", "speedup_wall", "fixed_speedup_virtual", "fixed_speedup_wall")
 
 
 @dataclass
@@ -119,7 +128,10 @@ def _evals(exp: ExperimentDir) -> pd.DataFrame:
 def cell_table(exp: ExperimentDir, target: float | None = None,
                baseline: str | None = None) -> pd.DataFrame:
     """One row per cell of the grid (unstarted cells too, with NaNs): identity, whether it
-    finished, its numbers, time to the setting's target and speed-ups vs ``baseline``."""
+    finished, its numbers, time to the setting's target (``ttt_*``) and to its fixed target
+    (``fixed_ttt_*``, :func:`fixed_targets`), and the speed-ups vs ``baseline`` to each
+    (``speedup_*``, ``fixed_speedup_*``: the baseline's finished cell of the same seed's
+    time / this cell's; > 1: this cell is faster)."""
     rows = []
     ev = _evals(exp)
     rs = exp.runs
@@ -137,6 +149,9 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
         first = mine[mine["step"] == 0] if len(mine) else mine
         row["pretrained_val_ppl"] = float(first["val_ppl"].iloc[0]) if len(first) else np.nan
         row["best_val_ppl"] = float(mine["val_ppl"].min()) if len(mine) else np.nan
+        trained = mine[mine["step"] > 0] if len(mine) else mine
+        row["best_trained_val_ppl"] = (float(trained["val_ppl"].min()) if len(trained)
+                                       else np.nan)
         row["steps_done"] = float(mine["step"].iloc[-1]) if len(mine) else np.nan
         vt = mine["virtual_time"].dropna() if len(mine) else pd.Series(dtype=float)
         row["virtual_time_s"] = float(vt.iloc[-1]) if len(vt) else np.nan
@@ -166,30 +181,34 @@ def cell_table(exp: ExperimentDir, target: float | None = None,
     table = pd.DataFrame(rows)
     targets = setting_targets(table, target)
     table["target_ppl"] = table["setting"].map(targets)
-    for col in ("ttt_steps", "ttt_virtual_s", "ttt_wall_s"):
-        table[col] = np.nan
-    table["reached"] = False
-    for i, c in table.iterrows():
-        hit = first_at(ev, c["id"], c["target_ppl"])
-        if hit is not None:
-            table.loc[i, ["ttt_steps", "ttt_virtual_s", "ttt_wall_s"]] = [
-                float(hit["step"]), float(hit["virtual_time"]), float(hit["train_time_s"])]
-            table.loc[i, "reached"] = True
+    table["fixed_target_ppl"] = table["setting"].map(fixed_targets(table))
     base = resolve_baseline(exp, baseline)
-    for kind in ("virtual", "wall"):
-        col = f"ttt_{kind}_s"
-        ref = table[table["method"] == base].set_index(["setting", "seed"])[col]
-        own = table[col].where(table[col] > 0)
-        keys = list(zip(table["setting"], table["seed"], strict=True))
-        table[f"speedup_{kind}"] = [ref.get(k, np.nan) / o if finite(o) else np.nan
-                                    for k, o in zip(keys, own, strict=True)]
-        # The other way round: the method's time over the baseline's (how much longer each
-        # method needs than the baseline, e.g. the paper's "1.3-1.7x faster than ...").
-        table[f"relative_{kind}"] = [o / ref.get(k, np.nan)
-                                     if finite(o) and finite(ref.get(k, np.nan))
-                                     and ref.get(k, np.nan) > 0 else np.nan
-                                     for k, o in zip(keys, table[col], strict=True)]
+    for prefix, target_col in (("", "target_ppl"), ("fixed_", "fixed_target_ppl")):
+        cols = [f"{prefix}ttt_steps", f"{prefix}ttt_virtual_s", f"{prefix}ttt_wall_s"]
+        for col in cols:
+            table[col] = np.nan
+        table[f"{prefix}reached"] = False
+        for i, c in table.iterrows():
+            hit = first_at(ev, c["id"], c[target_col])
+            if hit is not None:
+                table.loc[i, cols] = [float(hit["step"]), float(hit["virtual_time"]),
+                                      float(hit["train_time_s"])]
+                table.loc[i, f"{prefix}reached"] = True
+        for kind in ("virtual", "wall"):
+            table[f"{prefix}speedup_{kind}"] = _speedups(table, base, f"{prefix}ttt_{kind}_s")
     return table
+
+
+def _speedups(table: pd.DataFrame, base: str, col: str) -> list[float]:
+    """Per cell: the time ``col`` of ``base``'s finished cell of the same setting and seed
+    over the cell's own (NaN where either is missing or not positive)."""
+    ref = table[(table["method"] == base) & table["finished"]].set_index(["setting", "seed"])[col]
+    out = []
+    for setting, seed, own in zip(table["setting"], table["seed"], table[col], strict=True):
+        theirs = ref.get((setting, seed), np.nan)
+        out.append(float(theirs) / float(own) if finite(own) and finite(theirs)
+                   and own > 0 and theirs > 0 else np.nan)
+    return out
 
 
 def first_at(ev: pd.DataFrame, cell_id: str, target: float) -> pd.Series | None:
@@ -226,6 +245,27 @@ def setting_targets(table: pd.DataFrame, target: float | None) -> dict[str, floa
     return out
 
 
+def fixed_targets(table: pd.DataFrame) -> dict[str, float]:
+    """The fixed target PPL per setting: the loosest of the methods' best PPLs, i.e. the
+    largest over methods of each method's lowest validation PPL after training began
+    (``best_trained_val_ppl``), over all its finished seeds (all its cells while none of the
+    setting has finished); NaN where no cell has a trained evaluation.
+
+    Why: the setting's target (:func:`setting_targets`) must be reached by every cell, so a
+    weak method puts it near the pretrained PPL, and a per-pair target
+    (:func:`pairwise_table`) differs from pair to pair; this one is one PPL per setting, as
+    low as it can be while every method still reaches it (the worst method's best seed, at
+    its best evaluation), so time to it is defined for every method. A method's other seeds
+    may not reach it: their time is missing, and the count shows it."""
+    out = {}
+    for setting, part in table.groupby("setting", sort=False):
+        done = part[part["finished"]]
+        pool = done if len(done) else part
+        bests = pool.groupby("method", sort=False)["best_trained_val_ppl"].min().dropna()
+        out[str(setting)] = float(bests.max()) if len(bests) else np.nan
+    return out
+
+
 def resolve_baseline(exp: ExperimentDir, baseline: str | None) -> str:
     """``baseline`` (checked), else the experiment file's report.baseline, else the first
     method."""
@@ -248,19 +288,26 @@ def resolve_target(exp: ExperimentDir, target: float | None) -> float | None:
 
 def group_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Per (setting, method): number of seeds, finished seeds, and for every aggregated
-    number its mean, interval half-width (``_ci``) and count (``_n``) over the seeds that
-    have it, over finished cells only; ``reached`` counts the finished seeds that reached
-    the target."""
+    number (:data:`AGGREGATED`) its mean, interval half-width (``_ci``) and count (``_n``)
+    over the seeds that have it, over finished cells only; for every ratio (:data:`RATIOS`)
+    its geometric mean (``_gmean``), interval ends (``_low``, ``_high``), count (``_n``) and
+    verdict (``_verdict``, :func:`analysis.seeds.verdict`); ``reached`` / ``fixed_reached``
+    count the finished seeds that reached the setting's / the fixed target."""
     rows = []
     for (setting, method), part in cells.groupby(["setting", "method"], sort=False):
         row: dict[str, Any] = {"setting": setting, "method": method, "seeds": len(part),
                                "finished": int(part["finished"].sum()),
                                "reached": int((part["reached"] & part["finished"]).sum()),
-                               "target_ppl": float(part["target_ppl"].iloc[0])}
+                               "target_ppl": float(part["target_ppl"].iloc[0]),
+                               "fixed_reached": int((part["fixed_reached"]
+                                                     & part["finished"]).sum()),
+                               "fixed_target_ppl": float(part["fixed_target_ppl"].iloc[0])}
         done = part[part["finished"]]  # a killed or running cell is not a result yet
         for col in AGGREGATED:
             ci = mean_ci(done[col].tolist())
             row[f"{col}_mean"], row[f"{col}_ci"], row[f"{col}_n"] = ci.mean, ci.half, ci.n
+        for col in RATIOS:
+            _put_ratio(row, col, done[col].tolist())
         for col in ("split", "rank", "fairness"):
             values = [v for v in part[col].tolist() if v is not None and v == v and v != ""]
             row[col] = ", ".join(dict.fromkeys(
@@ -271,6 +318,20 @@ def group_table(cells: pd.DataFrame) -> pd.DataFrame:
                                         for k in dict.fromkeys(reasons))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _put_ratio(row: dict[str, Any], stem: str, values: list[float]) -> None:
+    """``stem``'s geometric mean, interval ends, count and verdict into ``row``."""
+    g = geo_mean_ci(values)
+    row[f"{stem}_gmean"], row[f"{stem}_low"], row[f"{stem}_high"] = g.mean, g.low, g.high
+    row[f"{stem}_n"], row[f"{stem}_verdict"] = g.n, verdict(g)
+
+
+def _put_diff(row: dict[str, Any], stem: str, values: list[float]) -> None:
+    """``stem``'s mean, interval half-width, count and verdict into ``row``."""
+    ci = mean_ci(values)
+    row[f"{stem}_mean"], row[f"{stem}_ci"], row[f"{stem}_n"] = ci.mean, ci.half, ci.n
+    row[f"{stem}_verdict"] = verdict(ci)
 
 
 def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.DataFrame:
@@ -284,8 +345,10 @@ def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.Dat
     first evaluation. Per pair and seed the target here is the worse of the two final PPLs:
     the better method reaches it on the way, the other at its end (the paper's convergence
     speed-up is such a time to a common accuracy). ``ratio_*`` is the method's time over
-    ``base``'s (> 1: ``base`` is faster), in virtual and wall seconds; mean and interval over
-    the seeds where both finished."""
+    ``base``'s (> 1: ``base`` is faster), in virtual and wall seconds: geometric mean
+    (``_gmean``) and interval ends (``_low``, ``_high``) over the seeds where both finished
+    (:func:`analysis.seeds.geo_mean_ci`); ``ppl_diff`` has mean and half-width (``_mean``,
+    ``_ci``); each has its count (``_n``) and verdict (``_verdict``)."""
     ev = _evals(exp)
     done = cells[cells["finished"]]
 
@@ -309,25 +372,24 @@ def pairwise_table(exp: ExperimentDir, cells: pd.DataFrame, base: str) -> pd.Dat
                 diffs.append(float(c.final_val_ppl) - float(b["final_val_ppl"]))
                 own, theirs = times(c.id, target), times(str(b["id"]), target)
                 for i, kind in enumerate(("virtual", "wall")):
-                    if finite(own[i]) and finite(theirs[i]) and theirs[i] > 0:
+                    if finite(own[i]) and finite(theirs[i]) and own[i] > 0 and theirs[i] > 0:
                         ratios[kind].append(own[i] / theirs[i])
             if not targets:
                 continue
             row: dict[str, Any] = {"setting": setting, "method": method, "base": base,
                                    "seeds": len(targets),
                                    "target_mean": float(np.mean(targets))}
-            for kind, values in (("ppl_diff", diffs), *(
-                    (f"ratio_{k}", v) for k, v in ratios.items())):
-                ci = mean_ci(values)
-                row[f"{kind}_mean"], row[f"{kind}_ci"], row[f"{kind}_n"] = \
-                    ci.mean, ci.half, ci.n
+            _put_diff(row, "ppl_diff", diffs)
+            for kind, values in ratios.items():
+                _put_ratio(row, f"ratio_{kind}", values)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def contrast_table(cells: pd.DataFrame, exp: ExperimentDir) -> pd.DataFrame:
     """report.contrast [from, to]: per method and override, final PPL(to) - PPL(from) paired
-    by seed, with mean and interval (e.g. the PPL rise from homogeneous to heterogeneous)."""
+    by seed, with mean, interval and verdict (e.g. the PPL rise from homogeneous to
+    heterogeneous)."""
     pair = (exp.manifest.get("report") or {}).get("contrast")
     if not pair:
         return pd.DataFrame()
@@ -339,10 +401,11 @@ def contrast_table(cells: pd.DataFrame, exp: ExperimentDir) -> pd.DataFrame:
         b = part[part["profile"] == dst].set_index("seed")["final_val_ppl"]
         diffs = [b[s] - a[s] for s in a.index if s in b.index and finite(a[s])
                  and finite(b[s])]
-        ci = mean_ci(diffs)
-        rows.append({"method": method, "override": override, "from": src, "to": dst,
-                     "from_mean": mean_ci(a.tolist()).mean, "to_mean": mean_ci(b.tolist()).mean,
-                     "rise_mean": ci.mean, "rise_ci": ci.half, "rise_n": ci.n})
+        row: dict[str, Any] = {"method": method, "override": override, "from": src,
+                               "to": dst, "from_mean": mean_ci(a.tolist()).mean,
+                               "to_mean": mean_ci(b.tolist()).mean}
+        _put_diff(row, "rise", diffs)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -428,6 +491,7 @@ def pack_experiment(src: str | Path, dest: str | Path) -> tuple[int, int]:
     return files, size
 
 
-__all__ = ["COMPACT_FILES", "Band", "ExperimentDir", "bands", "cell_table", "contrast_table",
-           "group_table", "load_experiment_dir", "pack_experiment", "pairwise_table",
-           "resolve_baseline", "resolve_target", "setting_name"]
+__all__ = ["AGGREGATED", "COMPACT_FILES", "RATIOS", "Band", "ExperimentDir", "bands",
+           "cell_table", "contrast_table", "fixed_targets", "group_table", "load_experiment_dir",
+           "pack_experiment", "pairwise_table", "resolve_baseline", "resolve_target",
+           "setting_name"]

@@ -26,9 +26,11 @@ AXES = {  # x -> (evals column, axis label, file stem part, title noun)
 
 
 def fig_bands(exp: ExperimentDir, cells: pd.DataFrame, setting: str, x: str,
-              target: float | None = None) -> Figure | None:
-    """Mean PPL with its band per method against ``x``; None when no cell has that x (e.g.
-    no virtual clock)."""
+              target: float | None = None, fixed_target: float | None = None
+              ) -> Figure | None:
+    """Mean PPL with its band per method against ``x``, the setting's target and the fixed
+    target (analysis/experiment.py ``fixed_targets``) as horizontal lines; None when no cell
+    has that x (e.g. no virtual clock)."""
     col, label, _, noun = AXES[x]
     curves = bands(exp, cells, setting, col)
     if not curves:
@@ -52,6 +54,9 @@ def fig_bands(exp: ExperimentDir, cells: pd.DataFrame, setting: str, x: str,
         if target is not None and np.isfinite(target):
             ax.axhline(target, color="#444444", linestyle=(0, (4, 3)), linewidth=1.1,
                        label=f"target PPL {target:.4g}")
+        if fixed_target is not None and np.isfinite(fixed_target) and fixed_target != target:
+            ax.axhline(fixed_target, color="#444444", linestyle=(0, (1, 2)), linewidth=1.1,
+                       label=f"fixed target PPL {fixed_target:.4g}")
         ax.set_xlabel(label)
         ax.set_ylabel("validation perplexity (PPL)")
         ax.set_xlim(left=0)
@@ -73,10 +78,13 @@ def plot_experiment(exp: ExperimentDir, cells: pd.DataFrame, out_dir: Path
     files: list[Path] = []
     skipped: dict[str, str] = {}
     for setting in dict.fromkeys(cells["setting"]):
-        target = cells.loc[cells["setting"] == setting, "target_ppl"].iloc[0]
+        mine = cells.loc[cells["setting"] == setting]
+        target = float(mine["target_ppl"].iloc[0])
+        fixed = (float(mine["fixed_target_ppl"].iloc[0]) if "fixed_target_ppl" in mine.columns
+                 else None)
         for x, (_, _, part, _) in AXES.items():
             stem = f"ppl_vs_{part}_{slug(setting)}"
-            fig = fig_bands(exp, cells, setting, x, float(target))
+            fig = fig_bands(exp, cells, setting, x, target, fixed)
             if fig is None:
                 skipped[stem] = ("no cell records virtual time" if x == "virtual"
                                  else "no evaluation yet")

@@ -1,11 +1,14 @@
 """The markdown report of an experiment: per setting, one row per method with the mean and
-95 % interval over seeds of PPL, time to target, speed-ups, trainable parameters, bytes
-moved, budget violations and scores; the configuration each method got (fairness); the
-contrast between profiles; every cell; the band figures.
+95 % interval over seeds of PPL, time to the setting's and to the fixed target, trainable
+parameters, bytes moved, budget violations and scores; each method's time against the
+baseline's (geometric mean of the paired ratios with its interval, and a verdict); the
+configuration each method got (fairness); the contrast between profiles; every cell; the
+band figures. Every comparison shown carries the verdict of analysis/seeds.py ``verdict``.
 
 Tables are also written as CSV (``<stem>_tables/cells.csv``, ``methods.csv``,
-``contrast.csv``) with the raw numbers (``*_mean``, ``*_ci``, ``*_n``), so a reader or a test
-can check a figure without parsing markdown.
+``contrast.csv``, ``pairwise.csv``) with the raw numbers (``*_mean``, ``*_ci``, ``*_n``; for
+ratios ``*_gmean``, ``*_low``, ``*_high``, ``*_n``; ``*_verdict``), so a reader or a test can
+check a figure without parsing markdown.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from analysis.experiment import (
 )
 from analysis.experiment_figures import plot_experiment
 from analysis.load import finite
-from analysis.seeds import MeanCI, fmt_ci
+from analysis.seeds import GeoCI, MeanCI, fmt_ci, fmt_geo, verdict
 
 # Column title, group_table stem, number format; a column is left out when no row has it.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -37,8 +40,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Steps", "steps_done", ".0f"),
     ("Virtual time to target (s)", "ttt_virtual_s", ".4g"),
     ("Wall time to target (s)", "ttt_wall_s", ".1f"),
-    ("Speed-up (virtual)", "speedup_virtual", ".2f"),
-    ("Speed-up (wall)", "speedup_wall", ".2f"),
+    ("Virtual time to fixed target (s)", "fixed_ttt_virtual_s", ".4g"),
+    ("Wall time to fixed target (s)", "fixed_ttt_wall_s", ".1f"),
     ("Client trainable params", "client_trainable_params", ",.0f"),
     ("Server trainable params", "server_trainable_params", ",.0f"),
     ("MB moved", "bytes_mb", ".1f"),
@@ -52,13 +55,28 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _mean_ci(row: pd.Series, stem: str) -> MeanCI:
+    return MeanCI(float(row[f"{stem}_mean"]), float(row[f"{stem}_ci"]), math.nan,
+                  int(row[f"{stem}_n"]))
+
+
+def _geo_ci(row: pd.Series, stem: str) -> GeoCI:
+    return GeoCI(float(row[f"{stem}_gmean"]), float(row[f"{stem}_low"]),
+                 float(row[f"{stem}_high"]), int(row[f"{stem}_n"]))
+
+
+def _count(text: str, n: int, seeds: int) -> str:
+    """``text (n=k)`` when some seeds lack the number (target not reached, killed)."""
+    return f"{text} (n={n})" if text and n < seeds else text
+
+
 def _ci(row: pd.Series, stem: str, fmt: str) -> str:
-    ci = MeanCI(float(row[f"{stem}_mean"]), float(row[f"{stem}_ci"]), math.nan,
-                int(row[f"{stem}_n"]))
-    text = fmt_ci(ci, fmt)
-    if text and ci.n < int(row["seeds"]):  # some seeds lack it (target not reached, killed)
-        text += f" (n={ci.n})"
-    return text
+    ci = _mean_ci(row, stem)
+    return _count(fmt_ci(ci, fmt), ci.n, int(row["seeds"]))
+
+
+def _geo(ci: GeoCI, seeds: int, fmt: str = ".2f") -> str:
+    return _count(fmt_geo(ci, fmt), ci.n, seeds)
 
 
 def methods_markdown(groups: pd.DataFrame) -> list[str]:
@@ -74,31 +92,48 @@ def methods_markdown(groups: pd.DataFrame) -> list[str]:
     return lines
 
 
-def relative_markdown(groups: pd.DataFrame, base: str) -> list[str]:
-    """Each method's time to target over the baseline's, paired by seed: how much faster
-    the baseline converges than each method (the form of the paper's speed-up claims)."""
+def speedup_markdown(groups: pd.DataFrame, base: str) -> list[str]:
+    """Each method's time to the setting's target and to the fixed target over the
+    baseline's, paired by seed: the inverse of group_table's ``speedup_*`` /
+    ``fixed_speedup_*`` (exact on the log scale: geometric mean inverted, interval ends
+    swapped and inverted), so it reads the same way as the pairwise table (< 1: the method
+    is faster), with the verdict of each."""
     rows = groups[groups["method"] != base]
-    if rows.empty or (rows["relative_virtual_n"].sum() + rows["relative_wall_n"].sum()) == 0:
+    targets = [(label, prefix) for label, prefix in (("setting", ""), ("fixed", "fixed_"))
+               if rows[f"{prefix}speedup_virtual_n"].sum() + rows[f"{prefix}speedup_wall_n"]
+               .sum() > 0]
+    if rows.empty or not targets:
         return []
-    lines = [f"| Method | its time / {base}'s (virtual) | its time / {base}'s (wall) |",
-             "|:---|---:|---:|"]
+    lines = [f"| Method | Target PPL | its time / {base}'s (virtual) | Verdict "
+             f"| its time / {base}'s (wall) | Verdict |", "|:---|:---|---:|:---|---:|:---|"]
     for _, row in rows.iterrows():
-        lines.append(f"| {row['method']} | {_ci(row, 'relative_virtual', '.2f')} "
-                     f"| {_ci(row, 'relative_wall', '.2f')} |")
+        for label, prefix in targets:
+            cells = []
+            for kind in ("virtual", "wall"):
+                ci = _geo_ci(row, f"{prefix}speedup_{kind}").inverse()
+                cells += [_geo(ci, int(row["finished"])), verdict(ci)]
+            tgt = row[f"{prefix}target_ppl"]
+            lines.append(f"| {row['method']} | {label} ({_num(tgt, '.4g')}) | "
+                         + " | ".join(cells) + " |")
     return lines
 
 
 def pairwise_markdown(pairs: pd.DataFrame) -> list[str]:
-    """pairwise_table's rows of one setting as a markdown table."""
+    """pairwise_table's rows of one setting as a markdown table, with verdicts."""
     if pairs.empty:
         return []
-    lines = ["| Method | Seed pairs | Final PPL minus base's | Mean target PPL "
-             "| its time / base's (virtual) | its time / base's (wall) |",
-             "|:---|---:|---:|---:|---:|---:|"]
+    lines = ["| Method | Seed pairs | Final PPL minus base's | Verdict | Mean target PPL "
+             "| its time / base's (virtual) | Verdict | its time / base's (wall) | Verdict |",
+             "|:---|---:|---:|:---|---:|---:|:---|---:|:---|"]
     for _, row in pairs.iterrows():
-        lines.append(f"| {row['method']} | {int(row['seeds'])} | {_ci(row, 'ppl_diff', '+.3f')} "
-                     f"| {row['target_mean']:.3f} | {_ci(row, 'ratio_virtual', '.2f')} "
-                     f"| {_ci(row, 'ratio_wall', '.2f')} |")
+        n = int(row["seeds"])
+        diff = _mean_ci(row, "ppl_diff")
+        cells = [_count(fmt_ci(diff, "+.3f"), diff.n, n), verdict(diff),
+                 f"{row['target_mean']:.3f}"]
+        for kind in ("virtual", "wall"):
+            ci = _geo_ci(row, f"ratio_{kind}")
+            cells += [_geo(ci, n), verdict(ci)]
+        lines.append(f"| {row['method']} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -208,12 +243,20 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
         f"- Stopping: {'; '.join(rules)}.",
         "- Numbers are mean ± half-width of the 95 % Student-t confidence interval over the "
         "seeds that have the number (n shown when fewer than all); one seed: the value alone.",
+        "- Ratios of times are paired by seed (the method's time / the baseline's of the same "
+        "seed) and summarised as the geometric mean over seeds [95 % interval]: the t "
+        "interval of the log-ratio, exponentiated, so it is asymmetric and the inverse "
+        "ratio is exactly its inverse. Verdict: *lower* / *higher* when the 95 % interval "
+        "excludes 0 (a difference) or 1 (a ratio), else *no difference detected*; one seed "
+        "has no interval.",
         "- Target PPL per setting: " + (f"{target:.4g} (given)" if target is not None else
                                         "the largest final PPL of its finished cells that "
                                         "ended below their pretrained PPL (every such cell "
                                         "reaches it)") + "; time to target is the first "
-        "evaluation after training began at or below it. Speed-ups are paired by seed: "
-        f"{base}'s time / the method's time (> 1 is faster).",
+        "evaluation after training began at or below it. Fixed target per setting: the "
+        "loosest of the methods' best PPLs (the largest over methods of each one's lowest "
+        "PPL after training began, over its finished seeds), which every method reaches in "
+        "at least one seed.",
         "- Trainable parameters: per client (mean over clients) and on the server, from "
         "summary.json; MB moved: activations, gradients, adapters and handed-over blocks "
         "(10^6 bytes); budget violations: `budget_violation` events per cell (a "
@@ -223,19 +266,24 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
     for setting in dict.fromkeys(cells["setting"]):
         g = groups[groups["setting"] == setting]
         tgt = g["target_ppl"].iloc[0]
+        fixed = g["fixed_target_ppl"].iloc[0]
         lines += [f"## Setting {setting}", "",
-                  f"Target PPL {tgt:.4g}." if finite(tgt) else "No evaluation yet.", "",
+                  (f"Target PPL {tgt:.4g}" + (f"; fixed target PPL {fixed:.4g}"
+                                              if finite(fixed) else "") + ".")
+                  if finite(tgt) else "No evaluation yet.", "",
                   *methods_markdown(g), ""]
-        relative = relative_markdown(g, base)
-        if relative:
-            lines += [f"Time to target relative to {base} (paired by seed; > 1: {base} "
-                      "reaches the target sooner):", "", *relative, ""]
+        speedups = speedup_markdown(g, base)
+        if speedups:
+            lines += [f"Time to target against {base}, paired by seed (the method's time / "
+                      f"{base}'s; < 1: the method reaches the target sooner, verdict *lower*):",
+                      "", *speedups, ""]
         pairs = pairwise_markdown(pairwise[pairwise["setting"] == setting]) \
             if not pairwise.empty else []
         if pairs:
             lines += [f"Against {base}, paired by seed: the final PPL difference, and the "
                       "time to the PPL both reach (per seed the target is the worse of the two "
-                      f"final PPLs; the method's time / {base}'s, > 1: {base} is faster):", "",
+                      f"final PPLs; the method's time / {base}'s, > 1: {base} is faster, "
+                      "verdict *higher*):", "",
                       *pairs, ""]
         lines += ["Configuration under the budgets:", "", *config_markdown(g), ""]
     if not contrast.empty:
@@ -243,12 +291,12 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
         lines += [f"## PPL rise from {c0['from']} to {c0['to']}", "",
                   "Final PPL on the second profile minus the first, paired by seed.", "",
                   "| Method | Override | PPL " + str(c0["from"]) + " | PPL " + str(c0["to"])
-                  + " | Rise |", "|:---|:---|---:|---:|---:|"]
+                  + " | Rise | Verdict |", "|:---|:---|---:|---:|---:|:---|"]
         for _, r in contrast.iterrows():
-            rise = fmt_ci(MeanCI(r["rise_mean"], r["rise_ci"], math.nan, int(r["rise_n"])),
-                          "+.3f")
+            rise = _mean_ci(r, "rise")
             lines.append(f"| {r['method']} | {r['override']} | {_num(r['from_mean'], '.3f')} "
-                         f"| {_num(r['to_mean'], '.3f')} | {rise} |")
+                         f"| {_num(r['to_mean'], '.3f')} | {fmt_ci(rise, '+.3f')} "
+                         f"| {verdict(rise)} |")
         lines.append("")
     over = violations_markdown(exp, cells)
     if over:
@@ -275,4 +323,5 @@ def write_experiment_report(exp: ExperimentDir, out: Path, target: float | None 
     return out, [*written, *figures]
 
 
-__all__ = ["cells_markdown", "config_markdown", "methods_markdown", "write_experiment_report"]
+__all__ = ["cells_markdown", "config_markdown", "methods_markdown", "pairwise_markdown",
+           "speedup_markdown", "write_experiment_report"]

@@ -9,6 +9,10 @@ Why no scipy: the project does not depend on it, and the quantile is a few lines
 is a regularised incomplete beta function (continued fraction, Numerical Recipes 6.4), and
 the quantile is found by bisection. tests/test_experiment.py checks the quantiles against
 the standard table.
+
+Ratios (a speed-up, one method's time over another's) are summarised on the log scale
+(:func:`geo_mean_ci`), and a comparison is put into words from its interval
+(:func:`verdict`); docs/experiments.md "How comparisons are computed".
 """
 
 from __future__ import annotations
@@ -118,6 +122,117 @@ def mean_ci(values: Iterable[float | None], level: float = LEVEL) -> MeanCI:
     return MeanCI(mean, half, sd, n)
 
 
+@dataclass(frozen=True)
+class GeoCI:
+    """Geometric mean of positive ratios and its ``level`` interval ``[low, high]``
+    (NaN for fewer than two values), with the count. The interval is the Student-t interval
+    of the mean log-ratio, exponentiated: asymmetric around ``mean`` (``mean / low`` equals
+    ``high / mean``), so it has ends, not a half-width."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def inverse(self) -> GeoCI:
+        """The statistic of the inverse ratios (B/A for A/B): ``1 / mean`` with the ends
+        swapped and inverted: what :func:`geo_mean_ci` gives for ``1 / ratio`` (up to
+        rounding)."""
+        return GeoCI(1.0 / self.mean if self.n else math.nan,
+                     1.0 / self.high if self.n >= 2 else math.nan,
+                     1.0 / self.low if self.n >= 2 else math.nan, self.n)
+
+    @property
+    def log_mean(self) -> float:
+        """The mean of the log-ratios (``log(mean)``)."""
+        return math.log(self.mean) if self.n and self.mean > 0 else math.nan
+
+    @property
+    def log_half(self) -> float:
+        """The interval's half-width on the log scale."""
+        return (math.log(self.high) - math.log(self.low)) / 2.0 if self.n >= 2 else math.nan
+
+
+def geo_mean_ci(ratios: Iterable[float | None], level: float = LEVEL) -> GeoCI:
+    """Geometric mean over seeds of positive ratios with its Student-t interval: the mean
+    ``m`` and half-width ``h`` of ``log(ratio)`` (:func:`mean_ci`), reported as
+    ``exp(m)`` and ``[exp(m - h), exp(m + h)]``. None and NaN are skipped (a seed where one
+    side did not reach the target).
+
+    Why the log scale: a ratio of times is symmetric on it (twice as fast and half as fast
+    are +log 2 and -log 2), so the statistic of B/A is exactly the inverse of that of A/B:
+    the geometric mean inverts and the interval's ends swap and invert. The arithmetic mean
+    of ratios is neither: it is biased upwards (it is at least the geometric mean, more so
+    the more the seeds spread), and it is not invertible: mean(A/B) * mean(B/A) >= 1, equal
+    only when every seed gives the same ratio, so which method sits in the denominator
+    changes the answer. The log-ratios are also closer to normal than the ratios (a ratio
+    is bounded below by 0, not above), which the t interval assumes.
+
+    Raises:
+        ValueError: a ratio is zero or negative (no logarithm; a time of 0 is not a time).
+    """
+    xs = [float(v) for v in ratios if v is not None and math.isfinite(float(v))]
+    bad = [x for x in xs if x <= 0]
+    if bad:
+        raise ValueError(f"ratios must be positive, got {bad[0]}")
+    ci = mean_ci([math.log(x) for x in xs], level)
+    if ci.n == 0:
+        return GeoCI(math.nan, math.nan, math.nan, 0)
+    if ci.n == 1:
+        return GeoCI(math.exp(ci.mean), math.nan, math.nan, 1)
+    return GeoCI(math.exp(ci.mean), math.exp(ci.low), math.exp(ci.high), ci.n)
+
+
+ONE_SEED = "one seed: no interval"
+NO_DIFFERENCE = "no difference detected"
+
+
+def verdict(ci: MeanCI | GeoCI, level: float = LEVEL) -> str:
+    """A comparison put into words from its interval, for a difference (:class:`MeanCI`,
+    null value 0) or a ratio (:class:`GeoCI`, null value 1: the interval of the log-ratio
+    excludes 0 exactly when the ratio's excludes 1):
+
+    * ``"lower: the 95 % interval excludes 0"`` (``... excludes 1`` for a ratio): the whole
+      interval is below the null value;
+    * ``"higher: the 95 % interval excludes 0"`` (``1``): the whole interval is above it;
+    * ``"no difference detected"``: the interval contains it (not "no difference": with a
+      handful of seeds the interval is wide, and a real difference can hide in it);
+    * ``"one seed: no interval"``: one value has no interval, so nothing can be said;
+    * ``""``: no value at all.
+
+    Why words: a mean with an interval is easy to read as a result when the interval
+    straddles the null value; the verdict says what the interval allows one to claim.
+    """
+    if ci.n == 0:
+        return ""
+    if ci.n == 1:
+        return ONE_SEED
+    pct = f"{100 * level:g} %"
+    if isinstance(ci, GeoCI):
+        null, low, high = "1", ci.low, ci.high
+        below, above = high < 1.0, low > 1.0
+    else:
+        null, low, high = "0", ci.low, ci.high
+        below, above = high < 0.0, low > 0.0
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return NO_DIFFERENCE
+    if below:
+        return f"lower: the {pct} interval excludes {null}"
+    if above:
+        return f"higher: the {pct} interval excludes {null}"
+    return NO_DIFFERENCE
+
+
+def fmt_geo(ci: GeoCI, fmt: str = ".2f") -> str:
+    """``1.25 [1.10, 1.42]`` (n >= 2: geometric mean [low, high]), ``1.25`` (one value),
+    ``""`` (none)."""
+    if ci.n == 0 or not math.isfinite(ci.mean):
+        return ""
+    if ci.n == 1 or not (math.isfinite(ci.low) and math.isfinite(ci.high)):
+        return format(ci.mean, fmt)
+    return f"{format(ci.mean, fmt)} [{format(ci.low, fmt)}, {format(ci.high, fmt)}]"
+
+
 def fmt_ci(ci: MeanCI, fmt: str = ".3f") -> str:
     """``12.345 ± 0.678`` (n >= 2), ``12.345`` (one value), ``""`` (none). A signed format
     (``+.3f``, a difference) signs the mean only: ``-3.580 ± 1.824``."""
@@ -128,4 +243,5 @@ def fmt_ci(ci: MeanCI, fmt: str = ".3f") -> str:
     return f"{format(ci.mean, fmt)} ± {format(ci.half, fmt.lstrip('+'))}"
 
 
-__all__ = ["LEVEL", "MeanCI", "betainc", "fmt_ci", "mean_ci", "t_cdf", "t_quantile"]
+__all__ = ["LEVEL", "NO_DIFFERENCE", "ONE_SEED", "GeoCI", "MeanCI", "betainc", "fmt_ci",
+           "fmt_geo", "geo_mean_ci", "mean_ci", "t_cdf", "t_quantile", "verdict"]

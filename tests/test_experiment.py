@@ -321,10 +321,17 @@ def test_grid_killed_mid_run_resumes_and_reports_means_and_intervals(tmp_path: P
         ratios.append(own / base)
     with open(out / "report_tables" / "pairwise.csv") as f:
         pairwise = {r["method"]: r for r in csv.DictReader(f)}
-    r_mean, r_half = _ci_by_hand(ratios)
-    assert float(pairwise["fedlora"]["ratio_virtual_mean"]) == pytest.approx(r_mean, rel=1e-9)
-    assert float(pairwise["fedlora"]["ratio_virtual_ci"]) == pytest.approx(r_half, rel=1e-9,
-                                                                           abs=1e-12)
+    # a ratio of times: geometric mean, the t interval of the log-ratio exponentiated
+    l_mean, l_half = _ci_by_hand([math.log(r) for r in ratios])
+    fed = pairwise["fedlora"]
+    assert float(fed["ratio_virtual_gmean"]) == pytest.approx(math.exp(l_mean), rel=1e-9)
+    assert float(fed["ratio_virtual_low"]) == pytest.approx(math.exp(l_mean - l_half),
+                                                            rel=1e-9)
+    assert float(fed["ratio_virtual_high"]) == pytest.approx(math.exp(l_mean + l_half),
+                                                             rel=1e-9)
+    side = ("higher" if l_mean - l_half > 0 else "lower" if l_mean + l_half < 0 else None)
+    assert fed["ratio_virtual_verdict"] == (f"{side}: the 95 % interval excludes 1" if side
+                                            else "no difference detected")
     d_mean, d_half = _ci_by_hand([finals[f"fedlora.seed{s}"] - finals[f"splitlora.seed{s}"]
                                   for s in (0, 1)])
     assert float(pairwise["fedlora"]["ppl_diff_mean"]) == pytest.approx(d_mean, rel=1e-9)
