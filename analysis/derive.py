@@ -153,9 +153,10 @@ def speedups(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
 
 def bytes_moved(rs: RunSet) -> pd.DataFrame:
     """Per run: bytes sent + received in train records (activations, gradients), in
-    aggregate records (adapters) and in ``split_moved`` events (frozen blocks handed to a
-    client whose split point deepened, docs/method.md "ARMSC: Trigger"), their total, and the
-    total in MB."""
+    aggregate records (adapters), in ``split_moved`` events (frozen blocks handed to a
+    client whose split point deepened, docs/method.md "ARMSC: Trigger") and in ``probe``
+    events (HSplitLoRA's importance probes: activations up, gradients down), their total,
+    and the total in MB."""
     m, e = rs.metrics, rs.events
     rows = []
     for r in rs.runs:
@@ -173,7 +174,13 @@ def bytes_moved(rs: RunSet) -> pd.DataFrame:
             moved = e[(e["run"] == r.name) & (e["event"] == "split_moved")]["bytes"]
             handover = float(pd.to_numeric(moved, errors="coerce").fillna(0).sum())
         row["handover_bytes"] = handover
-        row["total_bytes"] = row["train_bytes"] + row["aggregate_bytes"] + handover
+        probe = 0.0
+        if not e.empty and "bytes_up" in e.columns:
+            mine_e = e[(e["run"] == r.name) & (e["event"] == "probe")]
+            for col in ("bytes_up", "bytes_down"):
+                probe += float(pd.to_numeric(mine_e[col], errors="coerce").fillna(0).sum())
+        row["probe_bytes"] = probe
+        row["total_bytes"] = row["train_bytes"] + row["aggregate_bytes"] + handover + probe
         row["total_mb"] = row["total_bytes"] / MB
         rows.append(row)
     return pd.DataFrame(rows)

@@ -173,15 +173,18 @@ def fig_speedup(rs: RunSet, target: float, baseline: str) -> Figure | None:
 
 def fig_bytes(rs: RunSet) -> Figure | None:
     """Data moved per run in MB: activations + gradients (train records), adapter traffic
-    (aggregate records) and, when a run re-split, the frozen blocks handed to clients."""
+    (aggregate records) and, when a run re-split or probed, the frozen blocks handed to
+    clients and the importance probes' traffic."""
     moved = derive.bytes_moved(rs)
     if moved.empty:
         return None
     styles = run_styles(rs)
     parts = [("train_bytes", "activations + gradients (training)", None),
              ("aggregate_bytes", "adapters (aggregation)", "//"),
-             ("handover_bytes", "frozen blocks handed over (re-split)", "xx")]
-    parts = [p for p in parts if p[0] != "handover_bytes" or moved[p[0]].sum() > 0]
+             ("handover_bytes", "frozen blocks handed over (re-split)", "xx"),
+             ("probe_bytes", "importance probes (IWI)", "..")]
+    parts = [p for p in parts if p[0] in ("train_bytes", "aggregate_bytes")
+             or moved[p[0]].sum() > 0]
     with style():
         fig, ax = new_figure(max(6.4, 1.5 + 0.9 * len(moved)), 4.0)
         xs = np.arange(len(moved))

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 _STREAM = 1000  # batch streams: seed * 1000 + client index
 _STEP = 7919  # a prime: adapters re-initialised at step t use seed + 7919 t
+_PROBE = 0x1A7E  # the first word of every probe batch's SeedSequence entropy
 
 
 def batch_stream(seed: int, index: int) -> int:
     """Client ``index``'s mini-batch stream (runner.dataset.data.ClientBatches)."""
     return seed * _STREAM + index
+
+
+def probe_batch(seed: int, index: int, step: int) -> tuple[int, int, int, int]:
+    """Client ``index``'s IWI probe batch at ``step`` (ClientBatches.sample): a stream of
+    its own, apart from the training batches, so probing never shifts the data a method
+    trains on (the ablation without IWI sees the same batches at every step). A tuple is the
+    entropy of a numpy SeedSequence: no integer formula of the other streams can collide
+    with it."""
+    return (_PROBE, seed, index, step)
 
 
 def adapter_init(seed: int, step: int = 0) -> int:

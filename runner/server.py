@@ -129,6 +129,7 @@ class Server:
             self.tr.clients[0].seg.model, self.full).items()}
         self.epoch = uuid.uuid4().hex[:12]
         self.resumed = False
+        self.resume_clock: dict[str, float] | None = None  # the checkpoint's virtual clock
         self.start_step = 0
         self.current = -1  # step being (or last) collected
         self.closed_step = -1  # last step whose gradients went out
@@ -252,7 +253,8 @@ class Server:
                    for p in self.peers.values()},
             history=self.tr.history, totals=self.totals, first=self.first, last=self.last,
             rng=torch.get_rng_state(), elapsed=self.run.elapsed(),
-            cuda_rng=checkpoint.cuda_rng_state(self.tr.device)))  # None on the CPU
+            cuda_rng=checkpoint.cuda_rng_state(self.tr.device),  # None on the CPU
+            vclock=self.tr.vclock.state() if self.tr.vclock is not None else None))
 
     def _resume(self) -> None:
         """Continue from the last checkpoint; drop metrics written after it."""
@@ -277,6 +279,7 @@ class Server:
             torch.set_rng_state(ckpt.rng)
             checkpoint.restore_cuda_rng(ckpt.cuda_rng, self.tr.device)  # on CUDA only
             self.run.t0 = time.monotonic() - ckpt.elapsed
+            self.resume_clock = ckpt.vclock  # restored once fit() has made the clock
         self.start_step = g + 1
         self.closed_step = g
         self.current = g
@@ -746,6 +749,9 @@ class Server:
         self.wait_for_clients()
         self.hooks.start()
         self.tr.vclock = self.hooks.make_clock()
+        if self.tr.vclock is not None and self.resume_clock is not None:
+            self.tr.vclock.restore(self.resume_clock)
+        self.tr.clock_started()
         if self.first is None:
             self.first = self.last = self.tr.evaluate()
             self.tr._log_eval(0, self.first)

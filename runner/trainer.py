@@ -229,6 +229,9 @@ class Trainer:
         # for SmolLM2); full fine-tuning trains them, so every segment keeps its own.
         self.frozen: split.SharedFrozen | None = (
             None if self.traits.full else split.SharedFrozen(blocks=self.share_blocks))
+        # virtual time on the devices: fit() (the distributed server: its fit) makes it;
+        # work while building (HSplitLoRA's initial probe) finds None and is charged later
+        self.vclock: StepClock | None = None
         self._build()
         self.val_examples = data_mod.encode_frame(self.prep.tokenizer,
                                                   self.prep.frames["validation"], cfg.max_len)
@@ -237,7 +240,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.offline: set[str] = set()
         self.global_state: dict[str, torch.Tensor] | None = None
-        self.vclock: StepClock | None = None  # virtual time on the devices (fit() builds it)
 
     # ----------------------------------------------------------------------------- set-up
     def _ranks(self, config) -> lora.RankMap:
@@ -536,6 +538,7 @@ class Trainer:
         if run is not None:
             run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
         self.vclock = self.make_clock()
+        self.clock_started()
         stopper = Stopper.from_config(cfg)
         self._event("stop_rule", **stopper.describe(self.vclock is not None))
         first = self.evaluate()
@@ -629,6 +632,11 @@ class Trainer:
                          [h.name for h in self.clients], devices, server,
                          availability_from(availability), seed=self.cfg.seed,
                          agg_interval=self.cfg.agg_interval)
+
+    def clock_started(self) -> None:
+        """Hook: the run's virtual clock (if any) now exists (both engines call it once they
+        have made it); work done before it, such as HSplitLoRA's initial probe, is charged
+        here."""
 
     def client_blocks(self) -> dict[str, int]:
         """Blocks each client runs: its segment (split methods) or the whole model."""

@@ -355,7 +355,7 @@ def test_a_cuda_checkpoint_keeps_and_restores_the_device_rng(
     fake_server = SimpleNamespace(
         run=SimpleNamespace(path=tmp_path / "run", elapsed=lambda: 1.0), global_step=4,
         hooks=SimpleNamespace(model_state=lambda: {}), peers={},
-        tr=SimpleNamespace(history=[], device=cuda1), totals={}, first=None, last=None)
+        tr=SimpleNamespace(history=[], device=cuda1, vclock=None), totals={}, first=None, last=None)
     Server.checkpoint(fake_server, 3)  # type: ignore[arg-type]
     read = checkpoint.read(tmp_path / "run")
     assert read is not None and torch.equal(read.cuda_rng, state)

@@ -83,7 +83,9 @@ def test_hsplitlora_over_mosquitto_equals_in_process(tmp_path: Path) -> None:
     assert s["bytes_sent"] == summary["bytes_sent"]
     assert s["bytes_received"] == summary["bytes_received"]
     assert s["client_splits"] == summary["client_splits"]
-    assert s["probe_bytes"] > 0
+    # the probes are charged alike in both engines (issue 29 part 1): bytes and time
+    assert s["probe_bytes"] == summary["probe_bytes"] > 0
+    assert s["virtual_time_s"] == pytest.approx(summary["virtual_time_s"], rel=1e-9)
     ev = Counter(e["event"] for e in events(run.run_dir))
     assert ev["probe"] == 3 and ev["aggregate"] == 3  # no probe after the last aggregation
     assert ev["client_offline"] == 0 and ev["message_rejected"] == 0
@@ -216,5 +218,10 @@ def test_hsplitlora_client_killed_and_restarted_then_server_killed_and_resumed(
             f"{cid} did not train after the resume"
     plans_after = [e for e in ev if e["event"] == "reconfigure" and e["step"] > saved]
     assert plans_after, "the resumed server re-planned after its checkpoint"
+    # the virtual clock came back with the checkpoint: it goes on, never restarts at 0
+    vt = {(m["step"], m["client"]): m["virtual_time"]
+          for m in read_jsonl(run.run_dir / "metrics.jsonl") if m.get("kind") == "train"}
+    assert min(t for (st, _), t in vt.items() if st > saved) > max(
+        t for (st, _), t in vt.items() if st <= saved) > 0
     s = json.loads((run.run_dir / "summary.json").read_text())
     assert s["final_val_ppl"] < s["pretrained_val_ppl"]

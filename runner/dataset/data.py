@@ -823,6 +823,22 @@ class ClientBatches:
             self._consumed += 1
         return collate(picked, self._pad_id, self._multiple)
 
+    def sample(self, seed: Sequence[int]) -> dict[str, torch.Tensor]:
+        """One collated batch drawn from a generator of its own (``seed``: the entropy of a
+        ``numpy.random.SeedSequence``), the stream's position untouched.
+
+        Why: a side computation that needs data (HSplitLoRA's importance probe) must not
+        shift the training batches, or a method that probes and its ablation that does not
+        would train on different data at every step after the first probe
+        (docs/method.md "IWI"); a stateless draw also needs no position saved, restored or
+        repaired on a restarted client."""
+        rng = np.random.default_rng(list(seed))
+        order: list[int] = []
+        while len(order) < self._batch_size:
+            order.extend(int(i) for i in rng.permutation(len(self._examples)))
+        return collate([self._examples[i] for i in order[: self._batch_size]], self._pad_id,
+                       self._multiple)
+
     def __iter__(self) -> ClientBatches:
         return self
 

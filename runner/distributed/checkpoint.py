@@ -68,6 +68,7 @@ class ServerCheckpoint:
     rng: torch.Tensor
     elapsed: float  # seconds of the run so far (the run directory's clock)
     cuda_rng: torch.Tensor | None = None  # the CUDA device's RNG state; None on the CPU
+    vclock: dict[str, float] | None = None  # the virtual clock (StepClock.state); None: none
 
     def to_state(self) -> dict[str, Any]:
         """The dict the file holds (``cuda_rng`` only when there is one)."""
@@ -81,6 +82,8 @@ class ServerCheckpoint:
         }
         if self.cuda_rng is not None:
             state["cuda_rng"] = self.cuda_rng
+        if self.vclock is not None:
+            state["vclock"] = dict(self.vclock)
         return state
 
     @classmethod
@@ -93,7 +96,8 @@ class ServerCheckpoint:
                    for cid, pos in state["peers"].items()},
             history=list(state["history"]), totals=dict(state["totals"]),
             first=state["first"], last=state["last"], rng=state["rng"],
-            elapsed=float(state["elapsed"]), cuda_rng=state.get("cuda_rng"))
+            elapsed=float(state["elapsed"]), cuda_rng=state.get("cuda_rng"),
+            vclock=state.get("vclock"))
 
 
 def cuda_rng_state(device: torch.device | None, cuda: Any = None) -> torch.Tensor | None:

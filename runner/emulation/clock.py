@@ -203,6 +203,20 @@ class VirtualClock:
             self.now = end
             return StepTiming(index, start, end, start, start, {}, frozenset(),
                               frozenset(offline), frozenset(dropped))
+        end, server_start, server_end, finish = self._exchange(
+            start, online, client_flops, bytes_up, bytes_down, server_flops)
+        self.now = end
+        return StepTiming(index, start, end, server_start, server_end, finish,
+                          frozenset(online), frozenset(offline), frozenset(dropped))
+
+    def _exchange(self, start: float, online: Sequence[int],
+                  client_flops: Mapping[int, float] | Sequence[float] | float,
+                  bytes_up: Mapping[int, float] | Sequence[float] | float,
+                  bytes_down: Mapping[int, float] | Sequence[float] | float,
+                  server_flops: float) -> tuple[float, float, float, dict[int, float]]:
+        """One split round trip of ``online`` from ``start``: client forwards, activations
+        up, the server's pass over all of them, gradients down, client backwards. Returns
+        (end, server start, server end, each client's finish)."""
         arrive: dict[int, float] = {}
         for i in online:
             dev = self.devices[i]
@@ -219,10 +233,21 @@ class VirtualClock:
             down = _per_client(bytes_down, i, "bytes_down")
             finish[i] = server_end + down / dev.bandwidth + dev.latency \
                 + (1.0 - FORWARD_SHARE) * flops / dev.flops
-        end = max(finish.values())
-        self.now = end
-        return StepTiming(index, start, end, server_start, server_end, finish,
-                          frozenset(online), frozenset(offline), frozenset(dropped))
+        return max(finish.values()), server_start, server_end, finish
+
+    def exchange(self, participants: Sequence[int],
+                 client_flops: Mapping[int, float] | Sequence[float] | float,
+                 bytes_up: Mapping[int, float] | Sequence[float] | float,
+                 bytes_down: Mapping[int, float] | Sequence[float] | float,
+                 server_flops: float) -> float:
+        """Let a round trip that is not a training step pass (HSplitLoRA's importance
+        probe): timed as a step of ``participants`` (the clients that took part, so no
+        availability is drawn) but not counted as one, so the trace and the per-round
+        dropout stay aligned with the training steps; returns now."""
+        if participants:
+            self.now, _, _, _ = self._exchange(self.now, participants, client_flops,
+                                               bytes_up, bytes_down, server_flops)
+        return self.now
 
     def advance(self, seconds: float) -> float:
         """Let virtual time pass (aggregation traffic, a reconfiguration); returns now."""

@@ -77,6 +77,18 @@ class StepClock:
     def now(self) -> float:
         return self.clock.now
 
+    def state(self) -> dict[str, float]:
+        """What a checkpoint keeps of the clock: the time and the steps counted (the round
+        a per-round dropout draw belongs to). Devices and traces come from the run's
+        configuration again."""
+        return {"now": self.clock.now, "steps": self.clock.steps}
+
+    def restore(self, state: dict[str, float]) -> None:
+        """Continue from :meth:`state` (a resumed server: virtual time goes on from the
+        checkpoint instead of restarting at 0)."""
+        self.clock.now = float(state["now"])
+        self.clock.steps = int(state["steps"])
+
     def away(self) -> dict[str, str]:
         """Clients that sit out the next step, with the reason ("trace" or "dropout")."""
         _, offline, dropped = self.clock.who_is_online()
@@ -102,6 +114,25 @@ class StepClock:
                                   self.now, {}, frozenset(), frozenset(), frozenset())
             self.last = self.clock.step(None, 0.0, 0.0, 0.0, 0.0)
             return self.last
+        timing = self.clock.step(*self._costs(records, blocks, full_model))
+        for r in records:
+            r["virtual_time"] = round(timing.finish.get(self.index[r["client"]], timing.end), 6)
+        self.last = timing
+        return timing
+
+    def probe(self, records: Sequence[dict[str, Any]], blocks: dict[str, int]) -> float:
+        """Advance by an importance probe of the clients in ``records`` (fields as a step's):
+        what a split step of theirs costs, not counted as a step (VirtualClock.exchange);
+        returns now."""
+        if not records:
+            return self.now
+        return self.clock.exchange(*self._costs(records, blocks, full_model=False))
+
+    def _costs(self, records: Sequence[dict[str, Any]], blocks: dict[str, int],
+               full_model: bool) -> tuple[list[int], dict[int, float], dict[int, float],
+                                          dict[int, float], float]:
+        """Participants, client FLOPs, bytes up, bytes down and server FLOPs of a round
+        trip of ``records``."""
         parts = [self.index[r["client"]] for r in records]
         flops = {self.index[r["client"]]: self.client_flops(
             int(r["seq_tokens"]), blocks[r["client"]], full_model) for r in records}
@@ -111,11 +142,7 @@ class StepClock:
         server = 0.0 if full_model else sum(
             int(r["seq_tokens"]) * (L - blocks[r["client"]]) * self.costs.flops_per_token_block
             + 6.0 * self.costs.hidden * self.costs.vocab * int(r["tokens"]) for r in records)
-        timing = self.clock.step(parts, flops, up, down, server)
-        for r in records:
-            r["virtual_time"] = round(timing.finish.get(self.index[r["client"]], timing.end), 6)
-        self.last = timing
-        return timing
+        return parts, flops, up, down, server
 
     def aggregate(self, names: Sequence[str], bytes_up: int, bytes_down: int,
                   per_client: Mapping[str, Sequence[int]] | None = None) -> float:

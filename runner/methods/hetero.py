@@ -104,6 +104,7 @@ class HeteroTrainer(Trainer):
         self.reconfigurations = 0
         self.violations: list[str] = []
         self.moved_bytes = 0
+        self.probe_bytes = 0  # HSplitLoRA's IWI probes: activations up, gradients down
         tokens = cfg.batch_size * cfg.plan_seq
         self.weight_costs = {n: importance.weight_cost(*self.costs.shapes[n], cfg.rank, tokens)
                              for n in self.candidates}
@@ -248,6 +249,7 @@ class HeteroTrainer(Trainer):
             "reconfigurations": self.reconfigurations,
             "budget_violations": len(self.violations),
             "block_handover_bytes": self.moved_bytes,
+            "probe_bytes": self.probe_bytes,
             "client_splits": [h.seg.end for h in self.clients],
             "client_rank_sums": [sum(h.ranks.values()) for h in self.clients],
             "client_budgets": [d.memory_bytes for d in self.devices],

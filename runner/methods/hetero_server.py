@@ -49,7 +49,7 @@ class ShadowTrainer(HeteroTrainer):
     is left in fields the hooks read after it (``moved``: client -> split point before this
     round's block moves); a round that needs the clients is a callable the hooks inject
     (HSplitLoRA's probe). ``deferred``: the initial plan waits for the clients (HSplitLoRA's
-    probe needs their data); ``probe_bytes``: the IWI probes' traffic, which the hooks count.
+    probe needs their data).
     """
 
     # The shadows mirror remote segments of one model: one copy of each frozen block for all
@@ -62,12 +62,7 @@ class ShadowTrainer(HeteroTrainer):
     def __init__(self, cfg: Any, prepared: Any):
         self.deferred = True
         self.moved: dict[str, int] = {}
-        self.probe_bytes = 0
         super().__init__(cfg, None, None, prepared)
-
-    def summary_extra(self) -> dict[str, Any]:
-        """Plus the IWI probes' bytes (in-process runs do not count them)."""
-        return {**super().summary_extra(), "probe_bytes": self.probe_bytes}
 
 
 class HeteroServerHooks(ServerHooks):

@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from runner import device as placement
+from runner import seeds
 from runner.config import TrainConfig
 from runner.methods import aggregation as agg
 from runner.methods import armsc, importance, registry
@@ -57,11 +58,24 @@ from runner.trainer import Holder, grad_scaler, server_chunks, tensor_bytes
 
 @dataclass
 class Probe:
-    """Importance numerators of one probe round, per probed client and the server's."""
+    """Importance numerators of one probe round, per probed client and the server's;
+    ``records``: per probed client what the round cost it, in the train records' fields
+    (``client``, ``seq_tokens``, ``tokens``, ``bytes_sent``: activations, mask and labels
+    up; ``bytes_received``: their gradient down), charged to the virtual clock and to the
+    bytes moved in both engines (:meth:`HSplitLoRATrainer._charge_probe`)."""
 
     holders: list[Holder]
     clients: list[dict[str, float]]
     server: dict[str, float]
+    records: list[dict[str, Any]]
+
+
+def probe_record(name: str, mask: torch.Tensor, labels: torch.Tensor, up: int,
+                 down: int) -> dict[str, Any]:
+    """One client's share of a probe round, counted as a training step's record is."""
+    return {"client": name, "seq_tokens": int(mask.numel()),
+            "tokens": int((labels[:, 1:] != -100).sum()), "bytes_sent": up,
+            "bytes_received": down}
 
 
 class HSplitLoRATrainer(HeteroTrainer):
@@ -74,6 +88,9 @@ class HSplitLoRATrainer(HeteroTrainer):
         # since both engines build through this (the distributed server's shadow trainer
         # too, whose checkpoint carries it: runner/methods/hsplitlora_server.py).
         self.merged_ranks: dict[str, int] = {}
+        # probes run before the virtual clock existed: (records, blocks), charged when it
+        # starts (clock_started)
+        self.uncharged_probes: list[tuple[list[dict[str, Any]], dict[str, int]]] = []
         cfg, L = self.cfg, self.info.num_layers
         fixed = not self.traits.armsc
         k0 = cfg.split if cfg.split is not None else max(1, L // 4)
@@ -165,15 +182,17 @@ class HSplitLoRATrainer(HeteroTrainer):
         super().resync(h, step)
 
     # --------------------------------------------------------------------- importance
-    def _probe(self, holders: list[Holder]) -> Probe:
+    def _probe(self, holders: list[Holder], step: int) -> Probe:
         """Numerators ``sum <dL/dy, W x>`` on one batch per client, without touching any
-        parameter gradient (autograd.grad w.r.t. input leaves only); dropout off."""
+        parameter gradient (autograd.grad w.r.t. input leaves only); dropout off. Each
+        client's batch comes from its own probe stream (seeds.probe_batch), never from its
+        training stream."""
         server = self.server
         assert server is not None
         for h in self.all_holders():
             h.seg.model.eval()
         try:
-            batches = [placement.to(h.batches.next(), h.seg.device) for h in holders]
+            batches = [placement.to(self.probe_batch(h, step), h.seg.device) for h in holders]
             forwards = [probe_forward(h.seg, b, self.client_candidates(h.seg.end))
                         for h, b in zip(holders, batches, strict=True)]
             grads, server_nums = probe_server(
@@ -184,7 +203,47 @@ class HSplitLoRATrainer(HeteroTrainer):
         finally:
             for h in self.all_holders():
                 h.seg.model.train()
-        return Probe(holders, nums, server_nums)
+        records = [probe_record(h.name, b["attention_mask"], b["labels"],
+                                tensor_bytes(f.acts, b["attention_mask"], b["labels"]),
+                                tensor_bytes(g))
+                   for h, b, f, g in zip(holders, batches, forwards, grads, strict=True)]
+        return Probe(holders, nums, server_nums, records)
+
+    def clock_started(self) -> None:
+        """The initial probe, which ran before the clock existed, takes its time now."""
+        if self.vclock is not None:
+            for records, blocks in self.uncharged_probes:
+                self.vclock.probe(records, blocks)
+        self.uncharged_probes = []
+
+    def probe_batch(self, h: Holder, step: int) -> dict[str, torch.Tensor]:
+        """Client ``h``'s probe batch at ``step``: the batch a distributed client draws for
+        the same probe (runner/methods/hsplitlora_client.py)."""
+        assert h.batches is not None
+        return h.batches.sample(seeds.probe_batch(self.cfg.seed, self.clients.index(h), step))
+
+    def _charge_probe(self, step: int, probe: Probe, asked: list[Holder]) -> None:
+        """A probe round costs what a training step of the probed clients costs: the same
+        forward, the server's forward and backward, a backward that (as a LoRA step's)
+        computes activation gradients only, and the activations and gradients on the links.
+        Both engines charge it here, to the virtual clock and to the bytes moved (the
+        ``probe`` event, which analysis/derive.py's bytes_moved reads), so a method that
+        probes pays for it in every comparison of time and traffic."""
+        up = sum(int(r["bytes_sent"]) for r in probe.records)
+        down = sum(int(r["bytes_received"]) for r in probe.records)
+        self.probe_bytes += up + down
+        virtual: dict[str, Any] = {}
+        if self.vclock is not None and probe.records:
+            before = self.vclock.now
+            self.vclock.probe(probe.records, self.client_blocks())
+            virtual = {"virtual_s": round(self.vclock.now - before, 6),
+                       "virtual_time": round(self.vclock.now, 6)}
+        elif probe.records:  # the initial probe comes before the clock: charged at its start
+            self.uncharged_probes.append((probe.records, self.client_blocks()))
+        done = {h.name for h in probe.holders}
+        self._event("probe", step=step, clients=[h.name for h in probe.holders],
+                    missing=[h.name for h in asked if h.name not in done],
+                    bytes_up=up, bytes_down=down, **virtual)
 
     def client_candidates(self, k: int) -> list[str]:
         """The candidate weights a client with split point ``k`` scores."""
@@ -199,7 +258,9 @@ class HSplitLoRATrainer(HeteroTrainer):
         """Smoothed global importance (uniform for the no-iwi ablation)."""
         if not self.traits.iwi:
             return {n: 1.0 for n in self.candidates}
-        probe = self._probe(self._online() or self.clients)
+        asked = self._online() or self.clients
+        probe = self._probe(asked, step)
+        self._charge_probe(step, probe, asked)
         if not probe.holders:  # nobody answered (distributed): keep the last importance
             return dict(self.tracker.values) if self.tracker.values else {
                 n: 1.0 for n in self.candidates}

@@ -12,8 +12,9 @@ the wire (docs/protocol.md, "HSplitLoRA"); what HetLoRA's clients share with the
 * ``merge`` (after every aggregation): the NAA factors ``[p_j s_j B_j | ...]``,
   ``[A_j; ...]`` (or the dense ``dW`` when smaller) of every adapted weight in its blocks;
   the client adds ``dW`` to its frozen weights and re-initialises its adapters (B = 0);
-* ``probe``: one IWI probe batch: forward with importance hooks, activations up, the
-  server's gradient back, the numerators ``sum <dL/dy, W x>`` of its weights up;
+* ``probe``: one IWI probe batch (from its own probe stream, never its training batches):
+  forward with importance hooks, activations up, the server's gradient back, the
+  numerators ``sum <dL/dy, W x>`` of its weights up;
 * ``plan`` (ARMSC): new split point and ranks; blocks it takes over arrive with their
   current weights from the server; adapters re-initialised with fresh optimizer state.
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runner import device as placement
+from runner import seeds
 from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.distributed.transport import TransportError
@@ -159,8 +161,10 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
     def _probe_forward_now(self, step: int) -> None:
         c = self.client
         seg = c.holder.seg
-        batch = placement.to(c.batches.next(), seg.device)
-        c.drawn += 1
+        # the probe stream, not the training stream: c.drawn does not move
+        assert c.batches is not None
+        batch = placement.to(c.batches.sample(seeds.probe_batch(c.cfg.seed, c.index, step)),
+                             seg.device)
         seg.model.eval()
         try:
             fwd = probe_forward(seg, batch, [n for n in self.candidates

@@ -36,9 +36,9 @@ from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.methods import aggregation as agg
 from runner.methods.hetero_server import HeteroServerHooks, ShadowTrainer
-from runner.methods.hsplitlora import HSplitLoRATrainer, Probe, probe_server
+from runner.methods.hsplitlora import HSplitLoRATrainer, Probe, probe_record, probe_server
 from runner.model import lora
-from runner.trainer import Holder
+from runner.trainer import Holder, tensor_bytes
 
 if TYPE_CHECKING:
     from runner.distributed.liveness import Peer
@@ -56,7 +56,8 @@ class HSplitLoRAShadow(ShadowTrainer, HSplitLoRATrainer):
     the clients that merge it) and split moves (``moved``) are recorded for the wire.
     """
 
-    def __init__(self, cfg: Any, prepared: Any, probe_round: Callable[[list[Holder]], Probe]):
+    def __init__(self, cfg: Any, prepared: Any,
+                 probe_round: Callable[[list[Holder], int], Probe]):
         self.probe_round = probe_round
         self.merges: list[Merged] = []
         super().__init__(cfg, prepared)
@@ -65,8 +66,8 @@ class HSplitLoRAShadow(ShadowTrainer, HSplitLoRATrainer):
         if not self.deferred:
             super().initial_plan()
 
-    def _probe(self, holders: list[Holder]) -> Probe:
-        return self.probe_round(holders)
+    def _probe(self, holders: list[Holder], step: int) -> Probe:
+        return self.probe_round(holders, step)
 
     def _merged(self, name: str, b_cat: torch.Tensor, a_cat: torch.Tensor, delta: torch.Tensor,
                 holders: list[Holder]) -> None:
@@ -141,10 +142,12 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         return True
 
     # ------------------------------------------------------------------------ probe
-    def probe_round(self, holders: list[Holder]) -> Probe:
-        """IWI over the wire for the online clients among ``holders`` (one batch each)."""
+    def probe_round(self, holders: list[Holder], step: int) -> Probe:
+        """IWI over the wire for the online clients among ``holders`` (one batch each, from
+        each client's probe stream); what it cost is charged by the trainer
+        (HSplitLoRATrainer._charge_probe), as in-process."""
         s, tr = self.server, self.htr
-        step = self.probe_at
+        assert step == self.probe_at, (step, self.probe_at)
         peers = [self.by_name[h.name] for h in holders if self.by_name[h.name].online]
         self.probe_step, self.probe_acts, self.probe_nums = step, {}, {}
         self.probe_expected = {p.cid for p in peers}
@@ -158,6 +161,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
                    step, "probe", ask)
         answered = [p for p in peers if p.cid in self.probe_acts]
         server_nums: dict[str, float] = {}
+        grads: list[torch.Tensor] = []
         if answered:
             msgs = [self.probe_acts[p.cid] for p in answered]
             srv = tr.server
@@ -182,15 +186,21 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
             s.wait_for(lambda: [p for p in answered
                                 if p.online and p.cid not in self.probe_nums],
                        step, "probe", give)
-            tr.probe_bytes += sum(m.msg.nbytes for m in msgs) + sum(
-                x.nbytes for x in sent.values() if x is not None)
         done = [p for p in answered if p.cid in self.probe_nums]
-        s.event("probe", step=step, clients=[p.name for p in done],
-                missing=[p.name for p in peers if p not in done])
+        # counted as the train records count a step (runner/server.py): tensors only
+        item = 2 if s.o.wire else 4
+        records = []
+        for p in done:
+            m = self.probe_acts[p.cid]
+            mask, labels = m.tensors[P.MASK], m.tensors[P.LABELS]
+            records.append(probe_record(
+                p.name, mask, labels,
+                m.tensors[P.ACTS].numel() * item + tensor_bytes(mask, labels),
+                grads[answered.index(p)].numel() * item))
         self.probe_step = None
         s.global_sent_at = time.monotonic()
         return Probe([self.shadow(p) for p in done], [self.probe_nums[p.cid] for p in done],
-                     server_nums)
+                     server_nums, records)
 
     # ------------------------------------------------------------------ checkpoints
     def model_state(self) -> dict[str, Any]:
