@@ -112,8 +112,8 @@ def slot_error_table(rs: RunSet) -> list[str]:
 
 def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
     """Things a reader must know before trusting a row: killed runs, dropped records, and
-    memory-budget violations (docs/method.md "Budget violations": a method that does not fit
-    is still run, and the violation is shown in reports)."""
+    memory-budget violations and clients not runnable on their devices (docs/method.md
+    "Budget violations")."""
     notes = [f"`{r.name}` has no summary.json: killed or still running; its numbers cover "
              "the records written so far." for r in rs.runs if r.summary is None]
     notes += list(warned)
@@ -121,6 +121,11 @@ def _caveats(rs: RunSet, warned: list[str]) -> list[str]:
     for run, part in violations.groupby("run", sort=False):
         notes.append(f"`{run}`: {len(part)} memory-budget violation event(s), e.g. "
                      f"\"{part['detail'].iloc[0]}\" (marked on its timeline).")
+    for r in rs.runs:
+        unfit = (r.summary or {}).get("not_runnable") or []
+        if unfit:
+            notes.append(f"`{r.name}`: not runnable on their devices, so never trained: "
+                         f"{', '.join(unfit)} (predicted memory over budget).")
     mem = derive.memory(rs)
     for _, row in mem[mem["over_budget"] > 0].iterrows():
         notes.append(f"`{row['run']}` {row['client']}: {row['source']} memory over budget "

@@ -38,8 +38,9 @@ from runner.dataset import data as data_mod
 from runner.dataset.splits import DataProtocol
 from runner.emulation.devices import DeviceSpec
 from runner.emulation.vtime import StepClock, availability_from, clock_devices
+from runner.errors import ConfigError
 from runner.methods import aggregation, registry
-from runner.methods.memory import ModelCosts
+from runner.methods.memory import ModelCosts, client_memory
 from runner.model import lora, split
 from runner.model.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
@@ -232,6 +233,9 @@ class Trainer:
         # virtual time on the devices: fit() (the distributed server: its fit) makes it;
         # work while building (HSplitLoRA's initial probe) finds None and is charged later
         self.vclock: StepClock | None = None
+        # clients whose device cannot hold their configuration (name -> why): in-process
+        # nothing would stop them, so they never train (docs/method.md "Budgets")
+        self.unfit: dict[str, str] = {}
         self._build()
         self.val_examples = data_mod.encode_frame(self.prep.tokenizer,
                                                   self.prep.frames["validation"], cfg.max_len)
@@ -283,6 +287,44 @@ class Trainer:
             self.server = self._server_holder()
         for h in self.all_holders():
             h.seg.model.train()
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        """A fixed-configuration method (splitlora, fedlora) with a devices file: every client
+        whose predicted peak (the memory model, at the longest batch it can draw) exceeds
+        its device's budget is not runnable (:meth:`not_runnable`). These methods have no
+        rule of their own to shrink; the experiment grid gives them the largest
+        configuration that fits the smallest device (testbed/experiment/fairness.py)."""
+        found = self.clock_devices()
+        if found is None or self.traits.central:
+            return
+        devices = found[0]
+        costs = ModelCosts.from_config(load_config(self.info.path))
+        seq = max([self.cfg.plan_seq] + [h.batches.longest for h in self.clients
+                                         if h.batches is not None])
+        for h, dev in zip(self.clients, devices, strict=True):
+            need = client_memory(costs, self.client_blocks()[h.name], h.ranks,
+                                 self.cfg.batch_size, seq).total
+            if need > dev.memory_bytes:
+                self.not_runnable(0, h.name, need, dev.memory_bytes)
+
+    def not_runnable(self, step: int, name: str, need: int, budget: int) -> None:
+        """Client ``name`` cannot hold its configuration on its device (``need`` predicted
+        bytes over ``budget``): it sits out every step from ``step`` (``active``) until a
+        new plan fits it (:meth:`runnable`), and a ``not_runnable`` event and the summary
+        say so. A device would fail such a client (a container is OOM-killed); training it
+        in-process as if it fit would credit the method with memory it does not have."""
+        detail = (f"{name}: predicted {need / 2**20:.1f} MiB exceeds its budget "
+                  f"{budget / 2**20:.1f} MiB")
+        if self.unfit.get(name) != detail:
+            self.unfit[name] = detail
+            self._event("not_runnable", step=step, client=name, predicted_bytes=int(need),
+                        budget_bytes=int(budget), detail=detail)
+
+    def runnable(self, name: str) -> None:
+        """A new plan fits client ``name`` again: it trains from the next step (``active``
+        resynchronises it as a returning client)."""
+        self.unfit.pop(name, None)
 
     def _server_holder(self) -> Holder:
         """The server segment (blocks [k, L) + head) with its adapters and optimizer."""
@@ -317,11 +359,13 @@ class Trainer:
         for i, h in enumerate(self.clients):
             scheduled = any(c == i and first <= step < end
                             for c, first, end in self.cfg.dropouts)
-            away = scheduled or h.name in by_clock
+            unfit = h.name in self.unfit
+            away = scheduled or unfit or h.name in by_clock
             if away and h.name not in self.offline:
                 self.offline.add(h.name)
                 self._event("client_offline", step=step, client=h.name,
-                            reason="scheduled" if scheduled else by_clock[h.name])
+                            reason="not_runnable" if unfit
+                            else "scheduled" if scheduled else by_clock[h.name])
             elif not away and h.name in self.offline:
                 self.offline.discard(h.name)
                 self.resync(h, step)
@@ -537,6 +581,11 @@ class Trainer:
         cfg, run = self.cfg, self.run
         if run is not None:
             run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
+        if self.clients and len(self.unfit) == len(self.clients):
+            raise ConfigError("no client's device can hold its configuration: "
+                              + "; ".join(self.unfit.values())
+                              + ". Give the devices more memory or train a smaller "
+                              "configuration (--rank, --split, --batch-size)")
         self.vclock = self.make_clock()
         self.clock_started()
         stopper = Stopper.from_config(cfg)
@@ -606,6 +655,7 @@ class Trainer:
             **totals,
             **({"virtual_time_s": self.vclock.now} if self.vclock is not None else {}),
             **stopper.summary(done),
+            "not_runnable": sorted(self.unfit),
             **self.summary_extra(),
         }
         if run is not None:

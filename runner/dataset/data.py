@@ -807,6 +807,12 @@ class ClientBatches:
         self._consumed = 0
 
     @property
+    def longest(self) -> int:
+        """The longest example's length in tokens: what a memory budget is planned for (a
+        budget is a hard limit, and one long batch is enough to exceed it)."""
+        return max(len(ex["input_ids"]) for ex in self._examples)
+
+    @property
     def epoch(self) -> int:
         """Completed passes over this client's examples."""
         return self._consumed // len(self._examples)

@@ -64,6 +64,11 @@ class ShadowTrainer(HeteroTrainer):
         self.moved: dict[str, int] = {}
         super().__init__(cfg, None, None, prepared)
 
+    def not_runnable(self, step: int, name: str, need: int, budget: int) -> None:
+        """Distributed, the client's own device decides: a capped container that cannot
+        hold its plan is OOM-killed (``budget_exceeded``); the plan's budget violation is
+        recorded as in-process, and the client is not held back here."""
+
 
 class HeteroServerHooks(ServerHooks):
     """Server side shared by hsplitlora (and its ablations) and hetlora; a method's subclass

@@ -37,6 +37,9 @@ class HetLoRATrainer(HeteroTrainer):
             if not fits:
                 self._budget_violation(0, f"{h.name}: full model at rank {rank} exceeds budget "
                                           f"{dev.memory_bytes / 2**20:.0f} MiB")
+                self.not_runnable(0, h.name, client_memory(
+                    self.costs, self.info.num_layers, {n: rank for n in names},
+                    cfg.batch_size, self.mem_seq).total, dev.memory_bytes)
             h.seg = split.load_unsplit(self.info.path, cfg.precision, self.frozen, self.device)
             h.ranks = lora.attach_lora(h.seg, {n: rank for n in names}, alpha=cfg.lora_alpha,
                                        dropout=cfg.lora_dropout,

@@ -157,6 +157,14 @@ class HSplitLoRATrainer(HeteroTrainer):
         self._reinit(self.server, plan.server_ranks, step)
         for v in plan.violations:
             self._budget_violation(step, v)
+        # a client this plan cannot fit (even ARMSC's shallowest split at its minimal ranks,
+        # or the ablations' fixed ones) sits out until a plan fits it
+        for h, need, budget in zip(self.clients, plan.client_memory, plan.budgets,
+                                   strict=True):
+            if need > budget:
+                self.not_runnable(step, h.name, need, budget)
+            else:
+                self.runnable(h.name)
         self.plan = plan
         self._log_config(step, reason, plan.splits, plan)
 
