@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,24 @@ def cli(*args: str, timeout: float = 900, check: bool = True) -> subprocess.Comp
         raise AssertionError(f"testbed {' '.join(args)} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def build_images(timeout: float = 1800) -> float:
+    """``testbed images build --offline``, one build at a time on this host: the test
+    modules that need the images run in different pytest-xdist workers, and two concurrent
+    first builds (debootstrap, the wheelhouse) each take longer than one. The first caller
+    builds; the others wait for it and then find every layer cached (a few seconds), so each
+    module still runs against images made from the current runner/. Returns the seconds the
+    call took."""
+    t0 = time.monotonic()
+    with open(Path(tempfile.gettempdir()) / "hsplitlora-test-images.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            proc = cli("images", "build", "--offline", timeout=timeout)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    assert "hsplitlora-testbed:latest" in proc.stdout, proc.stdout[-2000:]
+    return time.monotonic() - t0
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet_cli import ROOT, TESTBED, cli, require_docker, wait_for
+from fleet_cli import ROOT, TESTBED, build_images, cli, require_docker, wait_for
 
 from runner.methods.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
@@ -34,11 +34,9 @@ require_docker(compose_command() is not None)
 
 @pytest.fixture(scope="module")
 def images() -> float:
-    """`testbed images build --offline` (reuses an existing base image); its duration."""
-    t0 = time.monotonic()
-    proc = cli("images", "build", "--offline", timeout=1800)
-    assert "hsplitlora-testbed:latest" in proc.stdout
-    return time.monotonic() - t0
+    """`testbed images build --offline` (reuses an existing base image; one build at a time
+    across test workers, tests/fleet_cli.py); its duration."""
+    return build_images()
 
 
 def _events(run: Path) -> list[dict]:

@@ -21,7 +21,7 @@ import pytest
 
 from runner.rundir import read_jsonl
 from testbed.backends.compose import container_limit
-from tests.test_containers import ROOT, cli
+from tests.test_containers import ROOT, build_images, cli
 
 pytestmark = pytest.mark.slow
 NOT_AUTHORIZED = 135
@@ -29,16 +29,10 @@ NOT_AUTHORIZED = 135
 
 @pytest.fixture(scope="module")
 def images() -> None:
-    """The runtime and broker images: built offline when missing (tests/test_containers.py
-    tests the build itself; here an existing build is reused)."""
-    import docker
-
-    client = docker.from_env()
-    try:
-        client.images.get("hsplitlora-testbed:latest")
-        client.images.get("hsplitlora-broker:latest")
-    except docker.errors.ImageNotFound:
-        cli("images", "build", "--offline", timeout=1800)
+    """The runtime and broker images, built offline from the current runner/
+    (tests/test_containers.py tests the build itself; one build at a time across test
+    workers, tests/fleet_cli.py: a second build finds every layer cached)."""
+    build_images()
 
 PROBE = r'''
 import json, os, sys

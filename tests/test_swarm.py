@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fleet_cli import cli, require_docker, wait_for
+from fleet_cli import build_images, cli, require_docker, wait_for
 
 from runner.methods.memory import DEFAULT_RESERVE
 from runner.rundir import read_jsonl
@@ -144,7 +144,7 @@ def test_smoke_run_as_a_stack_survives_a_killed_client(swarm: Any, tmp_path: Pat
     """Over TLS: the broker's certificate and the CA as swarm secrets, every link verified."""
     run = tmp_path / "swarm-smoke"
     steps = 10
-    cli("images", "build", "--offline", timeout=1800)
+    build_images()
     # TLS forced on: a one-node swarm on the host network is loopback, where auto is plain
     started = cli("up", "--profile", "smoke", "--backend", "swarm", "--host-network",
                   "--detach", "--tls", "on", "--steps", str(steps), "--min-step-time", "4",
