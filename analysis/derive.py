@@ -499,9 +499,10 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
     Columns: final val PPL, val PPL at equal wall time (:func:`equal_time`), the five
     scores and the slot error rate SER (NaN if not evaluated), whether the target was
     reached, steps and wall time to target, speed-up (wall time) vs ``baseline``,
-    client-side trainable parameters (summary.json; NaN for a killed run), bytes moved (MB),
-    the largest measured peak memory of any client (MiB, :func:`memory`; NaN when not
-    measured).
+    client- and server-side trainable parameters (summary.json; NaN for a killed run: the
+    capacity each method trains, so a comparison can tell method from capacity), bytes
+    moved (MB), the largest measured peak memory of any client (MiB, :func:`memory`; NaN
+    when not measured).
     """
     sp = speedups(rs, target, baseline).set_index("run")
     finals = final_ppl(rs)
@@ -523,10 +524,9 @@ def comparison(rs: RunSet, target: float, baseline: str) -> pd.DataFrame:
         row.update(reached=bool(sp.at[n, "reached"]), steps_to_target=sp.at[n, "steps"],
                    wall_s_to_target=sp.at[n, "wall_s"],
                    speedup_wall=sp.at[n, "speedup_wall"],
-                   client_trainable_params=(summary.at[n, "client_trainable_params"]
-                                            if n in summary.index
-                                            and "client_trainable_params" in summary.columns
-                                            else np.nan),
+                   **{key: (summary.at[n, key] if n in summary.index
+                            and key in summary.columns else np.nan)
+                      for key in ("client_trainable_params", "server_trainable_params")},
                    bytes_mb=moved.at[n, "total_mb"],
                    client_peak_mib=client_peak.get(n, np.nan))
         rows.append(row)

@@ -34,6 +34,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Wall time to target (s)", "wall_s_to_target", ".1f"),
     ("Speed-up (wall)", "speedup_wall", "x"),
     ("Client trainable params", "client_trainable_params", ","),
+    ("Server trainable params", "server_trainable_params", ","),
     ("Bytes moved (MB)", "bytes_mb", ".2f"),
     ("Peak client memory (MiB, measured)", "client_peak_mib", ".0f"),
 )

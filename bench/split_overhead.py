@@ -129,6 +129,7 @@ class StepRunner(Trainer):
         self.clients = clients
         self.server = server
         self.offline: set[str] = set()
+        self.unfit: dict[str, str] = {}  # no budgets: every client runs
         self.global_state = None
         self.vclock = None  # no virtual clock: wall time only
 

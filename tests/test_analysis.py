@@ -370,6 +370,8 @@ def test_report_cli(runs: dict[str, Path], tmp_path: Path) -> None:
     summary = json.loads((runs["splitlora"] / "summary.json").read_text())
     assert rows["splitlora"][1] == f"{summary['final_val_ppl']:.3f}"
     assert rows["splitlora"][12] == f"{summary['client_trainable_params']:,.0f}"
+    assert rows["splitlora"][13] == f"{summary['server_trainable_params']:,.0f}"
+    assert rows["fedlora"][13] == "0"  # no server: the capacity is all on the clients
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines()
               if line.startswith("![")]
     assert len(images) == len(STEMS)
