@@ -75,6 +75,10 @@ class TrainConfig:
     split_bounds: tuple[int, int] | None = None
     plan_seq: int = 64
     iwi_batches: int = 1
+    # The weights hsplitlora* may adapt (runner/model/lora.py candidates): "all" (every
+    # projection, the paper's method) or "targets" (only --targets: capacity-matched with the
+    # baselines, with e.g. rank_set (0, 8)). An experiment-file setting, no CLI option.
+    candidates: str = "all"
     # Clients per server forward/backward pass (0: all of a step's clients in one
     # concatenated batch, docs/method.md "Training step"). A positive value bounds the
     # server's autograd graph, the part of its memory that grows with the number of clients:
@@ -106,6 +110,8 @@ class TrainConfig:
             (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
             (0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.candidates in ("all", "targets"),
+             f"candidates must be 'all' or 'targets', got {self.candidates!r}"),
             (self.server_chunk >= 0,
              f"--server-chunk must be >= 0 clients (0: all at once), got {self.server_chunk}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),

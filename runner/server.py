@@ -181,6 +181,27 @@ class Server:
         return self.hooks.upload_shapes(h)
 
     # ---------------------------------------------------------------- per-round dropout
+    def apply_budgets(self, step: int) -> None:
+        """Clients whose device cannot hold their plan (the trainer's ``unfit``: no plan of
+        the method fits, runner/trainer.py ``not_runnable``) sit out as in-process: away,
+        named in ``away`` so they draw nothing (``client_offline``, reason
+        ``not_runnable``), until a plan fits them again (``client_online``, resync)."""
+        unfit = getattr(self.tr, "unfit", {})
+        for p in self.peers.values():
+            if p.name in unfit and not p.unfit:
+                p.unfit = True
+                was = p.online or not p.away
+                p.away, p.online = True, False
+                if was:
+                    self.event("client_offline", step=step, client=p.name,
+                               reason="not_runnable")
+            elif p.unfit and p.name not in unfit:
+                p.unfit, p.away = False, False
+                if time.monotonic() - p.last_seen < self.o.offline_after:
+                    p.online = True
+                    self.event("client_online", step=step, client=p.name, resync=True)
+                    self.send_resync(p)
+
     def apply_dropout(self, step: int) -> None:
         """The profile's per-round dropout, applied to the real clients before ``step``
         (runner/distributed/dropout.py): a client its round's seeded draw takes out sits the
@@ -632,6 +653,7 @@ class Server:
                            reason="ended before joining (the host saw its container end)")
 
     def train_step(self, step: int) -> list[dict[str, Any]]:
+        self.apply_budgets(step)
         self.apply_dropout(step)
         if not any(p.online for p in self.peers.values()) and any(
                 p.away for p in self.peers.values()):
@@ -819,6 +841,7 @@ class Server:
             "runtime": "mqtt", "rejected_messages": self.rejected,
             "rejected_reasons": dict(self.reasons), "offline_events": self.offline_events,
             **({"virtual_time_s": tr.vclock.now} if tr.vclock is not None else {}),
+            "not_runnable": sorted(getattr(tr, "unfit", {})),
             **tr.summary_extra(),
         }
         tr.save(self.run)

@@ -115,7 +115,7 @@ def test_step_announcement_carries_who_sits_out() -> None:
     step, meta = C.encode(C.Step(4, 3, "e1", away=("client1", "client2")))
     assert meta["away"] == ["client1", "client2"]
     msg = P.Message("r", P.SERVER, P.Kind.CONFIG, step, 1, {}, meta)
-    assert C.decode(msg) == C.Step(4, 3, "e1", False, -1, ("client1", "client2"))
+    assert C.decode(msg) == C.Step(4, 3, "e1", False, None, ("client1", "client2"))
     assert "away" not in C.encode(C.Step(4, 3, "e1"))[1]  # nobody away: the old format
     with pytest.raises(C.ControlError, match="away"):
         C.decode(P.Message("r", P.SERVER, P.Kind.CONFIG, 4, 1, {},

@@ -23,6 +23,19 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _roomy(tmp_path, method: str) -> dict:
+    """hetlora: devices that hold the whole model (on the emulated fleet only the largest
+    does, and the others are not runnable, docs/method.md "Budget violations"); the other
+    methods keep the emulated fleet."""
+    if method != "hetlora":
+        return {}
+    path = tmp_path / "roomy.json"
+    path.write_text(json.dumps({"clients": [
+        {"name": f"d{i}", "memory_bytes": 8 * 2**30, "flops": 1e12 * (i + 1)}
+        for i in range(3)]}))
+    return {"devices": str(path)}
+
+
 def test_naa_merge_keeps_the_single_client_model_exactly():
     """With one client, merging its and the server's adapters into W and re-initialising
     B = 0 must not change the model: the evaluation loss is the same before and after."""
@@ -59,11 +72,14 @@ def test_naa_keeps_every_holders_copy_of_a_block_identical():
 
 @pytest.mark.parametrize("method", ["hsplitlora", "hsplitlora-no-iwi", "hsplitlora-no-armsc"])
 def test_fit_exports_the_merged_model_as_an_exact_peft_adapter(tmp_path, method):
-    cfg = _cfg(method=method, split=2)
+    # split 1: the ablation without ARMSC keeps it for every client, and on the emulated
+    # fleet the weakest device holds only that one (deeper, it would not be runnable)
+    cfg = _cfg(method=method, split=1)
     run = RunDir.create(tmp_path / "run", {"train": cfg.to_dict()})
     tr = build_trainer(cfg, run)
     summary = tr.fit()
     assert summary["final_val_ppl"] < summary["pretrained_val_ppl"]
+    assert summary["not_runnable"] == []
     info = models.model_info("tiny-llama")
     peft = PeftModel.from_pretrained(models.load_full_model(info.path),
                                      str(run.adapters("final")))
@@ -130,7 +146,7 @@ def test_every_aggregation_rule_records_its_bytes(tmp_path, method):
     them), equal to its event's, and the summary's totals include them."""
     from runner.rundir import RunDir, read_jsonl
 
-    cfg = _cfg(method=method, steps=2)
+    cfg = _cfg(method=method, steps=2, **_roomy(tmp_path, method))
     run = RunDir.create(tmp_path / method, {"train": cfg.to_dict()})
     summary = build_trainer(cfg, run).fit()
     recs = [m for m in read_jsonl(run.path / "metrics.jsonl") if m["kind"] == "aggregate"]
@@ -149,7 +165,7 @@ def test_aggregation_bytes_per_client_sum_to_the_totals(tmp_path, method):
     """Every rule says what each client's own link carried (the virtual clock charges a
     client for its own adapters, runner/emulation/vtime.py); the shares add up to the totals, and
     under hsplitlora a client holding more blocks downloads more."""
-    tr = build_trainer(_cfg(method=method, steps=1))
+    tr = build_trainer(_cfg(method=method, steps=1, **_roomy(tmp_path, method)))
     tr.train_step(0)
     out = tr.aggregate(0)
     own = out["per_client"]
@@ -160,3 +176,21 @@ def test_aggregation_bytes_per_client_sum_to_the_totals(tmp_path, method):
         by_end = sorted(tr.clients, key=lambda h: h.seg.end)
         if by_end[0].seg.end < by_end[-1].seg.end:
             assert own[by_end[0].name][1] < own[by_end[-1].name][1]
+
+
+def test_capacity_matched_hsplitlora_adapts_only_the_targets_at_their_ranks():
+    """``candidates: targets`` with ``rank_set (0, 8)``: hsplitlora adapts only q and v at
+    ranks up to 8, as splitlora does (the capacity-matched variant of issue 29 part 3), so
+    its clients train at most what a rank-8 q,v splitlora client trains; the paper's
+    variant ("all") adapts other projections too."""
+    matched = build_trainer(_cfg(method="hsplitlora", candidates="targets", rank_set=(0, 8)))
+    names = {n for h in matched.all_holders() for n in h.ranks}
+    assert names and all(n.endswith(("q_proj", "v_proj")) for n in names)
+    assert max(r for h in matched.all_holders() for r in h.ranks.values()) <= 8
+    base = build_trainer(_cfg(method="splitlora", split=2, rank=8))
+    per_block = max(lora.trainable_parameters(h.seg.model) / h.seg.end for h in base.clients)
+    for h in matched.clients:
+        assert lora.trainable_parameters(h.seg.model) <= per_block * h.seg.end
+    paper = build_trainer(_cfg(method="hsplitlora"))
+    assert any(not n.endswith(("q_proj", "v_proj"))
+               for h in paper.all_holders() for n in h.ranks)

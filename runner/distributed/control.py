@@ -7,10 +7,17 @@ operation is a dataclass: the server builds one and :func:`encode` writes its me
 calls :func:`decode` once per message, which validates every field (a control message comes
 from the network: a malformed one is refused with :class:`ControlError`, never half
 applied), and its handlers read typed fields. The wire format is docs/protocol.md's
-("Control operations", "HSplitLoRA"), unchanged.
+("Control operations"), unchanged.
 
-A method may add operations of its own: :func:`decode` returns None for an ``op`` it does not
-know, and the method's client hooks read that message themselves (docs/extending.md).
+Why a registry of operations: this is the core wire module, and it knows no method. It
+defines the engine's own operations (step, skip, resync, upload, resend, done); a method
+that needs messages of its own defines them beside its hooks, each a dataclass with its
+encoder and decoder, and calls :func:`register` when its module is imported
+(HSplitLoRA's and HetLoRA's merge, probe, plan and set: runner/methods/hetero_wire.py;
+docs/extending.md). :func:`encode`, :func:`decode` and :func:`op_name` look the operation
+up there, so adding one edits neither this module nor an engine. :func:`decode` returns None
+for an ``op`` nobody registered in this process, and a method's client hooks may read such
+a message themselves (``msg.meta``).
 
 The other direction (client -> server) is decoded once as well, by the server's dispatch:
 :func:`decode_presence` for ``state`` messages, :func:`decode_report` for the rest: the
@@ -18,13 +25,15 @@ sender (its incarnation id is required: without one the message is refused with
 :class:`ControlError`) and a :class:`Heartbeat`, :class:`ActReport` or :class:`AdaptReport`.
 Their other fields are lenient as they always were: a missing or mistyped one takes the value
 that changes nothing (None, the default), since a heartbeat must never crash the server.
+Fields only a method sends (HSplitLoRA's probe flags and importance numerators) are read by
+that method from the report's message (runner/methods/hetero_wire.py).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 from runner.distributed import protocol as P
 from runner.distributed.repair import ClientStatus
@@ -36,179 +45,92 @@ OP_RESYNC = "resync"  # to one client: global adapters + stream/optimizer positi
 OP_UPLOAD = "upload"  # to one client: (re)send your adapters for aggregation step t
 OP_RESEND = "resend"  # to one client: (re)send your activations for step t
 OP_DONE = "done"  # broadcast: the run is over, exit
-# HSplitLoRA (runner/methods/hsplitlora_server.py, hetero_server.py):
-OP_MERGE = "merge"  # to one client: NAA factors of its blocks; merge, re-initialise adapters
-OP_PROBE = "probe"  # to one client: run an importance probe batch (IWI)
-OP_PLAN = "plan"  # to one client: split point + ranks (ARMSC), moved blocks' weights
-OP_SET = "set"  # to one client: its adapters after a per-client aggregation (hetlora, no-naa)
-FORMS = ("factors", "dense")  # how a merged update travels (runner/aggregation.wire_bytes)
 
 
 class ControlError(ValueError):
     """A control message whose fields do not validate."""
 
 
-def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+# Field readers for decoders (a method's too): a value of the wrong type is refused.
+def int_field(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``meta[key]`` as an integer (``default`` when absent); :class:`ControlError` when it
+    is not one (a bool is not)."""
     value = meta.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ControlError(f"{key!r} must be an integer, got {value!r}")
     return value
 
 
-def _epoch(meta: dict[str, Any]) -> str | None:
+def epoch_field(meta: dict[str, Any]) -> str | None:
+    """The server epoch a message names (None: none)."""
     value = meta.get("epoch")
     if value is not None and not isinstance(value, str):
         raise ControlError(f"'epoch' must be a string, got {value!r}")
     return value
 
 
-def _ranks(value: Any) -> dict[str, int]:
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in value.items()):
-        raise ControlError("ranks must map weight names to non-negative integers")
-    return dict(value)
+# ------------------------------------------------------------------ the registry
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
-class PlanSpec:
-    """A client's configuration (ARMSC): split point, ranks, the step seeding its adapters."""
+class Op(Generic[E]):
+    """A registered operation: its wire name (``meta.op``), its dataclass, ``encode``
+    (instance -> the ``config`` message's header step and its meta without ``op``) and
+    ``decode`` (the message's meta and the message -> instance; :class:`ControlError` for a
+    field that does not validate)."""
 
-    version: int
-    split: int
-    ranks: dict[str, int]
-    reinit: int = 0
-
-    def to_meta(self) -> dict[str, Any]:
-        return {"version": self.version, "split": self.split, "ranks": dict(self.ranks),
-                "reinit": self.reinit}
-
-    @classmethod
-    def from_meta(cls, meta: Any) -> PlanSpec:
-        if not isinstance(meta, dict):
-            raise ControlError("plan must be a mapping")
-        return cls(_int(meta, "version"), _int(meta, "split"), _ranks(meta.get("ranks")),
-                   _int(meta, "reinit", 0))
+    name: str
+    cls: type[E]
+    encode: Callable[[E], tuple[int, dict[str, Any]]]
+    decode: Callable[[dict[str, Any], P.Message], E]
 
 
-@dataclass(frozen=True)
-class Step:
-    """Step ``step`` begins; it builds on aggregation ``global_`` (and plan version ``plan``)."""
+_BY_NAME: dict[str, Op[Any]] = {}
+_BY_CLASS: dict[type, Op[Any]] = {}
 
-    step: int
-    global_: int
-    epoch: str | None
-    rollback: bool = False
-    plan: int | None = None  # HSplitLoRA: the plan version the step needs
-    away: tuple[str, ...] = ()  # clients that sit this step out (per-round dropout)
+# Any registered operation's dataclass: the engine's below, or a method's own.
+Control = Any
 
 
-@dataclass(frozen=True)
-class Skip:
-    step: int
+def register(name: str, cls: type[E], encode: Callable[[E], tuple[int, dict[str, Any]]],
+             decode: Callable[[dict[str, Any], P.Message], E]) -> Op[E]:
+    """Add operation ``name`` carried by dataclass ``cls``. A name and a class are
+    registered once (again with the same functions is a no-op: a module imported twice);
+    another operation under a taken name or class is a ValueError, since two meanings of one
+    ``op`` would decode each other's messages."""
+    op = Op(name, cls, encode, decode)
+    for taken in (_BY_NAME.get(name), _BY_CLASS.get(cls)):
+        if taken is not None and taken != op:
+            raise ValueError(f"control operation {name!r} ({cls.__name__}) clashes with the "
+                             f"registered {taken.name!r} ({taken.cls.__name__})")
+    _BY_NAME[name] = _BY_CLASS[cls] = op
+    return op
 
 
-@dataclass(frozen=True)
-class Upload:
-    step: int
+def registered() -> dict[str, Op[Any]]:
+    """The operations this process can encode and decode, by name (registration order)."""
+    return dict(_BY_NAME)
 
 
-@dataclass(frozen=True)
-class Resend:
-    step: int
-
-
-@dataclass(frozen=True)
-class Done:
-    step: int
-
-
-@dataclass(frozen=True)
-class Resync:
-    """Rejoin (``mode`` "rejoin") or roll back ("rollback") to aggregation ``global_``."""
-
-    mode: str
-    global_: int
-    drawn: int
-    opt_steps: int
-    epoch: str | None
-    plan: PlanSpec | None = None  # HSplitLoRA: the client's configuration
-
-
-@dataclass(frozen=True)
-class Merge:
-    """NAA after aggregation ``step``: the update of each weight in ``forms``."""
-
-    step: int
-    forms: dict[str, str]
-    reinit: int
-    epoch: str | None
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Run an IWI probe batch for step ``step`` once merge ``global_`` is applied."""
-
-    step: int
-    global_: int
-    epoch: str | None
-
-
-@dataclass(frozen=True)
-class Plan:
-    step: int
-    spec: PlanSpec
-    epoch: str | None
-
-
-@dataclass(frozen=True)
-class SetAdapters:
-    """This client's adapters after aggregation ``step`` (hetlora, hsplitlora-no-naa)."""
-
-    step: int
-    epoch: str | None
-
-
-Control = Step | Skip | Upload | Resend | Done | Resync | Merge | Probe | Plan | SetAdapters
+def _op(c: Control) -> Op[Any]:
+    op = _BY_CLASS.get(type(c))
+    if op is None:
+        raise TypeError(f"not a registered control operation: {c!r}")
+    return op
 
 
 def encode(c: Control) -> tuple[int, dict[str, Any]]:
-    """The ``config`` message's header step and meta for ``c`` (docs/protocol.md)."""
-    if isinstance(c, Step):
-        meta = {"op": OP_STEP, "step": c.step, "epoch": c.epoch, "rollback": c.rollback,
-                **({} if c.plan is None else {"plan": c.plan}), "global": c.global_,
-                **({"away": list(c.away)} if c.away else {})}
-        return max(c.step, 0), meta
-    simple = {Skip: OP_SKIP, Upload: OP_UPLOAD, Resend: OP_RESEND, Done: OP_DONE}
-    if type(c) in simple:
-        return max(c.step, 0), {"op": simple[type(c)], "step": c.step}  # type: ignore[union-attr]
-    if isinstance(c, Resync):
-        meta = {"op": OP_RESYNC, "mode": c.mode, "global": c.global_, "drawn": c.drawn,
-                "opt_steps": c.opt_steps, "epoch": c.epoch}
-        if c.plan is not None:
-            meta["plan"] = c.plan.to_meta()
-        return max(c.global_, 0), meta
-    if isinstance(c, Merge):
-        return c.step, {"op": OP_MERGE, "step": c.step, "reinit": c.reinit,
-                        "forms": dict(c.forms), "epoch": c.epoch}
-    if isinstance(c, Probe):
-        return max(c.step, 0), {"op": OP_PROBE, "step": c.step, "epoch": c.epoch,
-                                "global": c.global_}
-    if isinstance(c, Plan):
-        return c.step, {"op": OP_PLAN, "step": c.step, "epoch": c.epoch, **c.spec.to_meta()}
-    if isinstance(c, SetAdapters):
-        return c.step, {"op": OP_SET, "step": c.step, "epoch": c.epoch}
-    raise TypeError(f"not a control message: {c!r}")
-
-
-_OPS: dict[type, str] = {Step: OP_STEP, Skip: OP_SKIP, Upload: OP_UPLOAD, Resend: OP_RESEND,
-                         Done: OP_DONE, Resync: OP_RESYNC, Merge: OP_MERGE, Probe: OP_PROBE,
-                         Plan: OP_PLAN, SetAdapters: OP_SET}
+    """The ``config`` message's header step and meta for ``c`` (docs/protocol.md); ``op``
+    comes first, then the operation's fields."""
+    op = _op(c)
+    step, meta = op.encode(c)
+    return step, {"op": op.name, **meta}
 
 
 def op_name(c: Control) -> str:
     """The wire name of ``c``'s operation (``busy`` in heartbeats names it too)."""
-    return _OPS[type(c)]
+    return _op(c).name
 
 
 def op_of(msg: P.Message) -> str | None:
@@ -218,42 +140,120 @@ def op_of(msg: P.Message) -> str | None:
 
 
 def decode(msg: P.Message) -> Control | None:
-    """The typed operation of a ``config`` message; None for an ``op`` this module does not
-    define (a method's own); :class:`ControlError` when a field does not validate.
+    """The typed operation of a ``config`` message; None for an ``op`` not registered in
+    this process (a method's own, read from ``msg.meta`` by its hooks);
+    :class:`ControlError` when a field does not validate."""
+    op = msg.meta.get("op")
+    codec = _BY_NAME.get(op) if isinstance(op, str) else None
+    return None if codec is None else codec.decode(msg.meta, msg)
 
-    Operations addressed by the header step (merge, probe, plan, set) take it from there."""
-    meta = msg.meta
-    op = meta.get("op")
-    if op == OP_STEP:
-        away = meta.get("away", [])
-        if not isinstance(away, list) or not all(isinstance(a, str) for a in away):
-            raise ControlError(f"'away' must be a list of client ids, got {away!r}")
-        return Step(_int(meta, "step"), _int(meta, "global", -1), _epoch(meta),
-                    bool(meta.get("rollback")), _int(meta, "plan", -1), tuple(away))
-    if op in (OP_SKIP, OP_UPLOAD, OP_RESEND, OP_DONE):
-        cls = {OP_SKIP: Skip, OP_UPLOAD: Upload, OP_RESEND: Resend, OP_DONE: Done}[op]
-        return cls(_int(meta, "step", -1))
-    if op == OP_RESYNC:
-        mode = meta.get("mode")
-        if mode not in ("rejoin", "rollback"):
-            raise ControlError(f"resync mode must be rejoin or rollback, got {mode!r}")
-        plan = meta.get("plan")
-        return Resync(mode, _int(meta, "global", -1), _int(meta, "drawn", 0),
-                      _int(meta, "opt_steps", 0), _epoch(meta),
-                      None if plan is None else PlanSpec.from_meta(plan))
-    if op == OP_MERGE:
-        forms = meta.get("forms")
-        if not isinstance(forms, dict) or not all(
-                isinstance(k, str) and v in FORMS for k, v in forms.items()):
-            raise ControlError("merge forms must map weight names to factors or dense")
-        return Merge(msg.step, dict(forms), _int(meta, "reinit", msg.step + 1), _epoch(meta))
-    if op == OP_PROBE:
-        return Probe(msg.step, _int(meta, "global", -1), _epoch(meta))
-    if op == OP_PLAN:
-        return Plan(msg.step, PlanSpec.from_meta(meta), _epoch(meta))
-    if op == OP_SET:
-        return SetAdapters(msg.step, _epoch(meta))
-    return None
+
+# ------------------------------------------------------------- the engine's operations
+@dataclass(frozen=True)
+class Step:
+    """Step ``step`` begins; it builds on aggregation ``global_`` (and, for a method with
+    plans, plan version ``plan``: the hooks' ``step_plan``; None: no plans)."""
+
+    step: int
+    global_: int
+    epoch: str | None
+    rollback: bool = False
+    plan: int | None = None
+    away: tuple[str, ...] = ()  # clients that sit this step out (per-round dropout)
+
+
+def _encode_step(c: Step) -> tuple[int, dict[str, Any]]:
+    return max(c.step, 0), {"step": c.step, "epoch": c.epoch, "rollback": c.rollback,
+                            **({} if c.plan is None else {"plan": c.plan}),
+                            "global": c.global_, **({"away": list(c.away)} if c.away else {})}
+
+
+def _decode_step(meta: dict[str, Any], msg: P.Message) -> Step:
+    away = meta.get("away", [])
+    if not isinstance(away, list) or not all(isinstance(a, str) for a in away):
+        raise ControlError(f"'away' must be a list of client ids, got {away!r}")
+    # absent: a step of a method without plans (written only when there is one)
+    plan = int_field(meta, "plan") if "plan" in meta else None
+    return Step(int_field(meta, "step"), int_field(meta, "global", -1), epoch_field(meta),
+                bool(meta.get("rollback")), plan, tuple(away))
+
+
+@dataclass(frozen=True)
+class _AtStep:
+    """An operation whose one field is the step it is about (the header's: at least 0)."""
+
+    step: int
+
+    def to_meta(self) -> tuple[int, dict[str, Any]]:
+        return max(self.step, 0), {"step": self.step}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], msg: P.Message) -> Self:
+        return cls(int_field(meta, "step", -1))
+
+
+@dataclass(frozen=True)
+class Skip(_AtStep):
+    pass
+
+
+@dataclass(frozen=True)
+class Upload(_AtStep):
+    pass
+
+
+@dataclass(frozen=True)
+class Resend(_AtStep):
+    pass
+
+
+@dataclass(frozen=True)
+class Done(_AtStep):
+    pass
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Rejoin (``mode`` "rejoin") or roll back ("rollback") to aggregation ``global_``.
+
+    ``plan``: the method's configuration of this client, as its meta (validated here only as
+    a mapping: what it holds is the method's, which reads it; HSplitLoRA / HetLoRA:
+    runner/methods/hetero_wire.py ``plan_of``)."""
+
+    mode: str
+    global_: int
+    drawn: int
+    opt_steps: int
+    epoch: str | None
+    plan: dict[str, Any] | None = None
+
+
+def _encode_resync(c: Resync) -> tuple[int, dict[str, Any]]:
+    meta: dict[str, Any] = {"mode": c.mode, "global": c.global_, "drawn": c.drawn,
+                            "opt_steps": c.opt_steps, "epoch": c.epoch}
+    if c.plan is not None:
+        meta["plan"] = dict(c.plan)
+    return max(c.global_, 0), meta
+
+
+def _decode_resync(meta: dict[str, Any], msg: P.Message) -> Resync:
+    mode = meta.get("mode")
+    if mode not in ("rejoin", "rollback"):
+        raise ControlError(f"resync mode must be rejoin or rollback, got {mode!r}")
+    plan = meta.get("plan")
+    if plan is not None and not isinstance(plan, dict):
+        raise ControlError("plan must be a mapping")
+    return Resync(mode, int_field(meta, "global", -1), int_field(meta, "drawn", 0),
+                  int_field(meta, "opt_steps", 0), epoch_field(meta),
+                  None if plan is None else dict(plan))
+
+
+register(OP_STEP, Step, _encode_step, _decode_step)
+register(OP_SKIP, Skip, Skip.to_meta, Skip.from_meta)
+register(OP_RESYNC, Resync, _encode_resync, _decode_resync)
+register(OP_UPLOAD, Upload, Upload.to_meta, Upload.from_meta)
+register(OP_RESEND, Resend, Resend.to_meta, Resend.from_meta)
+register(OP_DONE, Done, Done.to_meta, Done.from_meta)
 
 
 # ------------------------------------------------------------------- client -> server
@@ -323,7 +323,7 @@ class Heartbeat(ClientStatus):
     from it. The default value is a client the server knows nothing of yet."""
 
     opt_steps: int | None = None
-    plan: int = -1  # HSplitLoRA / HetLoRA: the plan version it holds
+    plan: int = -1  # a method with plans (HSplitLoRA, HetLoRA): the version it holds
     record: LocalRecord | None = None
     budget: int | None = None  # its memory budget (bytes; positive)
     budget_source: str = "?"
@@ -392,54 +392,24 @@ class _Carrying:
 @dataclass(frozen=True)
 class ActReport(_Carrying):
     """An ``act`` message: the boundary activations (``msg.tensors``) and what the client
-    says with them: its stream and optimizer position, learning rate, forward time, memory;
-    ``probe``: an IWI probe's activations (HSplitLoRA) rather than a training step's."""
+    says with them: its stream and optimizer position, learning rate, forward time, memory."""
 
     msg: P.Message
     drawn: int | None = None
     opt_steps: int | None = None
     lr: float | None = None
     compute_s: float | None = None
-    probe: bool = False
     usage: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class AdaptReport(_Carrying):
     """An ``adapt`` message: the adapters uploaded for aggregation ``step`` (``msg.tensors``)
-    and the client's stream and optimizer position; ``probe``: an IWI probe's numerators
-    (``importance``: weight name -> finite number, None when the field does not validate)
-    instead of adapters."""
+    and the client's stream and optimizer position."""
 
     msg: P.Message
     drawn: int | None = None
     opt_steps: int | None = None
-    probe: bool = False
-    importance: dict[str, float] | None = None
-
-
-def _importance(value: Any) -> dict[str, float] | None:
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-            and math.isfinite(v) for k, v in value.items()):
-        return None
-    return {k: float(v) for k, v in value.items()}
-
-
-def is_probe_upload(h: P.Header) -> bool:
-    """Whether an ``adapt`` message (its header, before the payload is read) carries IWI
-    numerators in its meta rather than adapters."""
-    return h.meta.get("probe") is not None
-
-
-def probe_grad_meta() -> dict[str, Any]:
-    """The meta of the gradient the server returns for a probe's activations."""
-    return {"probe": True}
-
-
-def is_probe_grad(msg: P.Message) -> bool:
-    """Whether a ``grad`` message answers an IWI probe (:func:`probe_grad_meta`)."""
-    return bool(msg.meta.get("probe"))
 
 
 ClientReport = Heartbeat | ActReport | AdaptReport
@@ -459,9 +429,7 @@ def decode_report(msg: P.Message) -> tuple[Sender, ClientReport | None]:
     if msg.kind is P.Kind.ACT:
         return sender, ActReport(msg, _opt_int(meta, "drawn"), _opt_int(meta, "opt_steps"),
                                  _opt_float(meta, "lr"), _opt_float(meta, "compute_s"),
-                                 bool(meta.get("probe")), usage_fields(meta))
+                                 usage_fields(meta))
     if msg.kind is P.Kind.ADAPT:
-        return sender, AdaptReport(msg, _opt_int(meta, "drawn"), _opt_int(meta, "opt_steps"),
-                                   meta.get("probe") is not None,
-                                   _importance(meta.get("importance")))
+        return sender, AdaptReport(msg, _opt_int(meta, "drawn"), _opt_int(meta, "opt_steps"))
     return sender, None

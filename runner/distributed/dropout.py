@@ -61,6 +61,8 @@ class RoundDropout:
         peers' ``away`` / ``online`` flags."""
         rnd = self.round_of(step)
         for p in peers:
+            if p.unfit:  # away for as long as its device cannot hold its plan
+                continue
             drawn = dropped_in_round(self.seed, rnd, p.index, self.odds.get(p.cid, 0.0))
             if drawn and p.online and not p.away:
                 p.away, p.online = True, False

@@ -50,6 +50,7 @@ class Peer:
     grad: tuple[int, torch.Tensor] | None = None  # last answered step and its gradient
     last_repair: float = 0.0
     away: bool = False  # sits the current round out (per-round dropout): offline meanwhile
+    unfit: bool = False  # its device cannot hold its plan (not runnable): away until it can
 
 
 class Liveness:

@@ -39,19 +39,29 @@ from runner.trainer import Holder, Trainer, grad_scaler, make_optimizer
 
 
 def emulated_devices(costs: ModelCosts, n: int, batch: int, seq: int,
-                     targets: tuple[str, ...] = ("q", "v")) -> tuple[list[DeviceSpec], DeviceSpec]:
+                     targets: tuple[str, ...] = ("q", "v"),
+                     hold_seq: int | None = None) -> tuple[list[DeviceSpec], DeviceSpec]:
     """The paper's 5-20 GB client spread, rescaled to this model's training footprint.
 
     Design choice (for runs without a devices file; a profile's devices, testbed/profiles.py,
     replace it): a client with ``G`` GB out of the paper's 20 GB top device gets the same
-    fraction ``G/20`` of the model's full training footprint (above the runtime reserve).
+    fraction ``G/20`` of the model's full training footprint (above the runtime reserve) at
+    the longest batch the run draws (``hold_seq``, default ``seq``: memory is planned for
+    it, so the top device holds the whole model as the paper's does), but never less than
+    the shallowest client needs (block 0 adapted at rank 8): the paper's 5 GB device does
+    train its shallowest split, and on a model whose embeddings outweigh a quarter of it
+    (the tiny test models) the bare fraction would not hold that split, so no plan could fit
+    the weakest device and it would never train (docs/method.md "Budget violations").
     Compute is edge-class and grows with the budget; the server is a datacentre GPU.
     """
     names = [n for n in costs.shapes if n.endswith(("q_proj", "v_proj", "c_attn"))]
-    full = client_memory(costs, costs.num_layers, {x: 8 for x in names}, batch, seq).total
+    full = client_memory(costs, costs.num_layers, {x: 8 for x in names}, batch,
+                         hold_seq or seq).total
+    floor = client_memory(costs, 1, {x: 8 for x in names if lora.block_of(x) == 0}, batch,
+                          hold_seq or seq).total
     clients = []
     for i, gb in enumerate(paper_spread(n)):
-        budget = int(DEFAULT_RESERVE + (gb / 20.0) * (full - DEFAULT_RESERVE))
+        budget = max(floor, int(DEFAULT_RESERVE + (gb / 20.0) * (full - DEFAULT_RESERVE)))
         clients.append(DeviceSpec(f"client{i}", budget, flops=0.5e12 * gb / 5.0,
                                   bandwidth=12.5e6 * (1 + i), latency=0.02))
     return clients, DeviceSpec("server", 80 * GB, flops=100e12, bandwidth=1.25e9, latency=0.001)
@@ -83,7 +93,7 @@ class HeteroTrainer(Trainer):
         self.offline: set[str] = set()  # Trainer.__init__ sets it again after _build
         self.config = load_config(info.path)
         self.costs = ModelCosts.from_config(self.config)
-        self.candidates = lora.all_candidates(self.config)
+        self.candidates = lora.candidates(self.config, cfg.candidates, cfg.targets)
         self.ref_targets = tuple(lora.weight_names(self.config, [0], cfg.targets))
         self.ref_suffixes = tuple(n.split(".", 3)[-1] for n in self.ref_targets)
         if cfg.devices:
@@ -94,9 +104,6 @@ class HeteroTrainer(Trainer):
             self.devices = self.devices[: cfg.clients]
             self.server_dev = server or emulated_devices(self.costs, 1, cfg.batch_size,
                                                          cfg.plan_seq)[1]
-        else:
-            self.devices, self.server_dev = emulated_devices(self.costs, cfg.clients,
-                                                             cfg.batch_size, cfg.plan_seq)
         L = info.num_layers
         self.bounds = cfg.split_bounds or (max(1, L // 8), L - 1)
         self.tracker = importance.ImportanceTracker(cfg.steps)
@@ -116,6 +123,9 @@ class HeteroTrainer(Trainer):
         # batch); step times for the typical one (plan_seq).
         self.mem_seq = max([cfg.plan_seq] + [len(ex["input_ids"]) for ex_list in encoded
                                              for ex in ex_list])
+        if not cfg.devices:
+            self.devices, self.server_dev = emulated_devices(
+                self.costs, cfg.clients, cfg.batch_size, cfg.plan_seq, hold_seq=self.mem_seq)
         # What ARMSC plans with: on a CUDA device the memory model calibrated there, at the
         # training precision on the batches memory is planned for (per-block activation
         # bytes from the CUDA allocator, the CUDA context as the runtime reserve: docs/gpu.md

@@ -29,6 +29,7 @@ import torch
 from runner import seeds
 from runner.distributed import control
 from runner.distributed import protocol as P
+from runner.methods import hetero_wire
 from runner.methods.hooks import ClientHooks
 from runner.model import lora, split
 from runner.trainer import make_optimizer
@@ -52,7 +53,8 @@ class HeteroClientHooks(ClientHooks):
 
     snapshots = False  # a roll-back receives the checkpoint's merged weights and plan from
     # the server, which determine the whole state after an aggregation
-    handled: tuple[type, ...] = (control.Plan, control.SetAdapters)  # applied by :meth:`apply`
+    # applied by :meth:`apply` (the operations are registered by runner/methods/hetero_wire.py)
+    handled: tuple[type, ...] = (hetero_wire.Plan, hetero_wire.SetAdapters)
 
     def __init__(self, client: Client):
         super().__init__(client)
@@ -137,10 +139,10 @@ class HeteroClientHooks(ClientHooks):
 
     def apply(self, ctrl: control.Control, tensors: dict[str, torch.Tensor]) -> None:
         """One of the operations in :attr:`handled`, of this client's epoch."""
-        if isinstance(ctrl, control.SetAdapters):
+        if isinstance(ctrl, hetero_wire.SetAdapters):
             self.set_adapters(ctrl.step, tensors)
         else:
-            assert isinstance(ctrl, control.Plan)
+            assert isinstance(ctrl, hetero_wire.Plan)
             self.plan(ctrl, tensors)
 
     def after_handle(self, msg: P.Message, ctrl: control.Control | None) -> None:
@@ -192,7 +194,7 @@ class HeteroClientHooks(ClientHooks):
                 raise ValueError(f"adapter {k!r} {tuple(v.shape)} does not fit this client")
         lora.load_adapter_state(model, tensors)
 
-    def plan(self, p: control.Plan, tensors: dict[str, torch.Tensor]) -> None:
+    def plan(self, p: hetero_wire.Plan, tensors: dict[str, torch.Tensor]) -> None:
         """ARMSC: new split point and ranks (blocks taken over arrive with the message)."""
         c, spec = self.client, p.spec
         if spec.version <= self.plan_version or c.holder.seg is None:
@@ -212,7 +214,12 @@ class HeteroClientHooks(ClientHooks):
             self._resync(r, tensors)
 
     def _resync(self, r: control.Resync, tensors: dict[str, torch.Tensor]) -> None:
-        c, plan = self.client, r.plan
+        c = self.client
+        try:  # the plan is this method's part of the core resync: validated here, first
+            plan = hetero_wire.plan_of(r)
+        except control.ControlError as e:
+            log.warning("resync of aggregation %d refused: %s", r.global_, e)
+            return
         if plan is None:
             log.warning("resync without a plan; ignored")
             return

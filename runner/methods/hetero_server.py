@@ -30,6 +30,7 @@ import torch
 from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.emulation.vtime import StepClock
+from runner.methods import hetero_wire
 from runner.methods.hetero import HeteroTrainer, _linear
 from runner.methods.hooks import ServerHooks
 from runner.model import lora, split
@@ -62,12 +63,18 @@ class ShadowTrainer(HeteroTrainer):
     def __init__(self, cfg: Any, prepared: Any):
         self.deferred = True
         self.moved: dict[str, int] = {}
+        self.early_unfit: list[tuple[int, str, int, int]] = []
         super().__init__(cfg, None, None, prepared)
 
     def not_runnable(self, step: int, name: str, need: int, budget: int) -> None:
-        """Distributed, the client's own device decides: a capped container that cannot
-        hold its plan is OOM-killed (``budget_exceeded``); the plan's budget violation is
-        recorded as in-process, and the client is not held back here."""
+        """As in-process (the server holds the client back: Server.apply_budgets); one found
+        while the shadows are built, before the run directory is open, is logged when the
+        run starts (HeteroServerHooks.start)."""
+        if self.run is None:
+            self.early_unfit.append((step, name, need, budget))
+            self.unfit[name] = "pending"
+            return
+        super().not_runnable(step, name, need, budget)
 
 
 class HeteroServerHooks(ServerHooks):
@@ -135,6 +142,10 @@ class HeteroServerHooks(ServerHooks):
             return  # resumed: the checkpoint holds the plan
         for v in self.build_violations:  # found before the run directory was open
             self.server.event("budget_violation", step=0, detail=v)
+        for step, name, need, budget in tr.early_unfit:
+            tr.unfit.pop(name, None)
+            tr.not_runnable(step, name, need, budget)
+        tr.early_unfit = []
         tr.deferred = False
         self.plan_first()
         self.publish_plan(0)
@@ -203,7 +214,7 @@ class HeteroServerHooks(ServerHooks):
         for p in got:
             state = {k: v.detach() for k, v in
                      lora.adapter_state(self.shadow(p).seg.model).items()}
-            s.tell(control.SetAdapters(step, s.epoch), to=p.cid, tensors=state)
+            s.tell(hetero_wire.SetAdapters(step, s.epoch), to=p.cid, tensors=state)
         s.global_sent_at = time.monotonic()
         for p in s.peers.values():
             if p.online and p not in got:
@@ -230,8 +241,9 @@ class HeteroServerHooks(ServerHooks):
                 out[key] = t.detach()
         return out
 
-    def _plan_spec(self, h: Holder) -> control.PlanSpec:
-        return control.PlanSpec(self.plan_version, h.seg.end, dict(h.ranks), self.plan_reinit)
+    def _plan_spec(self, h: Holder) -> hetero_wire.PlanSpec:
+        return hetero_wire.PlanSpec(self.plan_version, h.seg.end, dict(h.ranks),
+                                    self.plan_reinit)
 
     def publish_plan(self, reinit: int) -> None:
         """A new plan version to every online client; moved blocks travel with it."""
@@ -245,7 +257,8 @@ class HeteroServerHooks(ServerHooks):
             h = self.shadow(p)
             old = self.htr.moved.get(p.name, h.seg.end)
             tensors = self.block_weights(old, h.seg.end) if h.seg.end > old else {}
-            s.tell(control.Plan(reinit, self._plan_spec(h), s.epoch), to=p.cid, tensors=tensors)
+            s.tell(hetero_wire.Plan(reinit, self._plan_spec(h), s.epoch), to=p.cid,
+                   tensors=tensors)
         self.htr.moved = {}
         self.plan_sent_at = time.monotonic()
 
@@ -268,8 +281,8 @@ class HeteroServerHooks(ServerHooks):
         drawn = p.agg_drawn if mode == "rollback" else p.drawn
         tensors = self.block_weights(0, h.seg.end, self.merged_names) if self.naa else {
             k: v.detach() for k, v in lora.adapter_state(h.seg.model).items()}
-        s.tell(control.Resync(mode, s.global_step, drawn, 0, s.epoch, plan), to=p.cid,
-               tensors=tensors)
+        s.tell(control.Resync(mode, s.global_step, drawn, 0, s.epoch, plan.to_meta()),
+               to=p.cid, tensors=tensors)
         p.last_repair = time.monotonic()
 
     # ------------------------------------------------------------------ checkpoints

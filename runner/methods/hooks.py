@@ -151,8 +151,10 @@ class ClientHooks:
 
     def handle(self, msg: P.Message, ctrl: Control | None) -> bool:
         """A message the method consumes itself (True), before the engine's handlers.
-        ``ctrl``: a ``config`` message's typed operation (runner/distributed/control.py), None for
-        other kinds and for an ``op`` of the method's own (read ``msg.meta``)."""
+        ``ctrl``: a ``config`` message's typed operation, decoded by whichever module
+        registered its op with runner/distributed/control.py (a method registers its own,
+        e.g. runner/methods/hetero_wire.py); None for other kinds and for an unregistered
+        ``op`` (read ``msg.meta``)."""
         return False
 
     def after_handle(self, msg: P.Message, ctrl: Control | None) -> None:

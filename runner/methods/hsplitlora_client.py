@@ -38,7 +38,7 @@ from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.distributed.transport import TransportError
 from runner.methods import aggregation as agg
-from runner.methods import importance
+from runner.methods import hetero_wire, importance
 from runner.methods.hetero_client import HeteroClientHooks
 from runner.methods.hsplitlora import ProbeForward, probe_backward, probe_forward
 from runner.model import lora, split
@@ -53,7 +53,7 @@ log = logging.getLogger("runner.client")
 class HSplitLoRAClientHooks(HeteroClientHooks):
     """HSplitLoRA client: NAA merges and IWI probes on top of the plans and resyncs."""
 
-    handled = (control.Merge, control.Probe, *HeteroClientHooks.handled)
+    handled = (hetero_wire.Merge, hetero_wire.Probe, *HeteroClientHooks.handled)
 
     def __init__(self, client: Client):
         super().__init__(client)
@@ -63,7 +63,9 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
         self.probe_done: tuple[int, dict[str, float], int] | None = None  # step, nums, drawn
 
     def load_model(self) -> tuple[split.Segment | None, lora.RankMap]:
-        self.candidates = lora.all_candidates(load_model_config(self.client.info.path))
+        cfg = self.client.cfg
+        self.candidates = lora.candidates(load_model_config(self.client.info.path),
+                                          cfg.candidates, cfg.targets)
         return super().load_model()
 
     def status(self) -> dict[str, Any]:
@@ -72,15 +74,15 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
 
     # ---------------------------------------------------------------------- messages
     def handle(self, msg: P.Message, ctrl: control.Control | None) -> bool:
-        if msg.kind is P.Kind.GRAD and control.is_probe_grad(msg):
+        if msg.kind is P.Kind.GRAD and hetero_wire.is_probe_grad(msg):
             self.probe_grad(msg)
             return True
         return super().handle(msg, ctrl)
 
     def apply(self, ctrl: control.Control, tensors: dict[str, torch.Tensor]) -> None:
-        if isinstance(ctrl, control.Merge):
+        if isinstance(ctrl, hetero_wire.Merge):
             self.merge(ctrl, tensors)
-        elif isinstance(ctrl, control.Probe):
+        elif isinstance(ctrl, hetero_wire.Probe):
             self.on_probe(ctrl)
         else:
             super().apply(ctrl, tensors)
@@ -96,7 +98,7 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
             if self.probe_fwd is not None and step >= self.probe_fwd[0]:
                 self.probe_fwd = None
 
-    def merge(self, m: control.Merge, tensors: dict[str, torch.Tensor]) -> None:
+    def merge(self, m: hetero_wire.Merge, tensors: dict[str, torch.Tensor]) -> None:
         """NAA: ``W <- W + dW`` for every adapted weight of our blocks, then fresh adapters."""
         c = self.client
         step, forms = m.step, m.forms
@@ -134,7 +136,7 @@ class HSplitLoRAClientHooks(HeteroClientHooks):
         self.probe_req = self.probe_fwd = self.probe_done = None
 
     # ------------------------------------------------------------------------ probes
-    def on_probe(self, pr: control.Probe) -> None:
+    def on_probe(self, pr: hetero_wire.Probe) -> None:
         step = pr.step
         if self.probe_done is not None and self.probe_done[0] == step:
             self._send_numerators()  # our answer got lost

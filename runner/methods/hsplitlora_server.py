@@ -35,6 +35,7 @@ import torch
 from runner.distributed import control
 from runner.distributed import protocol as P
 from runner.methods import aggregation as agg
+from runner.methods import hetero_wire
 from runner.methods.hetero_server import HeteroServerHooks, ShadowTrainer
 from runner.methods.hsplitlora import HSplitLoRATrainer, Probe, probe_record, probe_server
 from runner.model import lora
@@ -103,7 +104,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         return tr
 
     def upload_shapes(self, h: P.Header) -> dict[str, list[int]]:
-        if control.is_probe_upload(h):
+        if hetero_wire.is_probe_upload(h):
             return {}  # importance numerators travel in the meta
         return super().upload_shapes(h)
 
@@ -115,7 +116,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
 
     # ------------------------------------------------------------------- messages
     def on_act(self, p: Peer, act: control.ActReport) -> bool:
-        if not act.probe:
+        if not hetero_wire.is_probe_act(act):
             return False
         if act.step == self.probe_step and p.cid in self.probe_expected:
             if p.cid not in self.probe_acts:
@@ -127,11 +128,11 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         return True
 
     def on_adapt(self, p: Peer, up: control.AdaptReport) -> bool:
-        if not up.probe:
+        if not hetero_wire.is_probe_upload(up.msg):
             return False
         if up.step != self.probe_step or p.cid not in self.probe_acts:
             return True  # late or repeated
-        nums = up.importance  # None: not a mapping of names to finite numbers
+        nums = hetero_wire.importance(up)  # None: not a mapping of names to finite numbers
         mine = set(self.htr.client_candidates(self.split_of(p)))
         if nums is None or not all(k in mine for k in nums):
             self.server._reject(p, up.msg, "bad-meta", "importance must map this client's "
@@ -153,7 +154,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
         self.probe_expected = {p.cid for p in peers}
 
         def ask(p: Peer) -> None:
-            s.tell(control.Probe(step, s.global_step, s.epoch), to=p.cid)
+            s.tell(hetero_wire.Probe(step, s.global_step, s.epoch), to=p.cid)
 
         for p in peers:
             ask(p)
@@ -179,7 +180,7 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
 
             def give(p: Peer) -> None:
                 sent[p.cid] = s.send(P.Kind.GRAD, step, {P.GRAD: grads[answered.index(p)]},
-                                     control.probe_grad_meta(), to=p.cid, wire=s.o.wire)
+                                     hetero_wire.probe_grad_meta(), to=p.cid, wire=s.o.wire)
 
             for p in answered:
                 give(p)
@@ -269,7 +270,8 @@ class HSplitLoRAServerHooks(HeteroServerHooks):
                 else:
                     forms[name] = "dense"
                     tensors[f"{name}.delta"] = delta
-            s.tell(control.Merge(step, forms, step + 1, s.epoch), to=p.cid, tensors=tensors)
+            s.tell(hetero_wire.Merge(step, forms, step + 1, s.epoch), to=p.cid,
+                   tensors=tensors)
         s.global_sent_at = time.monotonic()
         # sent: nothing reads them again, and held they would live until the next round
         self.htr.merges = []

@@ -84,6 +84,19 @@ def all_candidates(config: PretrainedConfig) -> list[str]:
     return weight_names(config, range(int(config.num_hidden_layers)), short)
 
 
+def candidates(config: PretrainedConfig, which: str, targets: Iterable[str]) -> list[str]:
+    """The weights HSplitLoRA may adapt: ``"all"``, every linear projection of every block
+    (the paper's method, :func:`all_candidates`), or ``"targets"``, only the projections in
+    ``targets`` (q, v by default): the capacity-matched variant, which adapts what the
+    baselines adapt, so a comparison separates the method from the capacity it trains
+    (docs/method.md "Capacity")."""
+    names = all_candidates(config)
+    if which == "all":
+        return names
+    suffixes = tuple(n.split(".", 3)[-1] for n in weight_names(config, [0], targets))
+    return [n for n in names if n.endswith(suffixes)]
+
+
 def uniform_ranks(config: PretrainedConfig, rank: int,
                   targets: Iterable[str] = DEFAULT_TARGETS) -> RankMap:
     """The same rank on the given projections of every block (SplitLoRA's setting)."""

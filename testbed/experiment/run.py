@@ -128,7 +128,7 @@ def _devices_file(exp: Experiment, cfg: TrainConfig, profile: str | None, out: P
         from testbed.profiles import model_costs
 
         clients, server = emulated_devices(model_costs(cfg.model), cfg.clients,
-                                           cfg.batch_size, cfg.plan_seq)
+                                           cfg.batch_size, cfg.plan_seq, hold_seq=cfg.max_len)
         name = f"emulated-{Path(cfg.model).stem}-c{cfg.clients}-b{cfg.batch_size}" \
                f"-s{cfg.plan_seq}.json"
         path = folder / name
