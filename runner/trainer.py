@@ -234,7 +234,7 @@ class Trainer:
         # work while building (HSplitLoRA's initial probe) finds None and is charged later
         self.vclock: StepClock | None = None
         # clients whose device cannot hold their configuration (name -> why): in-process
-        # nothing would stop them, so they never train (docs/method.md "Budgets")
+        # nothing would stop them, so they never train (docs/method.md "Budget violations")
         self.unfit: dict[str, str] = {}
         self._build()
         self.val_examples = data_mod.encode_frame(self.prep.tokenizer,
@@ -579,13 +579,13 @@ class Trainer:
         """Train for ``cfg.steps`` steps (or until a stopping rule fires, runner/stopping.py),
         evaluating and logging; returns the summary."""
         cfg, run = self.cfg, self.run
-        if run is not None:
-            run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
-        if self.clients and len(self.unfit) == len(self.clients):
+        if self.clients and len(self.unfit) == len(self.clients):  # before the run starts
             raise ConfigError("no client's device can hold its configuration: "
                               + "; ".join(self.unfit.values())
                               + ". Give the devices more memory or train a smaller "
                               "configuration (--rank, --split, --batch-size)")
+        if run is not None:
+            run.event("run_started", method=cfg.method, clients=len(self.clients), split=self.k)
         self.vclock = self.make_clock()
         self.clock_started()
         stopper = Stopper.from_config(cfg)
