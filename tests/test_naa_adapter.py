@@ -188,12 +188,15 @@ def test_resumed_server_saves_the_in_process_adapter(tmp_path: Path,
     _, _, ref, merged = _fit(tmp_path, cfg, monkeypatch)
     saved = check_true_rank(dist, merged)
     assert saved == _saved_ranks(ref)
-    # the bound bites, so merges forgotten (or bounded by full rank) would change the ranks
-    assert all(r == min(merged[n], d_out, d_in) for n, (r, d_out, d_in) in saved.items()), \
-        {n: (v, merged[n]) for n, v in saved.items()}
+    # the bound bites on a weight merged again after the resume: its saved rank is the sum
+    # of every merge's ranks, before and after, so merges forgotten at the resume (or a
+    # bound at full rank) would change it. (Not on every weight: an update whose own rank
+    # is lower than the bound, e.g. 47 of 48, is cut at its own rank, in both engines.)
     at_ckpt = state["model"]["merged_ranks"]
-    assert any(0 < at_ckpt.get(n, 0) < merged[n] < min(d_out, d_in)
-               for n, (_, d_out, d_in) in saved.items()), "no merge after the resume to bound"
+    bites = [n for n, (r, d_out, d_in) in saved.items()
+             if 0 < at_ckpt.get(n, 0) < merged[n] == r < min(d_out, d_in)]
+    assert bites, ("no weight merged after the resume saved at its merged bound",
+                   {n: (v, at_ckpt.get(n), merged[n]) for n, v in saved.items()})
     with (safe_open(str(dist / "adapter_model.safetensors"), framework="pt") as d,
           safe_open(str(ref / "adapter_model.safetensors"), framework="pt") as r):
         for key in d.keys():  # noqa: SIM118 - safe_open has no __iter__
