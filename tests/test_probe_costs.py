@@ -4,7 +4,8 @@ clients, not counted as a step) and its activations and gradients to the bytes m
 ``probe`` event, read by analysis/derive.py); its batches come from a stream of their own,
 so probing never shifts the training batches; a server's checkpoint carries the virtual
 clock. The distributed side of the same charge is checked in tests/test_hetero_distributed.py
-(distributed = in-process, probe events included)."""
+(distributed = in-process, probe events included); the clock's own charge against a hand
+computation in tests/test_vtime.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from analysis.load import RunSet, load_run
 from runner import seeds
 from runner.config import TrainConfig
 from runner.distributed import checkpoint
-from runner.emulation.clock import FORWARD_SHARE
 from runner.emulation.devices import DeviceSpec
 from runner.emulation.vtime import StepClock
 from runner.methods.memory import ModelCosts
@@ -33,31 +33,6 @@ def _cfg(**kw) -> TrainConfig:
                 seed=3, lora_dropout=0.0, method="hsplitlora")
     base.update(kw)
     return TrainConfig(**base)
-
-
-def test_a_probe_takes_a_split_steps_time_without_counting_a_step() -> None:
-    """StepClock.probe against a hand computation (the numbers of test_vtime.py's step):
-    client forward (a third of its FLOPs), activations up, the server's pass, gradients
-    down, the client's backward; the clock's step count (the dropout round) stays put."""
-    costs = ModelCosts.from_config(load_config(materialise("tiny-llama")))
-    devs = [DeviceSpec("a", 10**9, flops=1e9, bandwidth=1e6, latency=0.01),
-            DeviceSpec("b", 10**9, flops=4e9, bandwidth=5e5, latency=0.02)]
-    server = DeviceSpec("s", 10**10, flops=1e11, bandwidth=1e8, latency=0.0)
-    clock = StepClock(costs, ["a", "b"], devs, server)
-    recs = [dict(client="a", seq_tokens=100, tokens=40, bytes_sent=20_000, bytes_received=16_000),
-            dict(client="b", seq_tokens=200, tokens=90, bytes_sent=40_000, bytes_received=32_000)]
-    F, L = costs.flops_per_token_block, costs.num_layers
-    head = 6.0 * costs.hidden * costs.vocab
-    fa, fb = 100 * 1 * F, 200 * 3 * F
-    arrive = max(FORWARD_SHARE * fa / 1e9 + 20_000 / 1e6 + 0.01,
-                 FORWARD_SHARE * fb / 4e9 + 40_000 / 5e5 + 0.02)
-    server_end = arrive + (100 * (L - 1) * F + 40 * head + 200 * (L - 3) * F + 90 * head) / 1e11
-    end = max(server_end + 16_000 / 1e6 + 0.01 + (1 - FORWARD_SHARE) * fa / 1e9,
-              server_end + 32_000 / 5e5 + 0.02 + (1 - FORWARD_SHARE) * fb / 4e9)
-    clock.clock.now = 5.0
-    assert clock.probe(recs, {"a": 1, "b": 3}) == pytest.approx(5.0 + end, rel=1e-12)
-    assert clock.clock.steps == 0
-    assert clock.probe([], {}) == clock.now  # nobody answered: no time passes
 
 
 @pytest.mark.parametrize("method", ["hsplitlora", "hsplitlora-no-iwi"])

@@ -23,14 +23,16 @@ def costs() -> ModelCosts:
     return ModelCosts.from_config(load_config(materialise("tiny-llama")))
 
 
-def test_step_times_match_a_hand_computation(costs: ModelCosts) -> None:
+def _two_clients(costs: ModelCosts) -> tuple[StepClock, list[dict], float, float]:
+    """A clock with two clients on different devices, one step's records for them (client
+    a runs 1 block, b 3), and each client's finish computed by hand: forward (a third of
+    the FLOPs), activations up, the server's pass over both, gradients down, backward."""
     devs = [DeviceSpec("a", 10**9, flops=1e9, bandwidth=1e6, latency=0.01),
             DeviceSpec("b", 10**9, flops=4e9, bandwidth=5e5, latency=0.02)]
     server = DeviceSpec("s", 10**10, flops=1e11, bandwidth=1e8, latency=0.0)
     clock = StepClock(costs, ["a", "b"], devs, server)
     recs = [dict(client="a", seq_tokens=100, tokens=40, bytes_sent=20_000, bytes_received=16_000),
             dict(client="b", seq_tokens=200, tokens=90, bytes_sent=40_000, bytes_received=32_000)]
-    blocks = {"a": 1, "b": 3}
     F, L = costs.flops_per_token_block, costs.num_layers
     head = 6.0 * costs.hidden * costs.vocab
     fa, fb = 100 * 1 * F, 200 * 3 * F
@@ -40,6 +42,24 @@ def test_step_times_match_a_hand_computation(costs: ModelCosts) -> None:
     server_end = max(arrive_a, arrive_b) + server_flops / 1e11
     fin_a = server_end + 16_000 / 1e6 + 0.01 + (1 - FORWARD_SHARE) * fa / 1e9
     fin_b = server_end + 32_000 / 5e5 + 0.02 + (1 - FORWARD_SHARE) * fb / 4e9
+    return clock, recs, fin_a, fin_b
+
+
+def test_a_probe_takes_a_split_steps_time_without_counting_a_step(costs: ModelCosts) -> None:
+    """StepClock.probe (HSplitLoRA's importance probe, issue 29 part 1): the same round
+    trip as a step of its clients, from now, but not counted as a step (the clock's step
+    count is the dropout round); nobody answered: no time passes."""
+    clock, recs, fin_a, fin_b = _two_clients(costs)
+    clock.clock.now = 5.0
+    assert clock.probe(recs, {"a": 1, "b": 3}) == pytest.approx(5.0 + max(fin_a, fin_b),
+                                                                rel=1e-12)
+    assert clock.clock.steps == 0
+    assert clock.probe([], {}) == clock.now
+
+
+def test_step_times_match_a_hand_computation(costs: ModelCosts) -> None:
+    clock, recs, fin_a, fin_b = _two_clients(costs)
+    blocks = {"a": 1, "b": 3}
     timing = clock.step(recs, blocks, full_model=False)
     assert timing.finish[0] == pytest.approx(fin_a, rel=1e-12)
     assert timing.finish[1] == pytest.approx(fin_b, rel=1e-12)

@@ -194,22 +194,22 @@ class _AtStep:
 
 @dataclass(frozen=True)
 class Skip(_AtStep):
-    pass
+    """To one client: its activations for ``step`` came too late; drop them."""
 
 
 @dataclass(frozen=True)
 class Upload(_AtStep):
-    pass
+    """To one client: (re)send its adapters for aggregation ``step``."""
 
 
 @dataclass(frozen=True)
 class Resend(_AtStep):
-    pass
+    """To one client: (re)send its activations for ``step``."""
 
 
 @dataclass(frozen=True)
 class Done(_AtStep):
-    pass
+    """Broadcast: the run is over; exit."""
 
 
 @dataclass(frozen=True)
