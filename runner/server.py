@@ -186,7 +186,7 @@ class Server:
         the method fits, runner/trainer.py ``not_runnable``) sit out as in-process: away,
         named in ``away`` so they draw nothing (``client_offline``, reason
         ``not_runnable``), until a plan fits them again (``client_online``, resync)."""
-        unfit = getattr(self.tr, "unfit", {})
+        unfit = self.tr.unfit
         for p in self.peers.values():
             if p.name in unfit and not p.unfit:
                 p.unfit = True
@@ -841,7 +841,7 @@ class Server:
             "runtime": "mqtt", "rejected_messages": self.rejected,
             "rejected_reasons": dict(self.reasons), "offline_events": self.offline_events,
             **({"virtual_time_s": tr.vclock.now} if tr.vclock is not None else {}),
-            "not_runnable": sorted(getattr(tr, "unfit", {})),
+            "not_runnable": sorted(tr.unfit),
             **tr.summary_extra(),
         }
         tr.save(self.run)

@@ -40,7 +40,7 @@ from runner.emulation.devices import DeviceSpec
 from runner.emulation.vtime import StepClock, availability_from, clock_devices
 from runner.errors import ConfigError
 from runner.methods import aggregation, registry
-from runner.methods.memory import ModelCosts, client_memory
+from runner.methods.memory import ModelCosts, client_memory, memory_seq
 from runner.model import lora, split
 from runner.model.models import ModelInfo, load_config, load_tokenizer, model_info
 from runner.rundir import RunDir
@@ -300,11 +300,12 @@ class Trainer:
             return
         devices = found[0]
         costs = ModelCosts.from_config(load_config(self.info.path))
-        seq = max([self.cfg.plan_seq] + [h.batches.longest for h in self.clients
-                                         if h.batches is not None])
+        seq = memory_seq(self.cfg.plan_seq, (h.batches.longest for h in self.clients
+                                             if h.batches is not None))
+        blocks = self.client_blocks()
         for h, dev in zip(self.clients, devices, strict=True):
-            need = client_memory(costs, self.client_blocks()[h.name], h.ranks,
-                                 self.cfg.batch_size, seq).total
+            need = client_memory(costs, blocks[h.name], h.ranks, self.cfg.batch_size,
+                                 seq).total
             if need > dev.memory_bytes:
                 self.not_runnable(0, h.name, need, dev.memory_bytes)
 

@@ -32,7 +32,13 @@ from runner.emulation.devices import GB, DeviceSpec, load_availability, load_dev
 from runner.errors import ConfigError
 from runner.methods import aggregation as agg
 from runner.methods import armsc, importance
-from runner.methods.memory import DEFAULT_RESERVE, ModelCosts, client_memory, planning_costs
+from runner.methods.memory import (
+    DEFAULT_RESERVE,
+    ModelCosts,
+    client_memory,
+    memory_seq,
+    planning_costs,
+)
 from runner.model import lora, split
 from runner.model.models import load_config
 from runner.trainer import Holder, Trainer, grad_scaler, make_optimizer
@@ -118,11 +124,8 @@ class HeteroTrainer(Trainer):
         shards = self.prep.shards
         total = sum(len(s) for s in shards)
         encoded = [data_mod.encode_frame(self.prep.tokenizer, s, cfg.max_len) for s in shards]
-        # Memory is planned for the longest batch any client can draw (a budget is a hard
-        # limit: a client container planned for the average length was OOM-killed by a long
-        # batch); step times for the typical one (plan_seq).
-        self.mem_seq = max([cfg.plan_seq] + [len(ex["input_ids"]) for ex_list in encoded
-                                             for ex in ex_list])
+        self.mem_seq = memory_seq(cfg.plan_seq, (len(ex["input_ids"]) for ex_list in encoded
+                                                 for ex in ex_list))
         if not cfg.devices:
             self.devices, self.server_dev = emulated_devices(
                 self.costs, cfg.clients, cfg.batch_size, cfg.plan_seq, hold_seq=self.mem_seq)

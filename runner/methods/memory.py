@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,15 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return int(sum(self.parts.values()))
+
+
+def memory_seq(plan_seq: int, lengths: Iterable[int]) -> int:
+    """The sequence length memory is planned for: the longest training example a client can
+    draw, at least ``plan_seq``. A budget is a hard limit and one long batch is enough to
+    exceed it (a client container planned for the average length was OOM-killed), while
+    step times are planned for the typical length (``plan_seq``). ARMSC, the in-process
+    budget check and the experiment grid's fairness rule all plan with it."""
+    return max([plan_seq, *lengths])
 
 
 def client_memory(costs: ModelCosts, k: int, ranks: Mapping[str, int], batch: int, seq: int,

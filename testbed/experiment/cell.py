@@ -49,6 +49,7 @@ def _fair_config(cfg: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
     from runner.dataset import data as data_mod
     from runner.emulation.devices import load_devices
     from runner.emulation.vtime import DEFAULT_SERVER
+    from runner.methods.memory import memory_seq
     from runner.model.models import load_config
     from runner.trainer import prepare
     from testbed.experiment import fairness
@@ -62,7 +63,7 @@ def _fair_config(cfg: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
                for ex in data_mod.encode_frame(prepared.tokenizer, shard, cfg.max_len)]
     devices, server = load_devices(Path(cfg.devices))
     choice = fairness.choose(cfg, load_config(prepared.info.path), devices,
-                             server or DEFAULT_SERVER, fairness.memory_seq(cfg, lengths),
+                             server or DEFAULT_SERVER, memory_seq(cfg.plan_seq, lengths),
                              spec.get("fixed", []), rule.get("split", "makespan"))
     if choice is None:
         return cfg, None

@@ -67,12 +67,6 @@ def describe(method: str) -> str:
     return "uniform"
 
 
-def memory_seq(cfg: TrainConfig, encoded_lengths: Sequence[int]) -> int:
-    """The sequence length memory is planned for: the longest training example a client can
-    draw (runner/methods/hetero.py does the same for ARMSC), at least ``plan_seq``."""
-    return max([cfg.plan_seq, *encoded_lengths])
-
-
 def choose(cfg: TrainConfig, model_config: Any, devices: Sequence[DeviceSpec],
            server: DeviceSpec, mem_seq: int, fixed: Sequence[str] = (),
            split_rule: str = "makespan") -> FairChoice | None:
@@ -130,4 +124,4 @@ def choose(cfg: TrainConfig, model_config: Any, devices: Sequence[DeviceSpec],
                       smallest.memory_bytes, predicted, mem_seq, kept, violations)
 
 
-__all__ = ["FIXED_CONFIG_METHODS", "FairChoice", "choose", "describe", "memory_seq"]
+__all__ = ["FIXED_CONFIG_METHODS", "FairChoice", "choose", "describe"]
